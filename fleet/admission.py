@@ -1,0 +1,111 @@
+"""The door: validate a submission, honour its idempotency key, create the run, send its chain.
+
+Everything that can be wrong with a submission is found here, before anything is queued,
+and reported with a message that names what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from celery import Celery
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fleet.agent import AgentDef
+from fleet.errors import InvalidSubmission
+from fleet.plan import build_chain
+from fleet.runs import RunRecord, RunStore, new_run_id
+from fleet.settings import PriorityClass, Settings
+
+log = logging.getLogger(__name__)
+
+
+class Submission(BaseModel):
+    """What an app asks for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent: str = Field(min_length=1, max_length=128)
+    input: dict[str, Any] = Field(default_factory=dict)
+    priority: PriorityClass = "interactive"
+    deadline_s: float | None = Field(None, gt=0, le=7 * 86400, description="Overrides the class default.")
+    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+    session_id: str | None = Field(None, min_length=1, max_length=256)
+    stream: bool = Field(False, description="Publish model tokens as run events.")
+
+
+def parse_submission(data: dict[str, Any]) -> Submission:
+    """Validate the envelope of a submission; :class:`InvalidSubmission` names the field."""
+    try:
+        return Submission.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "submission"
+        raise InvalidSubmission(f"{field}: {err['msg']}", field) from None
+
+
+class Admission:
+    """Admits submissions into one fleet."""
+
+    def __init__(self, settings: Settings, app: Celery, agents: dict[str, AgentDef],
+                 store: RunStore | None = None) -> None:
+        self.settings = settings
+        self.app = app
+        self.agents = agents
+        self.store = store or RunStore(settings)
+
+    def submit(self, sub: Submission) -> tuple[str, bool]:
+        """Admit a submission. Returns ``(run_id, created)``; created is False for a repeat key."""
+        agent = self.agents.get(sub.agent)
+        if agent is None:
+            known = ", ".join(sorted(self.agents)) or "none"
+            raise InvalidSubmission(f"agent: unknown agent '{sub.agent}' (known: {known})", "agent")
+        size = len(json.dumps(sub.input))
+        if size > self.settings.max_input_bytes:
+            raise InvalidSubmission(
+                f"input: {size} bytes is over the {self.settings.max_input_bytes}-byte limit", "input"
+            )
+        clean = agent.validate_input(sub.input)
+
+        run_id = new_run_id()
+        if sub.idempotency_key is not None:
+            existing = self._claim_key(sub.idempotency_key, run_id)
+            if existing is not None:
+                return existing, False
+        now = time.time()
+        deadline = now + (sub.deadline_s or self.settings.deadline_s(sub.priority))
+        record = RunRecord(
+            id=run_id, agent=agent.name, priority=sub.priority, status="queued",
+            created_at=now, deadline_at=deadline, input=clean,
+            idempotency_key=sub.idempotency_key, session_id=sub.session_id, stream=sub.stream,
+        )
+        self.store.create(record)
+        try:
+            build_chain(self.app, self.settings, agent, run_id, sub.priority).apply_async()
+        except Exception:
+            # Nothing was queued: do not leave a run that looks accepted, nor a key that
+            # would return it.
+            self.store.redis.delete(self.store.run_key(run_id))
+            if sub.idempotency_key is not None:
+                self.store.redis.delete(self._key(sub.idempotency_key))
+            raise
+        log.info("run %s: accepted (agent %s, %s, deadline in %.1fs)", run_id, agent.name,
+                 sub.priority, deadline - now)
+        return run_id, True
+
+    def _key(self, idempotency_key: str) -> str:
+        return self.settings.key("idem", idempotency_key)
+
+    def _claim_key(self, idempotency_key: str, run_id: str) -> str | None:
+        """Bind the key to ``run_id``; return the run it already names, if any."""
+        key = self._key(idempotency_key)
+        if self.store.redis.set(key, run_id, nx=True, ex=self.settings.run_ttl_s):
+            return None
+        existing = self.store.redis.get(key)
+        if existing is None:  # expired between the two calls: claim it again
+            return self._claim_key(idempotency_key, run_id)
+        return existing
+

@@ -1,0 +1,59 @@
+"""The Celery app, with every setting that decides a message's fate written out."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from fleet.routing import all_queues
+from fleet.settings import Settings
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app for this fleet, with the step tasks registered."""
+    app = Celery("fleet", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        # JSON only: a broker message must never be able to execute code when decoded.
+        task_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        result_serializer="json",
+        # Run records in Redis are the source of truth; a result backend would only add traffic.
+        task_ignore_result=True,
+        # Ack after the step ran, so a worker that dies mid-step leaves the message to be redelivered.
+        task_acks_late=True,
+        # A pool child killed mid-step (OOM, segfault) requeues its message instead of acking it.
+        task_reject_on_worker_lost=True,
+        # Step failures are handled by the base task (retry / dead letter); whatever still
+        # escapes it is acked so that it cannot loop.
+        task_acks_on_failure_or_timeout=True,
+        # A worker holds only what it runs: prefetched messages would sit behind a busy
+        # worker and defeat the interactive-first queue order.
+        worker_prefetch_multiplier=1,
+        worker_disable_prefetch=True,
+        broker_transport_options={
+            # Unacked messages come back after this; it exceeds the longest step's time limit
+            # (checked in Settings), or a long step would be handed out twice.
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Take queues strictly in the order the worker lists them: interactive first.
+            "queue_order_strategy": "priority",
+        },
+        # Keep retrying the broker forever: a Redis restart must not take workers down.
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        # The hard limit of one step attempt (enforced by the prefork pool; gRPC deadlines
+        # bound inference calls on thread pools).
+        task_time_limit=settings.step_time_limit_s,
+        # Events for Flower.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_queues=[Queue(name) for name in all_queues(settings)],
+        task_default_queue=all_queues(settings)[0],
+        task_create_missing_queues=False,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    from fleet.tasks import register_tasks
+
+    register_tasks(app, settings)
+    return app

@@ -1,0 +1,190 @@
+"""The ``fleet`` command: run the local stack, list agents, submit and inspect runs, status.
+
+Every command that reports takes ``--json`` and then prints exactly one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from fleet.errors import FleetError, InvalidSubmission, RunNotFound
+from fleet.settings import Settings
+
+
+def _emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=None, default=str))
+
+
+def _fail(message: str, as_json: bool, code: int = 1, **extra: Any) -> None:
+    if as_json:
+        _emit({"error": message, **extra})
+    else:
+        click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+def main() -> None:
+    """fleet: a worker fleet that runs AI agents on Celery, Redis and Triton."""
+
+
+@main.command()
+@click.option("--demo", is_flag=True, help="Submit interactive and batch runs once the stack is up.")
+@click.option("--exit-after-demo", is_flag=True, help="Stop the stack when the demo is done.")
+def up(demo: bool, exit_after_demo: bool) -> None:
+    """Start the local stack in the foreground: Redis, Triton, workers, Flower."""
+    from fleet.logs import setup_logging
+    from fleet.stack import up as stack_up
+
+    settings = Settings()
+    setup_logging("WARNING")
+    sys.exit(stack_up(settings, demo=demo, exit_after_demo=exit_after_demo))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def agents(as_json: bool) -> None:
+    """List agents with their steps, input schema and an example input."""
+    from fleet.agent import load_agents
+    from fleet.tools import load_tool_modules
+
+    settings = Settings()
+    load_tool_modules(settings.tool_modules)
+    found = load_agents(settings.agents_dir)
+    described = {
+        name: {
+            "description": a.description,
+            "steps": [
+                {"name": s.name, "kind": s.kind, "loop": loop.name if loop else None}
+                for s, loop in a.iter_steps()
+            ],
+            "input_schema": a.json_schema(),
+            "example": a.example,
+        }
+        for name, a in sorted(found.items())
+    }
+    if as_json:
+        _emit({"agents": described})
+        return
+    for name, d in described.items():
+        click.echo(f"{name}: {d['description']}")
+        steps = " -> ".join(
+            f"{s['name']}({s['kind']})" + (f" in loop {s['loop']}" if s["loop"] else "") for s in d["steps"]
+        )
+        click.echo(f"  steps:   {steps}")
+        fields = ", ".join(f"{k}: {v.get('type', '?')}" for k, v in d["input_schema"]["properties"].items())
+        click.echo(f"  input:   {{{fields}}}")
+        click.echo(f"  example: {json.dumps(d['example'])}")
+
+
+def _run_dict(run) -> dict[str, Any]:  # noqa: ANN001
+    data = run.model_dump()
+    data["latency_s"] = run.latency_s
+    data["tokens_in"], data["tokens_out"] = run.tokens_in, run.tokens_out
+    return data
+
+
+def _print_run(run) -> None:  # noqa: ANN001
+    latency = f"{run.latency_s:.2f}s" if run.latency_s is not None else "-"
+    click.echo(f"run {run.id}  agent {run.agent}  {run.priority}  {run.status}  latency {latency}  "
+               f"tokens {run.tokens_in} in / {run.tokens_out} out")
+    for s in run.steps:
+        dur = f"{s.duration_s:.3f}s" if s.duration_s is not None else "-"
+        click.echo(f"  {s.key:<16} {s.status:<8} {dur:>8}  attempts {s.attempts}  tokens {s.tokens_in}/{s.tokens_out}")
+    if run.result is not None:
+        click.echo(f"result: {run.result if isinstance(run.result, str) else json.dumps(run.result)}")
+    if run.error:
+        click.echo(f"error: {run.error.get('type')}: {run.error.get('message')}")
+
+
+@main.command()
+@click.argument("agent")
+@click.option("--input", "input_json", default="{}", help="The run input, a JSON object.")
+@click.option("--priority", type=click.Choice(["interactive", "batch"]), default="interactive")
+@click.option("--deadline", "deadline_s", type=float, default=None, help="Seconds from now.")
+@click.option("--idempotency-key", default=None)
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the run to end and print it.")
+@click.option("--timeout", type=float, default=120.0, help="How long --wait waits, in seconds.")
+@click.option("--json", "as_json", is_flag=True)
+def submit(agent: str, input_json: str, priority: str, deadline_s: float | None,
+           idempotency_key: str | None, wait_: bool, timeout: float, as_json: bool) -> None:
+    """Submit a run of AGENT."""
+    from fleet.client import FleetClient
+
+    try:
+        data = json.loads(input_json)
+    except ValueError as exc:
+        _fail(f"--input is not valid JSON: {exc}", as_json, 2, field="input")
+    try:
+        with FleetClient() as client:
+            run_id = client.submit(agent, data, priority=priority, deadline_s=deadline_s,  # type: ignore[arg-type]
+                                   idempotency_key=idempotency_key)
+            if not wait_:
+                _emit({"run_id": run_id}) if as_json else click.echo(run_id)
+                return
+            run = client.wait(run_id, timeout)
+    except InvalidSubmission as exc:
+        _fail(str(exc), as_json, 2, field=exc.field)
+    except FleetError as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit(_run_dict(run))
+    else:
+        _print_run(run)
+    sys.exit(0 if run.status == "succeeded" else 1)
+
+
+@main.group()
+def runs() -> None:
+    """Inspect runs."""
+
+
+@runs.command("show")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+def runs_show(run_id: str, as_json: bool) -> None:
+    """Show a run: status, steps with timing and tokens, result or error."""
+    from fleet.runs import RunStore
+
+    try:
+        run = RunStore(Settings()).get(run_id)
+    except RunNotFound as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit(_run_dict(run))
+    else:
+        _print_run(run)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def status(as_json: bool) -> None:
+    """Redis, Triton, Flower, queues and workers at a glance."""
+    from fleet.status import collect
+
+    report = collect(Settings())
+    if as_json:
+        _emit(report)
+        return
+    r = report["redis"]
+    click.echo(f"redis   {r['url']}  {'up' if r['up'] else 'DOWN'}")
+    t = report["triton"]
+    click.echo(f"triton  {t['grpc_url']}  server {'ready' if t['server_ready'] else 'NOT READY'}  "
+               f"model {t['model']} {'ready' if t['model_ready'] else 'NOT READY'}")
+    click.echo(f"flower  {report['flower_url']}")
+    click.echo("queues")
+    for q in report["queues"]:
+        click.echo(f"  {q['name']:<24} depth {q['depth']}")
+    click.echo("workers")
+    for w in report["workers"] or ["(none answering)"]:
+        click.echo(f"  {w}")
+    if not (r["up"] and t["model_ready"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,82 @@
+"""The Python client apps use: submit a run, read it, wait for it, follow its events.
+
+::
+
+    from fleet import FleetClient
+    client = FleetClient()                       # settings from FLEET_* variables
+    run_id = client.submit("calculator", {"question": "What is 6 * 7?"})
+    run = client.wait(run_id, timeout=30)
+    print(run.status, run.result)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from fleet.admission import Admission, parse_submission
+from fleet.agent import AgentDef, load_agents
+from fleet.celery_app import create_app
+from fleet.runs import RunRecord, RunStore
+from fleet.settings import PriorityClass, Settings
+from fleet.tools import load_tool_modules
+
+
+class FleetClient:
+    """Submits and follows agent runs of one fleet."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        load_tool_modules(self.settings.tool_modules)
+        self.agents: dict[str, AgentDef] = load_agents(self.settings.agents_dir)
+        self.app = create_app(self.settings)
+        self.store = RunStore(self.settings)
+        self._admission = Admission(self.settings, self.app, self.agents, self.store)
+
+    def close(self) -> None:
+        """Release connections."""
+        self.store.redis.close()
+        self.app.pool.force_close_all()
+
+    def __enter__(self) -> "FleetClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(
+        self,
+        agent: str,
+        input: dict[str, Any] | None = None,
+        *,
+        priority: PriorityClass = "interactive",
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
+        session_id: str | None = None,
+        stream: bool = False,
+    ) -> str:
+        """Submit a run; returns its id (the existing run's id for a repeated idempotency key).
+
+        Raises:
+            InvalidSubmission: the agent, the input or an option is invalid (nothing queued).
+        """
+        sub = parse_submission({
+            "agent": agent, "input": input if input is not None else {}, "priority": priority,
+            "deadline_s": deadline_s, "idempotency_key": idempotency_key,
+            "session_id": session_id, "stream": stream,
+        })
+        run_id, _ = self._admission.submit(sub)
+        return run_id
+
+    def get(self, run_id: str) -> RunRecord:
+        """The run's record. Raises :class:`RunNotFound`."""
+        return self.store.get(run_id)
+
+    def wait(self, run_id: str, timeout: float = 60.0) -> RunRecord:
+        """Block until the run ends (or ``timeout`` seconds pass) and return its record."""
+        return self.store.wait(run_id, timeout)
+
+    def events(self, run_id: str, timeout: float | None = None) -> Iterator[dict[str, str]]:
+        """The run's events (status, steps, tokens when submitted with stream=True), until it ends."""
+        for _, event in self.store.events(run_id, timeout_s=timeout):
+            yield event

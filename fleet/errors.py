@@ -1,0 +1,120 @@
+"""Errors of the fleet, and the one place Triton and tool failures map onto them.
+
+::
+
+    FleetError
+     ├── InvalidSubmission     rejected at the door; nothing was queued
+     ├── RunNotFound           no run with that id (or its record expired)
+     ├── Overloaded            shed at admission; carries retry_after_s
+     ├── TransientError        a step attempt failed; retry with backoff within the deadline
+     ├── PermanentError        a step can never succeed as is; dead-letter it now
+     ├── DeadlineExceeded      the run's deadline passed; the run expires, nothing more runs
+     └── RunCancelled          the run was cancelled; its remaining steps are skipped
+
+A step body raises; the base task decides what happens (retry, dead letter, expire).
+Any exception that is not a :class:`FleetError` is treated as permanent: retrying a bug
+does not fix it, and the dead-letter entry keeps the traceback for the operator.
+"""
+
+from __future__ import annotations
+
+
+class FleetError(Exception):
+    """Base of every error the fleet raises on purpose."""
+
+
+class InvalidSubmission(FleetError):
+    """A submission was rejected before anything was queued.
+
+    Attributes:
+        field: dotted path of the offending field, when one is to blame.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class RunNotFound(FleetError):
+    """No run record with that id (unknown, or expired after its TTL)."""
+
+
+class Overloaded(FleetError):
+    """The fleet refused new work to protect what it already accepted.
+
+    Attributes:
+        retry_after_s: when a retry has a fair chance of being admitted.
+    """
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TransientError(FleetError):
+    """A step attempt failed for a reason that may pass (model unavailable, timeout)."""
+
+
+class PermanentError(FleetError):
+    """A step cannot succeed with this input (invalid argument, unknown tool, bad model output)."""
+
+
+class DeadlineExceeded(FleetError):
+    """The run's deadline has passed; its remaining steps are not executed."""
+
+
+class RunCancelled(FleetError):
+    """The run was cancelled while this step waited or ran."""
+
+
+# gRPC status codes Triton returns, by what they mean for a retry. Triton's python backend
+# maps TritonError codes onto these: UNAVAILABLE -> UNAVAILABLE, INVALID_ARG -> INVALID_ARGUMENT.
+_TRANSIENT_CODES = frozenset(
+    {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED"}
+)
+_PERMANENT_CODES = frozenset(
+    {
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "FAILED_PRECONDITION",
+        "UNIMPLEMENTED",
+        "OUT_OF_RANGE",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "ALREADY_EXISTS",
+    }
+)
+
+
+def from_triton_status(code: str, message: str) -> FleetError:
+    """Map a Triton/gRPC status code name (``"UNAVAILABLE"``, ``"StatusCode.UNAVAILABLE"``) to a fleet error.
+
+    Unknown codes are transient: the attempt limit and the deadline still bound them.
+    """
+    name = code.rsplit(".", 1)[-1].upper()
+    text = f"triton {name}: {message}"
+    if name == "CANCELLED":
+        return RunCancelled(text)
+    if name in _PERMANENT_CODES:
+        return PermanentError(text)
+    if name in _TRANSIENT_CODES:
+        return TransientError(text)
+    return TransientError(text)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a step that raised ``exc`` should be attempted again."""
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, FleetError):
+        return False
+    # Losing the connection to Redis or Triton mid-step is worth another attempt.
+    return isinstance(exc, (ConnectionError, TimeoutError)) or _is_redis_connection_error(exc)
+
+
+def _is_redis_connection_error(exc: BaseException) -> bool:
+    try:
+        import redis.exceptions
+    except ImportError:  # pragma: no cover - redis is a hard dependency
+        return False
+    return isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError))

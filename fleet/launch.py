@@ -1,0 +1,271 @@
+"""Start the real servers the fleet needs on this machine: Redis, Triton, workers, Flower.
+
+Used by ``fleet up`` and by the integration test fixtures. Every child is tied to this
+process (it gets SIGTERM if we die) and stopped by :meth:`Processes.stop`, so nothing is
+left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import redis
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY = REPO_ROOT / "triton_models"
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def wait_until(check, timeout_s: float, what: str, proc: subprocess.Popen | None = None,
+               interval_s: float = 0.1) -> None:
+    """Poll ``check`` until it is true; fail early if ``proc`` exits, or after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with code {proc.returncode}")
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what}: not ready after {timeout_s:.0f}s")
+
+
+@dataclass
+class Processes:
+    """Child processes started together and stopped together."""
+
+    log_dir: Path
+    children: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
+        """Start ``argv`` as ``name``, its output in ``<log_dir>/<name>.log``."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_dir / f"{name}.log", "ab")
+        self._logs.append(out)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self.children[name] = proc
+        log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
+        return proc
+
+    def stop(self, name: str | None = None, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
+        """Stop one child (or all, last started first): ``sig``, then SIGKILL after ``timeout_s``."""
+        names = [name] if name else list(reversed(self.children))
+        for n in names:
+            proc = self.children.get(n)
+            if proc is not None and proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+        for n in names:
+            proc = self.children.pop(n, None)
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        if name is None:
+            for out in self._logs:
+                out.close()
+            self._logs.clear()
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+# --- Redis ----------------------------------------------------------------------------
+
+def redis_answers(url: str) -> bool:
+    """Whether a Redis server answers PING at ``url``."""
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def redis_server_binary() -> str:
+    """Path of ``redis-server``, installing Debian's package when missing and apt is there."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        log.info("redis-server not found; installing Debian's redis-server")
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = shutil.which("redis-server")
+        if found:
+            return found
+    raise RuntimeError("redis-server not found: install Redis (e.g. apt-get install redis-server)")
+
+
+def start_redis(procs: Processes, data_dir: Path, port: int | None = None, name: str = "redis") -> str:
+    """Start a loopback-only ``redis-server`` with AOF persistence in ``data_dir``; return its URL."""
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    proc = procs.start(name, [
+        redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+        "--dir", str(data_dir.resolve()), "--appendonly", "yes", "--appendfsync", "everysec",
+        "--save", "", "--protected-mode", "yes", "--daemonize", "no",
+    ])
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until(lambda: redis_answers(url), 20, f"redis-server on port {port}", proc)
+    return url
+
+
+# --- Triton ---------------------------------------------------------------------------
+
+@dataclass
+class TritonEndpoints:
+    grpc_url: str
+    http_url: str
+    metrics_url: str
+
+
+def _pytriton_dir() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("nvidia-pytriton is not installed: pip install nvidia-pytriton==0.7.0")
+    return Path(spec.origin).parent
+
+
+def triton_backend_dir(work_dir: Path) -> Path:
+    """A backend directory holding the python backend with the stub for this interpreter."""
+    pkg = _pytriton_dir() / "tritonserver"
+    backends = work_dir / "backends"
+    python = backends / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    sources = {
+        "libtriton_python.so": pkg / "backends" / "python" / "libtriton_python.so",
+        "triton_python_backend_utils.py": pkg / "backends" / "python" / "triton_python_backend_utils.py",
+        "triton_python_backend_stub": pkg / "python_backend_stubs" / version / "triton_python_backend_stub",
+    }
+    for name, src in sources.items():
+        if not src.exists():
+            raise RuntimeError(f"nvidia-pytriton lacks {src} (Python {version} unsupported?)")
+        dst = python / name
+        if dst.is_symlink() or dst.exists():
+            dst.unlink()
+        dst.symlink_to(src)
+    return backends
+
+
+def http_json(url: str, body: dict | None = None, timeout_s: float = 10.0) -> dict:
+    """GET (or POST ``body``) a JSON endpoint."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else {}
+
+
+def triton_model_ready(http_url: str, model: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/ready", timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_triton(procs: Processes, work_dir: Path, models: list[str], name: str = "triton",
+                 address: str = "127.0.0.1", repository: Path = MODEL_REPOSITORY,
+                 ports: tuple[int, int, int] | None = None) -> TritonEndpoints:
+    """Start tritonserver from the nvidia-pytriton wheel serving ``models``; wait until ready."""
+    pkg = _pytriton_dir()
+    binary = pkg / "tritonserver" / "bin" / "tritonserver"
+    libs = pkg.parent / "nvidia_pytriton.libs"
+    http, grpc_port, metrics = ports or (free_port(), free_port(), free_port())
+    argv = [
+        str(binary), f"--model-repository={repository}", "--model-control-mode=explicit",
+        f"--backend-directory={triton_backend_dir(work_dir)}",
+        f"--http-port={http}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics}",
+        f"--http-address={address}", f"--grpc-address={address}",
+        "--allow-gpu-metrics=false", "--exit-timeout-secs=5", "--log-verbose=0",
+        *[f"--load-model={m}" for m in models],
+    ]
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        # The python backend stub imports numpy (and fleet) from the interpreter first on PATH.
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+        "LD_LIBRARY_PATH": f"{libs}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+        "PYTHONPATH": f"{REPO_ROOT}:{os.environ.get('PYTHONPATH', '')}",
+    }
+    proc = procs.start(name, argv, env=env)
+    ep = TritonEndpoints(f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http}", f"http://127.0.0.1:{metrics}/metrics")
+    try:
+        for model in models:
+            wait_until(lambda m=model: triton_model_ready(ep.http_url, m), 90, f"triton model {model}", proc, 0.2)
+    except Exception:
+        raise RuntimeError(f"tritonserver did not come up:\n{procs.log_tail(name)}") from None
+    return ep
+
+
+def load_model(http_url: str, model: str, config: dict | None = None) -> None:
+    """(Re)load a model through Triton's repository API, optionally overriding its config."""
+    body = {"parameters": {"config": json.dumps(config)}} if config else {}
+    http_json(f"http://{http_url}/v2/repository/models/{model}/load", body, timeout_s=120)
+
+
+# --- Celery workers and Flower ----------------------------------------------------------
+
+def start_worker(procs: Processes, name: str, queues: list[str], pool: str, concurrency: int,
+                 env: dict[str, str], node: str | None = None, loglevel: str = "INFO") -> str:
+    """Start a Celery worker of the fleet consuming ``queues`` (in preference order)."""
+    node = node or f"{name}@{socket.gethostname()}"
+    procs.start(name, [
+        sys.executable, "-m", "celery", "-A", "fleet.worker:app", "worker",
+        "-Q", ",".join(queues), "-P", pool, "-c", str(concurrency), "-n", node,
+        f"--loglevel={loglevel}", "--without-mingle", "--without-gossip",
+    ], env=env)
+    return node
+
+
+def worker_answers(app, node: str) -> bool:
+    """Whether the worker ``node`` replies to a ping."""
+    return bool(app.control.ping(destination=[node], timeout=0.5))

@@ -1,0 +1,296 @@
+"""Run records and run events in Redis.
+
+One hash per run (``<prefix>:run:<id>``) holds the run's fields, each step's output
+(``out:<step key>``) and each step's record (``step:<step key>``: timing, tokens,
+attempts). A step key is the step name, with ``#<iteration>`` inside a loop. Step results
+are committed by a Lua script that refuses a second commit of the same step, which is what
+makes a redelivered step complete once.
+
+Events (status changes, step changes, model tokens) go to a capped stream per run
+(``<prefix>:run:<id>:events``) that waiters and streaming clients read.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import redis
+from pydantic import BaseModel, Field
+
+from fleet.errors import RunNotFound
+from fleet.settings import PriorityClass, Settings
+
+RunStatus = Literal[
+    "queued", "running", "succeeded", "failed", "dead_lettered", "cancelled", "expired"
+]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "dead_lettered", "cancelled", "expired"})
+EVENTS_MAXLEN = 2000
+_JSON_FIELDS = frozenset({"input", "result", "error"})
+
+# Commit a step once: KEYS[1] run hash; ARGV: step key, output JSON, step record JSON.
+_COMMIT_STEP = """
+local rec = redis.call('HGET', KEYS[1], 'step:' .. ARGV[1])
+if rec then
+  local st = cjson.decode(rec)['status']
+  if st == 'done' or st == 'skipped' then return 0 end
+end
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+redis.call('HSET', KEYS[1], 'out:' .. ARGV[1], ARGV[2], 'step:' .. ARGV[1], ARGV[3])
+return 1
+"""
+
+# Move a run to a status unless it already ended. KEYS[1] run hash;
+# ARGV: status, then field/value pairs. Returns 1 when it moved.
+_TRANSITION = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+if status == 'succeeded' or status == 'failed' or status == 'dead_lettered'
+   or status == 'cancelled' or status == 'expired' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+class StepRecord(BaseModel):
+    """What happened to one step of a run."""
+
+    key: str
+    name: str
+    iteration: int = 0
+    status: Literal["running", "done", "skipped", "failed"] = "running"
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    duration_s: float | None = None
+    queue_wait_s: float | None = None
+    ttft_s: float | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    worker: str | None = None
+    error: str | None = None
+
+
+class RunRecord(BaseModel):
+    """A run as stored in Redis."""
+
+    id: str
+    agent: str
+    priority: PriorityClass
+    status: RunStatus
+    created_at: float
+    deadline_at: float
+    input: dict[str, Any]
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: Any = None
+    error: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    session_id: str | None = None
+    stream: bool = False
+    dead_letter_id: str | None = None
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    steps: list[StepRecord] = Field(default_factory=list)
+
+    @property
+    def latency_s(self) -> float | None:
+        """Submission to finish, once finished."""
+        return None if self.finished_at is None else self.finished_at - self.created_at
+
+    @property
+    def tokens_in(self) -> int:
+        return sum(s.tokens_in for s in self.steps)
+
+    @property
+    def tokens_out(self) -> int:
+        return sum(s.tokens_out for s in self.steps)
+
+
+def new_run_id() -> str:
+    """A fresh run id."""
+    return uuid.uuid4().hex
+
+
+class RunStore:
+    """Reads and writes run records and events for one fleet namespace."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.redis = client or redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        self._commit = self.redis.register_script(_COMMIT_STEP)
+        self._transition = self.redis.register_script(_TRANSITION)
+
+    # --- keys -----------------------------------------------------------------------
+    def run_key(self, run_id: str) -> str:
+        return self.settings.key("run", run_id)
+
+    def events_key(self, run_id: str) -> str:
+        return self.settings.key("run", run_id, "events")
+
+    def lease_key(self, run_id: str, step_key: str) -> str:
+        return self.settings.key("run", run_id, "lease", step_key)
+
+    # --- records --------------------------------------------------------------------
+    def create(self, record: RunRecord) -> None:
+        """Store a new run record (status queued) and its first event."""
+        fields = {
+            "id": record.id,
+            "agent": record.agent,
+            "priority": record.priority,
+            "status": record.status,
+            "created_at": repr(record.created_at),
+            "deadline_at": repr(record.deadline_at),
+            "input": json.dumps(record.input),
+            "stream": "1" if record.stream else "0",
+        }
+        if record.idempotency_key:
+            fields["idempotency_key"] = record.idempotency_key
+        if record.session_id:
+            fields["session_id"] = record.session_id
+        key = self.run_key(record.id)
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, self.settings.run_ttl_s)
+        pipe.xadd(
+            self.events_key(record.id),
+            {"type": "status", "status": record.status},
+            maxlen=EVENTS_MAXLEN,
+            approximate=True,
+        )
+        pipe.expire(self.events_key(record.id), self.settings.run_ttl_s)
+        pipe.execute()
+
+    def get(self, run_id: str) -> RunRecord:
+        """The run's record; :class:`RunNotFound` when there is none."""
+        raw = self.redis.hgetall(self.run_key(run_id))
+        if not raw:
+            raise RunNotFound(f"no run '{run_id}'")
+        return _decode(raw)
+
+    def raw_state(self, run_id: str) -> dict[str, str]:
+        """The run hash as stored: what a step reads before it works."""
+        raw = self.redis.hgetall(self.run_key(run_id))
+        if not raw:
+            raise RunNotFound(f"no run '{run_id}'")
+        return raw
+
+    def exists(self, run_id: str) -> bool:
+        return bool(self.redis.exists(self.run_key(run_id)))
+
+    # --- steps ----------------------------------------------------------------------
+    def put_step(self, run_id: str, step: StepRecord) -> None:
+        """Record a step's progress (not its output)."""
+        self.redis.hset(self.run_key(run_id), f"step:{step.key}", step.model_dump_json())
+
+    def commit_step(self, run_id: str, step: StepRecord, output: Any) -> bool:
+        """Store a finished step's output and record once; False if it was already committed."""
+        if step.status != "skipped":
+            step.status = "done"
+        done = self._commit(
+            keys=[self.run_key(run_id)],
+            args=[step.key, json.dumps(output), step.model_dump_json()],
+        )
+        if done == -1:
+            raise RunNotFound(f"no run '{run_id}'")
+        return bool(done)
+
+    # --- status ---------------------------------------------------------------------
+    def transition(self, run_id: str, status: RunStatus, **fields: Any) -> bool:
+        """Move the run to ``status`` unless it already ended; emit the event. True if moved."""
+        args: list[str] = [status]
+        for name, value in fields.items():
+            raw = name not in _JSON_FIELDS and isinstance(value, str)
+            args += [name, value if raw else json.dumps(value)]
+        moved = self._transition(keys=[self.run_key(run_id)], args=args)
+        if moved == -1:
+            raise RunNotFound(f"no run '{run_id}'")
+        if moved != 1:
+            return False
+        event = {"type": "status", "status": status}
+        if "error" in fields:
+            event["error"] = json.dumps(fields["error"])
+        self.emit(run_id, event)
+        if status in TERMINAL:
+            # A finished run is kept for result_ttl_s, then Redis forgets it.
+            pipe = self.redis.pipeline()
+            pipe.expire(self.run_key(run_id), self.settings.result_ttl_s)
+            pipe.expire(self.events_key(run_id), self.settings.result_ttl_s)
+            pipe.execute()
+        return True
+
+    def mark_running(self, run_id: str) -> None:
+        """First step started: queued -> running (no-op afterwards)."""
+        key = self.run_key(run_id)
+        if self.redis.hsetnx(key, "started_at", repr(time.time())):
+            self.transition(run_id, "running")
+
+    # --- events ---------------------------------------------------------------------
+    def emit(self, run_id: str, event: dict[str, Any]) -> str:
+        """Append an event to the run's stream."""
+        return self.redis.xadd(
+            self.events_key(run_id),
+            {k: v if isinstance(v, str) else json.dumps(v) for k, v in event.items()},
+            maxlen=EVENTS_MAXLEN,
+            approximate=True,
+        )
+
+    def events(
+        self, run_id: str, after: str = "0", timeout_s: float | None = None
+    ) -> Iterator[tuple[str, dict[str, str]]]:
+        """Events of a run from ``after`` on, blocking for new ones until the run ends.
+
+        Stops after the terminal status event, or when ``timeout_s`` passes with nothing new.
+        """
+        key = self.events_key(run_id)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        last = after
+        while True:
+            block_ms = 1000
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                block_ms = max(1, min(block_ms, int(left * 1000)))
+            batch = self.redis.xread({key: last}, block=block_ms, count=500)
+            if not batch:
+                if not self.redis.exists(self.run_key(run_id)):
+                    raise RunNotFound(f"no run '{run_id}'")
+                continue
+            for event_id, fields in batch[0][1]:
+                last = event_id
+                yield event_id, fields
+                if fields.get("type") == "status" and fields.get("status") in TERMINAL:
+                    return
+
+    def wait(self, run_id: str, timeout_s: float) -> RunRecord:
+        """Block until the run ends or ``timeout_s`` passes; return the record either way."""
+        record = self.get(run_id)
+        if record.status in TERMINAL:
+            return record
+        for _ in self.events(run_id, timeout_s=timeout_s):
+            pass
+        return self.get(run_id)
+
+
+def _decode(raw: dict[str, str]) -> RunRecord:
+    outputs: dict[str, Any] = {}
+    steps: list[StepRecord] = []
+    fields: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name.startswith("out:"):
+            outputs[name[4:]] = json.loads(value)
+        elif name.startswith("step:"):
+            steps.append(StepRecord.model_validate_json(value))
+        else:
+            fields[name] = value
+    steps.sort(key=lambda s: (s.started_at or 0.0, s.key))
+    for name in ("input", "result", "error"):
+        if name in fields:
+            fields[name] = json.loads(fields[name])
+    fields["stream"] = fields.get("stream") == "1"
+    return RunRecord(**fields, outputs=outputs, steps=steps)

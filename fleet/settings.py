@@ -1,0 +1,128 @@
+"""The fleet's one settings object, built from ``FLEET_*`` environment variables.
+
+Build it once (``Settings()``) at the edge of a process and pass it in; nothing deeper
+in the code reads ``os.environ``. Every name carries its unit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PriorityClass = Literal["interactive", "batch"]
+PRIORITY_CLASSES: tuple[PriorityClass, ...] = ("interactive", "batch")
+
+
+class Settings(BaseSettings):
+    """Configuration of one fleet deployment (clients, workers and the local stack)."""
+
+    # .fleet/stack.env is written by `fleet up`: CLI commands run beside a local stack find it.
+    # Real environment variables take precedence over it.
+    model_config = SettingsConfigDict(
+        env_prefix="FLEET_", env_file=".fleet/stack.env", extra="ignore", frozen=True
+    )
+
+    # --- Redis: broker, run records, events, dead letters -----------------------------
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis for the broker, run records, events and dead letters.",
+    )
+    key_prefix: str = Field("fleet", description="Prefix of every Redis key the fleet writes.")
+    queue_prefix: str = Field(
+        "", description="Prefix of every queue name (lets several fleets share one Redis)."
+    )
+
+    # --- Triton -----------------------------------------------------------------------
+    triton_grpc_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (host:port).")
+    triton_http_url: str = Field("127.0.0.1:8000", description="Triton HTTP endpoint (host:port).")
+    triton_metrics_url: str = Field(
+        "http://127.0.0.1:8002/metrics", description="Triton's Prometheus metrics URL."
+    )
+    triton_model: str = Field("medium_sim", description="Model that llm steps call by default.")
+    triton_priority_interactive: int = Field(
+        1, description="Triton request priority for interactive runs (1 is the highest level)."
+    )
+    triton_priority_batch: int = Field(2, description="Triton request priority for batch runs.")
+
+    # --- Deadlines and time limits ----------------------------------------------------
+    interactive_deadline_s: float = Field(
+        30.0, gt=0, description="Default deadline of an interactive run, from submission."
+    )
+    batch_deadline_s: float = Field(
+        86400.0, gt=0, description="Default deadline of a batch run, from submission."
+    )
+    step_time_limit_s: float = Field(
+        300.0, gt=0, description="Hard time limit of one step attempt; the worker kills it."
+    )
+    visibility_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="Redis redelivers an unacknowledged step after this; must exceed the step time limit.",
+    )
+
+    # --- Retries ----------------------------------------------------------------------
+    retry_max_attempts: int = Field(5, ge=1, description="Attempts of a step on transient errors.")
+    retry_backoff_base_s: float = Field(0.5, ge=0, description="First retry backoff (full jitter).")
+    retry_backoff_max_s: float = Field(30.0, ge=0, description="Largest retry backoff.")
+
+    # --- Records ----------------------------------------------------------------------
+    result_ttl_s: int = Field(86400, gt=0, description="How long a finished run's record is kept.")
+    run_ttl_s: int = Field(
+        7 * 86400, gt=0, description="Upper bound on how long an unfinished run's record lives."
+    )
+    dead_letter_maxlen: int = Field(
+        100_000, gt=0, description="Dead-letter stream length cap (oldest entries trimmed)."
+    )
+    max_input_bytes: int = Field(65536, gt=0, description="Largest accepted run input (JSON bytes).")
+
+    # --- Workers ----------------------------------------------------------------------
+    inference_concurrency: int = Field(
+        16, ge=1, description="Threads per inference worker: requests kept in flight at Triton."
+    )
+    tool_concurrency: int = Field(4, ge=1, description="Processes per tool worker.")
+
+    # --- Agents, observability, local stack -------------------------------------------
+    agents_dir: Path | None = Field(
+        None, description="Extra directory of agent definitions (*.toml) beside the built-ins."
+    )
+    tool_modules: list[str] = Field(
+        default_factory=list,
+        description="Python modules that register extra tools on import (JSON list).",
+    )
+    sentry_dsn: SecretStr | None = Field(None, description="Sentry DSN; errors are reported when set.")
+    log_level: str = Field("INFO", description="Log level of fleet processes.")
+    flower_port: int = Field(5555, description="Port of Flower in the local stack.")
+    flower_basic_auth: SecretStr | None = Field(
+        None, description="user:password for Flower; required when Flower listens beyond loopback."
+    )
+    bind_address: str = Field(
+        "127.0.0.1", description="Address the local stack's servers listen on."
+    )
+    data_dir: Path = Field(Path(".fleet"), description="Local stack state: Redis AOF, logs.")
+
+    @model_validator(mode="after")
+    def _visibility_exceeds_time_limit(self) -> "Settings":
+        # A step still running when its visibility timeout passes is handed out a second time.
+        if self.visibility_timeout_s <= self.step_time_limit_s:
+            raise ValueError(
+                "FLEET_VISIBILITY_TIMEOUT_S must exceed FLEET_STEP_TIME_LIMIT_S "
+                f"({self.visibility_timeout_s} <= {self.step_time_limit_s}): a long step would run twice"
+            )
+        return self
+
+    def deadline_s(self, priority: PriorityClass) -> float:
+        """Default deadline, in seconds from submission, of a run of this class."""
+        return self.interactive_deadline_s if priority == "interactive" else self.batch_deadline_s
+
+    def triton_priority(self, priority: PriorityClass) -> int:
+        """Triton request priority level of a run of this class."""
+        if priority == "interactive":
+            return self.triton_priority_interactive
+        return self.triton_priority_batch
+
+    def key(self, *parts: str) -> str:
+        """A Redis key in this fleet's namespace."""
+        return ":".join((self.key_prefix, *parts))

@@ -1,0 +1,188 @@
+"""The local stack behind ``fleet up``: Redis, Triton with the dev model, workers, Flower, a demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleet import launch
+from fleet.celery_app import create_app
+from fleet.routing import worker_queues
+from fleet.settings import Settings
+from fleet.triton import TritonClient
+
+log = logging.getLogger(__name__)
+
+STACK_ENV = Path(".fleet/stack.env")
+
+
+@dataclass
+class Stack:
+    """The running local stack."""
+
+    settings: Settings
+    procs: launch.Processes
+    flower_url: str
+    started_redis: bool
+    started_triton: bool
+
+    def stop(self) -> None:
+        self.procs.stop()
+        STACK_ENV.unlink(missing_ok=True)
+
+
+def _flower_answers(url: str, auth: str | None) -> bool:
+    req = urllib.request.Request(url + "/healthcheck")
+    if auth:
+        import base64
+
+        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    with urllib.request.urlopen(req, timeout=1) as resp:
+        return resp.status == 200
+
+
+def _is_loopback(address: str) -> bool:
+    return address in ("127.0.0.1", "localhost", "::1")
+
+
+def start_stack(settings: Settings, say=print) -> Stack:  # noqa: ANN001
+    """Start every component the fleet needs here, reusing Redis/Triton the environment names."""
+    data = settings.data_dir
+    procs = launch.Processes(data / "logs")
+    try:
+        return _start(settings, procs, data, say)
+    except BaseException:
+        procs.stop()
+        raise
+
+
+def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stack:  # noqa: ANN001
+    if not _is_loopback(settings.bind_address) and settings.flower_basic_auth is None:
+        raise SystemExit(
+            "refusing to listen on %s without authentication: set FLEET_FLOWER_BASIC_AUTH"
+            % settings.bind_address
+        )
+    env: dict[str, str] = {}
+    started_redis = False
+    if "FLEET_REDIS_URL" in os.environ and launch.redis_answers(settings.redis_url):
+        say(f"redis      reusing {settings.redis_url}")
+        redis_url = settings.redis_url
+    else:
+        redis_url = launch.start_redis(procs, data / "redis")
+        started_redis = True
+        say(f"redis      started {redis_url} (AOF in {data / 'redis'})")
+    env["FLEET_REDIS_URL"] = redis_url
+
+    started_triton = False
+    if "FLEET_TRITON_GRPC_URL" in os.environ and TritonClient(settings.triton_grpc_url).model_ready(settings.triton_model):
+        say(f"triton     reusing {settings.triton_grpc_url} (model {settings.triton_model} ready)")
+    else:
+        say("triton     starting tritonserver with the dev model ...")
+        ep = launch.start_triton(procs, data / "triton", [settings.triton_model], address=settings.bind_address)
+        env.update(FLEET_TRITON_GRPC_URL=ep.grpc_url, FLEET_TRITON_HTTP_URL=ep.http_url,
+                   FLEET_TRITON_METRICS_URL=ep.metrics_url)
+        started_triton = True
+        say(f"triton     ready: grpc {ep.grpc_url}, http {ep.http_url}, model {settings.triton_model}")
+
+    STACK_ENV.parent.mkdir(parents=True, exist_ok=True)
+    STACK_ENV.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    os.environ.update(env)
+    stack_settings = Settings()
+    host = socket.gethostname()
+    nodes = [
+        launch.start_worker(procs, "inference", worker_queues(stack_settings, "llm"), "threads",
+                            stack_settings.inference_concurrency, env, node=f"inference@{host}"),
+        launch.start_worker(procs, "tools", worker_queues(stack_settings, "tool"), "prefork",
+                            stack_settings.tool_concurrency, env, node=f"tools@{host}"),
+    ]
+    port = stack_settings.flower_port
+    try:
+        with socket.socket() as sock:
+            sock.bind((settings.bind_address, port))
+    except OSError:
+        port = launch.free_port()
+    flower_argv = [
+        sys.executable, "-m", "celery", "-A", "fleet.worker:app", "flower",
+        f"--port={port}", f"--address={settings.bind_address}",
+    ]
+    auth = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else None
+    if auth:
+        flower_argv.append(f"--basic-auth={auth}")
+    flower = procs.start("flower", flower_argv, env=env)
+    flower_url = f"http://{settings.bind_address}:{port}"
+    app = create_app(stack_settings)
+    for node in nodes:
+        launch.wait_until(lambda n=node: launch.worker_answers(app, n), 60, f"worker {node}",
+                          procs.children[node.split("@")[0]], 0.5)
+    launch.wait_until(lambda: _flower_answers(flower_url, auth), 60, "flower", flower, 0.3)
+    say(f"workers    {', '.join(nodes)} answering")
+    say(f"flower     {flower_url}")
+    say(f"metrics    triton {stack_settings.triton_metrics_url}")
+    say(f"logs       {procs.log_dir}/")
+    return Stack(stack_settings, procs, flower_url, started_redis, started_triton)
+
+
+def run_demo(settings: Settings, say=print) -> int:  # noqa: ANN001
+    """Submit interactive and batch runs of the built-in agents; print one line per run."""
+    from fleet.client import FleetClient
+
+    plan = [
+        ("calculator", {"question": "What is 12 * 7 + 3?"}, "interactive"),
+        ("solver", {"question": "What is (17 + 4) * 3?"}, "interactive"),
+        ("calculator", {"question": "How many words are in this question?"}, "interactive"),
+        ("writer", {"topic": "why queues need deadlines"}, "batch"),
+        ("writer", {"topic": "interactive work ahead of batch work"}, "batch"),
+        ("solver", {"question": "What is 2 ^ 10 - 24?"}, "batch"),
+    ]
+    failures = 0
+    with FleetClient(settings) as client:
+        ids = [(client.submit(agent, inp, priority=prio), agent, prio) for agent, inp, prio in plan]
+        say(f"demo       submitted {len(ids)} runs; waiting ...")
+        for run_id, agent, prio in ids:
+            run = client.wait(run_id, timeout=120)
+            failures += run.status != "succeeded"
+            result = str(run.result if run.status == "succeeded" else run.error)
+            latency = f"{run.latency_s:.2f}s" if run.latency_s is not None else "-"
+            say(f"  {agent:<11} {prio:<12} {run.status:<10} {latency:>7}  tokens {run.tokens_in:>4} in "
+                f"{run.tokens_out:>4} out  {run_id[:8]}  {result[:60]}")
+    return failures
+
+
+def up(settings: Settings, demo: bool = False, exit_after_demo: bool = False, say=print) -> int:  # noqa: ANN001
+    """Start the stack in the foreground until Ctrl-C (or after the demo, if asked)."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ANN001, ARG001
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    stack = start_stack(settings, say)
+    code = 0
+    try:
+        if demo:
+            failed = run_demo(stack.settings, say)
+            say(f"demo       {'all runs succeeded' if not failed else f'{failed} runs did not succeed'}")
+            code = 1 if failed else 0
+        if not exit_after_demo:
+            say("fleet is up. Ctrl-C stops every process it started.")
+            say(f"in another shell here: fleet status / fleet agents / fleet submit calculator --input '{{\"question\": \"What is 6*7?\"}}' --wait")
+            while not stop.wait(1.0):
+                dead = [n for n, p in stack.procs.children.items() if p.poll() is not None]
+                if dead:
+                    say(f"stopping: {', '.join(dead)} exited (see {stack.procs.log_dir})")
+                    code = 1
+                    break
+    finally:
+        say("stopping the stack ...")
+        stack.stop()
+        say("stopped.")
+    return code
+

@@ -1,0 +1,58 @@
+"""What ``fleet status`` reports: Redis, Triton readiness, Flower, queue depths, workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from fleet.routing import all_queues
+from fleet.settings import Settings
+from fleet.triton import TritonClient
+
+
+def collect(settings: Settings) -> dict[str, Any]:
+    """A snapshot of the fleet, as one JSON-serializable object."""
+    report: dict[str, Any] = {
+        "redis": {"url": _redact(settings.redis_url), "up": False},
+        "triton": {"grpc_url": settings.triton_grpc_url, "model": settings.triton_model,
+                   "server_ready": False, "model_ready": False,
+                   "metrics_url": settings.triton_metrics_url},
+        "flower_url": f"http://{settings.bind_address}:{settings.flower_port}",
+        "queues": [],
+        "workers": [],
+    }
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=2,
+                                  socket_connect_timeout=2)
+    try:
+        client.ping()
+        report["redis"]["up"] = True
+        report["queues"] = [{"name": q, "depth": client.llen(q)} for q in all_queues(settings)]
+    except redis.RedisError as exc:
+        report["redis"]["error"] = str(exc)
+    triton = TritonClient(settings.triton_grpc_url)
+    try:
+        report["triton"]["server_ready"] = triton.server_ready()
+        report["triton"]["model_ready"] = triton.model_ready(settings.triton_model)
+    finally:
+        triton.close()
+    if report["redis"]["up"]:
+        from fleet.celery_app import create_app
+
+        app = create_app(settings)
+        try:
+            replies = app.control.ping(timeout=1.0)
+            report["workers"] = sorted(name for reply in replies for name in reply)
+        finally:
+            app.pool.force_close_all()
+    return report
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

@@ -1,0 +1,223 @@
+"""Client of Triton Inference Server for llm steps, speaking the vLLM backend's contract.
+
+One gRPC channel per process, shared by every thread of an inference worker. Each
+generation is its own ``ModelStreamInfer`` call on that channel, so each carries its own
+gRPC deadline (the run's remaining budget) and can be cancelled alone; tritonclient's
+stream helper allows a single stream per client, which would serialize a threaded worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
+from tritonclient.utils import serialize_byte_tensor
+
+from fleet.errors import DeadlineExceeded, FleetError, RunCancelled, TransientError, from_triton_status
+
+log = logging.getLogger(__name__)
+
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Optional inputs of the vLLM backend; sent only to models that declare them.
+_OPTIONAL_FLAGS = ("return_num_input_tokens", "return_num_output_tokens", "return_finish_reason")
+
+
+@dataclass
+class Generation:
+    """The outcome of one model call."""
+
+    text: str
+    tokens_in: int
+    tokens_out: int
+    finish_reason: str | None
+    ttft_s: float | None
+    duration_s: float
+
+
+def _bytes_input(req: service_pb2.ModelInferRequest, name: str, value: str) -> None:
+    tensor = req.inputs.add()
+    tensor.name, tensor.datatype = name, "BYTES"
+    tensor.shape.append(1)
+    # serialize_byte_tensor gives a 0-d object array holding the length-prefixed bytes.
+    req.raw_input_contents.append(serialize_byte_tensor(np.array([value.encode()], dtype=object)).item())
+
+
+def _bool_input(req: service_pb2.ModelInferRequest, name: str, value: bool) -> None:
+    tensor = req.inputs.add()
+    tensor.name, tensor.datatype = name, "BOOL"
+    tensor.shape.append(1)
+    req.raw_input_contents.append(np.array([value], dtype=bool).tobytes())
+
+
+def _first(result: InferResult, name: str) -> Any:
+    try:
+        value = result.as_numpy(name)
+    except Exception:  # output absent from this response
+        return None
+    if value is None or value.size == 0:
+        return None
+    item = value.reshape(-1)[0]
+    return item.decode() if isinstance(item, bytes) else item
+
+
+class TritonClient:
+    """A thread-safe Triton gRPC client bound to one endpoint."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._channel = grpc.insecure_channel(
+            url,
+            options=[
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._inputs: dict[str, frozenset[str]] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # --- health ---------------------------------------------------------------------
+    def server_ready(self, timeout_s: float = 2.0) -> bool:
+        """Whether the server answers and reports ready."""
+        try:
+            return self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout_s).ready
+        except grpc.RpcError:
+            return False
+
+    def model_ready(self, model: str, timeout_s: float = 2.0) -> bool:
+        """Whether the model is loaded and ready."""
+        try:
+            req = service_pb2.ModelReadyRequest(name=model)
+            return self._stub.ModelReady(req, timeout=timeout_s).ready
+        except grpc.RpcError:
+            return False
+
+    def _model_inputs(self, model: str) -> frozenset[str]:
+        with self._lock:
+            cached = self._inputs.get(model)
+        if cached is not None:
+            return cached
+        try:
+            meta = self._stub.ModelMetadata(service_pb2.ModelMetadataRequest(name=model), timeout=5)
+        except grpc.RpcError as exc:
+            raise from_triton_status(exc.code().name, exc.details() or "") from None
+        names = frozenset(t.name for t in meta.inputs)
+        with self._lock:
+            self._inputs[model] = names
+        return names
+
+    # --- generation -----------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str,
+        sampling: dict[str, Any],
+        *,
+        model: str,
+        priority: int,
+        timeout_s: float,
+        request_id: str = "",
+        on_token: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Generation:
+        """Generate text for ``prompt``, streaming tokens to ``on_token``.
+
+        Args:
+            priority: Triton request priority (1 is the highest level). Backends without
+                a dynamic batcher (vLLM) ignore it; the fleet's queues carry priority too.
+            timeout_s: the run's remaining budget; the request is cancelled when it passes.
+            cancelled: polled between tokens; when it returns True the request is cancelled.
+
+        Raises:
+            DeadlineExceeded: ``timeout_s`` passed before the generation finished.
+            TransientError / PermanentError: per :func:`fleet.errors.from_triton_status`.
+        """
+        if timeout_s <= 0:
+            raise DeadlineExceeded("no time left for the model call")
+        declared = self._model_inputs(model)
+        req = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+        req.parameters["priority"].uint64_param = priority
+        # Triton's own queue timeout, in microseconds; the gRPC deadline below bounds the rest.
+        req.parameters["timeout"].int64_param = int(timeout_s * 1_000_000)
+        _bytes_input(req, "text_input", prompt)
+        _bool_input(req, "stream", True)
+        _bytes_input(req, "sampling_parameters", json.dumps(sampling))
+        _bool_input(req, "exclude_input_in_output", True)
+        for flag in _OPTIONAL_FLAGS:
+            if flag in declared:
+                _bool_input(req, flag, True)
+
+        started = time.monotonic()
+        call = self._stub.ModelStreamInfer(iter([req]), timeout=timeout_s)
+        pieces: list[str] = []
+        ttft: float | None = None
+        tokens_in = tokens_out = 0
+        finish: str | None = None
+        try:
+            for response in call:
+                if response.error_message:
+                    raise _stream_error(response.error_message)
+                result = InferResult(response.infer_response)
+                text = _first(result, "text_output")
+                if text:
+                    if ttft is None:
+                        ttft = time.monotonic() - started
+                    pieces.append(text)
+                    if on_token is not None:
+                        on_token(text)
+                n_in, n_out = _first(result, "num_input_tokens"), _first(result, "num_output_tokens")
+                tokens_in = int(n_in) if n_in is not None else tokens_in
+                tokens_out = tokens_out + int(n_out) if n_out is not None else tokens_out + bool(text)
+                finish = _first(result, "finish_reason") or finish
+                final = response.infer_response.parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    break
+                if cancelled is not None and cancelled():
+                    call.cancel()
+                    raise RunCancelled("run cancelled during generation")
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(f"model call exceeded its {timeout_s:.1f}s budget") from None
+            if code == grpc.StatusCode.CANCELLED and cancelled is not None and cancelled():
+                raise RunCancelled("run cancelled during generation") from None
+            raise from_triton_status(code.name, exc.details() or "") from None
+        finally:
+            call.cancel()  # no-op when complete; frees the stream when we stop early
+        if not tokens_in:
+            tokens_in = len(prompt.split())
+        return Generation(
+            text="".join(pieces),
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            finish_reason=finish,
+            ttft_s=ttft,
+            duration_s=time.monotonic() - started,
+        )
+
+
+def _stream_error(message: str) -> FleetError:
+    """Map an in-band stream error to a fleet error.
+
+    Errors inside a gRPC stream arrive as text without a status code. Triton's messages
+    for bad input name it ("invalid argument", "unexpected inference input"); anything
+    else is treated as transient and bounded by attempts and the deadline.
+    """
+    lowered = message.lower()
+    permanent = ("invalid argument", "invalid_arg", "unexpected inference input", "invalid input",
+                 "unknown model", "is not found", "unexpected shape", "unexpected datatype")
+    if any(p in lowered for p in permanent):
+        return from_triton_status("INVALID_ARGUMENT", message)
+    return TransientError(f"triton: {message}")

@@ -1,0 +1,200 @@
+"""Triton python model of ``medium_sim``, the simulator of the medium model.
+
+A thin adapter: it reads tensors the way Triton's vLLM backend does, hands each request
+to a ``fleet.simulator.Engine`` and turns what the engine produces back into decoupled
+responses. All behaviour (text, timing, faults) lives in ``fleet/simulator.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+# The python backend stub embeds an interpreter that ignores PYTHONPATH; honour it so
+# a source checkout works without installing the fleet package into the environment.
+for _entry in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+    if _entry and _entry not in sys.path:
+        sys.path.insert(0, _entry)
+
+from fleet.simulator import (  # noqa: E402
+    INVALID_ARG,
+    UNAVAILABLE,
+    Engine,
+    SimConfig,
+    count_tokens,
+    parse_sampling_parameters,
+)
+
+logger = logging.getLogger(__name__)
+
+_STREAM_WITH_PROMPT = "When streaming, `exclude_input_in_output` = False is not allowed."
+
+
+def _error_code(code: str) -> int:
+    if code == INVALID_ARG:
+        return pb_utils.TritonError.INVALID_ARG
+    if code == UNAVAILABLE:
+        return pb_utils.TritonError.UNAVAILABLE
+    return pb_utils.TritonError.INTERNAL
+
+
+def _send_error(sender: Any, code: int, message: str) -> None:
+    sender.send(
+        pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)),
+        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+    )
+
+
+def _bool_input(request: Any, name: str) -> bool | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    return bool(tensor.as_numpy().reshape(-1)[0])
+
+
+class _ResponseSink:
+    """Turns engine tokens into responses shaped like the vLLM backend's.
+
+    Streaming: one response per token carrying only the new text (never the prompt),
+    the last one flagged COMPLETE_FINAL. Otherwise: one final response with the whole
+    text, the prompt first unless ``exclude_input_in_output`` is true.
+    """
+
+    def __init__(
+        self,
+        sender: Any,
+        *,
+        stream: bool,
+        prefix: str,
+        num_input_tokens: int,
+        outputs: dict[str, bool],
+        text_dtype: Any,
+    ) -> None:
+        self._sender = sender
+        self._stream = stream
+        self._prefix = prefix
+        self._num_input_tokens = num_input_tokens
+        self._outputs = outputs
+        self._text_dtype = text_dtype
+        self._pieces: list[str] = []
+
+    def is_cancelled(self) -> bool:
+        return bool(self._sender.is_cancelled())
+
+    def _response(self, text: str, n_tokens: int, finish_reason: str | None) -> Any:
+        tensors = [
+            pb_utils.Tensor(
+                "text_output", np.asarray([text.encode("utf-8")], dtype=self._text_dtype)
+            )
+        ]
+        if self._outputs["return_finish_reason"]:
+            # The vLLM backend sends str(None) while a sequence is still running.
+            tensors.append(
+                pb_utils.Tensor(
+                    "finish_reason", np.asarray([str(finish_reason).encode()], dtype=np.object_)
+                )
+            )
+        if self._outputs["return_num_input_tokens"]:
+            tensors.append(
+                pb_utils.Tensor(
+                    "num_input_tokens", np.asarray([self._num_input_tokens], dtype=np.uint32)
+                )
+            )
+        if self._outputs["return_num_output_tokens"]:
+            tensors.append(
+                pb_utils.Tensor("num_output_tokens", np.asarray([n_tokens], dtype=np.uint32))
+            )
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def send_token(self, token: str, finish_reason: str | None) -> None:
+        n_tokens = 1 if token else 0
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if finish_reason else 0
+        if self._stream:
+            self._sender.send(self._response(token, n_tokens, finish_reason), flags=flags)
+            return
+        self._pieces.append(token)
+        if finish_reason:
+            text = self._prefix + "".join(self._pieces)
+            n_out = sum(1 for p in self._pieces if p)
+            self._sender.send(self._response(text, n_out, finish_reason), flags=flags)
+
+    def send_error(self, code: str, message: str) -> None:
+        _send_error(self._sender, _error_code(code), message)
+
+    def send_cancelled(self) -> None:
+        _send_error(self._sender, pb_utils.TritonError.CANCELLED, "Request was cancelled")
+
+
+class TritonPythonModel:
+    """``medium_sim``: simulator of the medium model (vLLM backend contract)."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        """Build the simulator config from the model's parameters and start the engine."""
+        model_config = json.loads(args["model_config"])
+        assert pb_utils.using_decoupled_model_transaction_policy(
+            model_config
+        ), "medium_sim must use the decoupled transaction policy, like the vLLM backend"
+        self._cfg = SimConfig.from_parameters(model_config.get("parameters", {}))
+        text_config = pb_utils.get_output_config_by_name(model_config, "text_output")
+        self._text_dtype = pb_utils.triton_string_to_numpy(text_config["data_type"])
+        name = f"{args['model_name']}_{args.get('model_instance_name', '0')}"
+        self._engine = Engine(self._cfg, name=name)
+        pb_utils.Logger.log_info(f"[medium_sim] engine started: {self._cfg}")
+
+    def execute(self, requests: list[Any]) -> None:
+        """Queue each request on the engine; responses come from the engine thread."""
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._submit(request, sender)
+            except ValueError as exc:
+                _send_error(sender, pb_utils.TritonError.INVALID_ARG, str(exc))
+            except RuntimeError as exc:
+                _send_error(sender, pb_utils.TritonError.UNAVAILABLE, str(exc))
+        return None
+
+    def _submit(self, request: Any, sender: Any) -> None:
+        prompt = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[0]
+        if isinstance(prompt, bytes):
+            prompt = prompt.decode("utf-8")
+        stream = bool(_bool_input(request, "stream"))
+        exclude = _bool_input(request, "exclude_input_in_output")
+        # Same default as the vLLM backend: the prompt is prepended unless streaming.
+        prepend = (not exclude) if exclude is not None else not stream
+        if prepend and stream:
+            raise ValueError(_STREAM_WITH_PROMPT)
+        raw = pb_utils.get_input_tensor_by_name(request, "sampling_parameters")
+        # Without the tensor, request parameters carry the sampling parameters (the
+        # vLLM backend does the same; the generate endpoint uses them).
+        params = parse_sampling_parameters(
+            raw.as_numpy().reshape(-1)[0] if raw is not None else request.parameters()
+        )
+        outputs = {
+            name: bool(_bool_input(request, name))
+            for name in (
+                "return_finish_reason",
+                "return_num_input_tokens",
+                "return_num_output_tokens",
+            )
+        }
+        sink = _ResponseSink(
+            sender,
+            stream=stream,
+            prefix=prompt if prepend else "",
+            num_input_tokens=count_tokens(prompt),
+            outputs=outputs,
+            text_dtype=self._text_dtype,
+        )
+        self._engine.submit(prompt, params, sink)
+
+    def finalize(self) -> None:
+        """Stop the engine; requests still in flight fail with UNAVAILABLE."""
+        self._engine.stop()
+        stats = self._engine.stats()
+        pb_utils.Logger.log_info(f"[medium_sim] engine stopped: {stats}")
