@@ -23,7 +23,6 @@ iteration is its own short chain, so a long loop never becomes one giant Celery 
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,9 +33,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from fleet.errors import FleetError, InvalidSubmission
+from fleet.template import PLACEHOLDER
 
 MAX_LOOP_ITERATIONS = 50
-_PLACEHOLDER = re.compile(r"\{([a-zA-Z_][\w.]*)\}")
 
 
 class AgentDefinitionError(FleetError):
@@ -205,7 +204,7 @@ class _Scope:
 
 
 def _check_template(agent: str, step: str, template: str, scope: _Scope) -> None:
-    for ref in _PLACEHOLDER.findall(template):
+    for ref in PLACEHOLDER.findall(template):
         head, _, rest = ref.partition(".")
         name = rest.split(".", 1)[0]
         if head == "input" and name in scope.inputs:
@@ -294,6 +293,8 @@ def parse_agent(data: dict[str, Any], tool_names: set[str], source: str = "<data
             step_name = steps[loc[1]].get("name", f"#{loc[1]}") if loc[1] < len(steps) else loc[1]
             where += f", step '{step_name}'"
             loc = loc[2:]
+            if loc and loc[0] in ("llm", "tool", "loop"):  # the discriminator's tag
+                loc = loc[1:]
         field = ".".join(str(p) for p in loc)
         raise AgentDefinitionError(f"{where}: {field + ': ' if field else ''}{err['msg']}") from None
     _check(agent, tool_names)

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -269,3 +270,25 @@ def start_worker(procs: Processes, name: str, queues: list[str], pool: str, conc
 def worker_answers(app, node: str) -> bool:
     """Whether the worker ``node`` replies to a ping."""
     return bool(app.control.ping(destination=[node], timeout=0.5))
+
+
+def sim_repository(dst: Path, **params: float | int | str) -> Path:
+    """A copy of the model repository's simulator with some config parameters changed.
+
+    Used by tests and benchmarks to run the dev model with other timing or faults
+    (``tpot_ms=2``, ``error_rate=0.1``) without touching ``triton_models/``.
+    """
+    src = MODEL_REPOSITORY / "medium_sim"
+    target = dst / "medium_sim"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+    config = target / "config.pbtxt"
+    text = config.read_text()
+    for key, value in params.items():
+        pattern = re.compile(r'(key:\s*"%s"\s*value:\s*\{\s*string_value:\s*")[^"]*(")' % re.escape(key))
+        text, n = pattern.subn(lambda m: f"{m.group(1)}{value}{m.group(2)}", text)
+        if n != 1:
+            raise KeyError(f"simulator has no parameter '{key}'")
+    config.write_text(text)
+    return dst

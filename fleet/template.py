@@ -12,7 +12,7 @@ from typing import Any
 
 from fleet.errors import PermanentError
 
-_PLACEHOLDER = re.compile(r"\{([a-zA-Z_][\w.]*)\}")
+PLACEHOLDER = re.compile(r"\{([a-zA-Z_][\w.]*)\}")
 
 
 def lookup(context: dict[str, Any], path: str) -> Any:
@@ -42,4 +42,4 @@ def render(template: str, context: dict[str, Any]) -> str:
         except KeyError:
             raise PermanentError(f"template value '{{{match.group(1)}}}' is missing") from None
 
-    return _PLACEHOLDER.sub(substitute, template)
+    return PLACEHOLDER.sub(substitute, template)

@@ -1,0 +1,119 @@
+"""Fixtures: a real Redis and a real Triton server, started here when none is given.
+
+- ``FLEET_TEST_REDIS_URL``: use that Redis instead of starting ``redis-server``.
+- ``FLEET_TEST_TRITON_GRPC_URL`` and ``FLEET_TEST_TRITON_HTTP_URL``: use that Triton
+  (serving ``medium_sim``) instead of starting ``tritonserver``.
+
+Each test module gets its own key and queue prefix, and its own worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fleet import launch
+from fleet.client import FleetClient
+from fleet.routing import worker_queues
+from fleet.settings import Settings
+
+# Timing of the dev model in tests: a small medium model, so that suites stay fast while
+# batching and streaming are still visible.
+TEST_SIM_PARAMS = {"ttft_ms": 20, "prefill_ms_per_token": 0.05, "tpot_ms": 4, "load_factor": 0.02}
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fleet")
+
+
+@pytest.fixture(scope="session")
+def session_procs(session_dir: Path) -> Iterator[launch.Processes]:
+    procs = launch.Processes(session_dir / "logs")
+    yield procs
+    procs.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(session_procs: launch.Processes, session_dir: Path) -> str:
+    given = os.environ.get("FLEET_TEST_REDIS_URL")
+    if given:
+        return given
+    return launch.start_redis(session_procs, session_dir / "redis")
+
+
+@dataclass
+class TritonInfo:
+    grpc_url: str
+    http_url: str
+    params: dict = field(default_factory=dict)
+
+
+@pytest.fixture(scope="session")
+def triton(session_procs: launch.Processes, session_dir: Path) -> TritonInfo:
+    grpc_url = os.environ.get("FLEET_TEST_TRITON_GRPC_URL")
+    if grpc_url:
+        return TritonInfo(grpc_url, os.environ["FLEET_TEST_TRITON_HTTP_URL"])
+    repo = launch.sim_repository(session_dir / "models", **TEST_SIM_PARAMS)
+    ep = launch.start_triton(session_procs, session_dir / "triton", ["medium_sim"], repository=repo)
+    return TritonInfo(ep.grpc_url, ep.http_url, dict(TEST_SIM_PARAMS))
+
+
+@dataclass
+class Fleet:
+    """A fleet namespace of one test module: settings, a client, its worker processes."""
+
+    settings: Settings
+    env: dict[str, str]
+    procs: launch.Processes
+    client: FleetClient
+    nodes: dict[str, str] = field(default_factory=dict)
+
+    def start_worker(self, name: str, kind: str, pool: str = "threads", concurrency: int = 8,
+                     classes: tuple[str, ...] = ("interactive", "batch"), **env: str) -> str:
+        node = f"{name}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+        queues = worker_queues(self.settings, kind, classes)  # type: ignore[arg-type]
+        launch.start_worker(self.procs, name, queues, pool, concurrency, {**self.env, **env},
+                            node=node, loglevel="INFO")
+        launch.wait_until(lambda: launch.worker_answers(self.client.app, node), 60,
+                          f"worker {name}", self.procs.children[name], 0.3)
+        self.nodes[name] = node
+        return node
+
+
+def make_settings(redis_url: str, triton: TritonInfo, prefix: str, **overrides: object) -> tuple[Settings, dict[str, str]]:
+    env = {
+        "FLEET_REDIS_URL": redis_url,
+        "FLEET_KEY_PREFIX": prefix,
+        "FLEET_QUEUE_PREFIX": f"{prefix}.",
+        "FLEET_TRITON_GRPC_URL": triton.grpc_url,
+        "FLEET_TRITON_HTTP_URL": triton.http_url,
+        "FLEET_RETRY_BACKOFF_BASE_S": "0.05",
+        "FLEET_RETRY_BACKOFF_MAX_S": "0.5",
+        **{f"FLEET_{k.upper()}": str(v) for k, v in overrides.items()},
+    }
+    fields = {k[len("FLEET_"):].lower(): v for k, v in env.items()}
+    return Settings(_env_file=None, **fields), env  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def fleet(request: pytest.FixtureRequest, redis_url: str, triton: TritonInfo, session_dir: Path) -> Iterator[Fleet]:
+    """A module's own fleet namespace with an inference worker and a tool worker."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    settings, env = make_settings(redis_url, triton, prefix)
+    procs = launch.Processes(session_dir / "logs" / prefix)
+    client = FleetClient(settings)
+    f = Fleet(settings, env, procs, client)
+    try:
+        f.start_worker("inference", "llm", "threads", 8)
+        f.start_worker("tools", "tool", "prefork", 2)
+        yield f
+    finally:
+        procs.stop()
+        client.close()

@@ -1,0 +1,170 @@
+"""Agent runs end to end: real Redis, real Triton (dev model), real worker processes."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from fleet.errors import InvalidSubmission, RunNotFound
+from fleet.plan import state_view
+from fleet.routing import all_queues
+from fleet.simulator import generate
+from fleet.template import render
+from fleet.triton import TritonClient
+
+pytestmark = pytest.mark.integration
+
+
+def _sim_text(prompt: str, max_tokens: int) -> str:
+    tokens, _ = generate(prompt, {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0})
+    return "".join(tokens).strip()
+
+
+@pytest.mark.parametrize("priority", ["interactive", "batch"])
+def test_calculator_agent_uses_the_tool_the_model_chose(fleet, priority):
+    run_id = fleet.client.submit("calculator", {"question": "What is 12 * 7 + 3?"}, priority=priority)
+    run = fleet.client.wait(run_id, timeout=60)
+    assert run.status == "succeeded", run.error
+    assert run.outputs["plan"] == {"tool": "calculator", "input": "12 * 7 + 3"}
+    assert run.outputs["act"] == 87
+    assert run.result == "The answer is 87."
+    assert [s.key for s in run.steps] == ["plan", "act", "answer"]
+    assert all(s.status == "done" and s.attempts == 1 for s in run.steps)
+    llm = [s for s in run.steps if s.name != "act"]
+    assert all(s.tokens_in > 0 and s.tokens_out > 0 and s.ttft_s is not None for s in llm)
+
+
+@pytest.mark.parametrize("priority", ["interactive", "batch"])
+def test_writer_agent_drafts_critiques_and_revises(fleet, priority):
+    topic = f"backpressure in {priority} queues"
+    run_id = fleet.client.submit("writer", {"topic": topic}, priority=priority)
+    run = fleet.client.wait(run_id, timeout=60)
+    assert run.status == "succeeded", run.error
+    # Recompute every step from the simulator's pure text function: the fleet must have
+    # rendered each prompt from the previous steps' outputs.
+    agent = fleet.client.agents["writer"]
+    draft = _sim_text(f"Write a short paragraph about {topic}.", 48)
+    view = {"input": {"topic": topic}, "steps": {"draft": draft}}
+    critique = _sim_text(render(agent.step("critique").prompt, view), 24)
+    view["steps"]["critique"] = critique
+    revised = _sim_text(render(agent.step("revise").prompt, view), 48)
+    assert run.outputs["draft"] == draft
+    assert run.outputs["critique"] == critique
+    assert run.result == revised
+    assert len(revised.split()) == 48
+    assert [s.tokens_out for s in run.steps] == [48, 24, 48]
+
+
+@pytest.mark.parametrize("priority", ["interactive", "batch"])
+def test_solver_agent_loops_until_the_model_answers(fleet, priority):
+    run_id = fleet.client.submit("solver", {"question": "What is (17 + 4) * 3?"}, priority=priority)
+    run = fleet.client.wait(run_id, timeout=60)
+    assert run.status == "succeeded", run.error
+    assert run.result == "The answer is 63."
+    assert [s.key for s in run.steps] == ["solve_think#1", "solve_act#1", "solve_think#2", "solve_act#2"]
+    assert run.outputs["solve_act#1"] == 63
+    assert [s.status for s in run.steps] == ["done", "done", "done", "skipped"]
+
+
+def test_tokens_stream_in_order(fleet):
+    run_id = fleet.client.submit("writer", {"topic": "streams"}, stream=True)
+    events = list(fleet.client.events(run_id, timeout=60))
+    run = fleet.client.get(run_id)
+    assert run.status == "succeeded"
+    for step in ("draft", "critique", "revise"):
+        tokens = [e["text"] for e in events if e["type"] == "token" and e["step"] == step]
+        assert len(tokens) == run.steps[[s.key for s in run.steps].index(step)].tokens_out
+        assert "".join(tokens).strip() == run.outputs[step]
+    # Step order in the stream: every token of a step comes after its "running" event
+    # and before its "done" event, and steps do not interleave.
+    kinds = [(e["type"], e.get("step"), e.get("status")) for e in events]
+    first_critique = kinds.index(("step", "critique", "running"))
+    assert all(k[1] != "draft" for k in kinds[first_critique:])
+    assert kinds[-1] == ("status", None, "succeeded")
+
+
+def test_invalid_input_is_rejected_naming_the_field(fleet):
+    r = fleet.client.store.redis
+    depth_before = [r.llen(q) for q in all_queues(fleet.settings)]
+    records_before = len(list(r.scan_iter(fleet.settings.key("run", "*"), count=1000)))
+    with pytest.raises(InvalidSubmission) as missing:
+        fleet.client.submit("calculator", {"questoin": "What is 1 + 1?"})
+    assert missing.value.field is not None and "question" in str(missing.value)
+    with pytest.raises(InvalidSubmission) as too_long:
+        fleet.client.submit("calculator", {"question": "x" * 2001})
+    assert too_long.value.field == "input.question"
+    with pytest.raises(InvalidSubmission) as wrong_type:
+        fleet.client.submit("calculator", {"question": ["not", "a", "string"]})
+    assert wrong_type.value.field == "input.question"
+    with pytest.raises(InvalidSubmission) as unknown:
+        fleet.client.submit("no_such_agent", {})
+    assert unknown.value.field == "agent" and "calculator" in str(unknown.value)
+    with pytest.raises(InvalidSubmission) as bad_priority:
+        fleet.client.submit("calculator", {"question": "1+1"}, priority="urgent")  # type: ignore[arg-type]
+    assert bad_priority.value.field == "priority"
+    # Nothing was queued and no run record was left behind.
+    assert [r.llen(q) for q in all_queues(fleet.settings)] == depth_before
+    assert len(list(r.scan_iter(fleet.settings.key("run", "*"), count=1000))) == records_before
+
+
+def test_idempotency_key_returns_the_same_run(fleet):
+    first = fleet.client.submit("calculator", {"question": "What is 2 + 2?"}, idempotency_key="same-key")
+    second = fleet.client.submit("calculator", {"question": "What is 2 + 2?"}, idempotency_key="same-key")
+    assert first == second
+    assert fleet.client.wait(first, timeout=60).result == "The answer is 4."
+
+
+def test_unknown_run_is_not_found(fleet):
+    with pytest.raises(RunNotFound):
+        fleet.client.get("0" * 32)
+
+
+def test_concurrent_requests_are_batched_by_the_model(fleet, triton):
+    client = TritonClient(triton.grpc_url)
+    sampling = {"max_tokens": 32}
+
+    def one(i: int) -> float:
+        gen = client.generate(f"batching probe {i}", sampling, model="medium_sim", priority=1, timeout_s=30)
+        assert gen.tokens_out == 32
+        return gen.duration_s
+
+    one(-1)  # warm the channel and the model's metadata
+    t0 = time.monotonic()
+    single = one(0)
+    single_wall = time.monotonic() - t0
+    n = 8
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(one, range(1, n + 1)))
+    together = time.monotonic() - t0
+    client.close()
+    # Served one after another they would take n x single; sharing decode steps they take
+    # about one step time longer than a single request. 3x leaves room for a noisy machine.
+    assert together < 3 * max(single, single_wall), (together, single)
+
+
+def test_run_record_keeps_timing_and_tokens(fleet):
+    run_id = fleet.client.submit("calculator", {"question": "How many words are in this sentence?"})
+    run = fleet.client.wait(run_id, timeout=60)
+    assert run.status == "succeeded", run.error
+    assert run.outputs["plan"]["tool"] == "word_count"
+    assert run.latency_s is not None and run.latency_s > 0
+    assert run.started_at is not None and run.created_at <= run.started_at <= run.finished_at
+    for step in run.steps:
+        assert step.duration_s is not None and step.duration_s >= 0
+        assert step.worker
+    ttl = fleet.client.store.redis.ttl(fleet.client.store.run_key(run_id))
+    assert 0 < ttl <= fleet.settings.result_ttl_s
+
+
+def test_state_view_matches_what_steps_saw(fleet):
+    run_id = fleet.client.submit("calculator", {"question": "What is 6 * 7?"})
+    run = fleet.client.wait(run_id, timeout=60)
+    raw = fleet.client.store.raw_state(run_id)
+    view = state_view(fleet.client.agents["calculator"], raw, "answer", 0)
+    assert view["steps"]["act"] == 42
+    assert json.loads(raw["input"]) == {"question": "What is 6 * 7?"}
+    assert run.result == "The answer is 42."

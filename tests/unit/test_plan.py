@@ -1,0 +1,74 @@
+"""Chains from definitions, tool-call parsing, the state a step sees, templates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fleet.agent import load_agents
+from fleet.celery_app import create_app
+from fleet.errors import PermanentError
+from fleet.plan import build_chain, parse_tool_call, remaining_steps, state_view
+from fleet.settings import Settings
+from fleet.template import render
+
+AGENTS = load_agents()
+SETTINGS = Settings(_env_file=None, queue_prefix="x.")
+
+
+def test_chain_routes_each_step_by_kind_and_class():
+    app = create_app(SETTINGS)
+    c = build_chain(app, SETTINGS, AGENTS["calculator"], "r1", "batch")
+    assert [(t.task, t.options["queue"], t.options["shadow"]) for t in c.tasks] == [
+        ("fleet.llm", "x.llm.batch", "calculator.plan"),
+        ("fleet.tool", "x.tool.batch", "calculator.act"),
+        ("fleet.llm", "x.llm.batch", "calculator.answer"),
+    ]
+    assert all(t.immutable for t in c.tasks)
+    assert json.loads(json.dumps(c.tasks[0].kwargs)) == {"run_id": "r1", "step": "plan", "iteration": 0}
+
+
+def test_a_loop_contributes_one_iteration_and_replays_start_mid_chain():
+    solver = AGENTS["solver"]
+    assert [(s.name, it) for s, it in remaining_steps(solver)] == [("solve_think", 1), ("solve_act", 1)]
+    assert [(s.name, it) for s, it in remaining_steps(solver, "solve_act", 3)] == [("solve_act", 3)]
+    writer = AGENTS["writer"]
+    assert [s.name for s, _ in remaining_steps(writer, "critique")] == ["critique", "revise"]
+    with pytest.raises(KeyError):
+        remaining_steps(writer, "nope")
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ('{"tool": "calculator", "input": "1 + 2"}', {"tool": "calculator", "input": "1 + 2"}),
+        ('Sure: {"tool": "word_count", "input": 7} done', {"tool": "word_count", "input": "7"}),
+        ("The answer is 3.", {"final": "The answer is 3."}),
+        ('{"tool": 3}', {"final": '{"tool": 3}'}),
+        ("{not json}", {"final": "{not json}"}),
+    ],
+)
+def test_parse_tool_call(text, parsed):
+    assert parse_tool_call(text) == parsed
+
+
+def test_state_view_builds_the_loop_transcript():
+    solver = AGENTS["solver"]
+    raw = {
+        "input": json.dumps({"question": "q"}),
+        "out:solve_think#1": json.dumps({"tool": "calculator", "input": "1+1"}),
+        "out:solve_act#1": json.dumps(2),
+    }
+    view = state_view(solver, raw, "solve_think", 2)
+    assert view["loop"]["transcript"] == 'Action: {"input": "1+1", "tool": "calculator"}\nObservation: 2'
+    assert view["steps"]["solve_act"] == 2
+    first = state_view(solver, raw, "solve_think", 1)
+    assert first["loop"]["transcript"] == ""
+
+
+def test_render_substitutes_lookups_only():
+    ctx = {"input": {"q": "{steps.secret}"}, "steps": {"a": {"b": 1}}}
+    assert render("Q={input.q} B={steps.a.b}", ctx) == "Q={steps.secret} B=1"
+    with pytest.raises(PermanentError, match="missing"):
+        render("{steps.zzz}", ctx)
