@@ -74,6 +74,9 @@ class LlmStep(_StepBase):
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = Field(default_factory=list)
+    sampling: dict[str, Any] = Field(
+        default_factory=dict, description="Further sampling parameters passed to the backend as is."
+    )
     parse: Literal["text", "tool_call"] = Field(
         "text",
         description="tool_call: the output is a JSON {tool, input} or, when it is not, a final answer.",
@@ -82,6 +85,7 @@ class LlmStep(_StepBase):
     def sampling_parameters(self) -> dict[str, Any]:
         """vLLM sampling parameters of this step."""
         params: dict[str, Any] = {
+            **self.sampling,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,

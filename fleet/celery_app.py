@@ -35,6 +35,14 @@ def create_app(settings: Settings) -> Celery:
             # Unacked messages come back after this; it exceeds the longest step's time limit
             # (checked in Settings), or a long step would be handed out twice.
             "visibility_timeout": settings.visibility_timeout_s,
+            # Sweep for messages whose worker died several times per visibility timeout,
+            # so a lost step comes back soon after its timeout rather than minutes later.
+            "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout_s / 4))),
+            "unacked_restore_throttle": 1,
+            # Fail fast on a dead connection instead of hanging a publish forever.
+            "socket_timeout": 30,
+            "socket_connect_timeout": 10,
+            "health_check_interval": 10,
             # Take queues strictly in the order the worker lists them: interactive first.
             "queue_order_strategy": "priority",
         },

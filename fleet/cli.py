@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import click
@@ -184,6 +185,119 @@ def status(as_json: bool) -> None:
         click.echo(f"  {w}")
     if not (r["up"] and t["model_ready"]):
         sys.exit(1)
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect, replay and purge dead-lettered steps."""
+
+
+def _entry_line(e) -> str:  # noqa: ANN001
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_failure_at))
+    return (f"{e.id:<16} {when}  {e.agent}.{e.step_key:<18} {e.priority:<11} run {e.run_id[:12]}  "
+            f"{e.error_type}: {e.error_message[:60]}")
+
+
+@dlq.command("list")
+@click.option("--agent", default=None)
+@click.option("--step", default=None)
+@click.option("--limit", type=int, default=100)
+@click.option("--json", "as_json", is_flag=True)
+def dlq_list(agent: str | None, step: str | None, limit: int, as_json: bool) -> None:
+    """Dead-lettered steps, newest first."""
+    from fleet.client import FleetClient
+
+    with FleetClient() as client:
+        entries = client.dlq_list(agent=agent, step=step, limit=limit)
+        total = client.dead_letters.count()
+    if as_json:
+        _emit({"total": total, "entries": [e.model_dump(exclude={"state", "traceback"}) for e in entries]})
+        return
+    for e in entries:
+        click.echo(_entry_line(e))
+    click.echo(f"{len(entries)} shown, {total} in the store")
+
+
+@dlq.command("show")
+@click.argument("entry_id")
+@click.option("--json", "as_json", is_flag=True)
+def dlq_show(entry_id: str, as_json: bool) -> None:
+    """One dead-letter entry: the state the step received, the error, its replays."""
+    from fleet.client import FleetClient
+
+    try:
+        with FleetClient() as client:
+            entry, replays = client.dlq_get(entry_id)
+    except RunNotFound as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit({**entry.model_dump(), "replays": replays})
+        return
+    click.echo(_entry_line(entry))
+    click.echo(f"attempts {entry.attempts}  worker {entry.worker}  first failure "
+               f"{time.strftime('%H:%M:%S', time.localtime(entry.first_failure_at))}")
+    click.echo("state: " + json.dumps(entry.state, indent=2))
+    if entry.traceback:
+        click.echo(entry.traceback.rstrip())
+    for r in replays:
+        click.echo(f"replayed {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['replayed_at']))} "
+                   f"patch {json.dumps(r['patch'])} -> {r['outcome']}")
+
+
+@dlq.command("replay")
+@click.argument("entry_id", required=False)
+@click.option("--patch", "patch_json", default=None, help="JSON: {\"input\": {...}, \"steps\": {...}}")
+@click.option("--all", "replay_all", is_flag=True, help="Replay every open entry matching the filters.")
+@click.option("--agent", default=None)
+@click.option("--step", default=None)
+@click.option("--json", "as_json", is_flag=True)
+def dlq_replay(entry_id: str | None, patch_json: str | None, replay_all: bool, agent: str | None,
+               step: str | None, as_json: bool) -> None:
+    """Re-run a run from its failed step with the stored state (optionally patched)."""
+    from fleet.client import FleetClient
+
+    if (entry_id is None) == (not replay_all):
+        _fail("give an ENTRY_ID or --all (with optional --agent/--step)", as_json, 2)
+    try:
+        patch = json.loads(patch_json) if patch_json else None
+    except ValueError as exc:
+        _fail(f"--patch is not valid JSON: {exc}", as_json, 2, field="patch")
+    try:
+        with FleetClient() as client:
+            if replay_all:
+                run_ids = client.dlq_replay_all(agent=agent, step=step, patch=patch)
+            else:
+                run_ids = [client.dlq_replay(entry_id, patch)]  # type: ignore[arg-type]
+    except InvalidSubmission as exc:
+        _fail(str(exc), as_json, 2, field=exc.field)
+    except FleetError as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit({"replayed": run_ids})
+    else:
+        for run_id in run_ids:
+            click.echo(f"replaying run {run_id}")
+        click.echo(f"{len(run_ids)} replayed")
+
+
+@dlq.command("purge")
+@click.option("--older-than", default=None, help="Age, e.g. 7d, 12h, 30m.")
+@click.option("--all", "purge_all", is_flag=True, help="Delete every entry.")
+@click.option("--json", "as_json", is_flag=True)
+def dlq_purge(older_than: str | None, purge_all: bool, as_json: bool) -> None:
+    """Delete old dead-letter entries."""
+    from fleet.client import FleetClient
+    from fleet.replay import parse_duration
+
+    if (older_than is None) == (not purge_all):
+        _fail("give --older-than DURATION or --all", as_json, 2)
+    try:
+        age = parse_duration(older_than) if older_than else None
+    except ValueError as exc:
+        _fail(str(exc), as_json, 2)
+    with FleetClient() as client:
+        removed = client.dlq_purge(age)
+    _emit({"purged": removed}) if as_json else click.echo(f"{removed} entries purged")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,9 @@ from typing import Any
 from fleet.admission import Admission, parse_submission
 from fleet.agent import AgentDef, load_agents
 from fleet.celery_app import create_app
+from fleet.deadletter import DeadLetter, DeadLetters
+from fleet.errors import RunNotFound
+from fleet.replay import Replayer
 from fleet.runs import RunRecord, RunStore
 from fleet.settings import PriorityClass, Settings
 from fleet.tools import load_tool_modules
@@ -32,6 +35,8 @@ class FleetClient:
         self.app = create_app(self.settings)
         self.store = RunStore(self.settings)
         self._admission = Admission(self.settings, self.app, self.agents, self.store)
+        self.dead_letters = DeadLetters(self.settings, self.store.redis)
+        self._replayer = Replayer(self.settings, self.app, self.agents, self.store, self.dead_letters)
 
     def close(self) -> None:
         """Release connections."""
@@ -80,3 +85,29 @@ class FleetClient:
         """The run's events (status, steps, tokens when submitted with stream=True), until it ends."""
         for _, event in self.store.events(run_id, timeout_s=timeout):
             yield event
+
+    # --- dead letters ---------------------------------------------------------------
+    def dlq_list(self, agent: str | None = None, step: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Dead-letter entries, newest first, optionally filtered by agent and step."""
+        return self.dead_letters.list(limit, agent=agent, step=step)
+
+    def dlq_get(self, entry_id: str) -> tuple[DeadLetter, list[dict[str, Any]]]:
+        """One entry and its replays (each with the run's current outcome)."""
+        entry = self.dead_letters.get(entry_id)
+        if entry is None:
+            raise RunNotFound(f"no dead-letter entry '{entry_id}'")
+        return entry, self._replayer.replays(entry_id)
+
+    def dlq_replay(self, entry_id: str, patch: dict[str, Any] | None = None) -> str:
+        """Re-run the entry's run from its failed step, with the stored state (patched)."""
+        return self._replayer.replay(entry_id, patch)
+
+    def dlq_replay_all(self, agent: str | None = None, step: str | None = None,
+                       patch: dict[str, Any] | None = None, limit: int = 10_000) -> list[str]:
+        """Replay every open entry matching the filter; returns the run ids."""
+        entries = [e for e in self.dead_letters.list(limit, agent=agent, step=step) if self._replayer.is_open(e)]
+        return [self._replayer.replay(e.id, patch) for e in entries]
+
+    def dlq_purge(self, older_than_s: float | None = None) -> int:
+        """Delete entries older than ``older_than_s`` seconds (all when None)."""
+        return self._replayer.purge(older_than_s)

@@ -10,7 +10,6 @@ The stream is trimmed to ``FLEET_DEAD_LETTER_MAXLEN`` entries, oldest first.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import redis
@@ -65,24 +64,18 @@ class DeadLetters:
     def list(self, count: int = 100, agent: str | None = None, step: str | None = None) -> list[DeadLetter]:
         """Newest entries first, optionally filtered by agent and step."""
         out: list[DeadLetter] = []
-        last = "+"
+        upper = "+"
         while len(out) < count:
-            rows = self.redis.xrevrange(self.stream, last, "-", count=500)
-            if not rows:
-                break
+            rows = self.redis.xrevrange(self.stream, upper, "-", count=500)
             for entry_id, fields in rows:
-                if entry_id == last:
-                    continue
                 entry = _decode(entry_id, fields)
                 if (agent is None or entry.agent == agent) and (step is None or entry.step == step):
                     out.append(entry)
                     if len(out) >= count:
                         break
-            if rows[-1][0] == last:
-                break
-            last = rows[-1][0]
             if len(rows) < 500:
                 break
+            upper = "(" + rows[-1][0]  # exclusive: continue below the last id read
         return out
 
     def count(self) -> int:
@@ -91,7 +84,3 @@ class DeadLetters:
 
 def _decode(entry_id: str, fields: dict[str, str]) -> DeadLetter:
     return DeadLetter(id=entry_id, **{k: json.loads(v) for k, v in fields.items()})
-
-
-def now() -> float:
-    return time.time()

@@ -18,6 +18,8 @@ does not fix it, and the dead-letter entry keeps the traceback for the operator.
 
 from __future__ import annotations
 
+import re
+
 
 class FleetError(Exception):
     """Base of every error the fleet raises on purpose."""
@@ -100,6 +102,23 @@ def from_triton_status(code: str, message: str) -> FleetError:
     if name in _TRANSIENT_CODES:
         return TransientError(text)
     return TransientError(text)
+
+
+# Errors inside a gRPC stream (every streaming llm call) arrive as text alone: Triton's
+# ModelStreamInferResponse has no status code. Messages that say the request itself is
+# wrong are permanent; everything else is transient, bounded by attempts and the deadline.
+_PERMANENT_MESSAGE = re.compile(
+    r"\binvalid\b|invalid_arg|must be (?:an?|one of|non-negative|positive)|unexpected inference"
+    r"|unexpected (?:shape|datatype)|unknown model|is not found|not supported|unsupported",
+    re.IGNORECASE,
+)
+
+
+def from_triton_message(message: str) -> FleetError:
+    """Map an in-band Triton stream error (text without a code) to a fleet error."""
+    if _PERMANENT_MESSAGE.search(message):
+        return PermanentError(f"triton: {message}")
+    return TransientError(f"triton: {message}")
 
 
 def is_retryable(exc: BaseException) -> bool:

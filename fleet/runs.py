@@ -57,6 +57,19 @@ return 1
 """
 
 
+# Reopen a finished run for a replay. KEYS[1] run hash; ARGV[1] = number of fields to
+# delete, then those fields, then field/value pairs to set. Returns 0 if it had not ended.
+_REOPEN = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+if status == 'queued' or status == 'running' then return 0 end
+local n = tonumber(ARGV[1])
+for i = 2, n + 1 do redis.call('HDEL', KEYS[1], ARGV[i]) end
+for i = n + 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
 class StepRecord(BaseModel):
     """What happened to one step of a run."""
 
@@ -124,6 +137,7 @@ class RunStore:
         self.redis = client or redis.Redis.from_url(settings.redis_url, decode_responses=True)
         self._commit = self.redis.register_script(_COMMIT_STEP)
         self._transition = self.redis.register_script(_TRANSITION)
+        self._reopen = self.redis.register_script(_REOPEN)
 
     # --- keys -----------------------------------------------------------------------
     def run_key(self, run_id: str) -> str:
@@ -223,6 +237,24 @@ class RunStore:
             pipe.execute()
         return True
 
+    def reopen(self, run_id: str, drop: list[str], fields: dict[str, str]) -> bool:
+        """Put a finished run back to ``queued`` (for a replay): delete ``drop``, set ``fields``.
+
+        False when the run has not finished (a replay must not race a live run).
+        """
+        moved = self._reopen(keys=[self.run_key(run_id)],
+                             args=[len(drop), *drop, *[x for kv in fields.items() for x in kv]])
+        if moved == -1:
+            raise RunNotFound(f"no run '{run_id}'")
+        if moved != 1:
+            return False
+        pipe = self.redis.pipeline()
+        pipe.expire(self.run_key(run_id), self.settings.run_ttl_s)
+        pipe.expire(self.events_key(run_id), self.settings.run_ttl_s)
+        pipe.execute()
+        self.emit(run_id, {"type": "status", "status": "queued", "replay": "1"})
+        return True
+
     def mark_running(self, run_id: str) -> None:
         """First step started: queued -> running (no-op afterwards)."""
         key = self.run_key(run_id)
@@ -265,14 +297,18 @@ class RunStore:
                 last = event_id
                 yield event_id, fields
                 if fields.get("type") == "status" and fields.get("status") in TERMINAL:
-                    return
+                    # A replay reopens a finished run: history may hold an earlier end.
+                    if self.redis.hget(self.run_key(run_id), "status") in TERMINAL:
+                        return
 
     def wait(self, run_id: str, timeout_s: float) -> RunRecord:
         """Block until the run ends or ``timeout_s`` passes; return the record either way."""
+        newest = self.redis.xrevrange(self.events_key(run_id), count=1)
         record = self.get(run_id)
         if record.status in TERMINAL:
             return record
-        for _ in self.events(run_id, timeout_s=timeout_s):
+        # Only events after the newest one seen before reading the record can end the wait.
+        for _ in self.events(run_id, after=newest[0][0] if newest else "0", timeout_s=timeout_s):
             pass
         return self.get(run_id)
 

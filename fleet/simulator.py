@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Protocol
 
 logger = logging.getLogger(__name__)
@@ -649,7 +649,7 @@ class Engine:
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters."""
         with self._cv:
-            snap = EngineStats(**{f.name: getattr(self._stats, f.name) for f in fields(EngineStats)})
+            snap = replace(self._stats)
             snap.active = len(self._active)
             snap.waiting = len(self._waiting)
             return snap

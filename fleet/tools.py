@@ -35,7 +35,10 @@ def tool(name: str) -> Callable[[ToolFn], ToolFn]:
 def load_tool_modules(modules: Iterable[str]) -> None:
     """Import modules that register extra tools."""
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ImportError(f"FLEET_TOOL_MODULES: cannot import {module!r}: {exc}") from exc
 
 
 def run_tool(name: str, tool_input: str) -> Any:

@@ -21,7 +21,7 @@ import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
-from fleet.errors import DeadlineExceeded, FleetError, RunCancelled, TransientError, from_triton_status
+from fleet.errors import DeadlineExceeded, RunCancelled, from_triton_message, from_triton_status
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class TritonClient:
         try:
             for response in call:
                 if response.error_message:
-                    raise _stream_error(response.error_message)
+                    raise from_triton_message(response.error_message)
                 result = InferResult(response.infer_response)
                 text = _first(result, "text_output")
                 if text:
@@ -207,17 +207,3 @@ class TritonClient:
             duration_s=time.monotonic() - started,
         )
 
-
-def _stream_error(message: str) -> FleetError:
-    """Map an in-band stream error to a fleet error.
-
-    Errors inside a gRPC stream arrive as text without a status code. Triton's messages
-    for bad input name it ("invalid argument", "unexpected inference input"); anything
-    else is treated as transient and bounded by attempts and the deadline.
-    """
-    lowered = message.lower()
-    permanent = ("invalid argument", "invalid_arg", "unexpected inference input", "invalid input",
-                 "unknown model", "is not found", "unexpected shape", "unexpected datatype")
-    if any(p in lowered for p in permanent):
-        return from_triton_status("INVALID_ARGUMENT", message)
-    return TransientError(f"triton: {message}")

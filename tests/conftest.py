@@ -98,8 +98,11 @@ def make_settings(redis_url: str, triton: TritonInfo, prefix: str, **overrides: 
         "FLEET_RETRY_BACKOFF_MAX_S": "0.5",
         **{f"FLEET_{k.upper()}": str(v) for k, v in overrides.items()},
     }
-    fields = {k[len("FLEET_"):].lower(): v for k, v in env.items()}
-    return Settings(_env_file=None, **fields), env  # type: ignore[arg-type]
+    # Parsed exactly as a worker process parses its environment.
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        return Settings(_env_file=None), env
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +120,30 @@ def fleet(request: pytest.FixtureRequest, redis_url: str, triton: TritonInfo, se
     finally:
         procs.stop()
         client.close()
+
+
+# --- reliability figures ----------------------------------------------------------------
+_RELIABILITY: list[dict[str, object]] = []
+
+
+@pytest.fixture
+def reliability_report():
+    """Record a scenario's counts: submitted, completed, dead_lettered, lost (+ a note)."""
+
+    def record(scenario: str, submitted: int, completed: int, dead_lettered: int, lost: int,
+               note: str = "") -> None:
+        _RELIABILITY.append(dict(scenario=scenario, submitted=submitted, completed=completed,
+                                 dead_lettered=dead_lettered, lost=lost, note=note))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN001, ARG001
+    if not _RELIABILITY:
+        return
+    tr = terminalreporter
+    tr.section("reliability: runs submitted / completed / dead-lettered / lost")
+    tr.write_line(f"{'scenario':<34} {'submitted':>9} {'completed':>9} {'dead-lettered':>13} {'lost':>5}  note")
+    for row in _RELIABILITY:
+        tr.write_line(f"{row['scenario']:<34} {row['submitted']:>9} {row['completed']:>9} "
+                      f"{row['dead_lettered']:>13} {row['lost']:>5}  {row['note']}")

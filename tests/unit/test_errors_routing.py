@@ -10,12 +10,12 @@ from fleet.errors import (
     PermanentError,
     RunCancelled,
     TransientError,
+    from_triton_message,
     from_triton_status,
     is_retryable,
 )
 from fleet.routing import all_queues, queue_name, worker_queues
 from fleet.settings import Settings
-from fleet.triton import _stream_error
 
 
 @pytest.mark.parametrize("code", ["UNAVAILABLE", "StatusCode.UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "SOMETHING_NEW"])
@@ -38,10 +38,18 @@ def test_cancelled_and_retryable():
     assert not is_retryable(ValueError("bug"))
 
 
-def test_in_band_stream_errors():
-    assert isinstance(_stream_error("unexpected inference input 'foo'"), PermanentError)
-    assert isinstance(_stream_error("Invalid argument: max_tokens must be an integer"), PermanentError)
-    assert isinstance(_stream_error("engine overloaded, try later"), TransientError)
+@pytest.mark.parametrize(
+    "message",
+    ["unexpected inference input 'foo'", "sampling parameter 'max_tokens' must be an integer, got 'x'",
+     "simulated invalid request (sim_fault=invalid)", "Request for unknown model: 'x' is not found"],
+)
+def test_in_band_stream_errors_that_are_permanent(message):
+    assert isinstance(from_triton_message(message), PermanentError)
+
+
+@pytest.mark.parametrize("message", ["simulated transient failure", "engine overloaded, try later", "model not ready"])
+def test_in_band_stream_errors_that_are_transient(message):
+    assert isinstance(from_triton_message(message), TransientError)
 
 
 def test_queue_names_and_worker_order():

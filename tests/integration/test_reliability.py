@@ -1,0 +1,176 @@
+"""Failed steps: retries, dead letters, replays, poison steps, and a worker killed mid-step.
+
+Every scenario counts runs submitted, completed, dead-lettered and lost (must be 0); the
+counts are printed at the end of the test session (see tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fleet import launch
+from fleet.client import FleetClient
+from fleet.simulator import generate
+from fleet.template import render
+
+from ..conftest import Fleet, make_settings
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+TEST_AGENTS = REPO / "tests" / "support" / "agents"
+
+
+@pytest.fixture(scope="module")
+def rfleet(redis_url, triton, session_dir):
+    """A fleet with the faulty test tools and agents, short timeouts and a fast poison guard."""
+    prefix = f"r{uuid.uuid4().hex[:8]}"
+    settings, env = make_settings(
+        redis_url, triton, prefix,
+        tool_modules='["tests.support.faulty_tools"]', agents_dir=str(TEST_AGENTS),
+        step_time_limit_s=5, visibility_timeout_s=6, retry_max_attempts=3,
+    )
+    env["PYTHONPATH"] = f"{REPO}:{os.environ.get('PYTHONPATH', '')}"
+    procs = launch.Processes(session_dir / "logs" / prefix)
+    client = FleetClient(settings)
+    f = Fleet(settings, env, procs, client)
+    try:
+        f.start_worker("inference", "llm", "threads", 8)
+        f.start_worker("tools", "tool", "prefork", 2)
+        yield f
+    finally:
+        procs.stop()
+        client.close()
+
+
+def _tally(client: FleetClient, run_ids: list[str], timeout: float) -> dict[str, int]:
+    statuses = [client.wait(r, timeout=timeout).status for r in run_ids]
+    return {
+        "submitted": len(run_ids),
+        "completed": statuses.count("succeeded"),
+        "dead_lettered": statuses.count("dead_lettered"),
+        "lost": sum(s not in ("succeeded", "dead_lettered") for s in statuses),
+    }
+
+
+def test_permanent_error_is_dead_lettered_after_one_attempt(rfleet, reliability_report):
+    run_id = rfleet.client.submit("doomed", {"value": "x"})
+    run = rfleet.client.wait(run_id, timeout=30)
+    assert run.status == "dead_lettered"
+    assert run.dead_letter_id and run.error["type"] == "PermanentError"
+    entry, replays = rfleet.client.dlq_get(run.dead_letter_id)
+    assert replays == []
+    assert (entry.run_id, entry.agent, entry.step, entry.step_index) == (run_id, "doomed", "act", 1)
+    assert entry.attempts == 1 and entry.priority == "interactive"
+    assert entry.error_type == "PermanentError" and "always_fails refuses 'x'" in entry.error_message
+    assert "Traceback" in entry.traceback and entry.worker
+    assert entry.state["input"] == {"value": "x"}
+    assert entry.state["steps"]["think"] == run.outputs["think"]
+    assert [s.attempts for s in run.steps] == [1, 1]
+    reliability_report("permanent error", **_tally(rfleet.client, [run_id], 1))
+
+
+def test_transient_errors_retry_with_backoff_then_dead_letter(rfleet, reliability_report):
+    run_id = rfleet.client.submit("unreliable", {"value": "x"})
+    run = rfleet.client.wait(run_id, timeout=30)
+    assert run.status == "dead_lettered"
+    entry, _ = rfleet.client.dlq_get(run.dead_letter_id)
+    assert entry.error_type == "TransientError" and "simulated transient failure" in entry.error_message
+    assert entry.attempts == rfleet.settings.retry_max_attempts == 3
+    running = [e for e in rfleet.client.events(run_id, timeout=1) if e.get("status") == "running" and e["type"] == "step"]
+    assert len(running) == 3
+    reliability_report("transient errors, retries spent", **_tally(rfleet.client, [run_id], 1))
+
+
+def test_a_step_that_kills_its_worker_is_dead_lettered_and_the_worker_serves_on(rfleet, reliability_report):
+    run_id = rfleet.client.submit("crasher", {"value": "x"})
+    run = rfleet.client.wait(run_id, timeout=60)
+    assert run.status == "dead_lettered"
+    entry, _ = rfleet.client.dlq_get(run.dead_letter_id)
+    assert "delivered 3 times without finishing" in entry.error_message
+    deliveries = [e for e in rfleet.client.events(run_id, timeout=1) if e["type"] == "step" and e.get("step") == "act"]
+    assert len(deliveries) == 3  # three deliveries ran (and crashed); the fourth was refused
+    # The same tool worker still serves other runs.
+    ok = rfleet.client.submit("calculator", {"question": "What is 5 * 5?"})
+    assert rfleet.client.wait(ok, timeout=30).result == "The answer is 25."
+    assert rfleet.procs.children["tools"].poll() is None
+    reliability_report("step crashes its worker", **_tally(rfleet.client, [run_id, ok], 1))
+
+
+def test_replay_with_a_patch_that_fixes_the_input_completes_the_run(rfleet, reliability_report):
+    run_id = rfleet.client.submit("strict", {"value": "seven"})
+    run = rfleet.client.wait(run_id, timeout=30)
+    assert run.status == "dead_lettered"
+    think_before = run.outputs["think"]
+    replayed = rfleet.client.dlq_replay(run.dead_letter_id, {"input": {"value": "7"}})
+    assert replayed == run_id
+    run = rfleet.client.wait(run_id, timeout=30)
+    assert run.status == "succeeded" and run.result == 7
+    # The step before the failed one is not run again; its output is kept.
+    assert run.outputs["think"] == think_before
+    assert [s.key for s in run.steps if s.status == "done"] == ["think", "act"]
+    _, replays = rfleet.client.dlq_get(run.dead_letter_id or _entry_of(rfleet, run_id))
+    assert replays[0]["patch"] == {"input": {"value": "7"}} and replays[0]["outcome"] == "succeeded"
+    with pytest.raises(Exception, match="input.value"):
+        rfleet.client.dlq_replay(_entry_of(rfleet, run_id), {"input": {"value": 7.5, "extra": 1}})
+    reliability_report("replay with a patch", **_tally(rfleet.client, [run_id], 1))
+
+
+def _entry_of(f: Fleet, run_id: str) -> str:
+    return next(e.id for e in f.client.dlq_list(limit=1000) if e.run_id == run_id)
+
+
+def test_bulk_replay_and_the_dlq_cli(rfleet, reliability_report):
+    ids = [rfleet.client.submit("strict", {"value": v}) for v in ("a", "b")]
+    assert [rfleet.client.wait(r, timeout=30).status for r in ids] == ["dead_lettered"] * 2
+    env = {**os.environ, **rfleet.env}
+    cli = [sys.executable, "-m", "fleet.cli"]
+    listed = json.loads(subprocess.run([*cli, "dlq", "list", "--agent", "strict", "--json"], env=env,
+                                       capture_output=True, text=True, check=True).stdout)
+    assert {e["run_id"] for e in listed["entries"]} >= set(ids)
+    shown = subprocess.run([*cli, "dlq", "show", _entry_of(rfleet, ids[0]), "--json"], env=env,
+                           capture_output=True, text=True, check=True)
+    assert json.loads(shown.stdout)["state"]["input"] == {"value": "a"}
+    bad = subprocess.run([*cli, "dlq", "replay", "--all", "--agent", "strict", "--patch", "{nope"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--patch is not valid JSON" in bad.stderr
+    out = subprocess.run([*cli, "dlq", "replay", "--all", "--agent", "strict", "--patch",
+                          '{"input": {"value": "11"}}', "--json"], env=env, capture_output=True, text=True, check=True)
+    assert set(ids) <= set(json.loads(out.stdout)["replayed"])
+    assert [rfleet.client.wait(r, timeout=30).result for r in ids] == [11, 11]
+    purged = subprocess.run([*cli, "dlq", "purge", "--older-than", "1h", "--json"], env=env,
+                            capture_output=True, text=True, check=True)
+    assert json.loads(purged.stdout)["purged"] == 0  # every entry here is younger than an hour
+    reliability_report("bulk replay", **_tally(rfleet.client, ids, 1))
+
+
+def test_kill_9_of_an_inference_worker_mid_step_loses_nothing_and_applies_nothing_twice(rfleet, reliability_report):
+    topics = [f"worker death {i}" for i in range(24)]
+    ids = [rfleet.client.submit("writer", {"topic": t}, priority="batch") for t in topics]
+    # Kill as soon as the first step finishes somewhere: the other threads are mid-step.
+    for event in rfleet.client.events(ids[0], timeout=30):
+        if event["type"] == "step" and event["status"] == "done":
+            break
+    worker = rfleet.procs.children.pop("inference")
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    rfleet.start_worker("inference", "llm", "threads", 8)
+    tally = _tally(rfleet.client, ids, timeout=90)
+    assert tally["completed"] == len(ids) and tally["lost"] == 0
+    agent = rfleet.client.agents["writer"]
+    for run_id, topic in zip(ids, topics):
+        run = rfleet.client.get(run_id)
+        done = [e["step"] for e in rfleet.client.events(run_id, timeout=1) if e["type"] == "step" and e["status"] == "done"]
+        assert sorted(done) == ["critique", "draft", "revise"], (run_id, done)  # each committed once
+        view = {"input": {"topic": topic}, "steps": dict(run.outputs)}
+        expected = "".join(generate(render(agent.step("revise").prompt, view), {"max_tokens": 48})[0]).strip()
+        assert run.result == expected
+    redelivered = sum(any(s.attempts > 1 for s in rfleet.client.get(r).steps) for r in ids)
+    reliability_report("kill -9 inference worker", **tally, note=f"{redelivered} runs had a step redelivered")
