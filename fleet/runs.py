@@ -146,9 +146,6 @@ class RunStore:
     def events_key(self, run_id: str) -> str:
         return self.settings.key("run", run_id, "events")
 
-    def lease_key(self, run_id: str, step_key: str) -> str:
-        return self.settings.key("run", run_id, "lease", step_key)
-
     # --- records --------------------------------------------------------------------
     def create(self, record: RunRecord) -> None:
         """Store a new run record (status queued) and its first event."""

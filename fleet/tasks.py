@@ -19,8 +19,10 @@ import time
 import traceback
 from typing import Any
 
-from celery import Celery, Task
-from celery.exceptions import Retry
+import redis
+from celery import Celery, Task, signature
+from celery.exceptions import Reject, Retry
+from kombu.exceptions import OperationalError
 
 from fleet.agent import AgentDef, LlmStep, ToolStep, load_agents
 from fleet.deadletter import DeadLetter, DeadLetters
@@ -45,6 +47,8 @@ from fleet.template import lookup, render
 from fleet.tools import load_tool_modules, run_tool
 
 log = logging.getLogger(__name__)
+
+_INFRA_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError)
 
 # How many times one message may be delivered without finishing (its worker died each
 # time) before it is dead-lettered instead of being handed out again.
@@ -86,10 +90,33 @@ class StepTask(Task):
     def run(self, run_id: str, step: str, iteration: int = 0) -> str | None:  # noqa: D102
         rt = self.runtime
         try:
-            return self._run(rt, run_id, step, iteration)
-        except _Stop:
-            self.request.chain = None  # cut the rest of the chain
-            return None
+            try:
+                result = self._run(rt, run_id, step, iteration)
+                self._send_next()
+            except _Stop:
+                self.request.chain = None  # cut the rest of the chain
+                result = None
+            # This delivery finished (a retry or a replacement counts): it did not kill its worker.
+            rt.store.redis.delete(self._delivery_key(rt, run_id, step_key(step, iteration)))
+            return result
+        except _INFRA_ERRORS as exc:
+            # Redis (broker and store) went away mid-step. Nothing is lost: the message goes
+            # back to its queue, or stays unacknowledged and is restored after the visibility
+            # timeout; the redelivered step finds its committed output and does not redo it.
+            log.warning("run %s: step %s: lost Redis (%s); handing the step back", run_id, step, exc)
+            raise Reject(str(exc), requeue=True) from None
+
+    def _send_next(self) -> None:
+        """Send the next link of the chain ourselves, so that a failed publish is redelivered.
+
+        Celery's tracer would ack the message even when publishing the next step failed,
+        and the run would stop there for good.
+        """
+        chain = self.request.chain
+        if chain:
+            nxt = signature(chain[-1], app=self.app)
+            nxt.apply_async(chain=chain[:-1], parent_id=self.request.id, root_id=self.request.root_id)
+            self.request.chain = None
 
     # --- the step's life ------------------------------------------------------------
     def _run(self, rt: Runtime, run_id: str, name: str, iteration: int) -> str | None:
@@ -223,9 +250,12 @@ class StepTask(Task):
         rt.store.put_step(run_id, record)
         self._dead_letter(rt, raw, agent, step.name, iteration, exc, record)
 
+    def _delivery_key(self, rt: Runtime, run_id: str, key: str) -> str:
+        return rt.settings.key("run", run_id, "deliveries", f"{key}@{self.request.retries}")
+
     def _is_poison(self, rt: Runtime, run_id: str, key: str) -> bool:
-        """Count deliveries of this message; too many means it keeps killing workers."""
-        counter = rt.settings.key("run", run_id, "deliveries", f"{key}@{self.request.retries}")
+        """Count deliveries of this message that never finished; too many means it kills workers."""
+        counter = self._delivery_key(rt, run_id, key)
         pipe = rt.store.redis.pipeline()
         pipe.incr(counter)
         pipe.expire(counter, rt.settings.run_ttl_s)
