@@ -64,4 +64,5 @@ def create_app(settings: Settings) -> Celery:
     from fleet.tasks import register_tasks
 
     register_tasks(app, settings)
+
     return app

@@ -143,6 +143,11 @@ class RunStore:
     def run_key(self, run_id: str) -> str:
         return self.settings.key("run", run_id)
 
+    @property
+    def active_key(self) -> str:
+        """Unfinished runs, scored by the time of their last progress (see fleet.reconcile)."""
+        return self.settings.key("runs", "active")
+
     def events_key(self, run_id: str) -> str:
         return self.settings.key("run", run_id, "events")
 
@@ -174,7 +179,20 @@ class RunStore:
             approximate=True,
         )
         pipe.expire(self.events_key(record.id), self.settings.run_ttl_s)
+        pipe.zadd(self.active_key, {record.id: record.created_at})
         pipe.execute()
+
+    def touch(self, run_id: str) -> None:
+        """The run made progress (or is known to wait in a queue)."""
+        self.redis.zadd(self.active_key, {run_id: time.time()}, xx=True)
+
+    def forget(self, run_id: str) -> None:
+        """Drop a run from the index of unfinished runs."""
+        self.redis.zrem(self.active_key, run_id)
+
+    def stalled(self, before: float, limit: int = 1000) -> list[str]:
+        """Unfinished runs whose last progress is older than ``before``."""
+        return self.redis.zrangebyscore(self.active_key, "-inf", before, start=0, num=limit)
 
     def get(self, run_id: str) -> RunRecord:
         """The run's record; :class:`RunNotFound` when there is none."""
@@ -196,7 +214,10 @@ class RunStore:
     # --- steps ----------------------------------------------------------------------
     def put_step(self, run_id: str, step: StepRecord) -> None:
         """Record a step's progress (not its output)."""
-        self.redis.hset(self.run_key(run_id), f"step:{step.key}", step.model_dump_json())
+        pipe = self.redis.pipeline()
+        pipe.hset(self.run_key(run_id), f"step:{step.key}", step.model_dump_json())
+        pipe.zadd(self.active_key, {run_id: time.time()}, xx=True)
+        pipe.execute()
 
     def commit_step(self, run_id: str, step: StepRecord, output: Any) -> bool:
         """Store a finished step's output and record once; False if it was already committed."""
@@ -231,6 +252,7 @@ class RunStore:
             pipe = self.redis.pipeline()
             pipe.expire(self.run_key(run_id), self.settings.result_ttl_s)
             pipe.expire(self.events_key(run_id), self.settings.result_ttl_s)
+            pipe.zrem(self.active_key, run_id)
             pipe.execute()
         return True
 
@@ -248,6 +270,7 @@ class RunStore:
         pipe = self.redis.pipeline()
         pipe.expire(self.run_key(run_id), self.settings.run_ttl_s)
         pipe.expire(self.events_key(run_id), self.settings.run_ttl_s)
+        pipe.zadd(self.active_key, {run_id: time.time()})
         pipe.execute()
         self.emit(run_id, {"type": "status", "status": "queued", "replay": "1"})
         return True

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         description="Redis redelivers an unacknowledged step after this; must exceed the step time limit.",
     )
 
+    stall_after_s: float = Field(
+        1800.0,
+        gt=0,
+        description="A run with no progress and no message in flight for this long is sent again.",
+    )
+    reconcile_interval_s: float = Field(30.0, gt=0, description="How often workers look for such runs.")
+
     # --- Retries ----------------------------------------------------------------------
     retry_max_attempts: int = Field(5, ge=1, description="Attempts of a step on transient errors.")
     retry_backoff_base_s: float = Field(0.5, ge=0, description="First retry backoff (full jitter).")
@@ -110,6 +117,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "FLEET_VISIBILITY_TIMEOUT_S must exceed FLEET_STEP_TIME_LIMIT_S "
                 f"({self.visibility_timeout_s} <= {self.step_time_limit_s}): a long step would run twice"
+            )
+        if self.stall_after_s <= self.visibility_timeout_s:
+            # An unacked message comes back after the visibility timeout: only later is a
+            # run without one really stalled.
+            raise ValueError(
+                "FLEET_STALL_AFTER_S must exceed FLEET_VISIBILITY_TIMEOUT_S "
+                f"({self.stall_after_s} <= {self.visibility_timeout_s})"
             )
         return self
 

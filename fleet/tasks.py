@@ -84,6 +84,9 @@ class StepTask(Task):
     """Base of the step tasks: see the module docstring."""
 
     abstract = True
+    # Attempts are bounded by FLEET_RETRY_MAX_ATTEMPTS and the deadline, counted in the run
+    # record; Celery's own cap (3 by default) would fail the step behind our back.
+    max_retries = None
     runtime: Runtime
     body: Any = None  # the step function: (runtime, run, step, view, record) -> output
 

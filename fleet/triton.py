@@ -80,6 +80,11 @@ class TritonClient:
                 ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # Reconnect within a second or two after Triton comes back (gRPC's default
+                # backoff grows to minutes, failing every retry of a step in the meantime).
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000),
             ],
         )
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)

@@ -174,3 +174,28 @@ def test_kill_9_of_an_inference_worker_mid_step_loses_nothing_and_applies_nothin
         assert run.result == expected
     redelivered = sum(any(s.attempts > 1 for s in rfleet.client.get(r).steps) for r in ids)
     reliability_report("kill -9 inference worker", **tally, note=f"{redelivered} runs had a step redelivered")
+
+
+def test_a_run_whose_message_vanished_is_sent_again(redis_url, triton, session_dir, reliability_report):
+    prefix = f"v{uuid.uuid4().hex[:8]}"
+    settings, env = make_settings(redis_url, triton, prefix, step_time_limit_s=1, visibility_timeout_s=1.5,
+                                  stall_after_s=2, reconcile_interval_s=0.5)
+    f = Fleet(settings, env, launch.Processes(session_dir / "logs" / prefix), FleetClient(settings))
+    try:
+        lost = f.client.submit("writer", {"topic": "a message lost between queue and worker"}, priority="batch")
+        waiting = f.client.submit("writer", {"topic": "a message waiting in its queue"}, priority="batch")
+        queue = f"{prefix}.llm.batch"
+        r = f.client.store.redis
+        assert r.llen(queue) == 2
+        r.rpop(queue)  # the oldest message (the first run's) disappears, as in a crash mid-delivery
+        # The sweeper must not resend a run whose message is still queued: only `lost` goes again.
+        f.start_worker("inference", "llm", "threads", 4)
+        tally = _tally(f.client, [lost, waiting], timeout=30)
+        assert tally == {"submitted": 2, "completed": 2, "dead_lettered": 0, "lost": 0}
+        log = (f.procs.log_dir / "inference.log").read_text()
+        assert f"run {lost}: no step message in flight" in log
+        assert f"run {waiting}: no step message in flight" not in log
+    finally:
+        f.procs.stop()
+        f.client.close()
+    reliability_report("message vanished (reconciler)", **tally)

@@ -1,0 +1,130 @@
+"""The run reconciler: no accepted run is ever silently lost.
+
+Celery's Redis transport moves a message from its queue to the unacked set in two
+commands; a Redis crash between them, or a publish that never reached Redis, leaves a run
+with no message anywhere. Every unfinished run is indexed by the time of its last
+progress. A worker process periodically (one at a time, under a Redis lock) looks at runs
+that made no progress for ``FLEET_STALL_AFTER_S``; a run whose step message is neither in a
+queue nor unacknowledged is sent again from its first unfinished step. A message that does
+exist (a long batch backlog) just refreshes the run's index entry.
+
+A re-dispatch can at worst duplicate a step message; steps commit once, so it is safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+
+from celery import Celery
+
+from fleet.agent import AgentDef, LoopStep
+from fleet.plan import build_chain, step_key
+from fleet.routing import all_queues
+from fleet.runs import TERMINAL, RunStore
+from fleet.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_RUN_ID_IN_MESSAGE = re.compile(r"run_id['\"]?:\s*['\"]([0-9a-f]{32})")
+_CHUNK = 1000
+
+
+def resume_point(agent: AgentDef, raw: dict[str, str]) -> tuple[str, int] | None:
+    """The first step (with iteration) of a run that has not finished, or None."""
+
+    def done(key: str) -> bool:
+        rec = raw.get(f"step:{key}")
+        return rec is not None and json.loads(rec).get("status") in ("done", "skipped")
+
+    for top in agent.steps:
+        if isinstance(top, LoopStep):
+            iterations = [int(f.rsplit("#", 1)[1]) for f in raw
+                          if f.startswith("step:") and "#" in f and f[5:].split("#")[0] in {s.name for s in top.body}]
+            last = max(iterations, default=1)
+            for inner in top.body:
+                if not done(step_key(inner.name, last)):
+                    return inner.name, last
+            until = json.loads(raw.get(f"out:{step_key(top.until, last)}", "null"))
+            if not (isinstance(until, dict) and "final" in until) and last < top.max_iterations:
+                return top.body[0].name, last + 1
+        elif not done(top.name):
+            return top.name, 0
+    return None
+
+
+class Reconciler:
+    """Finds runs with no message in flight and sends them again."""
+
+    def __init__(self, settings: Settings, app: Celery, agents: dict[str, AgentDef], store: RunStore) -> None:
+        self.settings, self.app, self.agents, self.store = settings, app, agents, store
+        self._lock = settings.key("reconcile", "lock")
+        self._stop = threading.Event()
+
+    def messages_in_flight(self) -> set[str]:
+        """Run ids that have a step message in a queue or unacknowledged."""
+        found: set[str] = set()
+        r = self.store.redis
+        for queue in all_queues(self.settings):
+            start = 0
+            while True:
+                chunk = r.lrange(queue, start, start + _CHUNK - 1)
+                for message in chunk:
+                    found.update(_RUN_ID_IN_MESSAGE.findall(message))
+                if len(chunk) < _CHUNK:
+                    break
+                start += _CHUNK
+        for _, message in r.hscan_iter("unacked", count=_CHUNK):
+            found.update(_RUN_ID_IN_MESSAGE.findall(message))
+        return found
+
+    def sweep(self) -> list[str]:
+        """One pass; returns the ids of the runs sent again."""
+        stalled = self.store.stalled(time.time() - self.settings.stall_after_s)
+        if not stalled:
+            return []
+        present = self.messages_in_flight()
+        resent: list[str] = []
+        for run_id in stalled:
+            if run_id in present:
+                self.store.touch(run_id)
+                continue
+            try:
+                raw = self.store.raw_state(run_id)
+            except Exception:  # noqa: BLE001 - the record expired: nothing to resume
+                self.store.forget(run_id)
+                continue
+            agent = self.agents.get(raw.get("agent", ""))
+            point = resume_point(agent, raw) if agent is not None else None
+            if raw.get("status") in TERMINAL or point is None:
+                self.store.forget(run_id)
+                continue
+            step, iteration = point
+            build_chain(self.app, self.settings, agent, run_id, raw["priority"],  # type: ignore[arg-type]
+                        start=step, iteration=iteration).apply_async()
+            self.store.touch(run_id)
+            log.warning("run %s: no step message in flight for %.0fs; sent again from step %s",
+                        run_id, self.settings.stall_after_s, step_key(step, iteration))
+            resent.append(run_id)
+        return resent
+
+    def run_forever(self) -> None:
+        """Sweep every ``reconcile_interval_s`` while holding the fleet-wide lock."""
+        interval = self.settings.reconcile_interval_s
+        while not self._stop.wait(interval):
+            try:
+                if self.store.redis.set(self._lock, "1", nx=True, px=int(interval * 1000)):
+                    self.sweep()
+            except Exception:  # noqa: BLE001 - Redis away: try again next interval
+                log.debug("reconcile sweep failed", exc_info=True)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run_forever, name="fleet-reconciler", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()

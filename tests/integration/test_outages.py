@@ -1,0 +1,137 @@
+"""Outages of the fleet's dependencies: Redis restarted (AOF on), Triton stopped mid-batch.
+
+This module runs its own Redis and its own Triton, so that stopping them disturbs no
+other test.
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+
+import pytest
+
+from fleet import launch
+from fleet.client import FleetClient
+
+from ..conftest import TEST_SIM_PARAMS, Fleet, TritonInfo, make_settings
+
+pytestmark = pytest.mark.integration
+
+
+class OwnServers:
+    """A Redis and a Triton on fixed ports, which tests stop and start again."""
+
+    def __init__(self, root) -> None:  # noqa: ANN001
+        self.root = root
+        self.procs = launch.Processes(root / "logs")
+        self.redis_port = launch.free_port()
+        self.triton_ports = (launch.free_port(), launch.free_port(), launch.free_port())
+        self.repo = launch.sim_repository(root / "models", **TEST_SIM_PARAMS)
+
+    def start_redis(self) -> str:
+        return launch.start_redis(self.procs, self.root / "redis", port=self.redis_port, name="redis")
+
+    def start_triton(self) -> TritonInfo:
+        ep = launch.start_triton(self.procs, self.root / "triton", ["medium_sim"], name="triton",
+                                 repository=self.repo, ports=self.triton_ports)
+        return TritonInfo(ep.grpc_url, ep.http_url)
+
+
+@pytest.fixture(scope="module")
+def outage(session_dir):
+    servers = OwnServers(session_dir / f"outage-{uuid.uuid4().hex[:6]}")
+    redis_url = servers.start_redis()
+    triton = servers.start_triton()
+    prefix = f"o{uuid.uuid4().hex[:8]}"
+    settings, env = make_settings(
+        redis_url, triton, prefix, step_time_limit_s=5, visibility_timeout_s=6,
+        stall_after_s=10, reconcile_interval_s=1, retry_max_attempts=30, retry_backoff_base_s=0.2, retry_backoff_max_s=1.0,
+    )
+    client = FleetClient(settings)
+    fleet = Fleet(settings, env, servers.procs, client)
+    try:
+        fleet.start_worker("inference", "llm", "threads", 8)
+        fleet.start_worker("tools", "tool", "prefork", 2)
+        yield fleet, servers
+    finally:
+        servers.procs.stop()
+        client.close()
+
+
+def _tally(client: FleetClient, run_ids: list[str], timeout: float) -> dict[str, int]:
+    statuses = [client.wait(r, timeout=timeout).status for r in run_ids]
+    return {
+        "submitted": len(run_ids),
+        "completed": statuses.count("succeeded"),
+        "dead_lettered": statuses.count("dead_lettered"),
+        "lost": sum(s not in ("succeeded", "dead_lettered") for s in statuses),
+    }
+
+
+def _first_step_done(fleet: Fleet, run_id: str) -> None:
+    for event in fleet.client.events(run_id, timeout=30):
+        if event["type"] == "step" and event["status"] == "done":
+            return
+    raise AssertionError(f"run {run_id}: no step finished")
+
+
+def test_redis_restart_with_aof_loses_no_run(outage, reliability_report):
+    fleet, servers = outage
+    ids = [fleet.client.submit("writer", {"topic": f"redis restart {i}"}, priority="batch") for i in range(20)]
+    _first_step_done(fleet, ids[0])
+    servers.procs.stop("redis")  # SIGTERM: Redis writes its AOF and exits
+    servers.start_redis()  # same port, same data directory
+    tally = _tally(fleet.client, ids, timeout=120)
+    stuck = [fleet.client.get(r) for r in ids if fleet.client.get(r).status not in ("succeeded", "dead_lettered")]
+    assert tally["lost"] == 0, (tally, [(r.id, r.status, [(s.key, s.status, s.attempts) for s in r.steps]) for r in stuck])
+    assert tally["completed"] + tally["dead_lettered"] == len(ids)
+    for run_id in ids:
+        run = fleet.client.get(run_id)
+        if run.status == "succeeded":
+            assert len(run.result.split()) == 48
+    reliability_report("Redis restarted (AOF)", **tally)
+
+
+def test_triton_back_within_the_deadline_completes_every_run(outage, reliability_report):
+    fleet, servers = outage
+    ids = [fleet.client.submit("calculator", {"question": f"What is {i} * 3?"}, deadline_s=60) for i in range(12)]
+    _first_step_done(fleet, ids[0])
+    servers.procs.stop("triton", sig=signal.SIGKILL)
+    servers.start_triton()
+    tally = _tally(fleet.client, ids, timeout=90)
+    assert tally == {"submitted": 12, "completed": 12, "dead_lettered": 0, "lost": 0}
+    results = [fleet.client.get(r).result for r in ids]
+    assert results == [f"The answer is {i * 3}." for i in range(12)]
+    retried = sum(any(s.attempts > 1 for s in fleet.client.get(r).steps) for r in ids)
+    reliability_report("Triton down, back in time", **tally, note=f"{retried} runs retried a step")
+
+
+def test_triton_gone_past_the_retries_dead_letters_then_replay_completes(outage, reliability_report):
+    fleet, servers = outage
+    # A fleet namespace whose workers give up sooner: three attempts.
+    prefix = f"i{uuid.uuid4().hex[:8]}"
+    settings, env = make_settings(fleet.settings.redis_url, TritonInfo(fleet.env["FLEET_TRITON_GRPC_URL"],
+                                  fleet.env["FLEET_TRITON_HTTP_URL"]), prefix,
+                                  retry_max_attempts=3, retry_backoff_base_s=0.5, retry_backoff_max_s=2.0)
+    impatient = Fleet(settings, env, launch.Processes(servers.root / "logs" / prefix), FleetClient(settings))
+    try:
+        impatient.start_worker("inference", "llm", "threads", 4)
+        impatient.start_worker("tools", "tool", "prefork", 1)
+        servers.procs.stop("triton", sig=signal.SIGKILL)
+        client = impatient.client
+        ids = [client.submit("calculator", {"question": f"What is {i} + 1?"}) for i in range(6)]
+        first = _tally(client, ids, timeout=60)
+        assert first == {"submitted": 6, "completed": 0, "dead_lettered": 6, "lost": 0}
+        assert all(client.get(r).error["step"] == "plan" for r in ids)
+        servers.start_triton()
+        replayed = client.dlq_replay_all(agent="calculator", step="plan")
+        assert sorted(replayed) == sorted(ids)
+        after = _tally(client, ids, timeout=60)
+        assert after == {"submitted": 6, "completed": 6, "dead_lettered": 0, "lost": 0}
+        assert [client.get(r).result for r in ids] == [f"The answer is {i + 1}." for i in range(6)]
+    finally:
+        impatient.procs.stop()
+        impatient.client.close()
+    reliability_report("Triton gone, dead-lettered", **first)
+    reliability_report("  ... replayed after Triton is back", **after)
