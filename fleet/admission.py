@@ -18,6 +18,7 @@ from fleet.agent import AgentDef
 from fleet.errors import InvalidSubmission
 from fleet.plan import build_chain
 from fleet.runs import RunRecord, RunStore, new_run_id
+from fleet.sessions import Sessions
 from fleet.settings import PriorityClass, Settings
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,12 @@ class Admission:
                 return existing, False
         now = time.time()
         deadline = now + (sub.deadline_s or self.settings.deadline_s(sub.priority))
+        turns = Sessions(self.settings, self.store.redis).turns(sub.session_id) if sub.session_id else []
         record = RunRecord(
             id=run_id, agent=agent.name, priority=sub.priority, status="queued",
             created_at=now, deadline_at=deadline, input=clean,
-            idempotency_key=sub.idempotency_key, session_id=sub.session_id, stream=sub.stream,
+            idempotency_key=sub.idempotency_key, session_id=sub.session_id, session=turns,
+            stream=sub.stream,
         )
         self.store.create(record)
         try:

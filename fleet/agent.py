@@ -16,6 +16,7 @@ An agent is a TOML file::
     prompt = "Question: {input.question}"  # {input.X}, {steps.NAME[.FIELD]}, {loop.transcript}
     max_tokens = 32
 
+``{session.transcript}`` holds the earlier turns of the run's session (empty without one).
 A ``loop`` step repeats its ``body`` (llm and tool steps) at most ``max_iterations``
 times, ending early when the step named by ``until`` produces a ``final`` answer. Each
 iteration is its own short chain, so a long loop never becomes one giant Celery chain.
@@ -216,6 +217,8 @@ def _check_template(agent: str, step: str, template: str, scope: _Scope) -> None
         if head == "steps" and name in scope.steps:
             continue
         if head == "loop" and scope.in_loop and rest in ("transcript", "iteration"):
+            continue
+        if head == "session" and rest in ("transcript", "id"):
             continue
         raise AgentDefinitionError(
             f"agent '{agent}', step '{step}': template refers to unknown '{{{ref}}}'"

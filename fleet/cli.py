@@ -161,6 +161,25 @@ def runs_show(run_id: str, as_json: bool) -> None:
         _print_run(run)
 
 
+@runs.command("cancel")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+def runs_cancel(run_id: str, as_json: bool) -> None:
+    """Cancel a run: remaining steps are skipped, an in-flight model call is cancelled."""
+    from fleet.client import FleetClient
+
+    try:
+        with FleetClient() as client:
+            cancelled = client.cancel(run_id)
+            status_now = client.get(run_id).status
+    except RunNotFound as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit({"run_id": run_id, "cancelled": cancelled, "status": status_now})
+    else:
+        click.echo(f"run {run_id}: {'cancelled' if cancelled else f'already {status_now}'}")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json: bool) -> None:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,6 +77,14 @@ class FleetClient:
     def get(self, run_id: str) -> RunRecord:
         """The run's record. Raises :class:`RunNotFound`."""
         return self.store.get(run_id)
+
+    def cancel(self, run_id: str) -> bool:
+        """Cancel a run: its remaining steps are skipped and an in-flight model call is cancelled.
+
+        Returns False when the run had already ended. Raises :class:`RunNotFound`.
+        """
+        return self.store.transition(run_id, "cancelled", finished_at=repr(time.time()),
+                                     error={"type": "RunCancelled", "message": "cancelled by request"})
 
     def wait(self, run_id: str, timeout: float = 60.0) -> RunRecord:
         """Block until the run ends (or ``timeout`` seconds pass) and return its record."""

@@ -16,6 +16,7 @@ from celery.canvas import Signature, chain
 
 from fleet.agent import AgentDef, LlmStep, LoopStep, ToolStep
 from fleet.routing import queue_name
+from fleet.sessions import transcript
 from fleet.settings import PriorityClass, Settings
 from fleet.template import as_text
 
@@ -108,10 +109,15 @@ def state_view(agent: AgentDef, raw: dict[str, str], step: str, iteration: int) 
             outputs.setdefault(name, {})[int(it or 0)] = json.loads(value)
     latest: dict[str, Any] = {}
     for name, by_iteration in outputs.items():
-        usable = [i for i in by_iteration if iteration == 0 or i <= iteration or i == 0]
+        usable = [i for i in by_iteration if iteration == 0 or i <= iteration]
         if usable:
             latest[name] = by_iteration[max(usable)]
-    view: dict[str, Any] = {"input": json.loads(raw.get("input", "{}")), "steps": latest}
+    turns = json.loads(raw.get("session", "[]"))
+    view: dict[str, Any] = {
+        "input": json.loads(raw.get("input", "{}")),
+        "steps": latest,
+        "session": {"id": raw.get("session_id", ""), "transcript": transcript(turns)},
+    }
     loop = agent.loop_of(step)
     if loop is not None:
         lines: list[str] = []

@@ -29,7 +29,7 @@ RunStatus = Literal[
 ]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "dead_lettered", "cancelled", "expired"})
 EVENTS_MAXLEN = 2000
-_JSON_FIELDS = frozenset({"input", "result", "error"})
+_JSON_FIELDS = frozenset({"input", "result", "error", "session"})
 
 # Commit a step once: KEYS[1] run hash; ARGV: step key, output JSON, step record JSON.
 _COMMIT_STEP = """
@@ -105,6 +105,7 @@ class RunRecord(BaseModel):
     error: dict[str, Any] | None = None
     idempotency_key: str | None = None
     session_id: str | None = None
+    session: list[dict[str, Any]] = Field(default_factory=list, description="Turns seen by this run.")
     stream: bool = False
     dead_letter_id: str | None = None
     outputs: dict[str, Any] = Field(default_factory=dict)
@@ -168,6 +169,7 @@ class RunStore:
             fields["idempotency_key"] = record.idempotency_key
         if record.session_id:
             fields["session_id"] = record.session_id
+            fields["session"] = json.dumps(record.session)
         key = self.run_key(record.id)
         pipe = self.redis.pipeline()
         pipe.hset(key, mapping=fields)
@@ -345,7 +347,7 @@ def _decode(raw: dict[str, str]) -> RunRecord:
         else:
             fields[name] = value
     steps.sort(key=lambda s: (s.started_at or 0.0, s.key))
-    for name in ("input", "result", "error"):
+    for name in ("input", "result", "error", "session"):
         if name in fields:
             fields[name] = json.loads(fields[name])
     fields["stream"] = fields.get("stream") == "1"

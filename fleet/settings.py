@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     run_ttl_s: int = Field(
         7 * 86400, gt=0, description="Upper bound on how long an unfinished run's record lives."
     )
+    session_ttl_s: int = Field(86400, gt=0, description="How long a session outlives its last turn.")
+    session_max_turns: int = Field(50, gt=0, description="Turns of a session kept (oldest dropped).")
     dead_letter_maxlen: int = Field(
         100_000, gt=0, description="Dead-letter stream length cap (oldest entries trimmed)."
     )

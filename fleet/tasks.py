@@ -42,6 +42,7 @@ from fleet.plan import (
     step_key,
 )
 from fleet.runs import TERMINAL, RunStore, StepRecord
+from fleet.sessions import Sessions
 from fleet.settings import PriorityClass, Settings
 from fleet.template import lookup, render
 from fleet.tools import load_tool_modules, run_tool
@@ -223,6 +224,9 @@ class StepTask(Task):
             except KeyError:
                 result = None
             if rt.store.transition(run_id, "succeeded", result=result, finished_at=repr(time.time())):
+                if raw.get("session_id"):
+                    Sessions(rt.settings, rt.store.redis).append(
+                        raw["session_id"], run_id, json.loads(raw["input"]), result)
                 _summary(rt, run_id)
         return run_id
 
@@ -234,6 +238,7 @@ class StepTask(Task):
         if isinstance(exc, RunCancelled):
             record.status = "failed"
             rt.store.put_step(run_id, record)
+            rt.store.emit(run_id, {"type": "step", "step": key, "status": "failed", "error": record.error})
             return
         if isinstance(exc, DeadlineExceeded) or time.time() >= float(raw["deadline_at"]):
             record.status = "failed"
@@ -332,10 +337,25 @@ def _llm_body(rt: Runtime, raw: dict[str, str], step: LlmStep, view: dict[str, A
         timeout_s=float(raw["deadline_at"]) - time.time(),
         request_id=f"{run_id}:{record.key}:{record.attempts}",
         on_token=on_token,
+        cancelled=_cancel_probe(rt, run_id),
     )
     record.tokens_in, record.tokens_out, record.ttft_s = gen.tokens_in, gen.tokens_out, gen.ttft_s
     text = gen.text.strip()
     return parse_tool_call(text) if step.parse == "tool_call" else text
+
+
+def _cancel_probe(rt: Runtime, run_id: str, every_s: float = 0.1):  # noqa: ANN202
+    """A cheap "was the run cancelled?" for the token loop: reads Redis at most every ``every_s``."""
+    checked = [0.0, False]
+
+    def cancelled() -> bool:
+        now = time.monotonic()
+        if now - checked[0] >= every_s:
+            checked[0] = now
+            checked[1] = rt.store.redis.hget(rt.store.run_key(run_id), "status") == "cancelled"
+        return bool(checked[1])
+
+    return cancelled
 
 
 def _tool_body(rt: Runtime, raw: dict[str, str], step: ToolStep, view: dict[str, Any], record: StepRecord) -> Any:

@@ -87,6 +87,14 @@ class Fleet:
         return node
 
 
+REPO = Path(__file__).resolve().parent.parent
+# Agents and tools that fail or stall on purpose, next to the built-in ones.
+TEST_AGENTS_AND_TOOLS = {
+    "tool_modules": '["tests.support.faulty_tools"]',
+    "agents_dir": str(REPO / "tests" / "support" / "agents"),
+}
+
+
 def make_settings(redis_url: str, triton: TritonInfo, prefix: str, **overrides: object) -> tuple[Settings, dict[str, str]]:
     env = {
         "FLEET_REDIS_URL": redis_url,
@@ -96,12 +104,14 @@ def make_settings(redis_url: str, triton: TritonInfo, prefix: str, **overrides: 
         "FLEET_TRITON_HTTP_URL": triton.http_url,
         "FLEET_RETRY_BACKOFF_BASE_S": "0.05",
         "FLEET_RETRY_BACKOFF_MAX_S": "0.5",
+        "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}",
         **{f"FLEET_{k.upper()}": str(v) for k, v in overrides.items()},
     }
     # Parsed exactly as a worker process parses its environment.
     with pytest.MonkeyPatch.context() as mp:
         for name, value in env.items():
             mp.setenv(name, value)
+        mp.syspath_prepend(str(REPO))
         return Settings(_env_file=None), env
 
 
@@ -109,7 +119,7 @@ def make_settings(redis_url: str, triton: TritonInfo, prefix: str, **overrides: 
 def fleet(request: pytest.FixtureRequest, redis_url: str, triton: TritonInfo, session_dir: Path) -> Iterator[Fleet]:
     """A module's own fleet namespace with an inference worker and a tool worker."""
     prefix = f"t{uuid.uuid4().hex[:8]}"
-    settings, env = make_settings(redis_url, triton, prefix)
+    settings, env = make_settings(redis_url, triton, prefix, **TEST_AGENTS_AND_TOOLS)
     procs = launch.Processes(session_dir / "logs" / prefix)
     client = FleetClient(settings)
     f = Fleet(settings, env, procs, client)

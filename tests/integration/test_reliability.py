@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -21,11 +20,9 @@ from fleet.client import FleetClient
 from fleet.simulator import generate
 from fleet.template import render
 
-from ..conftest import Fleet, make_settings
+from ..conftest import TEST_AGENTS_AND_TOOLS, Fleet, make_settings
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
-TEST_AGENTS = REPO / "tests" / "support" / "agents"
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +30,9 @@ def rfleet(redis_url, triton, session_dir):
     """A fleet with the faulty test tools and agents, short timeouts and a fast poison guard."""
     prefix = f"r{uuid.uuid4().hex[:8]}"
     settings, env = make_settings(
-        redis_url, triton, prefix,
-        tool_modules='["tests.support.faulty_tools"]', agents_dir=str(TEST_AGENTS),
+        redis_url, triton, prefix, **TEST_AGENTS_AND_TOOLS,
         step_time_limit_s=5, visibility_timeout_s=6, retry_max_attempts=3,
     )
-    env["PYTHONPATH"] = f"{REPO}:{os.environ.get('PYTHONPATH', '')}"
     procs = launch.Processes(session_dir / "logs" / prefix)
     client = FleetClient(settings)
     f = Fleet(settings, env, procs, client)

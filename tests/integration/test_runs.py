@@ -168,3 +168,49 @@ def test_state_view_matches_what_steps_saw(fleet):
     assert view["steps"]["act"] == 42
     assert json.loads(raw["input"]) == {"question": "What is 6 * 7?"}
     assert run.result == "The answer is 42."
+
+
+def test_a_two_turn_session_sees_the_earlier_turn(fleet):
+    first = fleet.client.submit("chat", {"message": "My name is Ada."}, session_id="s-ada")
+    run1 = fleet.client.wait(first, timeout=30)
+    assert run1.status == "succeeded" and run1.session == []
+    second = fleet.client.submit("chat", {"message": "What is my name?"}, session_id="s-ada")
+    run2 = fleet.client.wait(second, timeout=30)
+    assert run2.status == "succeeded"
+    assert run2.session == [{"run_id": first, "input": {"message": "My name is Ada."}, "result": run1.result}]
+    prompt = f"User: My name is Ada.\nAgent: {run1.result}\nUser: What is my name?\nAgent:"
+    assert run2.result == _sim_text(prompt, 24)
+    other = fleet.client.wait(fleet.client.submit("chat", {"message": "What is my name?"}), timeout=30)
+    assert other.result == _sim_text("\nUser: What is my name?\nAgent:", 24) != run2.result
+
+
+def _next_event(fleet, run_id: str, match, timeout: float = 10.0) -> dict:
+    """Block on the run's event stream (from its start) until an event matches."""
+    r, key, last = fleet.client.store.redis, fleet.client.store.events_key(run_id), "0"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for _, rows in r.xread({key: last}, block=500) or []:
+            for last, event in rows:
+                if match(event):
+                    return event
+    raise AssertionError(f"run {run_id}: no matching event in {timeout}s")
+
+
+def test_cancel_mid_generation_stops_the_model_call(fleet):
+    run_id = fleet.client.submit("slow", {"topic": "a very long essay"}, stream=True)
+    tokens = 0
+    for event in fleet.client.events(run_id, timeout=30):
+        tokens += event["type"] == "token"
+        if tokens == 5:
+            break
+    assert fleet.client.cancel(run_id) is True
+    assert fleet.client.wait(run_id, timeout=10).status == "cancelled"
+    # The worker sees the cancel while tokens stream, cancels the Triton request and fails the step.
+    failed = _next_event(fleet, run_id, lambda e: e["type"] == "step" and e.get("status") == "failed")
+    assert failed["step"] == "ramble" and "RunCancelled" in failed["error"]
+    run = fleet.client.get(run_id)
+    assert "after" not in run.outputs and "ramble" not in run.outputs
+    # Tokens stop within a probe interval of the cancel: nowhere near the 2000 asked for.
+    streamed = [e for _, e in fleet.client.store.redis.xrange(fleet.client.store.events_key(run_id)) if e["type"] == "token"]
+    assert len(streamed) < 200
+    assert fleet.client.cancel(run_id) is False  # already ended
