@@ -107,6 +107,15 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = Field(
         None, description="user:password for Flower; required when Flower listens beyond loopback."
     )
+    api_keys: str = Field(
+        "",
+        description="Comma-separated API keys of the HTTP gateway; without keys it serves loopback only.",
+        repr=False,
+    )
+    gateway_port: int = Field(8080, description="Port of the HTTP gateway.")
+    gateway_max_body_bytes: int = Field(
+        1_048_576, gt=0, description="Largest request body the gateway accepts."
+    )
     bind_address: str = Field(
         "127.0.0.1", description="Address the local stack's servers listen on."
     )
@@ -128,6 +137,10 @@ class Settings(BaseSettings):
                 f"({self.stall_after_s} <= {self.visibility_timeout_s})"
             )
         return self
+
+    def api_key_list(self) -> list[str]:
+        """The gateway's API keys."""
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
     def deadline_s(self, priority: PriorityClass) -> float:
         """Default deadline, in seconds from submission, of a run of this class."""
