@@ -15,8 +15,10 @@ from celery import Celery
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleet.agent import AgentDef
-from fleet.errors import InvalidSubmission
+from fleet.capacity import Capacity
+from fleet.errors import InvalidSubmission, Overloaded
 from fleet.plan import build_chain
+from fleet.routing import queue_name
 from fleet.runs import RunRecord, RunStore, new_run_id
 from fleet.sessions import Sessions
 from fleet.settings import PriorityClass, Settings
@@ -48,6 +50,61 @@ def parse_submission(data: dict[str, Any]) -> Submission:
         raise InvalidSubmission(f"{field}: {err['msg']}", field) from None
 
 
+class LoadShedder:
+    """Predicts the wait of a new run from queue depth, live capacity and recent step times.
+
+    An interactive run whose predicted wait plus run time would pass its deadline is
+    refused at once (a fast "no" beats a slow timeout for a person waiting); batch
+    submissions get backpressure only when their queue is past a much higher bound.
+    """
+
+    def __init__(self, settings: Settings, capacity: Capacity, cache_s: float = 1.0) -> None:
+        self.settings = settings
+        self.capacity = capacity
+        self.cache_s = cache_s
+        self._slots: dict[str, tuple[float, int]] = {}
+
+    def _slots_for(self, queue: str) -> int:
+        now = time.monotonic()
+        cached = self._slots.get(queue)
+        if cached is None or now - cached[0] > self.cache_s:
+            cached = (now, self.capacity.slots_for(queue))
+            self._slots[queue] = cached
+        return cached[1]
+
+    def state(self, priority: PriorityClass) -> dict[str, Any]:
+        """Depth, capacity and predicted wait of the class's model queue."""
+        queue = queue_name(self.settings, "llm", priority)
+        depth = self.capacity.redis.llen(queue)
+        slots = self._slots_for(queue)
+        mean = self.capacity.mean_step_time("llm", priority)
+        wait = depth / slots * mean if slots and mean is not None else None
+        return {"queue": queue, "depth": depth, "slots": slots, "mean_step_s": mean, "predicted_wait_s": wait}
+
+    def check(self, agent: AgentDef, priority: PriorityClass, deadline_s: float) -> None:
+        """Raise :class:`Overloaded` when the run should not be admitted now."""
+        st = self.state(priority)
+        if priority == "batch":
+            limit = self.settings.admission_batch_max_queued
+            if st["depth"] >= limit:
+                drain = st["predicted_wait_s"] or 0.0
+                retry = max(5.0, drain * (st["depth"] - limit + 1) / max(st["depth"], 1))
+                raise Overloaded(
+                    f"batch queue {st['queue']} holds {st['depth']} steps (limit {limit}); "
+                    f"retry in {retry:.0f}s", retry_after_s=retry)
+            return
+        wait, mean = st["predicted_wait_s"], st["mean_step_s"]
+        if wait is None or mean is None:
+            return  # no measurements (or no live worker announced yet): nothing to predict from
+        run_s = mean * sum(1 for s, _ in agent.iter_steps() if s.kind == "llm")
+        if wait + run_s > deadline_s:
+            retry = max(1.0, wait + run_s - deadline_s)
+            raise Overloaded(
+                f"interactive queue {st['queue']} holds {st['depth']} steps for {st['slots']} slots: "
+                f"predicted wait {wait:.1f}s + run {run_s:.1f}s exceeds the {deadline_s:.0f}s deadline; "
+                f"retry in {retry:.0f}s", retry_after_s=retry)
+
+
 class Admission:
     """Admits submissions into one fleet."""
 
@@ -57,6 +114,7 @@ class Admission:
         self.app = app
         self.agents = agents
         self.store = store or RunStore(settings)
+        self.shedder = LoadShedder(settings, Capacity(settings, self.store.redis))
 
     def submit(self, sub: Submission) -> tuple[str, bool]:
         """Admit a submission. Returns ``(run_id, created)``; created is False for a repeat key."""
@@ -70,6 +128,13 @@ class Admission:
                 f"input: {size} bytes is over the {self.settings.max_input_bytes}-byte limit", "input"
             )
         clean = agent.validate_input(sub.input)
+        deadline_s = sub.deadline_s or self.settings.deadline_s(sub.priority)
+        if sub.idempotency_key is not None:
+            existing = self.store.redis.get(self._key(sub.idempotency_key))
+            if existing is not None:  # a repeat: answered even under load
+                return existing, False
+        if self.settings.scheduling == "fleet":
+            self.shedder.check(agent, sub.priority, deadline_s)
 
         run_id = new_run_id()
         if sub.idempotency_key is not None:
@@ -77,7 +142,7 @@ class Admission:
             if existing is not None:
                 return existing, False
         now = time.time()
-        deadline = now + (sub.deadline_s or self.settings.deadline_s(sub.priority))
+        deadline = now + deadline_s
         turns = Sessions(self.settings, self.store.redis).turns(sub.session_id) if sub.session_id else []
         record = RunRecord(
             id=run_id, agent=agent.name, priority=sub.priority, status="queued",
@@ -87,7 +152,8 @@ class Admission:
         )
         self.store.create(record)
         try:
-            build_chain(self.app, self.settings, agent, run_id, sub.priority).apply_async()
+            build_chain(self.app, self.settings, agent, run_id, sub.priority).apply_async(
+                headers={"fleet_sent_at": now})
         except Exception:
             # Nothing was queued: do not leave a run that looks accepted, nor a key that
             # would return it.

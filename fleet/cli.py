@@ -198,7 +198,17 @@ def status(as_json: bool) -> None:
     click.echo(f"flower  {report['flower_url']}")
     click.echo("queues")
     for q in report["queues"]:
-        click.echo(f"  {q['name']:<24} depth {q['depth']}")
+        age = f"{q['oldest_age_s']:.1f}s" if q.get("oldest_age_s") is not None else "-"
+        click.echo(f"  {q['name']:<24} depth {q['depth']:>6}  oldest {age}")
+    if "inflight" in report:
+        inflight = report["inflight"]
+        click.echo(f"triton in flight: interactive {inflight['interactive']}, batch {inflight['batch']} "
+                   f"(cap {report['batch_inflight_max']})")
+        click.echo("admission")
+        for cls, st in report["admission"].items():
+            wait = f"{st['predicted_wait_s']:.1f}s" if st["predicted_wait_s"] is not None else "-"
+            mean = f"{st['mean_step_s']:.3f}s" if st["mean_step_s"] is not None else "-"
+            click.echo(f"  {cls:<12} slots {st['slots']:>3}  mean llm step {mean}  predicted wait {wait}")
     click.echo("workers")
     for w in report["workers"] or ["(none answering)"]:
         click.echo(f"  {w}")
@@ -317,6 +327,80 @@ def dlq_purge(older_than: str | None, purge_all: bool, as_json: bool) -> None:
     with FleetClient() as client:
         removed = client.dlq_purge(age)
     _emit({"purged": removed}) if as_json else click.echo(f"{removed} entries purged")
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on (default: FLEET_BIND_ADDRESS).")
+@click.option("--port", type=int, default=None, help="Port to listen on (default: FLEET_GATEWAY_PORT).")
+def gateway(host: str | None, port: int | None) -> None:
+    """Serve the HTTP gateway (API keys from FLEET_API_KEYS; without keys, loopback only)."""
+    from fleet.gateway import InsecureBind, serve
+    from fleet.logs import setup_logging
+
+    settings = Settings()
+    setup_logging(settings.log_level)
+    try:
+        serve(settings, host, port)
+    except InsecureBind as exc:
+        _fail(str(exc), False, 2)
+
+
+@main.group()
+def batch() -> None:
+    """Run files of inputs through the fleet at batch priority."""
+
+
+@batch.command("run")
+@click.argument("input_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--agent", required=True, help="The agent every line is an input of.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Results file (JSONL); lines already in it are skipped, so a rerun resumes.")
+@click.option("--max-in-flight", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Most runs unfinished at once.")
+@click.option("--deadline", "deadline_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Deadline of each run, in seconds from its submission (default: FLEET_BATCH_DEADLINE_S).")
+@click.option("--batch-id", default="", envvar="FLEET_BATCH_ID",
+              help="Mixed into every idempotency key: the same inputs under another id run again.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def batch_run(input_path: str, agent: str, out_path: str, max_in_flight: int, deadline_s: float | None,
+              batch_id: str, as_json: bool) -> None:
+    """Submit every line of INPUT_PATH (JSONL) as a run of AGENT; write one result line per line.
+
+    A line is the agent's input (a JSON object), or {"id": ..., "input": {...}}. Progress goes
+    to stderr; Ctrl-C stops cleanly and running the same command again resumes.
+    Exits 0 when every line has a result, 130 when interrupted.
+    """
+    import signal
+    from pathlib import Path
+
+    import redis
+
+    from fleet.batch import run_batch
+    from fleet.client import FleetClient
+    from fleet.logs import setup_logging
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # a scheduler's SIGTERM stops the job as cleanly as Ctrl-C
+
+    signal.signal(signal.SIGTERM, _stop)
+    settings = Settings()
+    setup_logging("WARNING")
+    try:
+        with FleetClient(settings) as client:
+            if agent not in client.agents:
+                _fail(f"unknown agent '{agent}' (known: {', '.join(sorted(client.agents))})", as_json, 2,
+                      field="agent")
+            summary = run_batch(client, Path(input_path), agent, Path(out_path), max_in_flight=max_in_flight,
+                                deadline_s=deadline_s, batch_id=batch_id)
+    except (FleetError, redis.RedisError) as exc:
+        _fail(f"{type(exc).__name__}: {exc} (what is written stays; run again to resume)", as_json)
+    if as_json:
+        _emit(summary.as_dict())
+    else:
+        click.echo(summary.text())
+        if summary.interrupted:
+            click.echo("interrupted: run the same command again to resume", err=True)
+    sys.exit(130 if summary.interrupted else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

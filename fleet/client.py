@@ -42,7 +42,7 @@ class FleetClient:
     def close(self) -> None:
         """Release connections."""
         self.store.redis.close()
-        self.app.pool.force_close_all()
+        self.app.close()
 
     def __enter__(self) -> "FleetClient":
         return self

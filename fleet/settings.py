@@ -91,7 +91,25 @@ class Settings(BaseSettings):
     inference_concurrency: int = Field(
         16, ge=1, description="Threads per inference worker: requests kept in flight at Triton."
     )
+    inference_interactive_concurrency: int = Field(
+        8, ge=1, description="Threads of the inference worker that takes interactive work only."
+    )
     tool_concurrency: int = Field(4, ge=1, description="Processes per tool worker.")
+
+    # --- Scheduling and admission ------------------------------------------------------
+    batch_inflight_max: int = Field(
+        8,
+        ge=1,
+        description="Batch requests in flight at Triton at once, fleet-wide; the rest of the "
+        "model's capacity stays free for interactive requests.",
+    )
+    admission_batch_max_queued: int = Field(
+        200_000, gt=0, description="Batch submissions are refused while the batch queue is this deep."
+    )
+    scheduling: Literal["fleet", "vanilla"] = Field(
+        "fleet",
+        description="'vanilla' turns the fleet's scheduling off (Celery defaults), for benchmarks only.",
+    )
 
     # --- Agents, observability, local stack -------------------------------------------
     agents_dir: Path | None = Field(

@@ -97,8 +97,14 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
     stack_settings = Settings()
     host = socket.gethostname()
     nodes = [
-        launch.start_worker(procs, "inference", worker_queues(stack_settings, "llm"), "threads",
-                            stack_settings.inference_concurrency, env, node=f"inference@{host}"),
+        # Capacity only interactive work can use: however deep the batch backlog, these
+        # threads are free for the next interactive step.
+        launch.start_worker(procs, "inference-interactive", worker_queues(stack_settings, "llm", ("interactive",)),
+                            "threads", stack_settings.inference_interactive_concurrency, env,
+                            node=f"inference-interactive@{host}"),
+        # Shared capacity: takes interactive first (queue order), batch otherwise.
+        launch.start_worker(procs, "inference-shared", worker_queues(stack_settings, "llm"), "threads",
+                            stack_settings.inference_concurrency, env, node=f"inference-shared@{host}"),
         launch.start_worker(procs, "tools", worker_queues(stack_settings, "tool"), "prefork",
                             stack_settings.tool_concurrency, env, node=f"tools@{host}"),
     ]

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import redis
+
+from fleet.admission import LoadShedder
+from fleet.capacity import Capacity
+from fleet.settings import PRIORITY_CLASSES
 
 from fleet.routing import all_queues
 from fleet.settings import Settings
@@ -27,7 +33,17 @@ def collect(settings: Settings) -> dict[str, Any]:
     try:
         client.ping()
         report["redis"]["up"] = True
-        report["queues"] = [{"name": q, "depth": client.llen(q)} for q in all_queues(settings)]
+        now = time.time()
+        report["queues"] = [
+            {"name": q, "depth": client.llen(q), "oldest_age_s": oldest_age_s(client, q, now)}
+            for q in all_queues(settings)
+        ]
+        capacity = Capacity(settings, client)
+        report["inflight"] = capacity.inflight()
+        report["inflight_peak"] = capacity.peak()
+        report["batch_inflight_max"] = settings.batch_inflight_max
+        shedder = LoadShedder(settings, capacity)
+        report["admission"] = {p: shedder.state(p) for p in PRIORITY_CLASSES}
     except redis.RedisError as exc:
         report["redis"]["error"] = str(exc)
     triton = TritonClient(settings.triton_grpc_url)
@@ -44,8 +60,21 @@ def collect(settings: Settings) -> dict[str, Any]:
             replies = app.control.ping(timeout=1.0)
             report["workers"] = sorted(name for reply in replies for name in reply)
         finally:
-            app.pool.force_close_all()
+            app.close()
     return report
+
+
+def oldest_age_s(client: redis.Redis, queue: str, now: float) -> float | None:
+    """Age of the message that has waited longest in ``queue`` (None when empty)."""
+    raw = client.lindex(queue, -1)  # kombu pushes on the left and pops on the right
+    if raw is None:
+        return None
+    try:
+        headers = json.loads(raw).get("headers", {})
+        sent = headers.get("fleet_sent_at")
+    except (ValueError, AttributeError):
+        return None
+    return round(now - float(sent), 3) if sent else None
 
 
 def _redact(url: str) -> str:

@@ -9,6 +9,7 @@ dead-letters permanent ones, and decides what comes next (next loop iteration, f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from celery.exceptions import Reject, Retry
 from kombu.exceptions import OperationalError
 
 from fleet.agent import AgentDef, LlmStep, ToolStep, load_agents
+from fleet.capacity import Capacity
 from fleet.deadletter import DeadLetter, DeadLetters
 from fleet.errors import (
     DeadlineExceeded,
@@ -65,6 +67,7 @@ class Runtime:
         self.agents: dict[str, AgentDef] = load_agents(settings.agents_dir)
         self.store = RunStore(settings)
         self.dead_letters = DeadLetters(settings, self.store.redis)
+        self.capacity = Capacity(settings, self.store.redis)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._triton = None
 
@@ -119,7 +122,8 @@ class StepTask(Task):
         chain = self.request.chain
         if chain:
             nxt = signature(chain[-1], app=self.app)
-            nxt.apply_async(chain=chain[:-1], parent_id=self.request.id, root_id=self.request.root_id)
+            nxt.apply_async(chain=chain[:-1], parent_id=self.request.id, root_id=self.request.root_id,
+                            headers={"fleet_sent_at": time.time()})
             self.request.chain = None
 
     # --- the step's life ------------------------------------------------------------
@@ -164,6 +168,9 @@ class StepTask(Task):
         record = StepRecord.model_validate_json(prior) if prior else StepRecord(key=key, name=step.name, iteration=iteration)
         record.status, record.attempts, record.worker = "running", record.attempts + 1, rt.worker
         record.started_at = time.time()
+        sent_at = (self.request.headers or {}).get("fleet_sent_at") or getattr(self.request, "fleet_sent_at", None)
+        if sent_at:
+            record.queue_wait_s = max(0.0, record.started_at - float(sent_at))
         store.mark_running(run_id)
         store.put_step(run_id, record)
         store.emit(run_id, {"type": "step", "step": key, "status": "running", "attempt": record.attempts})
@@ -181,6 +188,8 @@ class StepTask(Task):
             raise _Stop from None
         record.finished_at = time.time()
         record.duration_s = record.finished_at - record.started_at
+        if record.status != "skipped":
+            rt.capacity.record_step_time(step.kind, raw["priority"], record.duration_s)  # type: ignore[arg-type]
         if store.commit_step(run_id, record, output):
             store.emit(run_id, {"type": "step", "step": key, "status": "done",
                                 "duration_s": round(record.duration_s, 4)})
@@ -329,19 +338,32 @@ def _llm_body(rt: Runtime, raw: dict[str, str], step: LlmStep, view: dict[str, A
     if raw.get("stream") == "1":
         def on_token(text: str) -> None:
             rt.store.emit(run_id, {"type": "token", "step": record.key, "text": text})
-    gen = rt.triton.generate(
+    deadline_at = float(raw["deadline_at"])
+    with _triton_slot(rt, priority, deadline_at):
+        gen = _generate(rt, run_id, step, prompt, priority, deadline_at, record, on_token)
+    record.tokens_in, record.tokens_out, record.ttft_s = gen.tokens_in, gen.tokens_out, gen.ttft_s
+    text = gen.text.strip()
+    return parse_tool_call(text) if step.parse == "tool_call" else text
+
+
+def _triton_slot(rt: Runtime, priority: PriorityClass, deadline_at: float):  # noqa: ANN202
+    if rt.settings.scheduling == "vanilla":
+        return contextlib.nullcontext()
+    return rt.capacity.slot(priority, deadline_at)
+
+
+def _generate(rt: Runtime, run_id: str, step: LlmStep, prompt: str, priority: PriorityClass,
+              deadline_at: float, record: StepRecord, on_token):  # noqa: ANN001, ANN202
+    return rt.triton.generate(
         prompt,
         step.sampling_parameters(),
         model=step.model or rt.settings.triton_model,
         priority=rt.settings.triton_priority(priority),
-        timeout_s=float(raw["deadline_at"]) - time.time(),
+        timeout_s=deadline_at - time.time(),
         request_id=f"{run_id}:{record.key}:{record.attempts}",
         on_token=on_token,
         cancelled=_cancel_probe(rt, run_id),
     )
-    record.tokens_in, record.tokens_out, record.ttft_s = gen.tokens_in, gen.tokens_out, gen.ttft_s
-    text = gen.text.strip()
-    return parse_tool_call(text) if step.parse == "tool_call" else text
 
 
 def _cancel_probe(rt: Runtime, run_id: str, every_s: float = 0.1):  # noqa: ANN202

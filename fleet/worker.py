@@ -15,10 +15,13 @@ app = create_app(settings)
 
 
 @worker_ready.connect
-def _start_reconciler(sender, **_: object) -> None:  # noqa: ANN001
-    """Every worker may sweep for stalled runs; a Redis lock lets one sweep at a time."""
+def _on_ready(sender, **_: object) -> None:  # noqa: ANN001
+    """Announce this worker's capacity, and sweep for stalled runs (one worker at a time)."""
+    from fleet.capacity import Presence
     from fleet.reconcile import Reconciler
     from fleet.tasks import Runtime
 
     rt = Runtime(settings)
+    queues = [q.name for q in sender.task_consumer.queues]
+    Presence(rt.capacity, sender.hostname, queues, sender.controller.concurrency).start()
     Reconciler(settings, app, rt.agents, rt.store).start()

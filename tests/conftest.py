@@ -52,6 +52,7 @@ def redis_url(session_procs: launch.Processes, session_dir: Path) -> str:
 class TritonInfo:
     grpc_url: str
     http_url: str
+    metrics_url: str = ""
     params: dict = field(default_factory=dict)
 
 
@@ -59,10 +60,11 @@ class TritonInfo:
 def triton(session_procs: launch.Processes, session_dir: Path) -> TritonInfo:
     grpc_url = os.environ.get("FLEET_TEST_TRITON_GRPC_URL")
     if grpc_url:
-        return TritonInfo(grpc_url, os.environ["FLEET_TEST_TRITON_HTTP_URL"])
+        return TritonInfo(grpc_url, os.environ["FLEET_TEST_TRITON_HTTP_URL"],
+                          os.environ.get("FLEET_TEST_TRITON_METRICS_URL", ""))
     repo = launch.sim_repository(session_dir / "models", **TEST_SIM_PARAMS)
     ep = launch.start_triton(session_procs, session_dir / "triton", ["medium_sim"], repository=repo)
-    return TritonInfo(ep.grpc_url, ep.http_url, dict(TEST_SIM_PARAMS))
+    return TritonInfo(ep.grpc_url, ep.http_url, ep.metrics_url, dict(TEST_SIM_PARAMS))
 
 
 @dataclass

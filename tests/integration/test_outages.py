@@ -35,7 +35,7 @@ class OwnServers:
     def start_triton(self) -> TritonInfo:
         ep = launch.start_triton(self.procs, self.root / "triton", ["medium_sim"], name="triton",
                                  repository=self.repo, ports=self.triton_ports)
-        return TritonInfo(ep.grpc_url, ep.http_url)
+        return TritonInfo(ep.grpc_url, ep.http_url, ep.metrics_url)
 
 
 @pytest.fixture(scope="module")
