@@ -272,19 +272,20 @@ def worker_answers(app, node: str) -> bool:
     return bool(app.control.ping(destination=[node], timeout=0.5))
 
 
-def sim_repository(dst: Path, **params: float | int | str) -> Path:
-    """A copy of the model repository's simulator with some config parameters changed.
+def sim_repository(dst: Path, name: str = "medium_sim", **params: float | int | str) -> Path:
+    """A model repository holding a copy of the simulator with some config parameters changed.
 
     Used by tests and benchmarks to run the dev model with other timing or faults
-    (``tpot_ms=2``, ``error_rate=0.1``) without touching ``triton_models/``.
+    (``tpot_ms=2``, ``error_rate=0.1``) without touching ``triton_models/``; ``name`` lets
+    several differently timed copies sit in one repository.
     """
     src = MODEL_REPOSITORY / "medium_sim"
-    target = dst / "medium_sim"
+    target = dst / name
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
     config = target / "config.pbtxt"
-    text = config.read_text()
+    text = re.sub(r'^name:\s*"medium_sim"', f'name: "{name}"', config.read_text(), flags=re.MULTILINE)
     for key, value in params.items():
         pattern = re.compile(r'(key:\s*"%s"\s*value:\s*\{\s*string_value:\s*")[^"]*(")' % re.escape(key))
         text, n = pattern.subn(lambda m: f"{m.group(1)}{value}{m.group(2)}", text)
