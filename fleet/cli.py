@@ -336,9 +336,11 @@ def gateway(host: str | None, port: int | None) -> None:
     """Serve the HTTP gateway (API keys from FLEET_API_KEYS; without keys, loopback only)."""
     from fleet.gateway import InsecureBind, serve
     from fleet.logs import setup_logging
+    from fleet.sentry import init_sentry
 
     settings = Settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
+    init_sentry(settings, "gateway")
     try:
         serve(settings, host, port)
     except InsecureBind as exc:

@@ -121,6 +121,13 @@ class Settings(BaseSettings):
     )
     sentry_dsn: SecretStr | None = Field(None, description="Sentry DSN; errors are reported when set.")
     log_level: str = Field("INFO", description="Log level of fleet processes.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'json' writes one JSON object per log line (run_id, agent, step fields)."
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Port of a worker's Prometheus endpoint (/metrics); unset, no endpoint.",
+    )
     flower_port: int = Field(5555, description="Port of Flower in the local stack.")
     flower_basic_auth: SecretStr | None = Field(
         None, description="user:password for Flower; required when Flower listens beyond loopback."

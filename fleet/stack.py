@@ -96,17 +96,24 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
     os.environ.update(env)
     stack_settings = Settings()
     host = socket.gethostname()
+    # Workers share this host: each serves its /metrics on a port of its own.
+    metrics_ports = {name: launch.free_port() for name in ("inference-interactive", "inference-shared", "tools")}
+
+    def worker_env(name: str) -> dict[str, str]:
+        return {**env, "FLEET_METRICS_PORT": str(metrics_ports[name])}
+
     nodes = [
         # Capacity only interactive work can use: however deep the batch backlog, these
         # threads are free for the next interactive step.
         launch.start_worker(procs, "inference-interactive", worker_queues(stack_settings, "llm", ("interactive",)),
-                            "threads", stack_settings.inference_interactive_concurrency, env,
-                            node=f"inference-interactive@{host}"),
+                            "threads", stack_settings.inference_interactive_concurrency,
+                            worker_env("inference-interactive"), node=f"inference-interactive@{host}"),
         # Shared capacity: takes interactive first (queue order), batch otherwise.
         launch.start_worker(procs, "inference-shared", worker_queues(stack_settings, "llm"), "threads",
-                            stack_settings.inference_concurrency, env, node=f"inference-shared@{host}"),
+                            stack_settings.inference_concurrency, worker_env("inference-shared"),
+                            node=f"inference-shared@{host}"),
         launch.start_worker(procs, "tools", worker_queues(stack_settings, "tool"), "prefork",
-                            stack_settings.tool_concurrency, env, node=f"tools@{host}"),
+                            stack_settings.tool_concurrency, worker_env("tools"), node=f"tools@{host}"),
     ]
     port = stack_settings.flower_port
     try:
@@ -131,6 +138,8 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
     say(f"workers    {', '.join(nodes)} answering")
     say(f"flower     {flower_url}")
     say(f"metrics    triton {stack_settings.triton_metrics_url}")
+    for name, metrics_port in metrics_ports.items():
+        say(f"metrics    {name} http://{settings.bind_address}:{metrics_port}/metrics")
     say(f"logs       {procs.log_dir}/")
     return Stack(stack_settings, procs, flower_url, started_redis, started_triton)
 

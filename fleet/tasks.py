@@ -25,6 +25,7 @@ from celery import Celery, Task, signature
 from celery.exceptions import Reject, Retry
 from kombu.exceptions import OperationalError
 
+from fleet import metrics
 from fleet.agent import AgentDef, LlmStep, ToolStep, load_agents
 from fleet.capacity import Capacity
 from fleet.deadletter import DeadLetter, DeadLetters
@@ -44,6 +45,7 @@ from fleet.plan import (
     step_key,
 )
 from fleet.runs import TERMINAL, RunStore, StepRecord
+from fleet.sentry import report_dead_letter
 from fleet.sessions import Sessions
 from fleet.settings import PriorityClass, Settings
 from fleet.template import lookup, render
@@ -194,7 +196,9 @@ class StepTask(Task):
             store.emit(run_id, {"type": "step", "step": key, "status": "done",
                                 "duration_s": round(record.duration_s, 4)})
             log.info("run %s: step %s done in %.3fs (tokens %d in / %d out)", run_id, key,
-                     record.duration_s, record.tokens_in, record.tokens_out)
+                     record.duration_s, record.tokens_in, record.tokens_out,
+                     extra={"run_id": run_id, "agent": agent.name, "step": key, "status": record.status})
+            metrics.step_committed(agent.name, step, raw["priority"], record, rt.settings.triton_model)
 
     @staticmethod
     def _skip_output(agent: AgentDef, step: LlmStep | ToolStep, view: dict[str, Any], iteration: int) -> Any:
@@ -261,6 +265,7 @@ class StepTask(Task):
                 rt.store.put_step(run_id, record)
                 log.info("run %s: step %s attempt %d failed (%s); retrying in %.2fs",
                          run_id, key, record.attempts, exc, countdown)
+                metrics.step_retried(raw["agent"], step.name)
                 raise self.retry(countdown=countdown, max_retries=None, exc=exc)
         record.status = "failed"
         record.finished_at = time.time()
@@ -306,6 +311,8 @@ class StepTask(Task):
         )
         log.warning("run %s: step %s dead-lettered as %s: %s: %s", run_id, entry.step_key,
                     entry_id, type(exc).__name__, exc)
+        metrics.dead_lettered(raw["agent"], name)
+        report_dead_letter(exc, entry, entry_id)
         if moved:
             _summary(rt, run_id)
 
@@ -325,7 +332,9 @@ def _summary(rt: Runtime, run_id: str) -> None:
     except RunNotFound:
         return
     log.info("run %s ◆ %s ◆ %s ◆ %s ◆ %.3fs ◆ %d steps ◆ tokens %d in / %d out", run.id, run.agent,
-             run.priority, run.status, run.latency_s or 0.0, len(run.steps), run.tokens_in, run.tokens_out)
+             run.priority, run.status, run.latency_s or 0.0, len(run.steps), run.tokens_in, run.tokens_out,
+             extra={"run_id": run.id, "agent": run.agent, "priority": run.priority, "status": run.status})
+    metrics.run_finished(run)
 
 
 # --- the step bodies ------------------------------------------------------------------

@@ -1,22 +1,41 @@
 """The Celery app that workers load: ``celery -A fleet.worker worker -Q llm.interactive,llm.batch``.
 
-Settings come from ``FLEET_*`` variables of the worker's environment.
+Settings come from ``FLEET_*`` variables of the worker's environment. Flower and ``celery
+inspect`` load this module too; what only a worker needs starts from the worker's signals.
 """
 
-from celery.signals import worker_ready
+import logging
+
+from celery.signals import worker_init, worker_ready
 
 from fleet.celery_app import create_app
 from fleet.logs import setup_logging
 from fleet.settings import Settings
 
 settings = Settings()
-setup_logging(settings.log_level)
+setup_logging(settings.log_level, settings.log_format)
 app = create_app(settings)
+log = logging.getLogger(__name__)
+
+
+@worker_init.connect
+def _on_init(sender, **_: object) -> None:  # noqa: ANN001, ARG001
+    """Before the pool starts: metrics that pool children share, and Sentry.
+
+    Both must come before the children are forked and before task tracers are built.
+    """
+    from fleet import metrics
+    from fleet.sentry import init_sentry
+
+    if settings.metrics_port is not None:
+        metrics.use_multiprocess_dir()
+    init_sentry(settings, "worker")
 
 
 @worker_ready.connect
 def _on_ready(sender, **_: object) -> None:  # noqa: ANN001
-    """Announce this worker's capacity, and sweep for stalled runs (one worker at a time)."""
+    """Announce this worker's capacity, serve its metrics, and sweep for stalled runs."""
+    from fleet import metrics
     from fleet.capacity import Presence
     from fleet.reconcile import Reconciler
     from fleet.tasks import Runtime
@@ -25,3 +44,8 @@ def _on_ready(sender, **_: object) -> None:  # noqa: ANN001
     queues = [q.name for q in sender.task_consumer.queues]
     Presence(rt.capacity, sender.hostname, queues, sender.controller.concurrency).start()
     Reconciler(settings, app, rt.agents, rt.store).start()
+    try:
+        metrics.serve(settings)
+    except OSError as exc:
+        # The worker still serves steps; Prometheus sees the target down and alerts.
+        log.error("metrics: cannot listen on port %s: %s", settings.metrics_port, exc)

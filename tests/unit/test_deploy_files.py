@@ -30,8 +30,8 @@ DASHBOARD = ROOT / "ops" / "grafana" / "fleet-dashboard.json"
 K8S_DIR = ROOT / "ops" / "k8s"
 
 # FLEET_* variables that deployment files set although Settings has no field for them:
-# read by the gateway (its API keys) and by the workers' metrics server (its port).
-FLEET_VARS_OUTSIDE_SETTINGS = {"FLEET_API_KEYS", "FLEET_METRICS_PORT"}
+# read by the gateway (its API keys).
+FLEET_VARS_OUTSIDE_SETTINGS = {"FLEET_API_KEYS"}
 
 # Services that may publish a port on every interface: each has its own login.
 AUTHENTICATED_SERVICES = {"gateway", "flower", "grafana"}
