@@ -1,0 +1,183 @@
+"""The client for asyncio apps: submit a run, read it, wait for it, follow its events.
+
+::
+
+    from fleet.aio import AsyncFleetClient
+
+    async with AsyncFleetClient() as client:         # settings from FLEET_* variables
+        run_id = await client.submit("writer", {"topic": "queues"}, stream=True)
+        async for event in client.events(run_id):    # status, step and token events
+            ...
+        run = await client.wait(run_id, timeout=60)
+
+Reads (records, waits, event streams) go to Redis through ``redis.asyncio``, so one event
+loop can follow thousands of runs. Submitting and cancelling run the synchronous
+:class:`~fleet.client.FleetClient` in a thread: admission is a handful of quick Redis
+calls plus a broker publish, and keeping one implementation of the door keeps its rules
+(validation, idempotency, load shedding) in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from fleet.client import FleetClient
+from fleet.errors import RunNotFound
+from fleet.runs import TERMINAL, RunRecord
+from fleet.runs import _decode as decode_record
+from fleet.settings import PriorityClass, Settings
+
+# How long one XREAD blocks: also how often a waiter re-checks that its run still exists.
+_BLOCK_MS = 1000
+
+
+class AsyncFleetClient:
+    """Submits and follows agent runs of one fleet from asyncio code."""
+
+    def __init__(self, settings: Settings | None = None, *, sync: FleetClient | None = None) -> None:
+        """Args:
+            settings: the fleet's settings; built from ``FLEET_*`` variables when None.
+            sync: a synchronous client to submit and cancel through (one is made when None;
+                it is closed by :meth:`close` only if it was made here).
+        """
+        self.settings = settings or (sync.settings if sync is not None else Settings())
+        self._own_sync = sync is None
+        self.sync = sync or FleetClient(self.settings)
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+
+    async def close(self) -> None:
+        """Release connections."""
+        await self.redis.aclose()
+        if self._own_sync:
+            self.sync.close()
+
+    async def __aenter__(self) -> "AsyncFleetClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- writes (through the synchronous door) --------------------------------------
+    async def submit(
+        self,
+        agent: str,
+        input: dict[str, Any] | None = None,
+        *,
+        priority: PriorityClass = "interactive",
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
+        session_id: str | None = None,
+        stream: bool = False,
+    ) -> str:
+        """Submit a run; returns its id (the existing run's id for a repeated idempotency key).
+
+        Raises:
+            InvalidSubmission: the agent, the input or an option is invalid (nothing queued).
+            Overloaded: the fleet sheds load; retry after ``retry_after_s``.
+        """
+        return await asyncio.to_thread(
+            self.sync.submit, agent, input, priority=priority, deadline_s=deadline_s,
+            idempotency_key=idempotency_key, session_id=session_id, stream=stream,
+        )
+
+    async def cancel(self, run_id: str) -> bool:
+        """Cancel a run; False when it had already ended. Raises :class:`RunNotFound`."""
+        return await asyncio.to_thread(self.sync.cancel, run_id)
+
+    # --- reads ----------------------------------------------------------------------
+    async def get(self, run_id: str) -> RunRecord:
+        """The run's record. Raises :class:`RunNotFound`."""
+        raw = await self.redis.hgetall(self.sync.store.run_key(run_id))
+        if not raw:
+            raise RunNotFound(f"no run '{run_id}'")
+        return decode_record(raw)
+
+    async def exists(self, run_id: str) -> bool:
+        """Whether the run has a record."""
+        return bool(await self.redis.exists(self.sync.store.run_key(run_id)))
+
+    async def wait(self, run_id: str, timeout: float = 60.0) -> RunRecord:
+        """Wait until the run ends (or ``timeout`` seconds pass) and return its record."""
+        newest = await self.redis.xrevrange(self.sync.store.events_key(run_id), count=1)
+        record = await self.get(run_id)
+        if record.status in TERMINAL:
+            return record
+        # Only events after the newest one seen before reading the record can end the wait:
+        # an older terminal event belongs to an earlier life of a replayed run.
+        after = newest[0][0] if newest else "0"
+        async for _ in self.entries(run_id, after=after, timeout=timeout):
+            pass
+        return await self.get(run_id)
+
+    async def events(self, run_id: str, timeout: float | None = None) -> AsyncIterator[dict[str, str]]:
+        """The run's events (status, steps, tokens when submitted with stream=True), until it ends."""
+        async for _, event in self.entries(run_id, timeout=timeout):
+            yield event
+
+    async def entries(
+        self, run_id: str, after: str = "0", timeout: float | None = None
+    ) -> AsyncIterator[tuple[str, dict[str, str]]]:
+        """``(stream id, event)`` pairs of the run from ``after`` on, until it ends.
+
+        Stops after the terminal status event of the run's current life, or when
+        ``timeout`` seconds pass with nothing new. Resuming from the id of the last pair
+        seen continues exactly where a reader left off.
+
+        Raises:
+            RunNotFound: the run has no record (checked while the stream is idle).
+        """
+        key = self.sync.store.events_key(run_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = after
+        if after != "0" and await self._ended_by(run_id, after):
+            return
+        while True:
+            block_ms = _BLOCK_MS
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                block_ms = max(1, min(block_ms, int(left * 1000)))
+            batch = await self.redis.xread({key: last}, block=block_ms, count=500)
+            if not batch:
+                if not await self.exists(run_id):
+                    raise RunNotFound(f"no run '{run_id}'")
+                if await self._ended_by(run_id, last):
+                    return
+                continue
+            for event_id, fields in batch[0][1]:
+                last = event_id
+                yield event_id, fields
+                if fields.get("type") == "status" and fields.get("status") in TERMINAL:
+                    # A replay reopens a finished run: history may hold an earlier end.
+                    status = await self.redis.hget(self.sync.store.run_key(run_id), "status")
+                    if status in TERMINAL:
+                        return
+
+    async def _ended_by(self, run_id: str, last: str) -> bool:
+        """Whether the run's terminal event is at or before ``last`` and it has not reopened.
+
+        A reader resuming after the end would otherwise wait for an event that never comes.
+        The newest event is checked, not just the status: the status turns terminal a moment
+        before its event is appended, and that event must still be read.
+        """
+        newest = await self.redis.xrevrange(self.sync.store.events_key(run_id), count=1)
+        if not newest:
+            return False
+        event_id, fields = newest[0]
+        if fields.get("type") != "status" or fields.get("status") not in TERMINAL:
+            return False
+        if stream_id_key(event_id) > stream_id_key(last):
+            return False
+        return await self.redis.hget(self.sync.store.run_key(run_id), "status") in TERMINAL
+
+
+def stream_id_key(stream_id: str) -> tuple[int, int]:
+    """A Redis stream id (``"<ms>-<seq>"`` or ``"<ms>"``) as a sortable pair."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
