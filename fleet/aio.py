@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from fleet.client import FleetClient
 from fleet.errors import RunNotFound
 from fleet.runs import TERMINAL, RunRecord
-from fleet.runs import _decode as decode_record
+from fleet.runs import decode_record
 from fleet.settings import PriorityClass, Settings
 
 # How long one XREAD blocks: also how often a waiter re-checks that its run still exists.

@@ -91,12 +91,10 @@ class Capacity:
         return {p: self.redis.zcount(self.inflight_key(p), now, "+inf") for p in PRIORITY_CLASSES}
 
     # --- step times -------------------------------------------------------------------
-    def record_step_time(self, kind: str, priority: PriorityClass, seconds: float) -> None:
+    def step_time_commands(self, kind: str, priority: PriorityClass, seconds: float) -> list[tuple[str, tuple]]:
+        """Redis commands that record a step time (to run on the caller's pipeline)."""
         key = self.step_times_key(kind, priority)
-        pipe = self.redis.pipeline()
-        pipe.lpush(key, f"{seconds:.4f}")
-        pipe.ltrim(key, 0, _STEP_TIMES_KEPT - 1)
-        pipe.execute()
+        return [("lpush", (key, f"{seconds:.4f}")), ("ltrim", (key, 0, _STEP_TIMES_KEPT - 1))]
 
     def mean_step_time(self, kind: str, priority: PriorityClass) -> float | None:
         """Mean of the recent step times of this kind and class, or None before any."""

@@ -52,9 +52,10 @@ def create_app(settings: Settings) -> Celery:
         # The hard limit of one step attempt (enforced by the prefork pool; gRPC deadlines
         # bound inference calls on thread pools).
         task_time_limit=settings.step_time_limit_s,
-        # Events for Flower.
+        # Events for Flower: what workers receive, start and finish. "task-sent" events are
+        # off: they would cost a publish per step on the hot path and Flower does not need them.
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        task_send_sent_event=False,
         task_queues=[Queue(name) for name in all_queues(settings)],
         task_default_queue=all_queues(settings)[0],
         task_create_missing_queues=False,

@@ -31,31 +31,46 @@ TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "dead_lettered", "c
 EVENTS_MAXLEN = 2000
 _JSON_FIELDS = frozenset({"input", "result", "error", "session"})
 
-# Commit a step once: KEYS[1] run hash; ARGV: step key, output JSON, step record JSON.
+# Commit a step once, with its "done" event. KEYS: run hash, events stream, active index.
+# ARGV: step key, output JSON, step record JSON, duration, events maxlen, now, run id.
+# Returns 1 when committed, 0 when the step was already committed, -1 without a run.
 _COMMIT_STEP = """
 local rec = redis.call('HGET', KEYS[1], 'step:' .. ARGV[1])
 if rec then
   local st = cjson.decode(rec)['status']
   if st == 'done' or st == 'skipped' then return 0 end
 end
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return -1 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 redis.call('HSET', KEYS[1], 'out:' .. ARGV[1], ARGV[2], 'step:' .. ARGV[1], ARGV[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+           'type', 'step', 'step', ARGV[1], 'status', 'done', 'duration_s', ARGV[4])
+redis.call('ZADD', KEYS[3], 'XX', ARGV[6], ARGV[7])
 return 1
 """
 
-# Move a run to a status unless it already ended. KEYS[1] run hash;
-# ARGV: status, then field/value pairs. Returns 1 when it moved.
+# Move a run to a status unless it already ended, with its status event; a terminal status
+# also sets the record's TTL and drops the run from the active index.
+# KEYS: run hash, events stream, active index. ARGV: status, run id, TTL (0: not terminal),
+# events maxlen, n = number of field/value pairs, the pairs, then the event's extra pairs.
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if status == 'succeeded' or status == 'failed' or status == 'dead_lettered'
    or status == 'cancelled' or status == 'expired' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local n = tonumber(ARGV[5])
+for i = 6, 5 + 2 * n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local event = {'type', 'status', 'status', ARGV[1]}
+for i = 6 + 2 * n, #ARGV do table.insert(event, ARGV[i]) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(event))
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('ZREM', KEYS[3], ARGV[2])
+end
 return 1
 """
-
 
 # Reopen a finished run for a replay. KEYS[1] run hash; ARGV[1] = number of fields to
 # delete, then those fields, then field/value pairs to set. Returns 0 if it had not ended.
@@ -201,7 +216,7 @@ class RunStore:
         raw = self.redis.hgetall(self.run_key(run_id))
         if not raw:
             raise RunNotFound(f"no run '{run_id}'")
-        return _decode(raw)
+        return decode_record(raw)
 
     def raw_state(self, run_id: str) -> dict[str, str]:
         """The run hash as stored: what a step reads before it works."""
@@ -221,42 +236,66 @@ class RunStore:
         pipe.zadd(self.active_key, {run_id: time.time()}, xx=True)
         pipe.execute()
 
-    def commit_step(self, run_id: str, step: StepRecord, output: Any) -> bool:
-        """Store a finished step's output and record once; False if it was already committed."""
+    def start_step(self, run_id: str, step: StepRecord, delivery_key: str) -> tuple[int, bool]:
+        """Record a step as running, count this delivery, emit the event: one round trip.
+
+        Returns the number of unfinished deliveries of this message (this one included)
+        and whether this is the run's first step to start.
+        """
+        key = self.run_key(run_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(delivery_key)
+        pipe.expire(delivery_key, self.settings.run_ttl_s)
+        pipe.hsetnx(key, "started_at", repr(step.started_at))
+        pipe.hset(key, f"step:{step.key}", step.model_dump_json())
+        pipe.zadd(self.active_key, {run_id: time.time()}, xx=True)
+        pipe.xadd(self.events_key(run_id), {"type": "step", "step": step.key, "status": "running",
+                                            "attempt": str(step.attempts)},
+                  maxlen=EVENTS_MAXLEN, approximate=True)
+        deliveries, _, first, *_ = pipe.execute()
+        if first:
+            self.transition(run_id, "running")
+        return int(deliveries), bool(first)
+
+    def finish_step(self, run_id: str, step: StepRecord, output: Any, *extra: tuple[str, tuple]) -> bool:
+        """Commit a finished step once (output, record, "done" event) plus ``extra`` commands
+        (``(method, args)`` on the same pipeline): one round trip. False if already committed.
+        """
         if step.status != "skipped":
             step.status = "done"
-        done = self._commit(
-            keys=[self.run_key(run_id)],
-            args=[step.key, json.dumps(output), step.model_dump_json()],
+        pipe = self.redis.pipeline(transaction=False)
+        self._commit(
+            keys=[self.run_key(run_id), self.events_key(run_id), self.active_key],
+            args=[step.key, json.dumps(output), step.model_dump_json(), f"{step.duration_s or 0:.4f}",
+                  EVENTS_MAXLEN, time.time(), run_id],
+            client=pipe,
         )
+        for method, args in extra:
+            getattr(pipe, method)(*args)
+        done = pipe.execute()[0]
         if done == -1:
             raise RunNotFound(f"no run '{run_id}'")
         return bool(done)
 
     # --- status ---------------------------------------------------------------------
     def transition(self, run_id: str, status: RunStatus, **fields: Any) -> bool:
-        """Move the run to ``status`` unless it already ended; emit the event. True if moved."""
-        args: list[str] = [status]
+        """Move the run to ``status`` unless it already ended; emit the event. True if moved.
+
+        A finished run is kept for ``result_ttl_s``, then Redis forgets it.
+        """
+        pairs: list[str] = []
         for name, value in fields.items():
             raw = name not in _JSON_FIELDS and isinstance(value, str)
-            args += [name, value if raw else json.dumps(value)]
-        moved = self._transition(keys=[self.run_key(run_id)], args=args)
+            pairs += [name, value if raw else json.dumps(value)]
+        event = ["error", json.dumps(fields["error"])] if "error" in fields else []
+        ttl = self.settings.result_ttl_s if status in TERMINAL else 0
+        moved = self._transition(
+            keys=[self.run_key(run_id), self.events_key(run_id), self.active_key],
+            args=[status, run_id, ttl, EVENTS_MAXLEN, len(pairs) // 2, *pairs, *event],
+        )
         if moved == -1:
             raise RunNotFound(f"no run '{run_id}'")
-        if moved != 1:
-            return False
-        event = {"type": "status", "status": status}
-        if "error" in fields:
-            event["error"] = json.dumps(fields["error"])
-        self.emit(run_id, event)
-        if status in TERMINAL:
-            # A finished run is kept for result_ttl_s, then Redis forgets it.
-            pipe = self.redis.pipeline()
-            pipe.expire(self.run_key(run_id), self.settings.result_ttl_s)
-            pipe.expire(self.events_key(run_id), self.settings.result_ttl_s)
-            pipe.zrem(self.active_key, run_id)
-            pipe.execute()
-        return True
+        return moved == 1
 
     def reopen(self, run_id: str, drop: list[str], fields: dict[str, str]) -> bool:
         """Put a finished run back to ``queued`` (for a replay): delete ``drop``, set ``fields``.
@@ -276,12 +315,6 @@ class RunStore:
         pipe.execute()
         self.emit(run_id, {"type": "status", "status": "queued", "replay": "1"})
         return True
-
-    def mark_running(self, run_id: str) -> None:
-        """First step started: queued -> running (no-op afterwards)."""
-        key = self.run_key(run_id)
-        if self.redis.hsetnx(key, "started_at", repr(time.time())):
-            self.transition(run_id, "running")
 
     # --- events ---------------------------------------------------------------------
     def emit(self, run_id: str, event: dict[str, Any]) -> str:
@@ -335,7 +368,8 @@ class RunStore:
         return self.get(run_id)
 
 
-def _decode(raw: dict[str, str]) -> RunRecord:
+def decode_record(raw: dict[str, str]) -> RunRecord:
+    """A run record from its Redis hash, as HGETALL returns it."""
     outputs: dict[str, Any] = {}
     steps: list[StepRecord] = []
     fields: dict[str, Any] = {}

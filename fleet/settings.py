@@ -42,6 +42,9 @@ class Settings(BaseSettings):
         "http://127.0.0.1:8002/metrics", description="Triton's Prometheus metrics URL."
     )
     triton_model: str = Field("medium_sim", description="Model that llm steps call by default.")
+    triton_connect_wait_s: float = Field(
+        5.0, ge=0, description="How long a model call waits for an unreachable Triton before failing."
+    )
     triton_priority_interactive: int = Field(
         1, description="Triton request priority for interactive runs (1 is the highest level)."
     )

@@ -78,7 +78,7 @@ class Runtime:
         from fleet.triton import TritonClient
 
         if self._triton is None:
-            self._triton = TritonClient(self.settings.triton_grpc_url)
+            self._triton = TritonClient(self.settings.triton_grpc_url, self.settings.triton_connect_wait_s)
         return self._triton
 
 
@@ -104,9 +104,9 @@ class StepTask(Task):
                 self._send_next()
             except _Stop:
                 self.request.chain = None  # cut the rest of the chain
+                # This delivery finished: it did not kill its worker.
+                rt.store.redis.delete(self._delivery_key(rt, run_id, step_key(step, iteration)))
                 result = None
-            # This delivery finished (a retry or a replacement counts): it did not kill its worker.
-            rt.store.redis.delete(self._delivery_key(rt, run_id, step_key(step, iteration)))
             return result
         except _INFRA_ERRORS as exc:
             # Redis (broker and store) went away mid-step. Nothing is lost: the message goes
@@ -145,25 +145,18 @@ class StepTask(Task):
             self._dead_letter(rt, raw, None, name, iteration, PermanentError(f"unknown agent {raw['agent']!r}"))
             raise _Stop
         step = agent.step(name)
-        done = _step_done(raw, key)
-        if not done:
+        if not _step_done(raw, key):
             if time.time() >= float(raw["deadline_at"]):
                 self._expire(rt, run_id, key, "deadline passed before the step started")
-                raise _Stop
-            if self._is_poison(rt, run_id, key):
-                exc = PermanentError(
-                    f"step was delivered {POISON_MAX_DELIVERIES} times without finishing "
-                    "(it keeps killing its worker)"
-                )
-                self._dead_letter(rt, raw, agent, name, iteration, exc)
                 raise _Stop
             self._execute(rt, raw, agent, step, iteration)
         else:
             log.info("run %s: step %s already done (redelivered); not running it again", run_id, key)
-        return self._continue(rt, run_id, agent, step, iteration)
+        return self._continue(rt, raw, agent, step, iteration)
 
     def _execute(self, rt: Runtime, raw: dict[str, str], agent: AgentDef,
                  step: LlmStep | ToolStep, iteration: int) -> None:
+        """Run the step and commit it; ``raw`` is updated with what was committed."""
         run_id, key = raw["id"], step_key(step.name, iteration)
         store = rt.store
         prior = raw.get(f"step:{key}")
@@ -173,9 +166,16 @@ class StepTask(Task):
         sent_at = (self.request.headers or {}).get("fleet_sent_at") or getattr(self.request, "fleet_sent_at", None)
         if sent_at:
             record.queue_wait_s = max(0.0, record.started_at - float(sent_at))
-        store.mark_running(run_id)
-        store.put_step(run_id, record)
-        store.emit(run_id, {"type": "step", "step": key, "status": "running", "attempt": record.attempts})
+        delivery_key = self._delivery_key(rt, run_id, key)
+        deliveries, _ = store.start_step(run_id, record, delivery_key)
+        if deliveries > POISON_MAX_DELIVERIES:
+            exc = PermanentError(
+                f"step was delivered {POISON_MAX_DELIVERIES} times without finishing "
+                "(it keeps killing its worker)"
+            )
+            record.status, record.error = "failed", str(exc)
+            self._dead_letter(rt, raw, agent, step.name, iteration, exc, record)
+            raise _Stop
         view = state_view(agent, raw, step.name, iteration)
         try:
             output = self._skip_output(agent, step, view, iteration)
@@ -190,15 +190,21 @@ class StepTask(Task):
             raise _Stop from None
         record.finished_at = time.time()
         record.duration_s = record.finished_at - record.started_at
+        # One round trip: commit once (with its event), the step time for admission, and
+        # the end of this delivery (it did not kill its worker).
+        extra = [("delete", (delivery_key,))]
         if record.status != "skipped":
-            rt.capacity.record_step_time(step.kind, raw["priority"], record.duration_s)  # type: ignore[arg-type]
-        if store.commit_step(run_id, record, output):
-            store.emit(run_id, {"type": "step", "step": key, "status": "done",
-                                "duration_s": round(record.duration_s, 4)})
+            extra += rt.capacity.step_time_commands(step.kind, raw["priority"], record.duration_s)  # type: ignore[arg-type]
+        if store.finish_step(run_id, record, output, *extra):
+            raw[f"out:{key}"], raw[f"step:{key}"] = json.dumps(output), record.model_dump_json()
             log.info("run %s: step %s done in %.3fs (tokens %d in / %d out)", run_id, key,
                      record.duration_s, record.tokens_in, record.tokens_out,
                      extra={"run_id": run_id, "agent": agent.name, "step": key, "status": record.status})
             metrics.step_committed(agent.name, step, raw["priority"], record, rt.settings.triton_model)
+        else:
+            # A duplicate delivery committed first: go on from what it stored.
+            raw.clear()
+            raw.update(store.raw_state(run_id))
 
     @staticmethod
     def _skip_output(agent: AgentDef, step: LlmStep | ToolStep, view: dict[str, Any], iteration: int) -> Any:
@@ -212,11 +218,11 @@ class StepTask(Task):
             return None
         return _NOT_SKIPPED
 
-    def _continue(self, rt: Runtime, run_id: str, agent: AgentDef, step: LlmStep | ToolStep,
+    def _continue(self, rt: Runtime, raw: dict[str, str], agent: AgentDef, step: LlmStep | ToolStep,
                   iteration: int) -> str:
         """After a step: go round the loop again, finish the run, or let the chain go on."""
+        run_id = raw["id"]
         loop = agent.loop_of(step.name)
-        raw = rt.store.raw_state(run_id)
         if loop is not None and loop.body[-1].name == step.name:
             decided = json.loads(raw.get(f"out:{step_key(loop.until, iteration)}", "null"))
             if not (isinstance(decided, dict) and "final" in decided):
@@ -274,15 +280,6 @@ class StepTask(Task):
 
     def _delivery_key(self, rt: Runtime, run_id: str, key: str) -> str:
         return rt.settings.key("run", run_id, "deliveries", f"{key}@{self.request.retries}")
-
-    def _is_poison(self, rt: Runtime, run_id: str, key: str) -> bool:
-        """Count deliveries of this message that never finished; too many means it kills workers."""
-        counter = self._delivery_key(rt, run_id, key)
-        pipe = rt.store.redis.pipeline()
-        pipe.incr(counter)
-        pipe.expire(counter, rt.settings.run_ttl_s)
-        count = pipe.execute()[0]
-        return count > POISON_MAX_DELIVERIES
 
     def _expire(self, rt: Runtime, run_id: str, key: str, why: str) -> None:
         if rt.store.transition(run_id, "expired", finished_at=repr(time.time()),
@@ -363,9 +360,14 @@ def _triton_slot(rt: Runtime, priority: PriorityClass, deadline_at: float):  # n
 
 def _generate(rt: Runtime, run_id: str, step: LlmStep, prompt: str, priority: PriorityClass,
               deadline_at: float, record: StepRecord, on_token):  # noqa: ANN001, ANN202
+    # Interactive runs stream (time to first token, prompt cancellation); batch runs take
+    # one response per request unless their tokens are wanted, which saves a message per
+    # token in the worker and at Triton.
+    stream = priority == "interactive" or on_token is not None
     return rt.triton.generate(
         prompt,
         step.sampling_parameters(),
+        stream=stream,
         model=step.model or rt.settings.triton_model,
         priority=rt.settings.triton_priority(priority),
         timeout_s=deadline_at - time.time(),

@@ -21,7 +21,7 @@ import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
-from fleet.errors import DeadlineExceeded, RunCancelled, from_triton_message, from_triton_status
+from fleet.errors import DeadlineExceeded, RunCancelled, TransientError, from_triton_message, from_triton_status
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ def _first(result: InferResult, name: str) -> Any:
 class TritonClient:
     """A thread-safe Triton gRPC client bound to one endpoint."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, connect_wait_s: float = 5.0) -> None:
         self.url = url
+        self.connect_wait_s = connect_wait_s
         self._channel = grpc.insecure_channel(
             url,
             options=[
@@ -88,11 +89,31 @@ class TritonClient:
             ],
         )
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._state = grpc.ChannelConnectivity.IDLE
+        self._channel.subscribe(self._on_state, try_to_connect=True)
         self._inputs: dict[str, frozenset[str]] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
+        self._channel.unsubscribe(self._on_state)
         self._channel.close()
+
+    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
+        self._state = state
+
+    def _await_connection(self, budget_s: float) -> None:
+        """Wait (briefly) for the connection when Triton was unreachable.
+
+        Right after Triton comes back the channel may still be in reconnect backoff, and a
+        call would fail at once; waiting a few seconds here keeps a retry from being spent
+        on that.
+        """
+        if self._state == grpc.ChannelConnectivity.READY:
+            return
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=max(0.0, min(budget_s, self.connect_wait_s)))
+        except grpc.FutureTimeoutError:
+            raise TransientError(f"triton at {self.url} unreachable for {self.connect_wait_s:.0f}s") from None
 
     # --- health ---------------------------------------------------------------------
     def server_ready(self, timeout_s: float = 2.0) -> bool:
@@ -134,6 +155,7 @@ class TritonClient:
         priority: int,
         timeout_s: float,
         request_id: str = "",
+        stream: bool = True,
         on_token: Callable[[str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> Generation:
@@ -143,6 +165,8 @@ class TritonClient:
             priority: Triton request priority (1 is the highest level). Backends without
                 a dynamic batcher (vLLM) ignore it; the fleet's queues carry priority too.
             timeout_s: the run's remaining budget; the request is cancelled when it passes.
+            stream: token by token (time to first token is measured, ``cancelled`` is polled
+                between tokens), or one response with the whole text.
             cancelled: polled between tokens; when it returns True the request is cancelled.
 
         Raises:
@@ -151,13 +175,14 @@ class TritonClient:
         """
         if timeout_s <= 0:
             raise DeadlineExceeded("no time left for the model call")
+        self._await_connection(timeout_s)
         declared = self._model_inputs(model)
         req = service_pb2.ModelInferRequest(model_name=model, id=request_id)
         req.parameters["priority"].uint64_param = priority
         # Triton's own queue timeout, in microseconds; the gRPC deadline below bounds the rest.
         req.parameters["timeout"].int64_param = int(timeout_s * 1_000_000)
         _bytes_input(req, "text_input", prompt)
-        _bool_input(req, "stream", True)
+        _bool_input(req, "stream", stream)
         _bytes_input(req, "sampling_parameters", json.dumps(sampling))
         _bool_input(req, "exclude_input_in_output", True)
         for flag in _OPTIONAL_FLAGS:
@@ -177,14 +202,17 @@ class TritonClient:
                 result = InferResult(response.infer_response)
                 text = _first(result, "text_output")
                 if text:
-                    if ttft is None:
+                    if ttft is None and stream:
                         ttft = time.monotonic() - started
                     pieces.append(text)
                     if on_token is not None:
                         on_token(text)
                 n_in, n_out = _first(result, "num_input_tokens"), _first(result, "num_output_tokens")
                 tokens_in = int(n_in) if n_in is not None else tokens_in
-                tokens_out = tokens_out + int(n_out) if n_out is not None else tokens_out + bool(text)
+                if n_out is not None:
+                    tokens_out += int(n_out)
+                elif text:  # a backend without token counts: one token per streamed piece
+                    tokens_out += 1 if stream else len(text.split())
                 finish = _first(result, "finish_reason") or finish
                 final = response.infer_response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:

@@ -113,7 +113,8 @@ def test_triton_gone_past_the_retries_dead_letters_then_replay_completes(outage,
     prefix = f"i{uuid.uuid4().hex[:8]}"
     settings, env = make_settings(fleet.settings.redis_url, TritonInfo(fleet.env["FLEET_TRITON_GRPC_URL"],
                                   fleet.env["FLEET_TRITON_HTTP_URL"]), prefix,
-                                  retry_max_attempts=3, retry_backoff_base_s=0.5, retry_backoff_max_s=2.0)
+                                  retry_max_attempts=3, retry_backoff_base_s=0.2, retry_backoff_max_s=0.5,
+                                  triton_connect_wait_s=1)
     impatient = Fleet(settings, env, launch.Processes(servers.root / "logs" / prefix), FleetClient(settings))
     try:
         impatient.start_worker("inference", "llm", "threads", 4)

@@ -91,7 +91,9 @@ def test_a_step_that_kills_its_worker_is_dead_lettered_and_the_worker_serves_on(
     entry, _ = rfleet.client.dlq_get(run.dead_letter_id)
     assert "delivered 3 times without finishing" in entry.error_message
     deliveries = [e for e in rfleet.client.events(run_id, timeout=1) if e["type"] == "step" and e.get("step") == "act"]
-    assert len(deliveries) == 3  # three deliveries ran (and crashed); the fourth was refused
+    # Three deliveries ran and crashed their worker; the fourth was refused and dead-lettered.
+    assert [e["attempt"] for e in deliveries] == ["1", "2", "3", "4"]
+    assert entry.attempts == 4
     # The same tool worker still serves other runs.
     ok = rfleet.client.submit("calculator", {"question": "What is 5 * 5?"})
     assert rfleet.client.wait(ok, timeout=30).result == "The answer is 25."
