@@ -370,8 +370,11 @@ class SimConfig:
     """Timing and fault settings of the simulator, from the model's config parameters.
 
     Attributes:
-        ttft_ms: Fixed cost (ms) added to a step that admits new sequences (prefill).
-        prefill_ms_per_token: Prefill cost (ms) per input token of the admitted sequences.
+        ttft_ms: Fixed latency (ms) of each request before it may join the batch
+            (scheduling, tokenization, transfer); it delays that request only.
+        prefill_ms_per_token: Prefill compute (ms) per input token of the sequences a
+            step admits; it lengthens that step for every active sequence, as a prefill
+            delays the decodes batched with it.
         tpot_ms: Decode step time (ms) with a single active sequence.
         load_factor: Fractional slow-down of a step per extra active sequence.
         max_num_seqs: Most sequences decoded together; the rest wait in the queue.
@@ -438,7 +441,8 @@ def step_time_s(cfg: SimConfig, n_active: int, n_new: int, new_input_tokens: int
     """Duration of one engine step.
 
     ``tpot_ms * (1 + load_factor * (n_active - 1))`` for the decode, plus
-    ``ttft_ms + prefill_ms_per_token * new_input_tokens`` when sequences were admitted.
+    ``prefill_ms_per_token * new_input_tokens`` for the prompts admitted this step.
+    (``ttft_ms`` is not part of a step: it delays each request before admission.)
 
     Args:
         cfg: Simulator config.
@@ -453,7 +457,7 @@ def step_time_s(cfg: SimConfig, n_active: int, n_new: int, new_input_tokens: int
     if n_active > 0:
         ms += cfg.tpot_ms * (1.0 + cfg.load_factor * (n_active - 1))
     if n_new > 0:
-        ms += cfg.ttft_ms + cfg.prefill_ms_per_token * new_input_tokens
+        ms += cfg.prefill_ms_per_token * new_input_tokens
     return ms / 1000.0
 
 
@@ -620,11 +624,12 @@ class Engine:
                 self._stats.failed += 1
             sink.send_error(INVALID_ARG, "simulated invalid request (sim_fault=invalid)")
             return seq_id
-        ready_at = 0.0
+        # A request joins the batch ttft_ms after it arrives (plus any injected stall).
+        delay_ms = self.cfg.ttft_ms
         if fault == "stall":
             stall_ms = params.get("sim_stall_ms")
-            stall_ms = self.cfg.stall_ms if stall_ms is None else float(stall_ms)
-            ready_at = time.monotonic() + stall_ms / 1000.0
+            delay_ms += self.cfg.stall_ms if stall_ms is None else float(stall_ms)
+        ready_at = time.monotonic() + delay_ms / 1000.0 if delay_ms > 0 else 0.0
         seq = Sequence(
             seq_id=seq_id,
             prompt=prompt,
