@@ -48,6 +48,16 @@ def _flower_answers(url: str, auth: str | None) -> bool:
         return resp.status == 200
 
 
+def _port_or_free(address: str, port: int) -> int:
+    """``port`` if nothing listens on it, else a free one."""
+    try:
+        with socket.socket() as sock:
+            sock.bind((address, port))
+        return port
+    except OSError:
+        return launch.free_port()
+
+
 def _is_loopback(address: str) -> bool:
     return address in ("127.0.0.1", "localhost", "::1")
 
@@ -64,10 +74,10 @@ def start_stack(settings: Settings, say=print) -> Stack:  # noqa: ANN001
 
 
 def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stack:  # noqa: ANN001
-    if not _is_loopback(settings.bind_address) and settings.flower_basic_auth is None:
+    if not _is_loopback(settings.bind_address) and (settings.flower_basic_auth is None or not settings.api_key_list()):
         raise SystemExit(
-            "refusing to listen on %s without authentication: set FLEET_FLOWER_BASIC_AUTH"
-            % settings.bind_address
+            f"refusing to listen on {settings.bind_address} without authentication: "
+            "set FLEET_FLOWER_BASIC_AUTH and FLEET_API_KEYS"
         )
     env: dict[str, str] = {}
     started_redis = False
@@ -115,12 +125,7 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
         launch.start_worker(procs, "tools", worker_queues(stack_settings, "tool"), "prefork",
                             stack_settings.tool_concurrency, worker_env("tools"), node=f"tools@{host}"),
     ]
-    port = stack_settings.flower_port
-    try:
-        with socket.socket() as sock:
-            sock.bind((settings.bind_address, port))
-    except OSError:
-        port = launch.free_port()
+    port = _port_or_free(settings.bind_address, stack_settings.flower_port)
     flower_argv = [
         sys.executable, "-m", "celery", "-A", "fleet.worker:app", "flower",
         f"--port={port}", f"--address={settings.bind_address}",
@@ -130,13 +135,20 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
         flower_argv.append(f"--basic-auth={auth}")
     flower = procs.start("flower", flower_argv, env=env)
     flower_url = f"http://{settings.bind_address}:{port}"
+    gateway_port = _port_or_free(settings.bind_address, stack_settings.gateway_port)
+    gateway = procs.start("gateway", [sys.executable, "-m", "fleet.cli", "gateway", "--host", settings.bind_address,
+                                      "--port", str(gateway_port)], env=env)
+    gateway_url = f"http://{settings.bind_address}:{gateway_port}"
     app = create_app(stack_settings)
     for node in nodes:
         launch.wait_until(lambda n=node: launch.worker_answers(app, n), 60, f"worker {node}",
                           procs.children[node.split("@")[0]], 0.5)
     launch.wait_until(lambda: _flower_answers(flower_url, auth), 60, "flower", flower, 0.3)
+    launch.wait_until(lambda: launch.http_json(gateway_url + "/healthz", timeout_s=1) is not None, 60,
+                      "gateway", gateway, 0.3)
     say(f"workers    {', '.join(nodes)} answering")
     say(f"flower     {flower_url}")
+    say(f"gateway    {gateway_url}  (OpenAPI at {gateway_url}/docs)")
     say(f"metrics    triton {stack_settings.triton_metrics_url}")
     for name, metrics_port in metrics_ports.items():
         say(f"metrics    {name} http://{settings.bind_address}:{metrics_port}/metrics")
