@@ -17,6 +17,7 @@ from typing import Any
 
 from fleet.admission import Admission, parse_submission
 from fleet.agent import AgentDef, load_agents
+from fleet.cancel import announce
 from fleet.celery_app import create_app
 from fleet.deadletter import DeadLetter, DeadLetters
 from fleet.errors import RunNotFound
@@ -83,8 +84,11 @@ class FleetClient:
 
         Returns False when the run had already ended. Raises :class:`RunNotFound`.
         """
-        return self.store.transition(run_id, "cancelled", finished_at=repr(time.time()),
-                                     error={"type": "RunCancelled", "message": "cancelled by request"})
+        cancelled = self.store.transition(run_id, "cancelled", finished_at=repr(time.time()),
+                                          error={"type": "RunCancelled", "message": "cancelled by request"})
+        if cancelled:
+            announce(self.settings, self.store.redis, run_id)  # workers cancel its model call now
+        return cancelled
 
     def wait(self, run_id: str, timeout: float = 60.0) -> RunRecord:
         """Block until the run ends (or ``timeout`` seconds pass) and return its record."""

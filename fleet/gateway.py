@@ -18,6 +18,8 @@ is not on loopback. Errors are JSON ``{"error": ..., "field": ...}``.
 
 from __future__ import annotations
 
+import time
+
 import hmac
 import ipaddress
 import logging
@@ -29,6 +31,7 @@ from typing import Annotated, Any
 
 import redis
 from fastapi import Depends, FastAPI, Header, Request, Response, Security
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -428,8 +431,45 @@ def create_gateway(settings: Settings) -> FastAPI:
                          model=settings.triton_model)
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
+    registry = _gateway_registry(settings)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):  # noqa: ANN001, ANN202
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        REQUESTS.labels(request.method, path, str(response.status_code)).inc()
+        LATENCY.labels(request.method, path).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics_endpoint() -> Response:
+        """Prometheus metrics: the gateway's requests and the fleet-wide queue gauges.
+
+        Open like Flower's and the workers' /metrics (it holds no run data): keep the
+        port on the monitoring network, as the compose and Kubernetes stacks do.
+        """
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     _install_error_handlers(app)
     return app
+
+
+REQUESTS = Counter("fleet_gateway_requests", "Gateway HTTP requests.", ["method", "route", "status"],
+                   registry=None)
+LATENCY = Histogram("fleet_gateway_request_seconds", "Gateway request latency (to the response start).",
+                    ["method", "route"], registry=None)
+
+
+def _gateway_registry(settings: Settings) -> CollectorRegistry:
+    from fleet.metrics import FleetCollector
+
+    registry = CollectorRegistry()
+    registry.register(REQUESTS)
+    registry.register(LATENCY)
+    registry.register(FleetCollector(settings))
+    return registry
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -200,7 +200,8 @@ def up(settings: Settings, demo: bool = False, exit_after_demo: bool = False, sa
             code = 1 if failed else 0
         if not exit_after_demo:
             say("fleet is up. Ctrl-C stops every process it started.")
-            say(f"in another shell here: fleet status / fleet agents / fleet submit calculator --input '{{\"question\": \"What is 6*7?\"}}' --wait")
+            say("in another shell here: fleet status / fleet agents / "
+                "fleet submit calculator --input '{\"question\": \"What is 6*7?\"}' --wait")
             while not stop.wait(1.0):
                 dead = [n for n, p in stack.procs.children.items() if p.poll() is not None]
                 if dead:

@@ -27,6 +27,7 @@ from kombu.exceptions import OperationalError
 
 from fleet import metrics
 from fleet.agent import AgentDef, LlmStep, ToolStep, load_agents
+from fleet.cancel import CancelWatcher
 from fleet.capacity import Capacity
 from fleet.deadletter import DeadLetter, DeadLetters
 from fleet.errors import (
@@ -70,6 +71,7 @@ class Runtime:
         self.store = RunStore(settings)
         self.dead_letters = DeadLetters(settings, self.store.redis)
         self.capacity = Capacity(settings, self.store.redis)
+        self.cancels = CancelWatcher(settings, self.store.redis)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._triton = None
 
@@ -342,8 +344,9 @@ def _llm_body(rt: Runtime, raw: dict[str, str], step: LlmStep, view: dict[str, A
     priority: PriorityClass = raw["priority"]  # type: ignore[assignment]
     on_token = None
     if raw.get("stream") == "1":
-        def on_token(text: str) -> None:
+        def emit_token(text: str) -> None:
             rt.store.emit(run_id, {"type": "token", "step": record.key, "text": text})
+        on_token = emit_token
     deadline_at = float(raw["deadline_at"])
     with _triton_slot(rt, priority, deadline_at):
         gen = _generate(rt, run_id, step, prompt, priority, deadline_at, record, on_token)
@@ -364,17 +367,22 @@ def _generate(rt: Runtime, run_id: str, step: LlmStep, prompt: str, priority: Pr
     # one response per request unless their tokens are wanted, which saves a message per
     # token in the worker and at Triton.
     stream = priority == "interactive" or on_token is not None
-    return rt.triton.generate(
-        prompt,
-        step.sampling_parameters(),
-        stream=stream,
-        model=step.model or rt.settings.triton_model,
-        priority=rt.settings.triton_priority(priority),
-        timeout_s=deadline_at - time.time(),
-        request_id=f"{run_id}:{record.key}:{record.attempts}",
-        on_token=on_token,
-        cancelled=_cancel_probe(rt, run_id),
-    )
+    def cancelled_now() -> bool:
+        return rt.store.redis.hget(rt.store.run_key(run_id), "status") == "cancelled"
+
+    with rt.cancels.track(run_id, cancelled_now) as bind:
+        return rt.triton.generate(
+            prompt,
+            step.sampling_parameters(),
+            stream=stream,
+            model=step.model or rt.settings.triton_model,
+            priority=rt.settings.triton_priority(priority),
+            timeout_s=deadline_at - time.time(),
+            request_id=f"{run_id}:{record.key}:{record.attempts}",
+            on_token=on_token,
+            cancelled=_cancel_probe(rt, run_id),
+            bind=bind,
+        )
 
 
 def _cancel_probe(rt: Runtime, run_id: str, every_s: float = 0.1):  # noqa: ANN202

@@ -158,6 +158,7 @@ class TritonClient:
         stream: bool = True,
         on_token: Callable[[str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        bind: Callable[[Any], None] | None = None,
     ) -> Generation:
         """Generate text for ``prompt``, streaming tokens to ``on_token``.
 
@@ -168,6 +169,7 @@ class TritonClient:
             stream: token by token (time to first token is measured, ``cancelled`` is polled
                 between tokens), or one response with the whole text.
             cancelled: polled between tokens; when it returns True the request is cancelled.
+            bind: receives the gRPC call, which its holder may cancel from another thread.
 
         Raises:
             DeadlineExceeded: ``timeout_s`` passed before the generation finished.
@@ -191,6 +193,8 @@ class TritonClient:
 
         started = time.monotonic()
         call = self._stub.ModelStreamInfer(iter([req]), timeout=timeout_s)
+        if bind is not None:
+            bind(call)
         pieces: list[str] = []
         ttft: float | None = None
         tokens_in = tokens_out = 0

@@ -117,21 +117,40 @@ def make_settings(redis_url: str, triton: TritonInfo, prefix: str, **overrides: 
         return Settings(_env_file=None), env
 
 
+def new_fleet(redis_url: str, triton: TritonInfo, session_dir: Path, letter: str = "t",
+              **overrides: object) -> Fleet:
+    """A fresh fleet namespace (own key and queue prefix, the test agents and tools), no workers."""
+    prefix = f"{letter}{uuid.uuid4().hex[:8]}"
+    settings, env = make_settings(redis_url, triton, prefix, **{**TEST_AGENTS_AND_TOOLS, **overrides})
+    return Fleet(settings, env, launch.Processes(session_dir / "logs" / prefix), FleetClient(settings))
+
+
+def close_fleet(f: Fleet) -> None:
+    f.procs.stop()
+    f.client.close()
+
+
 @pytest.fixture(scope="module")
-def fleet(request: pytest.FixtureRequest, redis_url: str, triton: TritonInfo, session_dir: Path) -> Iterator[Fleet]:
+def fleet(redis_url: str, triton: TritonInfo, session_dir: Path) -> Iterator[Fleet]:
     """A module's own fleet namespace with an inference worker and a tool worker."""
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    settings, env = make_settings(redis_url, triton, prefix, **TEST_AGENTS_AND_TOOLS)
-    procs = launch.Processes(session_dir / "logs" / prefix)
-    client = FleetClient(settings)
-    f = Fleet(settings, env, procs, client)
+    f = new_fleet(redis_url, triton, session_dir)
     try:
         f.start_worker("inference", "llm", "threads", 8)
         f.start_worker("tools", "tool", "prefork", 2)
         yield f
     finally:
-        procs.stop()
-        client.close()
+        close_fleet(f)
+
+
+def tally(client: FleetClient, run_ids: list[str], timeout: float) -> dict[str, int]:
+    """Wait for the runs and count them: submitted, completed, dead-lettered, lost."""
+    statuses = [client.wait(r, timeout=timeout).status for r in run_ids]
+    return {
+        "submitted": len(run_ids),
+        "completed": statuses.count("succeeded"),
+        "dead_lettered": statuses.count("dead_lettered"),
+        "lost": sum(s not in ("succeeded", "dead_lettered") for s in statuses),
+    }
 
 
 # --- reliability figures ----------------------------------------------------------------

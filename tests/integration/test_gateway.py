@@ -254,6 +254,19 @@ def test_health_and_readiness(gateway):
     assert ready.json() == {"ready": True, "redis": True, "triton_model": True, "model": "medium_sim"}
 
 
+def test_metrics_count_requests_by_route_and_show_the_queues(gateway, fleet):
+    assert gateway.http.get("/v1/agents").status_code == 200
+    assert gateway.http.get(f"/v1/runs/{'0' * 32}").status_code == 404
+    body = httpx.get(f"{gateway.url}/metrics", timeout=10).text  # no key: scraped like Flower's
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in body.splitlines() if line and not line.startswith("#")}
+    agents = 'fleet_gateway_requests_total{method="GET",route="/v1/agents",status="200"}'
+    missing = 'fleet_gateway_requests_total{method="GET",route="/v1/runs/{run_id}",status="404"}'
+    assert samples[agents] >= 1 and samples[missing] >= 1
+    for queue in ("llm.interactive", "llm.batch", "tool.interactive", "tool.batch"):
+        assert f'fleet_queue_depth{{queue="{fleet.settings.queue_prefix}{queue}"}}' in samples
+
+
 def test_schema_fuzzing_finds_no_server_errors(gateway):
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings

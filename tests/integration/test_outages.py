@@ -14,7 +14,7 @@ import pytest
 from fleet import launch
 from fleet.client import FleetClient
 
-from ..conftest import TEST_SIM_PARAMS, Fleet, TritonInfo, make_settings
+from ..conftest import TEST_SIM_PARAMS, Fleet, TritonInfo, make_settings, tally
 
 pytestmark = pytest.mark.integration
 
@@ -59,16 +59,6 @@ def outage(session_dir):
         client.close()
 
 
-def _tally(client: FleetClient, run_ids: list[str], timeout: float) -> dict[str, int]:
-    statuses = [client.wait(r, timeout=timeout).status for r in run_ids]
-    return {
-        "submitted": len(run_ids),
-        "completed": statuses.count("succeeded"),
-        "dead_lettered": statuses.count("dead_lettered"),
-        "lost": sum(s not in ("succeeded", "dead_lettered") for s in statuses),
-    }
-
-
 def _first_step_done(fleet: Fleet, run_id: str) -> None:
     for event in fleet.client.events(run_id, timeout=30):
         if event["type"] == "step" and event["status"] == "done":
@@ -82,15 +72,15 @@ def test_redis_restart_with_aof_loses_no_run(outage, reliability_report):
     _first_step_done(fleet, ids[0])
     servers.procs.stop("redis")  # SIGTERM: Redis writes its AOF and exits
     servers.start_redis()  # same port, same data directory
-    tally = _tally(fleet.client, ids, timeout=120)
+    counts = tally(fleet.client, ids, timeout=120)
     stuck = [fleet.client.get(r) for r in ids if fleet.client.get(r).status not in ("succeeded", "dead_lettered")]
-    assert tally["lost"] == 0, (tally, [(r.id, r.status, [(s.key, s.status, s.attempts) for s in r.steps]) for r in stuck])
-    assert tally["completed"] + tally["dead_lettered"] == len(ids)
+    assert counts["lost"] == 0, (counts, [(r.id, r.status, [(s.key, s.status, s.attempts) for s in r.steps]) for r in stuck])
+    assert counts["completed"] + counts["dead_lettered"] == len(ids)
     for run_id in ids:
         run = fleet.client.get(run_id)
         if run.status == "succeeded":
             assert len(run.result.split()) == 48
-    reliability_report("Redis restarted (AOF)", **tally)
+    reliability_report("Redis restarted (AOF)", **counts)
 
 
 def test_triton_back_within_the_deadline_completes_every_run(outage, reliability_report):
@@ -99,12 +89,12 @@ def test_triton_back_within_the_deadline_completes_every_run(outage, reliability
     _first_step_done(fleet, ids[0])
     servers.procs.stop("triton", sig=signal.SIGKILL)
     servers.start_triton()
-    tally = _tally(fleet.client, ids, timeout=90)
-    assert tally == {"submitted": 12, "completed": 12, "dead_lettered": 0, "lost": 0}
+    counts = tally(fleet.client, ids, timeout=90)
+    assert counts == {"submitted": 12, "completed": 12, "dead_lettered": 0, "lost": 0}
     results = [fleet.client.get(r).result for r in ids]
     assert results == [f"The answer is {i * 3}." for i in range(12)]
     retried = sum(any(s.attempts > 1 for s in fleet.client.get(r).steps) for r in ids)
-    reliability_report("Triton down, back in time", **tally, note=f"{retried} runs retried a step")
+    reliability_report("Triton down, back in time", **counts, note=f"{retried} runs retried a step")
 
 
 def test_triton_gone_past_the_retries_dead_letters_then_replay_completes(outage, reliability_report):
@@ -122,13 +112,13 @@ def test_triton_gone_past_the_retries_dead_letters_then_replay_completes(outage,
         servers.procs.stop("triton", sig=signal.SIGKILL)
         client = impatient.client
         ids = [client.submit("calculator", {"question": f"What is {i} + 1?"}) for i in range(6)]
-        first = _tally(client, ids, timeout=60)
+        first = tally(client, ids, timeout=60)
         assert first == {"submitted": 6, "completed": 0, "dead_lettered": 6, "lost": 0}
         assert all(client.get(r).error["step"] == "plan" for r in ids)
         servers.start_triton()
         replayed = client.dlq_replay_all(agent="calculator", step="plan")
         assert sorted(replayed) == sorted(ids)
-        after = _tally(client, ids, timeout=60)
+        after = tally(client, ids, timeout=60)
         assert after == {"submitted": 6, "completed": 6, "dead_lettered": 0, "lost": 0}
         assert [client.get(r).result for r in ids] == [f"The answer is {i + 1}." for i in range(6)]
     finally:

@@ -11,48 +11,28 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 
 import pytest
 
-from fleet import launch
-from fleet.client import FleetClient
 from fleet.simulator import generate
 from fleet.template import render
 
-from ..conftest import TEST_AGENTS_AND_TOOLS, Fleet, make_settings
+from ..conftest import Fleet, close_fleet, new_fleet, tally
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def rfleet(redis_url, triton, session_dir):
-    """A fleet with the faulty test tools and agents, short timeouts and a fast poison guard."""
-    prefix = f"r{uuid.uuid4().hex[:8]}"
-    settings, env = make_settings(
-        redis_url, triton, prefix, **TEST_AGENTS_AND_TOOLS,
-        step_time_limit_s=5, visibility_timeout_s=6, retry_max_attempts=3,
-    )
-    procs = launch.Processes(session_dir / "logs" / prefix)
-    client = FleetClient(settings)
-    f = Fleet(settings, env, procs, client)
+    """A fleet with short timeouts and few attempts."""
+    f = new_fleet(redis_url, triton, session_dir, "r", step_time_limit_s=5, visibility_timeout_s=6,
+                  retry_max_attempts=3)
     try:
         f.start_worker("inference", "llm", "threads", 8)
         f.start_worker("tools", "tool", "prefork", 2)
         yield f
     finally:
-        procs.stop()
-        client.close()
-
-
-def _tally(client: FleetClient, run_ids: list[str], timeout: float) -> dict[str, int]:
-    statuses = [client.wait(r, timeout=timeout).status for r in run_ids]
-    return {
-        "submitted": len(run_ids),
-        "completed": statuses.count("succeeded"),
-        "dead_lettered": statuses.count("dead_lettered"),
-        "lost": sum(s not in ("succeeded", "dead_lettered") for s in statuses),
-    }
+        close_fleet(f)
 
 
 def test_permanent_error_is_dead_lettered_after_one_attempt(rfleet, reliability_report):
@@ -69,7 +49,7 @@ def test_permanent_error_is_dead_lettered_after_one_attempt(rfleet, reliability_
     assert entry.state["input"] == {"value": "x"}
     assert entry.state["steps"]["think"] == run.outputs["think"]
     assert [s.attempts for s in run.steps] == [1, 1]
-    reliability_report("permanent error", **_tally(rfleet.client, [run_id], 1))
+    reliability_report("permanent error", **tally(rfleet.client, [run_id], 1))
 
 
 def test_transient_errors_retry_with_backoff_then_dead_letter(rfleet, reliability_report):
@@ -81,7 +61,7 @@ def test_transient_errors_retry_with_backoff_then_dead_letter(rfleet, reliabilit
     assert entry.attempts == rfleet.settings.retry_max_attempts == 3
     running = [e for e in rfleet.client.events(run_id, timeout=1) if e.get("status") == "running" and e["type"] == "step"]
     assert len(running) == 3
-    reliability_report("transient errors, retries spent", **_tally(rfleet.client, [run_id], 1))
+    reliability_report("transient errors, retries spent", **tally(rfleet.client, [run_id], 1))
 
 
 def test_a_step_that_kills_its_worker_is_dead_lettered_and_the_worker_serves_on(rfleet, reliability_report):
@@ -98,7 +78,7 @@ def test_a_step_that_kills_its_worker_is_dead_lettered_and_the_worker_serves_on(
     ok = rfleet.client.submit("calculator", {"question": "What is 5 * 5?"})
     assert rfleet.client.wait(ok, timeout=30).result == "The answer is 25."
     assert rfleet.procs.children["tools"].poll() is None
-    reliability_report("step crashes its worker", **_tally(rfleet.client, [run_id, ok], 1))
+    reliability_report("step crashes its worker", **tally(rfleet.client, [run_id, ok], 1))
 
 
 def test_replay_with_a_patch_that_fixes_the_input_completes_the_run(rfleet, reliability_report):
@@ -117,7 +97,7 @@ def test_replay_with_a_patch_that_fixes_the_input_completes_the_run(rfleet, reli
     assert replays[0]["patch"] == {"input": {"value": "7"}} and replays[0]["outcome"] == "succeeded"
     with pytest.raises(Exception, match="input.value"):
         rfleet.client.dlq_replay(_entry_of(rfleet, run_id), {"input": {"value": 7.5, "extra": 1}})
-    reliability_report("replay with a patch", **_tally(rfleet.client, [run_id], 1))
+    reliability_report("replay with a patch", **tally(rfleet.client, [run_id], 1))
 
 
 def _entry_of(f: Fleet, run_id: str) -> str:
@@ -145,7 +125,7 @@ def test_bulk_replay_and_the_dlq_cli(rfleet, reliability_report):
     purged = subprocess.run([*cli, "dlq", "purge", "--older-than", "1h", "--json"], env=env,
                             capture_output=True, text=True, check=True)
     assert json.loads(purged.stdout)["purged"] == 0  # every entry here is younger than an hour
-    reliability_report("bulk replay", **_tally(rfleet.client, ids, 1))
+    reliability_report("bulk replay", **tally(rfleet.client, ids, 1))
 
 
 def test_kill_9_of_an_inference_worker_mid_step_loses_nothing_and_applies_nothing_twice(rfleet, reliability_report):
@@ -159,8 +139,8 @@ def test_kill_9_of_an_inference_worker_mid_step_loses_nothing_and_applies_nothin
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
     rfleet.start_worker("inference", "llm", "threads", 8)
-    tally = _tally(rfleet.client, ids, timeout=90)
-    assert tally["completed"] == len(ids) and tally["lost"] == 0
+    counts = tally(rfleet.client, ids, timeout=90)
+    assert counts["completed"] == len(ids) and counts["lost"] == 0
     agent = rfleet.client.agents["writer"]
     for run_id, topic in zip(ids, topics):
         run = rfleet.client.get(run_id)
@@ -170,14 +150,13 @@ def test_kill_9_of_an_inference_worker_mid_step_loses_nothing_and_applies_nothin
         expected = "".join(generate(render(agent.step("revise").prompt, view), {"max_tokens": 48})[0]).strip()
         assert run.result == expected
     redelivered = sum(any(s.attempts > 1 for s in rfleet.client.get(r).steps) for r in ids)
-    reliability_report("kill -9 inference worker", **tally, note=f"{redelivered} runs had a step redelivered")
+    reliability_report("kill -9 inference worker", **counts, note=f"{redelivered} runs had a step redelivered")
 
 
 def test_a_run_whose_message_vanished_is_sent_again(redis_url, triton, session_dir, reliability_report):
-    prefix = f"v{uuid.uuid4().hex[:8]}"
-    settings, env = make_settings(redis_url, triton, prefix, step_time_limit_s=1, visibility_timeout_s=1.5,
-                                  stall_after_s=2, reconcile_interval_s=0.5)
-    f = Fleet(settings, env, launch.Processes(session_dir / "logs" / prefix), FleetClient(settings))
+    f = new_fleet(redis_url, triton, session_dir, "v", step_time_limit_s=1, visibility_timeout_s=1.5,
+                  stall_after_s=2, reconcile_interval_s=0.5)
+    prefix = f.settings.key_prefix
     try:
         lost = f.client.submit("writer", {"topic": "a message lost between queue and worker"}, priority="batch")
         waiting = f.client.submit("writer", {"topic": "a message waiting in its queue"}, priority="batch")
@@ -187,12 +166,11 @@ def test_a_run_whose_message_vanished_is_sent_again(redis_url, triton, session_d
         r.rpop(queue)  # the oldest message (the first run's) disappears, as in a crash mid-delivery
         # The sweeper must not resend a run whose message is still queued: only `lost` goes again.
         f.start_worker("inference", "llm", "threads", 4)
-        tally = _tally(f.client, [lost, waiting], timeout=30)
-        assert tally == {"submitted": 2, "completed": 2, "dead_lettered": 0, "lost": 0}
+        counts = tally(f.client, [lost, waiting], timeout=30)
+        assert counts == {"submitted": 2, "completed": 2, "dead_lettered": 0, "lost": 0}
         log = (f.procs.log_dir / "inference.log").read_text()
         assert f"run {lost}: no step message in flight" in log
         assert f"run {waiting}: no step message in flight" not in log
     finally:
-        f.procs.stop()
-        f.client.close()
-    reliability_report("message vanished (reconciler)", **tally)
+        close_fleet(f)
+    reliability_report("message vanished (reconciler)", **counts)

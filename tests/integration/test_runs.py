@@ -216,3 +216,16 @@ def test_cancel_mid_generation_stops_the_model_call(fleet):
     streamed = [e for _, e in fleet.client.store.redis.xrange(fleet.client.store.events_key(run_id)) if e["type"] == "token"]
     assert len(streamed) < 200
     assert fleet.client.cancel(run_id) is False  # already ended
+
+
+def test_cancel_reaches_a_batch_model_call_that_streams_nothing(fleet):
+    # Batch calls take one response (no tokens to poll between): the cancel must reach the
+    # call in flight through the workers' cancel channel.
+    run_id = fleet.client.submit("slow", {"topic": "a long batch essay"}, priority="batch")
+    _next_event(fleet, run_id, lambda e: e["type"] == "step" and e.get("status") == "running")
+    assert fleet.client.cancel(run_id) is True
+    failed = _next_event(fleet, run_id, lambda e: e["type"] == "step" and e.get("status") in ("failed", "done"))
+    # Cancelled mid-call: the step failed instead of finishing its 2000 tokens.
+    assert failed["status"] == "failed" and "RunCancelled" in failed["error"]
+    run = fleet.client.get(run_id)
+    assert run.status == "cancelled" and "ramble" not in run.outputs

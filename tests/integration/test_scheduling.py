@@ -6,16 +6,13 @@ Real Redis, real Triton (dev model), real worker processes, each test in its own
 from __future__ import annotations
 
 import urllib.request
-import uuid
 
 import pytest
 
-from fleet import launch
 from fleet.capacity import Capacity
-from fleet.client import FleetClient
 from fleet.errors import Overloaded
 
-from ..conftest import TEST_AGENTS_AND_TOOLS, Fleet, make_settings
+from ..conftest import Fleet, close_fleet, new_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -26,16 +23,12 @@ def namespace(redis_url, triton, session_dir):
     made: list[Fleet] = []
 
     def make(**overrides) -> Fleet:
-        prefix = f"s{uuid.uuid4().hex[:8]}"
-        settings, env = make_settings(redis_url, triton, prefix, **TEST_AGENTS_AND_TOOLS, **overrides)
-        f = Fleet(settings, env, launch.Processes(session_dir / "logs" / prefix), FleetClient(settings))
-        made.append(f)
-        return f
+        made.append(new_fleet(redis_url, triton, session_dir, "s", **overrides))
+        return made[-1]
 
     yield make
     for f in made:
-        f.procs.stop()
-        f.client.close()
+        close_fleet(f)
 
 
 def _triton_requests(triton) -> float:

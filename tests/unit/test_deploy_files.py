@@ -14,7 +14,6 @@ import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import pytest
 import yaml
 
 from fleet.routing import all_queues
