@@ -196,6 +196,7 @@ def status(as_json: bool) -> None:
     click.echo(f"triton  {t['grpc_url']}  server {'ready' if t['server_ready'] else 'NOT READY'}  "
                f"model {t['model']} {'ready' if t['model_ready'] else 'NOT READY'}")
     click.echo(f"flower  {report['flower_url']}")
+    click.echo(f"gateway {report['gateway_url']}")
     click.echo("queues")
     for q in report["queues"]:
         age = f"{q['oldest_age_s']:.1f}s" if q.get("oldest_age_s") is not None else "-"

@@ -49,7 +49,9 @@ def _flower_answers(url: str, auth: str | None) -> bool:
 
 
 def _port_or_free(address: str, port: int) -> int:
-    """``port`` if nothing listens on it, else a free one."""
+    """``port`` if nothing listens on it, else a free one (also for port 0)."""
+    if port == 0:
+        return launch.free_port()
     try:
         with socket.socket() as sock:
             sock.bind((address, port))
@@ -139,6 +141,8 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
     gateway = procs.start("gateway", [sys.executable, "-m", "fleet.cli", "gateway", "--host", settings.bind_address,
                                       "--port", str(gateway_port)], env=env)
     gateway_url = f"http://{settings.bind_address}:{gateway_port}"
+    # CLI commands beside the stack find Flower and the gateway where they really listen.
+    STACK_ENV.write_text(STACK_ENV.read_text() + f"FLEET_FLOWER_PORT={port}\nFLEET_GATEWAY_PORT={gateway_port}\n")
     app = create_app(stack_settings)
     for node in nodes:
         launch.wait_until(lambda n=node: launch.worker_answers(app, n), 60, f"worker {node}",

@@ -25,6 +25,7 @@ def collect(settings: Settings) -> dict[str, Any]:
                    "server_ready": False, "model_ready": False,
                    "metrics_url": settings.triton_metrics_url},
         "flower_url": f"http://{settings.bind_address}:{settings.flower_port}",
+        "gateway_url": f"http://{settings.bind_address}:{settings.gateway_port}",
         "queues": [],
         "workers": [],
     }

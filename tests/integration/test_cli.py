@@ -1,0 +1,105 @@
+"""The ``fleet`` command as a user runs it: real processes, real Redis and Triton."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.integration
+CLI = [sys.executable, "-m", "fleet.cli"]
+
+
+def run_cli(fleet, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, **fleet.env}
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=120, check=check)
+
+
+def test_agents_lists_steps_schema_and_example(fleet):
+    out = json.loads(run_cli(fleet, "agents", "--json").stdout)
+    calc = out["agents"]["calculator"]
+    assert [s["name"] for s in calc["steps"]] == ["plan", "act", "answer"]
+    assert calc["input_schema"]["required"] == ["question"]
+    assert calc["example"] == {"question": "What is 12 * 7 + 3?"}
+    solver = out["agents"]["solver"]
+    assert {s["loop"] for s in solver["steps"]} == {"solve"}
+    text = run_cli(fleet, "agents").stdout
+    assert "calculator:" in text and "plan(llm) -> act(tool) -> answer(llm)" in text
+
+
+def test_submit_wait_and_show(fleet):
+    done = run_cli(fleet, "submit", "calculator", "--input", '{"question": "What is 9 * 9?"}',
+                   "--priority", "batch", "--wait", "--json")
+    run = json.loads(done.stdout)
+    assert run["status"] == "succeeded" and run["result"] == "The answer is 81."
+    assert run["priority"] == "batch" and run["tokens_out"] > 0
+    shown = json.loads(run_cli(fleet, "runs", "show", run["id"], "--json").stdout)
+    assert shown["id"] == run["id"] and [s["key"] for s in shown["steps"]] == ["plan", "act", "answer"]
+    human = run_cli(fleet, "runs", "show", run["id"]).stdout
+    assert f"run {run['id']}" in human and "result: The answer is 81." in human
+
+
+def test_bad_input_exits_2_naming_the_field(fleet):
+    bad = run_cli(fleet, "submit", "calculator", "--input", '{"question": 42, "x": 1}', "--json", check=False)
+    assert bad.returncode == 2
+    assert json.loads(bad.stdout)["field"].startswith("input.")
+    not_json = run_cli(fleet, "submit", "calculator", "--input", "{oops", check=False)
+    assert not_json.returncode == 2 and "--input is not valid JSON" in not_json.stderr
+    missing = run_cli(fleet, "runs", "show", "0" * 32, "--json", check=False)
+    assert missing.returncode == 1 and "no run" in json.loads(missing.stdout)["error"]
+
+
+def test_status_reports_redis_triton_queues_and_workers(fleet):
+    report = json.loads(run_cli(fleet, "status", "--json").stdout)
+    assert report["redis"]["up"] is True
+    assert report["triton"]["server_ready"] and report["triton"]["model_ready"]
+    queues = {q["name"]: q for q in report["queues"]}
+    assert set(queues) == {f"{fleet.settings.queue_prefix}{k}.{c}" for k in ("llm", "tool")
+                           for c in ("interactive", "batch")}
+    assert all(q["depth"] == 0 for q in queues.values())
+    assert set(fleet.nodes.values()) <= set(report["workers"])
+    assert set(report["inflight"]) == {"interactive", "batch"}
+    assert report["admission"]["interactive"]["slots"] >= 8  # the module's inference worker announced itself
+
+
+def _descendants() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(FLEET_FLOWER_PORT="0", FLEET_GATEWAY_PORT="0")  # any free ports
+    before = _descendants()
+    proc = subprocess.Popen([*CLI, "up", "--demo"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if line.startswith("fleet is up"):
+                break
+        started = _descendants() - before
+        assert len(started) >= 6  # fleet up, redis, triton (+stubs), workers, flower, gateway
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, _ = proc.communicate(timeout=60)
+        lines.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines)
+    assert proc.returncode == 0, output
+    assert "demo       all runs succeeded" in output
+    for agent, priority in (("calculator", "interactive"), ("solver", "interactive"), ("writer", "batch")):
+        assert any(agent in line and priority in line and "succeeded" in line for line in output.splitlines())
+    assert "The answer is 87." in output
+    assert "flower     http://127.0.0.1:" in output and "gateway    http://127.0.0.1:" in output
+    assert "stopped." in output
+    alive = [pid for pid in started if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"left behind: {alive}"
+    assert not (tmp_path / ".fleet" / "stack.env").exists()
