@@ -66,6 +66,7 @@ class FleetClient:
 
         Raises:
             InvalidSubmission: the agent, the input or an option is invalid (nothing queued).
+            Overloaded: the fleet sheds load; retry after ``retry_after_s``.
         """
         sub = parse_submission({
             "agent": agent, "input": input if input is not None else {}, "priority": priority,
