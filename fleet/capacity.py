@@ -55,11 +55,8 @@ class Capacity:
         return self.settings.key("inflight", priority, "peak")
 
     def peak(self) -> dict[str, int]:
-        """The most requests ever in flight at once per class (reset with :meth:`reset_peak`)."""
+        """The most requests ever in flight at once per class."""
         return {p: int(self.redis.get(self.peak_key(p)) or 0) for p in PRIORITY_CLASSES}
-
-    def reset_peak(self) -> None:
-        self.redis.delete(*(self.peak_key(p) for p in PRIORITY_CLASSES))
 
     def step_times_key(self, kind: str, priority: PriorityClass) -> str:
         return self.settings.key("stats", "step_s", kind, priority)

@@ -247,12 +247,6 @@ def start_triton(procs: Processes, work_dir: Path, models: list[str], name: str 
     return ep
 
 
-def load_model(http_url: str, model: str, config: dict | None = None) -> None:
-    """(Re)load a model through Triton's repository API, optionally overriding its config."""
-    body = {"parameters": {"config": json.dumps(config)}} if config else {}
-    http_json(f"http://{http_url}/v2/repository/models/{model}/load", body, timeout_s=120)
-
-
 # --- Celery workers and Flower ----------------------------------------------------------
 
 def start_worker(procs: Processes, name: str, queues: list[str], pool: str, concurrency: int,
