@@ -83,16 +83,19 @@ class LoadShedder:
 
     def check(self, agent: AgentDef, priority: PriorityClass, deadline_s: float) -> None:
         """Raise :class:`Overloaded` when the run should not be admitted now."""
-        st = self.state(priority)
         if priority == "batch":
+            # Every batch submission passes here: only the depth decides, so read only that
+            # unless the queue is over its bound.
             limit = self.settings.admission_batch_max_queued
-            if st["depth"] >= limit:
+            if self.capacity.redis.llen(queue_name(self.settings, "llm", "batch")) >= limit:
+                st = self.state(priority)
                 drain = st["predicted_wait_s"] or 0.0
                 retry = max(5.0, drain * (st["depth"] - limit + 1) / max(st["depth"], 1))
                 raise Overloaded(
                     f"batch queue {st['queue']} holds {st['depth']} steps (limit {limit}); "
                     f"retry in {retry:.0f}s", retry_after_s=retry)
             return
+        st = self.state(priority)
         wait, mean = st["predicted_wait_s"], st["mean_step_s"]
         if wait is None or mean is None:
             return  # no measurements (or no live worker announced yet): nothing to predict from

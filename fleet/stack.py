@@ -30,8 +30,6 @@ class Stack:
     settings: Settings
     procs: launch.Processes
     flower_url: str
-    started_redis: bool
-    started_triton: bool
 
     def stop(self) -> None:
         self.procs.stop()
@@ -82,17 +80,14 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
             "set FLEET_FLOWER_BASIC_AUTH and FLEET_API_KEYS"
         )
     env: dict[str, str] = {}
-    started_redis = False
     if "FLEET_REDIS_URL" in os.environ and launch.redis_answers(settings.redis_url):
         say(f"redis      reusing {settings.redis_url}")
         redis_url = settings.redis_url
     else:
         redis_url = launch.start_redis(procs, data / "redis")
-        started_redis = True
         say(f"redis      started {redis_url} (AOF in {data / 'redis'})")
     env["FLEET_REDIS_URL"] = redis_url
 
-    started_triton = False
     if "FLEET_TRITON_GRPC_URL" in os.environ and TritonClient(settings.triton_grpc_url).model_ready(settings.triton_model):
         say(f"triton     reusing {settings.triton_grpc_url} (model {settings.triton_model} ready)")
     else:
@@ -100,7 +95,6 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
         ep = launch.start_triton(procs, data / "triton", [settings.triton_model], address=settings.bind_address)
         env.update(FLEET_TRITON_GRPC_URL=ep.grpc_url, FLEET_TRITON_HTTP_URL=ep.http_url,
                    FLEET_TRITON_METRICS_URL=ep.metrics_url)
-        started_triton = True
         say(f"triton     ready: grpc {ep.grpc_url}, http {ep.http_url}, model {settings.triton_model}")
 
     STACK_ENV.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +151,7 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
     for name, metrics_port in metrics_ports.items():
         say(f"metrics    {name} http://{settings.bind_address}:{metrics_port}/metrics")
     say(f"logs       {procs.log_dir}/")
-    return Stack(stack_settings, procs, flower_url, started_redis, started_triton)
+    return Stack(stack_settings, procs, flower_url)
 
 
 def run_demo(settings: Settings, say=print) -> int:  # noqa: ANN001

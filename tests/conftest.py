@@ -130,16 +130,22 @@ def close_fleet(f: Fleet) -> None:
     f.client.close()
 
 
-@pytest.fixture(scope="module")
-def fleet(redis_url: str, triton: TritonInfo, session_dir: Path) -> Iterator[Fleet]:
-    """A module's own fleet namespace with an inference worker and a tool worker."""
-    f = new_fleet(redis_url, triton, session_dir)
+def running_fleet(redis_url: str, triton: TritonInfo, session_dir: Path, letter: str = "t",
+                  **overrides: object) -> Iterator[Fleet]:
+    """A fresh namespace with an inference worker and a tool worker, stopped afterwards."""
+    f = new_fleet(redis_url, triton, session_dir, letter, **overrides)
     try:
         f.start_worker("inference", "llm", "threads", 8)
         f.start_worker("tools", "tool", "prefork", 2)
         yield f
     finally:
         close_fleet(f)
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_url: str, triton: TritonInfo, session_dir: Path) -> Iterator[Fleet]:
+    """A module's own fleet namespace with an inference worker and a tool worker."""
+    yield from running_fleet(redis_url, triton, session_dir)
 
 
 def tally(client: FleetClient, run_ids: list[str], timeout: float) -> dict[str, int]:

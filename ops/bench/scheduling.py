@@ -32,7 +32,9 @@ import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +173,19 @@ class Bench:
         for name in names:
             self.procs.stop(name)
 
+    @contextmanager
+    def namespace(self, scheduling: str) -> Iterator[FleetClient]:
+        """A fresh fleet namespace with its workers; stopped and wiped afterwards."""
+        settings, env = self.settings(scheduling)
+        client = FleetClient(settings)
+        workers = self.start_workers(settings, env, client)
+        try:
+            yield client
+        finally:
+            self.stop_workers(workers)
+            client.store.redis.flushdb()
+            client.close()
+
 
 def enqueue_backlog(client: FleetClient, n: int) -> list[str]:
     def one(i: int) -> str:
@@ -232,16 +247,13 @@ def expired_reaching_triton(runs: list) -> tuple[int, int, int, int]:
 
 def scenario_backlog(b: Bench, scheduling: str, backlog: int, window: float, rate: float,
                      tight_deadline_s: float) -> dict:
-    settings, env = b.settings(scheduling)
-    client = FleetClient(settings)
-    workers = b.start_workers(settings, env, client)
-    try:
+    with b.namespace(scheduling) as client:
         # Warm the measurement of step times (admission) and the channels.
         for r in [client.submit("bench_interactive", {"text": "warm"}) for _ in range(4)]:
             client.wait(r, 30)
         idle = interactive_load(client, rate, window)
         ids = enqueue_backlog(client, backlog)
-        queued_at_start = client.store.redis.llen(f"{settings.queue_prefix}llm.batch")
+        queued_at_start = client.store.redis.llen(f"{client.settings.queue_prefix}llm.batch")
         t0 = time.time()
         loaded = interactive_load(client, rate, window)
         # A burst of people at once, each with a tight deadline: some of it cannot be served
@@ -252,33 +264,19 @@ def scenario_backlog(b: Bench, scheduling: str, backlog: int, window: float, rat
         return {"idle": latency_stats(idle), "loaded": latency_stats(loaded), "queued_at_start": queued_at_start,
                 "batch_per_s": batch_done / (t1 - t0), "tight": expired_reaching_triton(tight),
                 "tight_stats": latency_stats(tight), "tight_refused": tight_refused}
-    finally:
-        b.stop_workers(workers)
-        client.store.redis.flushdb()
-        client.close()
 
 
 def scenario_batch_alone(b: Bench, backlog: int, window: float) -> float:
-    settings, env = b.settings("fleet")
-    client = FleetClient(settings)
-    workers = b.start_workers(settings, env, client)
-    try:
+    with b.namespace("fleet") as client:
         ids = enqueue_backlog(client, backlog)
         t0 = time.time()
         time.sleep(window)  # measuring a drain rate over a fixed window
         return finished_between(client, ids, t0, time.time()) / window
-    finally:
-        b.stop_workers(workers)
-        client.store.redis.flushdb()
-        client.close()
 
 
 def orchestration(b: Bench, sequential: int, concurrent: int) -> dict:
-    settings, env = b.settings("fleet")
-    client = FleetClient(settings)
-    workers = b.start_workers(settings, env, client)
     out: dict[str, float] = {}
-    try:
+    with b.namespace("fleet") as client:
         client.wait(client.submit("bench_chain", {"text": "warm"}), 30)
         t = time.monotonic()
         for i in range(sequential):
@@ -289,10 +287,6 @@ def orchestration(b: Bench, sequential: int, concurrent: int) -> dict:
         ids = [client.submit("bench_chain", {"text": f"par {i}"}) for i in range(concurrent)]
         assert all(client.wait(r, 120).status == "succeeded" for r in ids)
         out["fleet_par_s"] = time.monotonic() - t
-    finally:
-        b.stop_workers(workers)
-        client.store.redis.flushdb()
-        client.close()
 
     # The baseline: the same number of steps as plain Celery no-op tasks in a chain.
     app_dir = b.root / "noop"
@@ -391,12 +385,9 @@ def perf_analyzer_throughput(b: Bench, concurrency: int, seconds: float) -> floa
 
 
 def fleet_llm_throughput(b: Bench, concurrency: int, seconds: float) -> float:
-    settings, env = b.settings("fleet")
-    client = FleetClient(settings)
-    workers = b.start_workers(settings, env, client)
     done = [0]
     stop = threading.Event()
-    try:
+    with b.namespace("fleet") as client:
         client.wait(client.submit("bench_interactive", {"text": "warm"}), 30)
 
         def loop(k: int) -> None:
@@ -415,10 +406,6 @@ def fleet_llm_throughput(b: Bench, concurrency: int, seconds: float) -> float:
         for t in threads:
             t.join()
         return done[0] / seconds
-    finally:
-        b.stop_workers(workers)
-        client.store.redis.flushdb()
-        client.close()
 
 
 def main() -> int:

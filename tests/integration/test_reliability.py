@@ -17,7 +17,7 @@ import pytest
 from fleet.simulator import generate
 from fleet.template import render
 
-from ..conftest import Fleet, close_fleet, new_fleet, tally
+from ..conftest import Fleet, close_fleet, new_fleet, running_fleet, tally
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +25,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def rfleet(redis_url, triton, session_dir):
     """A fleet with short timeouts and few attempts."""
-    f = new_fleet(redis_url, triton, session_dir, "r", step_time_limit_s=5, visibility_timeout_s=6,
-                  retry_max_attempts=3)
-    try:
-        f.start_worker("inference", "llm", "threads", 8)
-        f.start_worker("tools", "tool", "prefork", 2)
-        yield f
-    finally:
-        close_fleet(f)
+    yield from running_fleet(redis_url, triton, session_dir, "r", step_time_limit_s=5,
+                             visibility_timeout_s=6, retry_max_attempts=3)
 
 
 def test_permanent_error_is_dead_lettered_after_one_attempt(rfleet, reliability_report):
