@@ -48,7 +48,7 @@ class AsyncFleetClient:
         self.settings = settings or (sync.settings if sync is not None else Settings())
         self._own_sync = sync is None
         self.sync = sync or FleetClient(self.settings)
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(self.settings.redis_url, **self.settings.redis_options())
 
     async def close(self) -> None:
         """Release connections."""

@@ -92,8 +92,11 @@ class CancelWatcher:
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(channel(self.settings))
-                for message in pubsub.listen():
-                    if message.get("type") == "message":
+                while True:
+                    # Poll with a timeout below the connection's read timeout: a quiet
+                    # channel is not an error, a dead connection is.
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
                         self.cancel(message["data"])
             except redis.RedisError:
                 log.debug("cancel channel lost; resubscribing", exc_info=True)

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0",
         description="Redis for the broker, run records, events and dead letters.",
     )
+    redis_socket_timeout_s: float = Field(
+        10.0,
+        gt=1,
+        description="Read timeout of the fleet's Redis connections (blocking reads wait at most 1 s), "
+        "so a connection to a Redis that went away fails instead of hanging.",
+    )
     key_prefix: str = Field("fleet", description="Prefix of every Redis key the fleet writes.")
     queue_prefix: str = Field(
         "", description="Prefix of every queue name (lets several fleets share one Redis)."
@@ -179,6 +185,16 @@ class Settings(BaseSettings):
         if priority == "interactive":
             return self.triton_priority_interactive
         return self.triton_priority_batch
+
+    def redis_options(self) -> dict[str, object]:
+        """Connection options of every Redis client of the fleet (sync and asyncio)."""
+        return {
+            "decode_responses": True,
+            "socket_timeout": self.redis_socket_timeout_s,
+            "socket_connect_timeout": 5,
+            "socket_keepalive": True,
+            "health_check_interval": 15,
+        }
 
     def key(self, *parts: str) -> str:
         """A Redis key in this fleet's namespace."""
