@@ -48,7 +48,7 @@ class AsyncFleetClient:
         self.settings = settings or (sync.settings if sync is not None else Settings())
         self._own_sync = sync is None
         self.sync = sync or FleetClient(self.settings)
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(self.settings.redis_url, **self.settings.redis_options())
+        self.redis: aioredis.Redis = self.settings.async_redis()
 
     async def close(self) -> None:
         """Release connections."""

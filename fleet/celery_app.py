@@ -10,7 +10,11 @@ from fleet.settings import Settings
 
 
 def create_app(settings: Settings) -> Celery:
-    """A Celery app for this fleet, with the step tasks registered."""
+    """A Celery app for this fleet.
+
+    Clients send steps by task name and need nothing more; workers register the step
+    tasks on it (``fleet.worker``), so a client never imports the step runtime.
+    """
     app = Celery("fleet", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
         # JSON only: a broker message must never be able to execute code when decoded.
@@ -62,8 +66,4 @@ def create_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
-    from fleet.tasks import register_tasks
-
-    register_tasks(app, settings)
-
     return app

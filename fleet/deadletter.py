@@ -45,7 +45,7 @@ class DeadLetters:
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
-        self.redis = client or redis.Redis.from_url(settings.redis_url, **settings.redis_options())
+        self.redis = client or settings.redis()
         self.stream = settings.key("deadletter")
 
     def add(self, entry: DeadLetter) -> str:

@@ -44,6 +44,7 @@ from fleet.admission import Admission, Submission
 from fleet.aio import AsyncFleetClient
 from fleet.client import FleetClient
 from fleet.errors import InvalidSubmission, Overloaded, RunNotFound
+from fleet.gauges import FleetCollector
 from fleet.runs import RunRecord, RunStatus
 from fleet.settings import Settings
 from fleet.triton import TritonClient
@@ -463,8 +464,6 @@ LATENCY = Histogram("fleet_gateway_request_seconds", "Gateway request latency (t
 
 
 def _gateway_registry(settings: Settings) -> CollectorRegistry:
-    from fleet.metrics import FleetCollector
-
     registry = CollectorRegistry()
     registry.register(REQUESTS)
     registry.register(LATENCY)

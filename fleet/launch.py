@@ -27,6 +27,8 @@ from typing import IO
 
 import redis
 
+from fleet.settings import redis_client
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +126,7 @@ class Processes:
 def redis_answers(url: str) -> bool:
     """Whether a Redis server answers PING at ``url``."""
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+        return bool(redis_client(url, socket_connect_timeout=1, socket_timeout=1).ping())
     except redis.RedisError:
         return False
 

@@ -9,9 +9,8 @@ Two kinds of series:
   multiprocess mode: every process writes its values to files in ``PROMETHEUS_MULTIPROC_DIR``
   and the endpoint adds them up (:func:`use_multiprocess_dir`, called before the pool starts).
 - Fleet-wide facts read from Redis when scraped (queue depth, age of the oldest message,
-  requests in flight at Triton): :class:`FleetCollector`. Every worker's endpoint exposes
-  them, so Prometheus gets one copy per worker: dashboards and alerts take ``max by``
-  (queue or priority), never a sum. That keeps them available as long as any worker is up.
+  requests in flight at Triton): :class:`fleet.gauges.FleetCollector`, which every worker's
+  endpoint exposes too.
 
 The endpoint is off unless ``FLEET_METRICS_PORT`` is set (``fleet up`` gives each worker
 its own port).
@@ -25,15 +24,11 @@ import logging
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server, values
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
+from fleet.gauges import FleetCollector
 from fleet.settings import Settings
 
 if TYPE_CHECKING:
@@ -95,44 +90,6 @@ def run_finished(run: RunRecord) -> None:
     RUNS.labels(run.agent, run.priority, run.status).inc()
     if run.latency_s is not None:
         RUN_LATENCY.labels(run.agent, run.priority, run.status).observe(run.latency_s)
-
-
-# --- fleet-wide gauges ----------------------------------------------------------------------
-
-class FleetCollector(Collector):
-    """Queue depth, oldest message age and Triton requests in flight, read from Redis per scrape."""
-
-    def __init__(self, settings: Settings) -> None:
-        from fleet.capacity import Capacity
-
-        self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                          socket_timeout=2, socket_connect_timeout=2)
-        self.capacity = Capacity(settings, self.redis)
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        from fleet.routing import all_queues
-        from fleet.status import oldest_age_s
-
-        depth = GaugeMetricFamily("fleet_queue_depth", "Messages waiting in a queue.", labels=["queue"])
-        age = GaugeMetricFamily("fleet_queue_oldest_age_seconds",
-                                "How long the oldest waiting message of a queue has waited (0 when empty).",
-                                labels=["queue"])
-        inflight = GaugeMetricFamily("fleet_triton_inflight_requests",
-                                     "Requests in flight at Triton, fleet-wide.", labels=["priority"])
-        try:
-            now = time.time()
-            for queue in all_queues(self.settings):
-                depth.add_metric([queue], self.redis.llen(queue))
-                age.add_metric([queue], oldest_age_s(self.redis, queue, now) or 0.0)
-            for priority, n in self.capacity.inflight().items():
-                inflight.add_metric([priority], n)
-        except redis.RedisError as exc:
-            # A scrape must still answer (the worker's own series matter most when Redis is
-            # down); missing gauges show the outage on the dashboard.
-            log.warning("metrics: Redis unreachable, fleet-wide gauges left out (%s)", exc)
-            return
-        yield from (depth, age, inflight)
 
 
 # --- the endpoint ---------------------------------------------------------------------------

@@ -150,7 +150,7 @@ class RunStore:
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
-        self.redis = client or redis.Redis.from_url(settings.redis_url, **settings.redis_options())
+        self.redis = client or settings.redis()
         self._commit = self.redis.register_script(_COMMIT_STEP)
         self._transition = self.redis.register_script(_TRANSITION)
         self._reopen = self.redis.register_script(_REOPEN)

@@ -7,10 +7,14 @@ in the code reads ``os.environ``. Every name carries its unit.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import redis
+    import redis.asyncio as aioredis
 
 PriorityClass = Literal["interactive", "batch"]
 PRIORITY_CLASSES: tuple[PriorityClass, ...] = ("interactive", "batch")
@@ -188,14 +192,42 @@ class Settings(BaseSettings):
 
     def redis_options(self) -> dict[str, object]:
         """Connection options of every Redis client of the fleet (sync and asyncio)."""
-        return {
-            "decode_responses": True,
-            "socket_timeout": self.redis_socket_timeout_s,
-            "socket_connect_timeout": 5,
-            "socket_keepalive": True,
-            "health_check_interval": 15,
-        }
+        return redis_options(self.redis_socket_timeout_s)
+
+    def redis(self, **overrides: Any) -> "redis.Redis":
+        """A Redis client of this fleet: the one way fleet code connects (see :func:`redis_client`)."""
+        return redis_client(self.redis_url, **{"socket_timeout": self.redis_socket_timeout_s, **overrides})
+
+    def async_redis(self, **overrides: Any) -> "aioredis.Redis":
+        """An asyncio Redis client of this fleet, with the same options as :meth:`redis`."""
+        import redis.asyncio as aioredis
+
+        return aioredis.Redis.from_url(self.redis_url, **{**self.redis_options(), **overrides})
 
     def key(self, *parts: str) -> str:
         """A Redis key in this fleet's namespace."""
         return ":".join((self.key_prefix, *parts))
+
+
+def redis_options(socket_timeout_s: float = 10.0) -> dict[str, Any]:
+    """Options every fleet Redis connection uses: decoded replies, connect and read timeouts,
+    keepalive and a health check, so a connection to a Redis that went away fails and
+    reconnects instead of hanging."""
+    return {
+        "decode_responses": True,
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "health_check_interval": 15,
+    }
+
+
+def redis_client(url: str, **overrides: Any) -> "redis.Redis":
+    """A Redis client for ``url`` with the fleet's connection options (``overrides`` win).
+
+    Every fleet process connects through here (or :meth:`Settings.redis`), including
+    probes of a server that no settings name yet (the local stack's launcher).
+    """
+    import redis
+
+    return redis.Redis.from_url(url, **{**redis_options(), **overrides})

@@ -10,6 +10,7 @@ import redis
 
 from fleet.admission import LoadShedder
 from fleet.capacity import Capacity
+from fleet.gauges import oldest_age_s
 from fleet.settings import PRIORITY_CLASSES
 
 from fleet.routing import all_queues
@@ -29,8 +30,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         "queues": [],
         "workers": [],
     }
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=2,
-                                  socket_connect_timeout=2)
+    client = settings.redis(socket_timeout=2, socket_connect_timeout=2)
     try:
         client.ping()
         report["redis"]["up"] = True
@@ -63,19 +63,6 @@ def collect(settings: Settings) -> dict[str, Any]:
         finally:
             app.close()
     return report
-
-
-def oldest_age_s(client: redis.Redis, queue: str, now: float) -> float | None:
-    """Age of the message that has waited longest in ``queue`` (None when empty)."""
-    raw = client.lindex(queue, -1)  # kombu pushes on the left and pops on the right
-    if raw is None:
-        return None
-    try:
-        headers = json.loads(raw).get("headers", {})
-        sent = headers.get("fleet_sent_at")
-    except (ValueError, AttributeError):
-        return None
-    return round(now - float(sent), 3) if sent else None
 
 
 def _redact(url: str) -> str:

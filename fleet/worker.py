@@ -11,10 +11,12 @@ from celery.signals import worker_init, worker_ready
 from fleet.celery_app import create_app
 from fleet.logs import setup_logging
 from fleet.settings import Settings
+from fleet.tasks import register_tasks
 
 settings = Settings()
 setup_logging(settings.log_level, settings.log_format)
 app = create_app(settings)
+register_tasks(app, settings)
 log = logging.getLogger(__name__)
 
 

@@ -1,0 +1,67 @@
+"""Fleet-wide gauges read from Redis at scrape time: queue depth, oldest message age,
+requests in flight at Triton.
+
+Every worker's and the gateway's ``/metrics`` expose them, so Prometheus gets one copy per
+process: dashboards and alerts take ``max by`` (queue or priority), never a sum. That keeps
+them available as long as any process is up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+
+import redis
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from fleet.capacity import Capacity
+from fleet.routing import all_queues
+from fleet.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def oldest_age_s(client: redis.Redis, queue: str, now: float) -> float | None:
+    """Age of the message that has waited longest in ``queue`` (None when empty)."""
+    raw = client.lindex(queue, -1)  # kombu pushes on the left and pops on the right
+    if raw is None:
+        return None
+    try:
+        headers = json.loads(raw).get("headers", {})
+        sent = headers.get("fleet_sent_at")
+    except (ValueError, AttributeError):
+        return None
+    return round(now - float(sent), 3) if sent else None
+
+
+class FleetCollector(Collector):
+    """Queue depth, oldest message age and Triton requests in flight, read from Redis per scrape."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = settings.redis(socket_timeout=2, socket_connect_timeout=2)
+        self.capacity = Capacity(settings, self.redis)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("fleet_queue_depth", "Messages waiting in a queue.", labels=["queue"])
+        age = GaugeMetricFamily("fleet_queue_oldest_age_seconds",
+                                "How long the oldest waiting message of a queue has waited (0 when empty).",
+                                labels=["queue"])
+        inflight = GaugeMetricFamily("fleet_triton_inflight_requests",
+                                     "Requests in flight at Triton, fleet-wide.", labels=["priority"])
+        try:
+            now = time.time()
+            for queue in all_queues(self.settings):
+                depth.add_metric([queue], self.redis.llen(queue))
+                age.add_metric([queue], oldest_age_s(self.redis, queue, now) or 0.0)
+            for priority, n in self.capacity.inflight().items():
+                inflight.add_metric([priority], n)
+        except redis.RedisError as exc:
+            # A scrape must still answer (a process's own series matter most when Redis is
+            # down); missing gauges show the outage on the dashboard.
+            log.warning("metrics: Redis unreachable, fleet-wide gauges left out (%s)", exc)
+            return
+        yield from (depth, age, inflight)
