@@ -155,12 +155,11 @@ class Admission:
         )
         self.store.create(record)
         try:
-            build_chain(self.app, self.settings, agent, run_id, sub.priority).apply_async(
-                headers={"fleet_sent_at": now})
+            build_chain(self.app, self.settings, agent, run_id, sub.priority).apply_async()
         except Exception:
             # Nothing was queued: do not leave a run that looks accepted, nor a key that
             # would return it.
-            self.store.redis.delete(self.store.run_key(run_id))
+            self.store.delete(run_id)
             if sub.idempotency_key is not None:
                 self.store.redis.delete(self._key(sub.idempotency_key))
             raise
@@ -169,7 +168,7 @@ class Admission:
         return run_id, True
 
     def _key(self, idempotency_key: str) -> str:
-        return self.settings.key("idem", idempotency_key)
+        return self.settings.keys.idempotency(idempotency_key)
 
     def _claim_key(self, idempotency_key: str, run_id: str) -> str | None:
         """Bind the key to ``run_id``; return the run it already names, if any."""

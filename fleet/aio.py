@@ -20,7 +20,6 @@ calls plus a broker publish, and keeping one implementation of the door keeps it
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,12 +27,9 @@ import redis.asyncio as aioredis
 
 from fleet.client import FleetClient
 from fleet.errors import RunNotFound
-from fleet.runs import TERMINAL, RunRecord
-from fleet.runs import decode_record
+from fleet.follow import Event, Follow, Gone, adrive
+from fleet.runs import TERMINAL, RunRecord, decode_record
 from fleet.settings import PriorityClass, Settings
-
-# How long one XREAD blocks: also how often a waiter re-checks that its run still exists.
-_BLOCK_MS = 1000
 
 
 class AsyncFleetClient:
@@ -48,6 +44,7 @@ class AsyncFleetClient:
         self.settings = settings or (sync.settings if sync is not None else Settings())
         self._own_sync = sync is None
         self.sync = sync or FleetClient(self.settings)
+        self.keys = self.settings.keys
         self.redis: aioredis.Redis = self.settings.async_redis()
 
     async def close(self) -> None:
@@ -92,25 +89,24 @@ class AsyncFleetClient:
     # --- reads ----------------------------------------------------------------------
     async def get(self, run_id: str) -> RunRecord:
         """The run's record. Raises :class:`RunNotFound`."""
-        raw = await self.redis.hgetall(self.sync.store.run_key(run_id))
+        raw = await self.redis.hgetall(self.keys.run(run_id))
         if not raw:
             raise RunNotFound(f"no run '{run_id}'")
         return decode_record(raw)
 
     async def exists(self, run_id: str) -> bool:
         """Whether the run has a record."""
-        return bool(await self.redis.exists(self.sync.store.run_key(run_id)))
+        return bool(await self.redis.exists(self.keys.run(run_id)))
 
     async def wait(self, run_id: str, timeout: float = 60.0) -> RunRecord:
         """Wait until the run ends (or ``timeout`` seconds pass) and return its record."""
-        newest = await self.redis.xrevrange(self.sync.store.events_key(run_id), count=1)
+        # Only events after the newest one seen before reading the record can end the wait:
+        # an older terminal event belongs to an earlier life of a replayed run.
+        newest = await self.redis.xrevrange(self.keys.events(run_id), count=1)
         record = await self.get(run_id)
         if record.status in TERMINAL:
             return record
-        # Only events after the newest one seen before reading the record can end the wait:
-        # an older terminal event belongs to an earlier life of a replayed run.
-        after = newest[0][0] if newest else "0"
-        async for _ in self.entries(run_id, after=after, timeout=timeout):
+        async for _ in self.entries(run_id, after=newest[0][0] if newest else "0", timeout=timeout):
             pass
         return await self.get(run_id)
 
@@ -122,62 +118,16 @@ class AsyncFleetClient:
     async def entries(
         self, run_id: str, after: str = "0", timeout: float | None = None
     ) -> AsyncIterator[tuple[str, dict[str, str]]]:
-        """``(stream id, event)`` pairs of the run from ``after`` on, until it ends.
-
-        Stops after the terminal status event of the run's current life, or when
-        ``timeout`` seconds pass with nothing new. Resuming from the id of the last pair
-        seen continues exactly where a reader left off.
+        """``(stream id, event)`` pairs of the run after ``after``, until it ends (see
+        :mod:`fleet.follow`) or ``timeout`` seconds pass with nothing new. Resuming from the
+        id of the last pair seen continues exactly where a reader left off.
 
         Raises:
-            RunNotFound: the run has no record (checked while the stream is idle).
+            RunNotFound: the run has no record.
         """
-        key = self.sync.store.events_key(run_id)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last = after
-        if after != "0" and await self._ended_by(run_id, after):
-            return
-        while True:
-            block_ms = _BLOCK_MS
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                block_ms = max(1, min(block_ms, int(left * 1000)))
-            batch = await self.redis.xread({key: last}, block=block_ms, count=500)
-            if not batch:
-                if not await self.exists(run_id):
-                    raise RunNotFound(f"no run '{run_id}'")
-                if await self._ended_by(run_id, last):
-                    return
-                continue
-            for event_id, fields in batch[0][1]:
-                last = event_id
-                yield event_id, fields
-                if fields.get("type") == "status" and fields.get("status") in TERMINAL:
-                    # A replay reopens a finished run: history may hold an earlier end.
-                    status = await self.redis.hget(self.sync.store.run_key(run_id), "status")
-                    if status in TERMINAL:
-                        return
-
-    async def _ended_by(self, run_id: str, last: str) -> bool:
-        """Whether the run's terminal event is at or before ``last`` and it has not reopened.
-
-        A reader resuming after the end would otherwise wait for an event that never comes.
-        The newest event is checked, not just the status: the status turns terminal a moment
-        before its event is appended, and that event must still be read.
-        """
-        newest = await self.redis.xrevrange(self.sync.store.events_key(run_id), count=1)
-        if not newest:
-            return False
-        event_id, fields = newest[0]
-        if fields.get("type") != "status" or fields.get("status") not in TERMINAL:
-            return False
-        if stream_id_key(event_id) > stream_id_key(last):
-            return False
-        return await self.redis.hget(self.sync.store.run_key(run_id), "status") in TERMINAL
-
-
-def stream_id_key(stream_id: str) -> tuple[int, int]:
-    """A Redis stream id (``"<ms>-<seq>"`` or ``"<ms>"``) as a sortable pair."""
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
+        follow = Follow(self.keys)
+        async for found in adrive(self.redis, self.keys, follow.until_end(run_id, after, timeout)):
+            if isinstance(found, Gone):
+                raise RunNotFound(f"no run '{run_id}'")
+            if isinstance(found, Event):
+                yield found.event_id, found.fields

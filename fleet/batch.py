@@ -50,6 +50,7 @@ from typing import IO, Any
 from fleet.admission import Admission, parse_submission
 from fleet.client import FleetClient
 from fleet.errors import InvalidSubmission, Overloaded, RunNotFound
+from fleet.follow import Ended, Follow, Gone, drive
 from fleet.runs import TERMINAL, RunRecord
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,6 @@ log = logging.getLogger(__name__)
 MAX_KEY_LENGTH = 256  # admission's limit on idempotency keys
 # Statuses the summary always names, in this order (others follow when they occur).
 SUMMARY_STATUSES = ("succeeded", "failed", "dead_lettered", "rejected", "expired")
-# Every so often the statuses of runs in flight are read outright, in case an event stream
-# was trimmed or expired under a run.
-_SWEEP_INTERVAL_S = 15.0
 _BLOCK_S = 1.0
 
 
@@ -287,12 +285,6 @@ class _Interrupts:
                 raise KeyboardInterrupt
 
 
-@dataclass
-class _InFlight:
-    lines: list[BatchLine]
-    cursor: str
-
-
 class BatchRunner:
     """Runs one input file through the fleet into one results file."""
 
@@ -310,12 +302,12 @@ class BatchRunner:
         self.progress_stream = progress_stream if progress_stream is not None else sys.stderr
         self.store = client.store
         self.admission = Admission(client.settings, client.app, client.agents, client.store)
-        self._in_flight: dict[str, _InFlight] = {}
+        self._in_flight: dict[str, list[BatchLine]] = {}  # run id -> the lines it answers
+        self._follow = Follow(client.settings.keys)
         self._statuses: dict[str, int] = {}
         self._summary = Summary()
         self._progress: Progress | None = None
         self._file: IO[str] | None = None
-        self._swept = time.monotonic()
         self._interrupts = _Interrupts()
 
     # --- public -------------------------------------------------------------------
@@ -388,7 +380,7 @@ class BatchRunner:
                          item.line, exc.retry_after_s, exc)
                 self._hold(exc.retry_after_s)
         log.debug("run %s: line %d submitted (%s)", run_id, item.line, "new" if created else "existing")
-        self._follow(run_id, item)
+        self._track(run_id, item)
 
     def _hold(self, seconds: float) -> None:
         """Wait ``seconds`` while still collecting finished runs."""
@@ -399,13 +391,13 @@ class BatchRunner:
             else:
                 time.sleep(min(left, _BLOCK_S))
 
-    def _follow(self, run_id: str, item: BatchLine) -> None:
+    def _track(self, run_id: str, item: BatchLine) -> None:
         if run_id in self._in_flight:  # two lines with the same input and no ids: one run
-            self._in_flight[run_id].lines.append(item)
+            self._in_flight[run_id].append(item)
             return
         # Only events after the newest one seen before reading the record can end the run:
         # an older terminal event belongs to an earlier life of a replayed run.
-        newest = self.store.redis.xrevrange(self.store.events_key(run_id), count=1)
+        after = self.store.newest_event_id(run_id)
         try:
             record = self.store.get(run_id)
         except RunNotFound:
@@ -414,50 +406,34 @@ class BatchRunner:
         if record.status in TERMINAL:
             self._write_run(record, [item])
             return
-        self._in_flight[run_id] = _InFlight([item], newest[0][0] if newest else "0")
+        self._in_flight[run_id] = [item]
+        self._follow.add(run_id, after)
 
     # --- collecting -----------------------------------------------------------------
     def _pump(self, block_s: float) -> None:
-        """Wait up to ``block_s`` for events of the runs in flight; write those that ended."""
-        keys = {self.store.events_key(rid): rid for rid in self._in_flight}
-        streams = {key: self._in_flight[rid].cursor for key, rid in keys.items()}
-        batch = self.store.redis.xread(streams, block=max(1, int(block_s * 1000)), count=100)
-        ended: list[str] = []
-        for key, entries in batch or []:
-            rid = keys[key]
-            for event_id, fields in entries:
-                self._in_flight[rid].cursor = event_id
-                if fields.get("type") == "status" and fields.get("status") in TERMINAL:
-                    ended.append(rid)
-        for rid in ended:
-            self._settle(rid)
-        if time.monotonic() - self._swept > _SWEEP_INTERVAL_S:
-            self._sweep()
+        """Wait up to ``block_s`` for the runs in flight (one XREAD for all); write those that ended."""
+        protocol = self._follow.round(max(1, int(block_s * 1000)))
+        for found in drive(self.store.redis, self._follow.keys, protocol):
+            if isinstance(found, Ended):
+                self._settle(found.run_id)
+            elif isinstance(found, Gone):
+                self._write_missing(found.run_id, self._in_flight.pop(found.run_id, []))
 
     def _settle(self, run_id: str) -> None:
-        """Write the run's result if it really ended (a replay may have reopened it)."""
-        flight = self._in_flight.get(run_id)
-        if flight is None:
+        """Write the run's result."""
+        lines = self._in_flight.pop(run_id, None)
+        if lines is None:
             return
         try:
             record = self.store.get(run_id)
         except RunNotFound:
-            del self._in_flight[run_id]
-            self._write_missing(run_id, flight.lines)
+            self._write_missing(run_id, lines)
             return
-        if record.status in TERMINAL:
-            del self._in_flight[run_id]
-            self._write_run(record, flight.lines)
-
-    def _sweep(self) -> None:
-        self._swept = time.monotonic()
-        run_ids = list(self._in_flight)
-        pipe = self.store.redis.pipeline()
-        for rid in run_ids:
-            pipe.hget(self.store.run_key(rid), "status")
-        for rid, status in zip(run_ids, pipe.execute()):
-            if status is None or status in TERMINAL:
-                self._settle(rid)
+        if record.status not in TERMINAL:  # a replay reopened it since
+            self._in_flight[run_id] = lines
+            self._follow.add(run_id, self.store.newest_event_id(run_id))
+            return
+        self._write_run(record, lines)
 
     # --- writing --------------------------------------------------------------------
     def _write(self, row: dict[str, Any]) -> None:

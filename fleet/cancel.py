@@ -1,9 +1,12 @@
-"""Cancelling model calls in flight the moment a run is cancelled.
+"""Cancelling a run's work in flight: one mechanism, one Redis read path.
 
-``FleetClient.cancel`` publishes the run id on a Redis channel; every inference worker
-process listens on it and cancels the gRPC calls it has in flight for that run, so Triton
-stops generating for nobody. Streaming calls also poll the run's status between tokens,
-which covers a worker that was reconnecting when the message went out.
+``FleetClient.cancel`` moves the run to ``cancelled`` and publishes its id on the cancel
+channel. Every worker process keeps one :class:`Cancellation`: a listener on that channel
+(started with the first model call) that cancels the calls a cancelled run has in flight
+here, so Triton stops generating for nobody. A step body sees cancellation through its
+:class:`CancelScope`: ``cancelled()`` is true once the message arrived, and otherwise reads
+the run's status (at most every ``poll_s``), which covers a worker that was reconnecting
+when the message went out.
 """
 
 from __future__ import annotations
@@ -11,78 +14,101 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import redis
 
-from fleet.settings import Settings
+from fleet.runs import RunStore
 
 log = logging.getLogger(__name__)
 
 
-def channel(settings: Settings) -> str:
-    """The channel cancelled run ids are published on."""
-    return settings.key("cancel")
-
-
-def announce(settings: Settings, client: redis.Redis, run_id: str) -> None:
+def announce(store: RunStore, run_id: str) -> None:
     """Tell every worker that ``run_id`` was cancelled."""
-    client.publish(channel(settings), run_id)
+    store.redis.publish(store.keys.cancel_channel, run_id)
 
 
-class CancelWatcher:
-    """Holds the model calls in flight in this process, by run, and cancels them on demand."""
+class CancelScope:
+    """Cancellation as one step of one run sees it."""
 
-    def __init__(self, settings: Settings, client: redis.Redis) -> None:
-        self.settings = settings
-        self.redis = client
-        self._calls: dict[str, list[Any]] = {}
-        self._lock = threading.Lock()
+    def __init__(self, owner: "Cancellation", run_id: str, poll_s: float) -> None:
+        self.owner, self.run_id, self.poll_s = owner, run_id, poll_s
+        self.calls: list[Any] = []
+        self._heard = False
+        self._read_at = float("-inf")
+        self._read = False
+
+    def cancelled(self) -> bool:
+        """Whether the run was cancelled (the channel said so, or its status, read at most
+        every ``poll_s``)."""
+        if self._heard:
+            return True
+        now = time.monotonic()
+        if now - self._read_at >= self.poll_s:
+            self._read_at = now
+            self._read = self.owner.store.status(self.run_id) == "cancelled"
+        return self._read
+
+    def bind(self, call: Any) -> None:
+        """Cancel ``call`` (anything with ``cancel()``) when the run is cancelled; at once if it was."""
+        self.owner.listen()
+        with self.owner.lock:
+            self.calls.append(call)
+        if self.cancelled():
+            call.cancel()
+
+    def hear(self) -> int:
+        """The channel said the run was cancelled: cancel its calls; how many there were."""
+        self._heard = True
+        with self.owner.lock:
+            calls = list(self.calls)
+        for call in calls:
+            call.cancel()
+        return len(calls)
+
+
+class Cancellation:
+    """The cancel channel's listener of one worker process, and the scopes of its steps."""
+
+    def __init__(self, store: RunStore, poll_s: float = 0.1) -> None:
+        self.store = store
+        self.poll_s = poll_s
+        self.lock = threading.Lock()
+        self._scopes: dict[str, list[CancelScope]] = {}
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def track(self, run_id: str, is_cancelled: Callable[[], bool]) -> Iterator[Callable[[Any], None]]:
-        """Within this block, calls passed to the yielded function are cancelled with the run.
-
-        ``is_cancelled`` is asked once a call is held, for a cancel published before that.
-        """
-        self._ensure_listening()
-        held: list[Any] = []
-
-        def bind(call: Any) -> None:
-            with self._lock:
-                held.append(call)
-                self._calls.setdefault(run_id, []).append(call)
-            if is_cancelled():
-                call.cancel()
-
+    def scope(self, run_id: str) -> Iterator[CancelScope]:
+        """The cancellation of one step of ``run_id`` while it runs here."""
+        scope = CancelScope(self, run_id, self.poll_s)
+        with self.lock:
+            self._scopes.setdefault(run_id, []).append(scope)
         try:
-            yield bind
+            yield scope
         finally:
-            with self._lock:
-                calls = self._calls.get(run_id, [])
-                for call in held:
-                    if call in calls:
-                        calls.remove(call)
-                if not calls:
-                    self._calls.pop(run_id, None)
+            with self.lock:
+                scopes = self._scopes.get(run_id, [])
+                if scope in scopes:
+                    scopes.remove(scope)
+                if not scopes:
+                    self._scopes.pop(run_id, None)
 
     def cancel(self, run_id: str) -> int:
         """Cancel this process's calls for ``run_id``; how many there were."""
-        with self._lock:
-            calls = list(self._calls.get(run_id, []))
-        for call in calls:
-            call.cancel()
-        if calls:
-            log.info("run %s: cancelled %d model call(s) in flight", run_id, len(calls))
-        return len(calls)
+        with self.lock:
+            scopes = list(self._scopes.get(run_id, []))
+        n = sum(scope.hear() for scope in scopes)
+        if n:
+            log.info("run %s: cancelled %d model call(s) in flight", run_id, n)
+        return n
 
-    def _ensure_listening(self) -> None:
+    def listen(self) -> None:
+        """Start the listener (once per process)."""
         if self._thread is not None:
             return
-        with self._lock:
+        with self.lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._listen, name="fleet-cancel", daemon=True)
                 self._thread.start()
@@ -90,8 +116,8 @@ class CancelWatcher:
     def _listen(self) -> None:
         while True:
             try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(channel(self.settings))
+                pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.store.keys.cancel_channel)
                 while True:
                     # Poll with a timeout below the connection's read timeout: a quiet
                     # channel is not an error, a dead connection is.

@@ -49,17 +49,17 @@ class Capacity:
         self._acquire = client.register_script(_ACQUIRE)
 
     def inflight_key(self, priority: PriorityClass) -> str:
-        return self.settings.key("inflight", priority)
+        return self.settings.keys.inflight(priority)
 
     def peak_key(self, priority: PriorityClass) -> str:
-        return self.settings.key("inflight", priority, "peak")
+        return self.settings.keys.inflight_peak(priority)
 
     def peak(self) -> dict[str, int]:
         """The most requests ever in flight at once per class."""
         return {p: int(self.redis.get(self.peak_key(p)) or 0) for p in PRIORITY_CLASSES}
 
     def step_times_key(self, kind: str, priority: PriorityClass) -> str:
-        return self.settings.key("stats", "step_s", kind, priority)
+        return self.settings.keys.step_times(kind, priority)
 
     # --- Triton slots -----------------------------------------------------------------
     @contextmanager
@@ -100,7 +100,7 @@ class Capacity:
 
     # --- workers ----------------------------------------------------------------------
     def workers_key(self, node: str) -> str:
-        return self.settings.key("workers", node)
+        return self.settings.keys.worker(node)
 
     def announce(self, node: str, queues: list[str], concurrency: int, ttl_s: float) -> None:
         """A worker says it is alive, which queues it takes and how many at once."""
@@ -110,7 +110,7 @@ class Capacity:
     def workers(self) -> dict[str, dict]:
         """Live workers: node -> {queues, concurrency}."""
         out: dict[str, dict] = {}
-        prefix = self.settings.key("workers", "")
+        prefix = self.settings.keys.workers_prefix
         for key in self.redis.scan_iter(prefix + "*", count=500):
             raw = self.redis.get(key)
             if raw:

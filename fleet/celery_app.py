@@ -1,8 +1,14 @@
-"""The Celery app, with every setting that decides a message's fate written out."""
+"""The Celery app, with every setting that decides a message's fate written out, and the
+metadata every step message carries."""
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
+from typing import Any
+
 from celery import Celery
+from celery.signals import before_task_publish
 from kombu import Queue
 
 from fleet.routing import all_queues
@@ -67,3 +73,26 @@ def create_app(settings: Settings) -> Celery:
         worker_redirect_stdouts=False,
     )
     return app
+
+
+STEP_TASKS = frozenset({"fleet.llm", "fleet.tool"})
+SENT_AT_HEADER = "fleet_sent_at"  # read by the pipeline (queue wait) and the gauges (queue age)
+
+
+@before_task_publish.connect(weak=False)
+def stamp_sent_at(sender: str | None = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Every publish of a step (submission, next link, loop iteration, retry, reconciler
+    re-send, replay) carries the time it becomes due: queue wait and queue age start there.
+
+    A retry with a countdown is due at its ETA, not when it was published.
+    """
+    if sender not in STEP_TASKS or headers is None:
+        return
+    due = time.time()
+    eta = headers.get("eta")
+    if eta:
+        try:
+            due = max(due, datetime.fromisoformat(eta).timestamp())
+        except (TypeError, ValueError):
+            pass
+    headers[SENT_AT_HEADER] = due

@@ -21,8 +21,9 @@ from fleet.cancel import announce
 from fleet.celery_app import create_app
 from fleet.deadletter import DeadLetter, DeadLetters
 from fleet.errors import RunNotFound
+from fleet.follow import Event, Follow, Gone, drive
 from fleet.replay import Replayer
-from fleet.runs import RunRecord, RunStore
+from fleet.runs import TERMINAL, RunRecord, RunStore
 from fleet.settings import PriorityClass, Settings
 from fleet.tools import load_tool_modules
 
@@ -85,20 +86,37 @@ class FleetClient:
 
         Returns False when the run had already ended. Raises :class:`RunNotFound`.
         """
-        cancelled = self.store.transition(run_id, "cancelled", finished_at=repr(time.time()),
-                                          error={"type": "RunCancelled", "message": "cancelled by request"})
+        cancelled = self.store.end(run_id, "cancelled", error={"type": "RunCancelled", "message": "cancelled by request"})
         if cancelled:
-            announce(self.settings, self.store.redis, run_id)  # workers cancel its model call now
+            announce(self.store, run_id)  # workers cancel its model call now
         return cancelled
 
     def wait(self, run_id: str, timeout: float = 60.0) -> RunRecord:
         """Block until the run ends (or ``timeout`` seconds pass) and return its record."""
-        return self.store.wait(run_id, timeout)
+        # Only events after the newest one seen before reading the record can end the wait:
+        # an older terminal event belongs to an earlier life of a replayed run.
+        after = self.store.newest_event_id(run_id)
+        record = self.get(run_id)
+        if record.status in TERMINAL:
+            return record
+        for _ in self.entries(run_id, after=after, timeout=timeout):
+            pass
+        return self.get(run_id)
 
     def events(self, run_id: str, timeout: float | None = None) -> Iterator[dict[str, str]]:
         """The run's events (status, steps, tokens when submitted with stream=True), until it ends."""
-        for _, event in self.store.events(run_id, timeout_s=timeout):
+        for _, event in self.entries(run_id, timeout=timeout):
             yield event
+
+    def entries(self, run_id: str, after: str = "0", timeout: float | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+        """``(stream id, event)`` pairs of the run after ``after``, until it ends (see
+        :mod:`fleet.follow`) or ``timeout`` seconds pass. Raises :class:`RunNotFound`."""
+        follow = Follow(self.settings.keys)
+        for found in drive(self.store.redis, follow.keys, follow.until_end(run_id, after, timeout)):
+            if isinstance(found, Gone):
+                raise RunNotFound(f"no run '{run_id}'")
+            if isinstance(found, Event):
+                yield found.event_id, found.fields
 
     # --- dead letters ---------------------------------------------------------------
     def dlq_list(self, agent: str | None = None, step: str | None = None, limit: int = 100) -> list[DeadLetter]:

@@ -46,7 +46,7 @@ class DeadLetters:
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
         self.redis = client or settings.redis()
-        self.stream = settings.key("deadletter")
+        self.stream = settings.keys.dead_letters
 
     def add(self, entry: DeadLetter) -> str:
         """Append an entry; returns its id."""

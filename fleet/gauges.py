@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fleet.capacity import Capacity
+from fleet.celery_app import SENT_AT_HEADER
 from fleet.routing import all_queues
 from fleet.settings import Settings
 
@@ -31,7 +32,7 @@ def oldest_age_s(client: redis.Redis, queue: str, now: float) -> float | None:
         return None
     try:
         headers = json.loads(raw).get("headers", {})
-        sent = headers.get("fleet_sent_at")
+        sent = headers.get(SENT_AT_HEADER)
     except (ValueError, AttributeError):
         return None
     return round(now - float(sent), 3) if sent else None

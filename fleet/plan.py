@@ -1,4 +1,4 @@
-"""How an agent definition becomes Celery chains, and what a step sees of the run.
+"""How an agent definition becomes Celery chains, and the one rule of what a run does next.
 
 A run is one chain of immutable step signatures. A loop contributes one iteration of its
 body; the iteration's last step replaces itself with the next iteration (Celery's
@@ -9,6 +9,7 @@ definition however many times a loop goes round.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
@@ -16,16 +17,11 @@ from celery.canvas import Signature, chain
 
 from fleet.agent import AgentDef, LlmStep, LoopStep, ToolStep
 from fleet.routing import queue_name
-from fleet.sessions import transcript
+from fleet.runs import RunState, step_key
 from fleet.settings import PriorityClass, Settings
-from fleet.template import as_text
+from fleet.template import as_text, lookup
 
 TASK_FOR_KIND = {"llm": "fleet.llm", "tool": "fleet.tool"}
-
-
-def step_key(name: str, iteration: int) -> str:
-    """The key of a step's output and record in the run hash."""
-    return f"{name}#{iteration}" if iteration else name
 
 
 def signature(
@@ -87,47 +83,83 @@ def next_iteration_chain(
     return chain(*[signature(app, settings, agent, run_id, priority, s, iteration) for s in loop.body])
 
 
-def is_last_step(agent: AgentDef, name: str) -> bool:
-    """Whether nothing follows this step in the definition (loop iterations aside)."""
-    last = agent.steps[-1]
-    if isinstance(last, LoopStep):
-        return last.body[-1].name == name
-    return last.name == name
+@dataclass(frozen=True)
+class StepPos:
+    """A step of a run: its name and loop iteration (0 outside loops)."""
+
+    name: str
+    iteration: int = 0
+
+    @property
+    def key(self) -> str:
+        return step_key(self.name, self.iteration)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Every step of the run is done: it succeeds with its result."""
+
+
+@dataclass(frozen=True)
+class Exhausted:
+    """A loop went round ``max_iterations`` times without a final answer: the run fails."""
+
+    loop: LoopStep
+
+    @property
+    def message(self) -> str:
+        return (f"loop '{self.loop.name}' reached max_iterations={self.loop.max_iterations} "
+                "without a final answer")
+
+
+def _is_final(output: Any) -> bool:
+    return isinstance(output, dict) and "final" in output
+
+
+def next_step(agent: AgentDef, run: RunState) -> StepPos | Finished | Exhausted:
+    """What a run does next, from what it has done: the one next-step rule.
+
+    The first step whose output is not committed, in definition order. A loop is at its
+    latest iteration with a record; once every body step of it is done, the loop ends if its
+    ``until`` step gave a final answer, goes round again below ``max_iterations``, and is
+    exhausted otherwise. The pipeline (after each step), the reconciler (for a run whose
+    message vanished) and replays all ask this.
+    """
+    for top in agent.steps:
+        if isinstance(top, LoopStep):
+            last = max(run.iterations({s.name for s in top.body}), default=1)
+            for inner in top.body:
+                if not run.is_done(step_key(inner.name, last)):
+                    return StepPos(inner.name, last)
+            if not _is_final(run.output(top.until, last)):
+                if last < top.max_iterations:
+                    return StepPos(top.body[0].name, last + 1)
+                return Exhausted(top)
+        elif not run.is_done(top.name):
+            return StepPos(top.name)
+    return Finished()
+
+
+def is_skipped(agent: AgentDef, run: RunState, pos: StepPos) -> bool:
+    """Inside a loop, the body steps after the one that gave the final answer do not run."""
+    loop = agent.loop_of(pos.name)
+    if loop is None or pos.name == loop.until:
+        return False
+    names = [s.name for s in loop.body]
+    return names.index(pos.name) > names.index(loop.until) and _is_final(run.output(loop.until, pos.iteration))
+
+
+def result_of(agent: AgentDef, run: RunState) -> Any:
+    """The run's result: the output the agent's ``result`` names (None when absent)."""
+    try:
+        return lookup(run.view(), "steps." + agent.result)
+    except KeyError:
+        return None
 
 
 def step_index(agent: AgentDef, name: str) -> int:
     """Position of a step among the agent's executable steps."""
     return [s.name for s, _ in agent.iter_steps()].index(name)
-
-
-def state_view(agent: AgentDef, raw: dict[str, str], step: str, iteration: int) -> dict[str, Any]:
-    """What a step's templates see: ``input``, ``steps`` (latest outputs) and ``loop``."""
-    outputs: dict[str, dict[int, Any]] = {}
-    for field, value in raw.items():
-        if field.startswith("out:"):
-            name, _, it = field[4:].partition("#")
-            outputs.setdefault(name, {})[int(it or 0)] = json.loads(value)
-    latest: dict[str, Any] = {}
-    for name, by_iteration in outputs.items():
-        usable = [i for i in by_iteration if iteration == 0 or i <= iteration]
-        if usable:
-            latest[name] = by_iteration[max(usable)]
-    turns = json.loads(raw.get("session", "[]"))
-    view: dict[str, Any] = {
-        "input": json.loads(raw.get("input", "{}")),
-        "steps": latest,
-        "session": {"id": raw.get("session_id", ""), "transcript": transcript(turns)},
-    }
-    loop = agent.loop_of(step)
-    if loop is not None:
-        lines: list[str] = []
-        for it in range(1, iteration):
-            for body_step in loop.body:
-                label = body_step.transcript_label
-                if label and it in outputs.get(body_step.name, {}):
-                    lines.append(f"{label}: {as_text(outputs[body_step.name][it])}")
-        view["loop"] = {"iteration": iteration, "transcript": "\n".join(lines)}
-    return view
 
 
 def parse_tool_call(text: str) -> dict[str, Any]:

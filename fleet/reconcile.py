@@ -13,7 +13,6 @@ A re-dispatch can at worst duplicate a step message; steps commit once, so it is
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -21,10 +20,11 @@ import time
 
 from celery import Celery
 
-from fleet.agent import AgentDef, LoopStep
-from fleet.plan import build_chain, step_key
+from fleet.agent import AgentDef
+from fleet.errors import RunNotFound
+from fleet.plan import StepPos, build_chain, next_step, remaining_steps
 from fleet.routing import all_queues
-from fleet.runs import TERMINAL, RunStore
+from fleet.runs import RunState, RunStore
 from fleet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,27 +33,15 @@ _RUN_ID_IN_MESSAGE = re.compile(r"run_id['\"]?:\s*['\"]([0-9a-f]{32})")
 _CHUNK = 1000
 
 
-def resume_point(agent: AgentDef, raw: dict[str, str]) -> tuple[str, int] | None:
-    """The first step (with iteration) of a run that has not finished, or None."""
-
-    def done(key: str) -> bool:
-        rec = raw.get(f"step:{key}")
-        return rec is not None and json.loads(rec).get("status") in ("done", "skipped")
-
-    for top in agent.steps:
-        if isinstance(top, LoopStep):
-            iterations = [int(f.rsplit("#", 1)[1]) for f in raw
-                          if f.startswith("step:") and "#" in f and f[5:].split("#")[0] in {s.name for s in top.body}]
-            last = max(iterations, default=1)
-            for inner in top.body:
-                if not done(step_key(inner.name, last)):
-                    return inner.name, last
-            until = json.loads(raw.get(f"out:{step_key(top.until, last)}", "null"))
-            if not (isinstance(until, dict) and "final" in until) and last < top.max_iterations:
-                return top.body[0].name, last + 1
-        elif not done(top.name):
-            return top.name, 0
-    return None
+def resume_point(agent: AgentDef, run: RunState) -> StepPos:
+    """Where a run whose message vanished starts again: the next-step rule's answer, or, for
+    a run whose steps are all done but which never ended, its first step (a done step only
+    advances, which ends the run)."""
+    nxt = next_step(agent, run)
+    if isinstance(nxt, StepPos):
+        return nxt
+    first, iteration = remaining_steps(agent)[0]
+    return StepPos(first.name, iteration)
 
 
 class Reconciler:
@@ -61,7 +49,7 @@ class Reconciler:
 
     def __init__(self, settings: Settings, app: Celery, agents: dict[str, AgentDef], store: RunStore) -> None:
         self.settings, self.app, self.agents, self.store = settings, app, agents, store
-        self._lock = settings.key("reconcile", "lock")
+        self._lock = settings.keys.reconcile_lock
         self._stop = threading.Event()
 
     def messages_in_flight(self) -> set[str]:
@@ -93,21 +81,20 @@ class Reconciler:
                 self.store.touch(run_id)
                 continue
             try:
-                raw = self.store.raw_state(run_id)
-            except Exception:  # noqa: BLE001 - the record expired: nothing to resume
+                run = self.store.load(run_id)
+            except RunNotFound:  # the record expired: nothing to resume
                 self.store.forget(run_id)
                 continue
-            agent = self.agents.get(raw.get("agent", ""))
-            point = resume_point(agent, raw) if agent is not None else None
-            if raw.get("status") in TERMINAL or point is None:
+            agent = self.agents.get(run.agent)
+            if run.ended or agent is None:
                 self.store.forget(run_id)
                 continue
-            step, iteration = point
-            build_chain(self.app, self.settings, agent, run_id, raw["priority"],  # type: ignore[arg-type]
-                        start=step, iteration=iteration).apply_async()
+            pos = resume_point(agent, run)
+            build_chain(self.app, self.settings, agent, run_id, run.priority,
+                        start=pos.name, iteration=pos.iteration).apply_async()
             self.store.touch(run_id)
             log.warning("run %s: no step message in flight for %.0fs; sent again from step %s",
-                        run_id, self.settings.stall_after_s, step_key(step, iteration))
+                        run_id, self.settings.stall_after_s, pos.key, extra={"run_id": run_id})
             resent.append(run_id)
         return resent
 

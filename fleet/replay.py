@@ -21,8 +21,8 @@ from celery import Celery
 from fleet.agent import AgentDef
 from fleet.deadletter import DeadLetter, DeadLetters
 from fleet.errors import InvalidSubmission, RunNotFound
-from fleet.plan import build_chain, remaining_steps, step_key
-from fleet.runs import RunRecord, RunStore
+from fleet.plan import StepPos, build_chain, next_step, remaining_steps
+from fleet.runs import RunRecord, RunStore, step_key
 from fleet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Replayer:
                  store: RunStore, dead_letters: DeadLetters) -> None:
         self.settings, self.app, self.agents = settings, app, agents
         self.store, self.dead_letters = store, dead_letters
-        self._replays = settings.key("deadletter", "replays")
+        self._replays = settings.keys.dead_letter_replays
 
     def replays(self, entry_id: str) -> list[dict[str, Any]]:
         """The replays of an entry, each with the run's current outcome."""
@@ -98,42 +98,50 @@ class Replayer:
         now = time.time()
         deadline = now + self.settings.deadline_s(entry.priority)
         rest = remaining_steps(agent, entry.step, entry.iteration)
-        names = {s.name for s, _ in rest}
-        fields = {"input": json.dumps(clean), "deadline_at": repr(deadline)}
-        fields.update({f"out:{name}": json.dumps(v) for name, v in step_outputs.items()})
-        try:
-            raw = self.store.raw_state(entry.run_id)
-        except RunNotFound:
-            raw = None
-        if raw is None:
-            self._recreate(entry, clean, deadline, step_outputs)
-        else:
-            drop = [f for f in raw if _belongs_to(f, names, entry.iteration)]
-            drop += ["started_at", "finished_at", "error", "result", "dead_letter_id"]
-            if not self.store.reopen(entry.run_id, drop, {**fields, "status": "queued"}):
+        # The failed step and everything after it run again (a loop from this iteration on).
+        rerun: dict[str, int] = {}
+        for step, iteration in rest:
+            rerun.setdefault(step.name, iteration)
+        if self.store.exists(entry.run_id):
+            reopened = self.store.reopen(entry.run_id, rerun, {"input": clean, "deadline_at": repr(deadline)},
+                                         outputs=step_outputs)
+            if not reopened:
                 raise InvalidSubmission(
-                    f"run {entry.run_id} is {raw['status']}: only a finished run can be replayed", "run"
-                )
-        for key in self.store.redis.scan_iter(self.settings.key("run", entry.run_id, "deliveries", "*")):
-            self.store.redis.delete(key)
+                    f"run {entry.run_id} is {self.store.status(entry.run_id)}: only a finished run can be replayed",
+                    "run")
+        else:
+            self._recreate(entry, agent, clean, deadline, step_outputs)
+        run = self.store.load(entry.run_id)
+        start = next_step(agent, run)
+        if not isinstance(start, StepPos):  # nothing left to run: the patch completed it
+            start = StepPos(entry.step, entry.iteration)
         build_chain(self.app, self.settings, agent, entry.run_id, entry.priority,
-                    start=entry.step, iteration=entry.iteration).apply_async()
+                    start=start.name, iteration=start.iteration).apply_async()
         record = {"replayed_at": now, "patch": patch, "run_id": entry.run_id}
         history = json.loads(self.store.redis.hget(self._replays, entry_id) or "[]")
         self.store.redis.hset(self._replays, entry_id, json.dumps([*history, record]))
-        log.info("run %s: replayed from step %s (dead letter %s)", entry.run_id,
-                 step_key(entry.step, entry.iteration), entry_id)
+        log.info("run %s: replayed from step %s (dead letter %s)", entry.run_id, start.key, entry_id,
+                 extra={"run_id": entry.run_id})
         return entry.run_id
 
-    def _recreate(self, entry: DeadLetter, clean: dict[str, Any], deadline: float,
+    def _recreate(self, entry: DeadLetter, agent: AgentDef, clean: dict[str, Any], deadline: float,
                   step_outputs: dict[str, Any]) -> None:
+        """A run whose record expired, made again from the entry: the steps before the failed
+        one are marked done, each with its latest output (the entry keeps no older ones)."""
         record = RunRecord(id=entry.run_id, agent=entry.agent, priority=entry.priority,
                            status="queued", created_at=time.time(), deadline_at=deadline, input=clean)
-        self.store.create(record)
-        earlier = {**entry.state.get("steps", {}), **step_outputs}
-        if earlier:
-            self.store.redis.hset(self.store.run_key(entry.run_id),
-                                  mapping={f"out:{k}": json.dumps(v) for k, v in earlier.items()})
+        later = {step_key(s.name, it) for s, it in remaining_steps(agent, entry.step, entry.iteration)}
+        latest = {**entry.state.get("steps", {}), **step_outputs}
+        done: list[str] = []
+        outputs: dict[str, Any] = {}
+        for step, loop in agent.iter_steps():
+            in_failed_loop = loop is not None and loop is agent.loop_of(entry.step)
+            iterations = range(1, entry.iteration + 1) if in_failed_loop else [1] if loop is not None else [0]
+            keys = [step_key(step.name, it) for it in iterations if step_key(step.name, it) not in later]
+            done += keys
+            if keys and step.name in latest:
+                outputs[keys[-1]] = latest[step.name]
+        self.store.restore(record, outputs, done)
 
     def purge(self, older_than_s: float | None) -> int:
         """Delete entries older than ``older_than_s`` (all when None); returns how many."""
@@ -145,12 +153,3 @@ class Replayer:
         min_id = f"{int((time.time() - older_than_s) * 1000)}-0"
         self.store.redis.xtrim(stream, minid=min_id, approximate=False)
         return before - self.store.redis.xlen(stream)
-
-
-def _belongs_to(field: str, names: set[str], iteration: int) -> bool:
-    """Whether a run-hash field is a record or output of a step that the replay re-runs."""
-    for prefix in ("out:", "step:"):
-        if field.startswith(prefix):
-            name, _, it = field[len(prefix):].partition("#")
-            return name in names and int(it or 0) >= iteration
-    return False

@@ -1,13 +1,15 @@
-"""Run records and run events in Redis.
+"""Run records, run state and run events in Redis: the one module that knows a run's fields.
 
-One hash per run (``<prefix>:run:<id>``) holds the run's fields, each step's output
+One hash per run (:meth:`fleet.keys.Keys.run`) holds the run's fields, each step's output
 (``out:<step key>``) and each step's record (``step:<step key>``: timing, tokens,
-attempts). A step key is the step name, with ``#<iteration>`` inside a loop. Step results
-are committed by a Lua script that refuses a second commit of the same step, which is what
-makes a redelivered step complete once.
+attempts). A step key is the step name, with ``#<iteration>`` inside a loop
+(:func:`step_key`). Step results are committed by a Lua script that refuses a second commit
+of the same step, which is what makes a redelivered step complete once.
 
-Events (status changes, step changes, model tokens) go to a capped stream per run
-(``<prefix>:run:<id>:events``) that waiters and streaming clients read.
+Readers get the hash typed: :class:`RunState` (what a step works from: outputs by step and
+iteration, ``is_done``, the view its templates render) and :class:`RunRecord` (what clients,
+the gateway and the CLI show). Events (status changes, step changes, model tokens) go to a
+capped stream per run that :mod:`fleet.follow` reads.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import redis
 from pydantic import BaseModel, Field
 
 from fleet.errors import RunNotFound
+from fleet.sessions import transcript
 from fleet.settings import PriorityClass, Settings
+from fleet.template import as_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fleet.agent import LoopStep
 
 RunStatus = Literal[
     "queued", "running", "succeeded", "failed", "dead_lettered", "cancelled", "expired"
@@ -30,6 +36,9 @@ RunStatus = Literal[
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "dead_lettered", "cancelled", "expired"})
 EVENTS_MAXLEN = 2000
 _JSON_FIELDS = frozenset({"input", "result", "error", "session"})
+_OUT, _STEP = "out:", "step:"
+# Fields a replay clears besides the re-run steps: the previous ending.
+_ENDING_FIELDS = ("started_at", "finished_at", "error", "result", "dead_letter_id")
 
 # Commit a step once, with its "done" event. KEYS: run hash, events stream, active index.
 # ARGV: step key, output JSON, step record JSON, duration, events maxlen, now, run id.
@@ -85,6 +94,19 @@ return 1
 """
 
 
+
+
+def step_key(name: str, iteration: int) -> str:
+    """The key of a step's output and record: its name, with ``#<iteration>`` inside a loop."""
+    return f"{name}#{iteration}" if iteration else name
+
+
+def parse_step_key(key: str) -> tuple[str, int]:
+    """``name#3`` -> ``("name", 3)``; ``name`` -> ``("name", 0)``."""
+    name, _, iteration = key.partition("#")
+    return name, int(iteration or 0)
+
+
 class StepRecord(BaseModel):
     """What happened to one step of a run."""
 
@@ -103,9 +125,14 @@ class StepRecord(BaseModel):
     worker: str | None = None
     error: str | None = None
 
+    @property
+    def finished(self) -> bool:
+        """Committed: done, or skipped (a loop step after the final answer)."""
+        return self.status in ("done", "skipped")
+
 
 class RunRecord(BaseModel):
-    """A run as stored in Redis."""
+    """A run as clients see it."""
 
     id: str
     agent: str
@@ -140,6 +167,133 @@ class RunRecord(BaseModel):
         return sum(s.tokens_out for s in self.steps)
 
 
+class RunState:
+    """A run as a step works from it: the run hash, typed.
+
+    Attributes:
+        fields: the run's own fields, decoded (input, status, deadline_at as a float, ...).
+        outputs: step name -> iteration -> output.
+        records: step key -> its record.
+    """
+
+    def __init__(self, raw: dict[str, str]) -> None:
+        fields: dict[str, Any] = {}
+        self.outputs: dict[str, dict[int, Any]] = {}
+        self.records: dict[str, StepRecord] = {}
+        for name, value in raw.items():
+            if name.startswith(_OUT):
+                step, iteration = parse_step_key(name[len(_OUT):])
+                self.outputs.setdefault(step, {})[iteration] = json.loads(value)
+            elif name.startswith(_STEP):
+                self.records[name[len(_STEP):]] = StepRecord.model_validate_json(value)
+            else:
+                fields[name] = value
+        for name in _JSON_FIELDS:
+            if name in fields:
+                fields[name] = json.loads(fields[name])
+        for name in ("created_at", "deadline_at", "started_at", "finished_at"):
+            if name in fields:
+                fields[name] = float(fields[name])
+        fields["stream"] = fields.get("stream") == "1"
+        self.fields = fields
+
+    # --- the run's own fields ---------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.fields["id"]
+
+    @property
+    def agent(self) -> str:
+        return self.fields["agent"]
+
+    @property
+    def priority(self) -> PriorityClass:
+        return self.fields["priority"]
+
+    @property
+    def status(self) -> str:
+        return self.fields["status"]
+
+    @property
+    def deadline_at(self) -> float:
+        return self.fields["deadline_at"]
+
+    @property
+    def input(self) -> dict[str, Any]:
+        return self.fields.get("input", {})
+
+    @property
+    def session_id(self) -> str | None:
+        return self.fields.get("session_id")
+
+    @property
+    def stream(self) -> bool:
+        """Whether the run's model tokens are published as events."""
+        return self.fields["stream"]
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+    # --- steps ------------------------------------------------------------------------
+    def record(self, key: str) -> StepRecord | None:
+        return self.records.get(key)
+
+    def is_done(self, key: str) -> bool:
+        """Whether the step's output is committed (done, or skipped)."""
+        rec = self.records.get(key)
+        return rec is not None and rec.finished
+
+    def output(self, name: str, iteration: int = 0) -> Any:
+        """A committed output, or None."""
+        return self.outputs.get(name, {}).get(iteration)
+
+    def iterations(self, names: set[str]) -> list[int]:
+        """Iterations (above 0) in which any of these steps has a record, ascending."""
+        found = {parse_step_key(k)[1] for k in self.records if parse_step_key(k)[0] in names}
+        return sorted(i for i in found if i > 0)
+
+    def committed(self, record: StepRecord, output: Any) -> None:
+        """Apply a commit of this step to the state in hand."""
+        self.records[record.key] = record
+        self.outputs.setdefault(record.name, {})[record.iteration] = output
+
+    # --- what templates see -----------------------------------------------------------
+    def view(self, iteration: int = 0, loop: "LoopStep | None" = None) -> dict[str, Any]:
+        """What a step's templates see: ``input``, ``steps`` (latest outputs up to this
+        iteration), ``session`` and, inside a loop, ``loop`` (iteration and transcript)."""
+        latest: dict[str, Any] = {}
+        for name, by_iteration in self.outputs.items():
+            usable = [i for i in by_iteration if iteration == 0 or i <= iteration]
+            if usable:
+                latest[name] = by_iteration[max(usable)]
+        view: dict[str, Any] = {
+            "input": self.input,
+            "steps": latest,
+            "session": {"id": self.session_id or "", "transcript": transcript(self.fields.get("session", []))},
+        }
+        if loop is not None:
+            lines: list[str] = []
+            for it in range(1, iteration):
+                for body_step in loop.body:
+                    label = body_step.transcript_label
+                    if label and it in self.outputs.get(body_step.name, {}):
+                        lines.append(f"{label}: {as_text(self.outputs[body_step.name][it])}")
+            view["loop"] = {"iteration": iteration, "transcript": "\n".join(lines)}
+        return view
+
+    def to_record(self) -> RunRecord:
+        """The run as clients see it."""
+        outputs = {step_key(name, it): value for name, by_it in self.outputs.items() for it, value in by_it.items()}
+        steps = sorted(self.records.values(), key=lambda s: (s.started_at or 0.0, s.key))
+        return RunRecord(**self.fields, outputs=outputs, steps=steps)
+
+
+def decode_record(raw: dict[str, str]) -> RunRecord:
+    """A run record from its Redis hash, as HGETALL returns it."""
+    return RunState(raw).to_record()
+
+
 def new_run_id() -> str:
     """A fresh run id."""
     return uuid.uuid4().hex
@@ -150,6 +304,7 @@ class RunStore:
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
+        self.keys = settings.keys
         self.redis = client or settings.redis()
         self._commit = self.redis.register_script(_COMMIT_STEP)
         self._transition = self.redis.register_script(_TRANSITION)
@@ -157,15 +312,10 @@ class RunStore:
 
     # --- keys -----------------------------------------------------------------------
     def run_key(self, run_id: str) -> str:
-        return self.settings.key("run", run_id)
-
-    @property
-    def active_key(self) -> str:
-        """Unfinished runs, scored by the time of their last progress (see fleet.reconcile)."""
-        return self.settings.key("runs", "active")
+        return self.keys.run(run_id)
 
     def events_key(self, run_id: str) -> str:
-        return self.settings.key("run", run_id, "events")
+        return self.keys.events(run_id)
 
     # --- records --------------------------------------------------------------------
     def create(self, record: RunRecord) -> None:
@@ -196,34 +346,47 @@ class RunStore:
             approximate=True,
         )
         pipe.expire(self.events_key(record.id), self.settings.run_ttl_s)
-        pipe.zadd(self.active_key, {record.id: record.created_at})
+        pipe.zadd(self.keys.active_runs, {record.id: record.created_at})
         pipe.execute()
+
+    def delete(self, run_id: str) -> None:
+        """Forget a run that was never queued (its publish failed)."""
+        self.redis.delete(self.run_key(run_id), self.events_key(run_id))
+        self.forget(run_id)
 
     def touch(self, run_id: str) -> None:
         """The run made progress (or is known to wait in a queue)."""
-        self.redis.zadd(self.active_key, {run_id: time.time()}, xx=True)
+        self.redis.zadd(self.keys.active_runs, {run_id: time.time()}, xx=True)
 
     def forget(self, run_id: str) -> None:
         """Drop a run from the index of unfinished runs."""
-        self.redis.zrem(self.active_key, run_id)
+        self.redis.zrem(self.keys.active_runs, run_id)
 
     def stalled(self, before: float, limit: int = 1000) -> list[str]:
         """Unfinished runs whose last progress is older than ``before``."""
-        return self.redis.zrangebyscore(self.active_key, "-inf", before, start=0, num=limit)
+        return self.redis.zrangebyscore(self.keys.active_runs, "-inf", before, start=0, num=limit)
 
     def get(self, run_id: str) -> RunRecord:
         """The run's record; :class:`RunNotFound` when there is none."""
-        raw = self.redis.hgetall(self.run_key(run_id))
-        if not raw:
-            raise RunNotFound(f"no run '{run_id}'")
-        return decode_record(raw)
+        return self.load(run_id).to_record()
 
-    def raw_state(self, run_id: str) -> dict[str, str]:
-        """The run hash as stored: what a step reads before it works."""
+    def load(self, run_id: str) -> RunState:
+        """The run's state; :class:`RunNotFound` when there is none."""
         raw = self.redis.hgetall(self.run_key(run_id))
         if not raw:
             raise RunNotFound(f"no run '{run_id}'")
-        return raw
+        return RunState(raw)
+
+    def status(self, run_id: str) -> str | None:
+        """The run's status, or None without a record."""
+        return self.redis.hget(self.run_key(run_id), "status")
+
+    def statuses(self, run_ids: list[str]) -> list[str | None]:
+        """The statuses of several runs (None for those without a record), one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hget(self.run_key(run_id), "status")
+        return pipe.execute()
 
     def exists(self, run_id: str) -> bool:
         return bool(self.redis.exists(self.run_key(run_id)))
@@ -232,30 +395,29 @@ class RunStore:
     def put_step(self, run_id: str, step: StepRecord) -> None:
         """Record a step's progress (not its output)."""
         pipe = self.redis.pipeline()
-        pipe.hset(self.run_key(run_id), f"step:{step.key}", step.model_dump_json())
-        pipe.zadd(self.active_key, {run_id: time.time()}, xx=True)
+        pipe.hset(self.run_key(run_id), _STEP + step.key, step.model_dump_json())
+        pipe.zadd(self.keys.active_runs, {run_id: time.time()}, xx=True)
         pipe.execute()
 
-    def start_step(self, run_id: str, step: StepRecord, delivery_key: str) -> tuple[int, bool]:
+    def start_step(self, run_id: str, step: StepRecord, deliveries_key: str) -> int:
         """Record a step as running, count this delivery, emit the event: one round trip.
 
-        Returns the number of unfinished deliveries of this message (this one included)
-        and whether this is the run's first step to start.
+        Returns the number of unfinished deliveries of this message, this one included.
         """
         key = self.run_key(run_id)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.incr(delivery_key)
-        pipe.expire(delivery_key, self.settings.run_ttl_s)
+        pipe.incr(deliveries_key)
+        pipe.expire(deliveries_key, self.settings.run_ttl_s)
         pipe.hsetnx(key, "started_at", repr(step.started_at))
-        pipe.hset(key, f"step:{step.key}", step.model_dump_json())
-        pipe.zadd(self.active_key, {run_id: time.time()}, xx=True)
+        pipe.hset(key, _STEP + step.key, step.model_dump_json())
+        pipe.zadd(self.keys.active_runs, {run_id: time.time()}, xx=True)
         pipe.xadd(self.events_key(run_id), {"type": "step", "step": step.key, "status": "running",
                                             "attempt": str(step.attempts)},
                   maxlen=EVENTS_MAXLEN, approximate=True)
         deliveries, _, first, *_ = pipe.execute()
         if first:
             self.transition(run_id, "running")
-        return int(deliveries), bool(first)
+        return int(deliveries)
 
     def finish_step(self, run_id: str, step: StepRecord, output: Any, *extra: tuple[str, tuple]) -> bool:
         """Commit a finished step once (output, record, "done" event) plus ``extra`` commands
@@ -265,7 +427,7 @@ class RunStore:
             step.status = "done"
         pipe = self.redis.pipeline(transaction=False)
         self._commit(
-            keys=[self.run_key(run_id), self.events_key(run_id), self.active_key],
+            keys=[self.run_key(run_id), self.events_key(run_id), self.keys.active_runs],
             args=[step.key, json.dumps(output), step.model_dump_json(), f"{step.duration_s or 0:.4f}",
                   EVENTS_MAXLEN, time.time(), run_id],
             client=pipe,
@@ -290,20 +452,39 @@ class RunStore:
         event = ["error", json.dumps(fields["error"])] if "error" in fields else []
         ttl = self.settings.result_ttl_s if status in TERMINAL else 0
         moved = self._transition(
-            keys=[self.run_key(run_id), self.events_key(run_id), self.active_key],
+            keys=[self.run_key(run_id), self.events_key(run_id), self.keys.active_runs],
             args=[status, run_id, ttl, EVENTS_MAXLEN, len(pairs) // 2, *pairs, *event],
         )
         if moved == -1:
             raise RunNotFound(f"no run '{run_id}'")
         return moved == 1
 
-    def reopen(self, run_id: str, drop: list[str], fields: dict[str, str]) -> bool:
-        """Put a finished run back to ``queued`` (for a replay): delete ``drop``, set ``fields``.
+    def end(self, run_id: str, status: RunStatus, **fields: Any) -> bool:
+        """Move the run to a terminal ``status`` now (``finished_at`` set); True if moved."""
+        return self.transition(run_id, status, finished_at=repr(time.time()), **fields)
 
-        False when the run has not finished (a replay must not race a live run).
+    def reopen(self, run_id: str, rerun: dict[str, int], fields: dict[str, Any],
+               outputs: dict[str, Any] | None = None) -> bool:
+        """Put a finished run back to ``queued`` for a replay.
+
+        Clears the outputs and records of the steps in ``rerun`` (step name -> the first
+        iteration to clear), the previous ending and the step messages' delivery counts;
+        sets ``fields`` and replaces earlier step ``outputs`` (by step name). False when the
+        run has not finished: a replay must not race a live run.
         """
+        run = self.load(run_id)
+
+        def cleared(name: str, iteration: int) -> bool:
+            return name in rerun and iteration >= rerun[name]
+
+        drop = [_OUT + step_key(name, it) for name, by_it in run.outputs.items() for it in by_it if cleared(name, it)]
+        drop += [_STEP + key for key in run.records if cleared(*parse_step_key(key))]
+        drop += list(_ENDING_FIELDS)
+        values = {k: v if isinstance(v, str) and k not in _JSON_FIELDS else json.dumps(v) for k, v in fields.items()}
+        values.update({_OUT + name: json.dumps(v) for name, v in (outputs or {}).items()})
+        values["status"] = "queued"
         moved = self._reopen(keys=[self.run_key(run_id)],
-                             args=[len(drop), *drop, *[x for kv in fields.items() for x in kv]])
+                             args=[len(drop), *drop, *[x for kv in values.items() for x in kv]])
         if moved == -1:
             raise RunNotFound(f"no run '{run_id}'")
         if moved != 1:
@@ -311,10 +492,29 @@ class RunStore:
         pipe = self.redis.pipeline()
         pipe.expire(self.run_key(run_id), self.settings.run_ttl_s)
         pipe.expire(self.events_key(run_id), self.settings.run_ttl_s)
-        pipe.zadd(self.active_key, {run_id: time.time()})
+        pipe.zadd(self.keys.active_runs, {run_id: time.time()})
         pipe.execute()
+        self._clear_deliveries(run_id)
         self.emit(run_id, {"type": "status", "status": "queued", "replay": "1"})
         return True
+
+    def restore(self, record: RunRecord, outputs: dict[str, Any], done: list[str]) -> None:
+        """Make a run whose record expired again (for a replay): its earlier ``outputs`` and
+        the ``done`` steps, by step key."""
+        self.create(record)
+        now = time.time()
+        fields = {_OUT + key: json.dumps(value) for key, value in outputs.items()}
+        for key in done:
+            name, iteration = parse_step_key(key)
+            fields[_STEP + key] = StepRecord(key=key, name=name, iteration=iteration, status="done",
+                                             started_at=now, finished_at=now).model_dump_json()
+        if fields:
+            self.redis.hset(self.run_key(record.id), mapping=fields)
+        self._clear_deliveries(record.id)
+
+    def _clear_deliveries(self, run_id: str) -> None:
+        for key in self.redis.scan_iter(self.keys.deliveries_pattern(run_id)):
+            self.redis.delete(key)
 
     # --- events ---------------------------------------------------------------------
     def emit(self, run_id: str, event: dict[str, Any]) -> str:
@@ -326,63 +526,8 @@ class RunStore:
             approximate=True,
         )
 
-    def events(
-        self, run_id: str, after: str = "0", timeout_s: float | None = None
-    ) -> Iterator[tuple[str, dict[str, str]]]:
-        """Events of a run from ``after`` on, blocking for new ones until the run ends.
-
-        Stops after the terminal status event, or when ``timeout_s`` passes with nothing new.
-        """
-        key = self.events_key(run_id)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last = after
-        while True:
-            block_ms = 1000
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                block_ms = max(1, min(block_ms, int(left * 1000)))
-            batch = self.redis.xread({key: last}, block=block_ms, count=500)
-            if not batch:
-                if not self.redis.exists(self.run_key(run_id)):
-                    raise RunNotFound(f"no run '{run_id}'")
-                continue
-            for event_id, fields in batch[0][1]:
-                last = event_id
-                yield event_id, fields
-                if fields.get("type") == "status" and fields.get("status") in TERMINAL:
-                    # A replay reopens a finished run: history may hold an earlier end.
-                    if self.redis.hget(self.run_key(run_id), "status") in TERMINAL:
-                        return
-
-    def wait(self, run_id: str, timeout_s: float) -> RunRecord:
-        """Block until the run ends or ``timeout_s`` passes; return the record either way."""
+    def newest_event_id(self, run_id: str) -> str:
+        """The id of the run's newest event ("0" when none): a reader starting after it sees
+        only what happens from now on."""
         newest = self.redis.xrevrange(self.events_key(run_id), count=1)
-        record = self.get(run_id)
-        if record.status in TERMINAL:
-            return record
-        # Only events after the newest one seen before reading the record can end the wait.
-        for _ in self.events(run_id, after=newest[0][0] if newest else "0", timeout_s=timeout_s):
-            pass
-        return self.get(run_id)
-
-
-def decode_record(raw: dict[str, str]) -> RunRecord:
-    """A run record from its Redis hash, as HGETALL returns it."""
-    outputs: dict[str, Any] = {}
-    steps: list[StepRecord] = []
-    fields: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name.startswith("out:"):
-            outputs[name[4:]] = json.loads(value)
-        elif name.startswith("step:"):
-            steps.append(StepRecord.model_validate_json(value))
-        else:
-            fields[name] = value
-    steps.sort(key=lambda s: (s.started_at or 0.0, s.key))
-    for name in ("input", "result", "error", "session"):
-        if name in fields:
-            fields[name] = json.loads(fields[name])
-    fields["stream"] = fields.get("stream") == "1"
-    return RunRecord(**fields, outputs=outputs, steps=steps)
+        return newest[0][0] if newest else "0"

@@ -24,7 +24,7 @@ class Sessions:
         self.redis = client
 
     def key(self, session_id: str) -> str:
-        return self.settings.key("session", session_id)
+        return self.settings.keys.session(session_id)
 
     def turns(self, session_id: str) -> list[dict[str, Any]]:
         """The session's turns, oldest first (at most ``session_max_turns``)."""

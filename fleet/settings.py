@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fleet.keys import Keys
+
 if TYPE_CHECKING:  # pragma: no cover
     import redis
     import redis.asyncio as aioredis
@@ -205,8 +207,14 @@ class Settings(BaseSettings):
         return aioredis.Redis.from_url(self.redis_url, **{**self.redis_options(), **overrides})
 
     def key(self, *parts: str) -> str:
-        """A Redis key in this fleet's namespace."""
+        """A Redis key under this fleet's prefix (for scanning the namespace; the fleet's own
+        keys are named in :class:`fleet.keys.Keys`)."""
         return ":".join((self.key_prefix, *parts))
+
+    @property
+    def keys(self) -> Keys:
+        """The Redis key names of this fleet's namespace."""
+        return Keys(self.key_prefix)
 
 
 def redis_options(socket_timeout_s: float = 10.0) -> dict[str, Any]:

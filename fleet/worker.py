@@ -40,7 +40,7 @@ def _on_ready(sender, **_: object) -> None:  # noqa: ANN001
     from fleet import metrics
     from fleet.capacity import Presence
     from fleet.reconcile import Reconciler
-    from fleet.tasks import Runtime
+    from fleet.runtime import Runtime
 
     rt = Runtime(settings)
     queues = [q.name for q in sender.task_consumer.queues]

@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from fleet.errors import InvalidSubmission, RunNotFound
-from fleet.plan import state_view
 from fleet.routing import all_queues
 from fleet.simulator import generate
 from fleet.template import render
@@ -165,10 +164,10 @@ def test_run_record_keeps_timing_and_tokens(fleet):
 def test_state_view_matches_what_steps_saw(fleet):
     run_id = fleet.client.submit("calculator", {"question": "What is 6 * 7?"})
     run = fleet.client.wait(run_id, timeout=60)
-    raw = fleet.client.store.raw_state(run_id)
-    view = state_view(fleet.client.agents["calculator"], raw, "answer", 0)
+    state = fleet.client.store.load(run_id)
+    view = state.view(0, fleet.client.agents["calculator"].loop_of("answer"))
     assert view["steps"]["act"] == 42
-    assert json.loads(raw["input"]) == {"question": "What is 6 * 7?"}
+    assert state.input == {"question": "What is 6 * 7?"}
     assert run.result == "The answer is 42."
 
 

@@ -9,7 +9,8 @@ import pytest
 from fleet.agent import load_agents
 from fleet.celery_app import create_app
 from fleet.errors import PermanentError
-from fleet.plan import build_chain, parse_tool_call, remaining_steps, state_view
+from fleet.plan import build_chain, parse_tool_call, remaining_steps
+from fleet.runs import RunState
 from fleet.settings import Settings
 from fleet.template import render
 
@@ -56,14 +57,16 @@ def test_parse_tool_call(text, parsed):
 def test_state_view_builds_the_loop_transcript():
     solver = AGENTS["solver"]
     raw = {
-        "input": json.dumps({"question": "q"}),
+        "id": "r1", "agent": "solver", "priority": "interactive", "status": "running",
+        "created_at": "1", "deadline_at": "2", "input": json.dumps({"question": "q"}),
         "out:solve_think#1": json.dumps({"tool": "calculator", "input": "1+1"}),
         "out:solve_act#1": json.dumps(2),
     }
-    view = state_view(solver, raw, "solve_think", 2)
+    run = RunState(raw)
+    view = run.view(2, solver.loop_of("solve_think"))
     assert view["loop"]["transcript"] == 'Action: {"input": "1+1", "tool": "calculator"}\nObservation: 2'
     assert view["steps"]["solve_act"] == 2
-    first = state_view(solver, raw, "solve_think", 1)
+    first = run.view(1, solver.loop_of("solve_think"))
     assert first["loop"]["transcript"] == ""
 
 

@@ -1,0 +1,113 @@
+"""Concerns of a step's life, each a small object with one job (in the spirit of dramatiq's
+middleware). The pipeline (:mod:`fleet.pipeline`) calls them at fixed points:
+
+=================  ==========================================================  ===============
+point              what a hook may do there                                    hooks
+=================  ==========================================================  ===============
+``check``          stop the step before it starts (raise)                      guards
+``check_started``  stop the step once its delivery is counted (raise)          poison guard
+``on_start``       observe a step about to run its body                        Sentry tags
+``commit_with``    add Redis commands to the step's one commit round trip      step times
+``after_commit``   observe a committed step                                    metrics
+``on_retry``       observe an attempt that failed and goes back to its queue   metrics
+``on_dead_letter`` observe a step written to the dead-letter store             metrics, Sentry
+``on_run_end``     observe a run that reached a terminal status                summary, sessions, metrics
+=================  ==========================================================  ===============
+
+Adding a concern (tracing, budgets, tenant accounting) means adding a hook here and to
+:func:`default_hooks`, not editing the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fleet.agent import AgentDef, LlmStep, ToolStep
+    from fleet.cancel import CancelScope
+    from fleet.runs import RunRecord, RunState, StepRecord
+    from fleet.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of a step message: what the message says and what the broker adds."""
+
+    run_id: str
+    step: str
+    iteration: int
+    retries: int = 0
+    sent_at: float | None = None
+
+
+@dataclass
+class StepContext:
+    """What the pipeline, the hooks and the step body know about one step in progress."""
+
+    rt: "Runtime"
+    delivery: Delivery
+    run: "RunState"
+    agent: "AgentDef | None"
+    key: str
+    deliveries: int = 0
+    step: "LlmStep | ToolStep | None" = None
+    record: "StepRecord | None" = None
+    cancel: "CancelScope | None" = None
+    output: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return self.delivery.run_id
+
+    @property
+    def done(self) -> bool:
+        """Whether this step's output is already committed (a redelivered message)."""
+        return self.run.is_done(self.key)
+
+
+class StopStep(Exception):
+    """The step must not run (its run ended, or the record is gone); the chain is cut."""
+
+
+class Hook:
+    """Base of every hook: each point does nothing unless a hook overrides it."""
+
+    def check(self, ctx: StepContext) -> None:
+        """Before the step starts: raise to stop it (see fleet.hooks.guards)."""
+
+    def check_started(self, ctx: StepContext) -> None:
+        """After the step was recorded as running and its delivery counted: raise to stop it."""
+
+    def on_start(self, ctx: StepContext) -> None:
+        """The step passed every guard and its body runs next."""
+
+    def commit_with(self, ctx: StepContext) -> list[tuple[str, tuple]]:
+        """Redis commands ``(method, args)`` to run in the step's commit round trip."""
+        return []
+
+    def after_commit(self, ctx: StepContext) -> None:
+        """The step's output was committed (once per step, whatever the deliveries)."""
+
+    def on_retry(self, ctx: StepContext, exc: BaseException, countdown_s: float) -> None:
+        """An attempt failed transiently; the step is tried again in ``countdown_s``."""
+
+    def on_dead_letter(self, ctx: StepContext, exc: BaseException, entry_id: str) -> None:
+        """The step failed for good and was written to the dead-letter store."""
+
+    def on_run_end(self, ctx: StepContext, run: "RunRecord") -> None:
+        """The run reached a terminal status in this step."""
+
+
+def default_hooks() -> list[Hook]:
+    """The hooks of a worker, in the order they are called."""
+    from fleet.hooks.guards import DeadlineGuard, KnownStepGuard, PoisonGuard, TerminalGuard
+    from fleet.hooks.metrics import Metrics
+    from fleet.hooks.sentry import SentryReports
+    from fleet.hooks.sessions import SessionTurns
+    from fleet.hooks.step_times import StepTimes
+    from fleet.hooks.summary import RunSummary
+
+    return [TerminalGuard(), KnownStepGuard(), DeadlineGuard(), PoisonGuard(), StepTimes(), Metrics(), SentryReports(),
+            SessionTurns(), RunSummary()]

@@ -1,0 +1,22 @@
+"""Sentry: every event from a step carries the step's run, agent, step and class; a
+dead-lettered step is reported as an error (retries never are)."""
+
+from __future__ import annotations
+
+import sentry_sdk
+
+from fleet.deadletter import DeadLetter
+from fleet.hooks import Hook, StepContext
+from fleet.sentry import report_dead_letter
+
+
+class SentryReports(Hook):
+    def on_start(self, ctx: StepContext) -> None:
+        if sentry_sdk.get_client().is_active():
+            # The Celery integration opens a scope per task: these tags stay with this step.
+            for name, value in (("run_id", ctx.run_id), ("agent", ctx.run.agent), ("step", ctx.delivery.step),
+                                ("priority", ctx.run.priority)):
+                sentry_sdk.set_tag(name, value)
+
+    def on_dead_letter(self, ctx: StepContext, exc: BaseException, entry: DeadLetter) -> None:
+        report_dead_letter(exc, entry, entry.id)

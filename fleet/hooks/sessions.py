@@ -1,0 +1,13 @@
+"""Sessions: a run that succeeded adds its turn (input and result) to its session."""
+
+from __future__ import annotations
+
+from fleet.hooks import Hook, StepContext
+from fleet.runs import RunRecord
+from fleet.sessions import Sessions
+
+
+class SessionTurns(Hook):
+    def on_run_end(self, ctx: StepContext, run: RunRecord) -> None:
+        if run.status == "succeeded" and run.session_id:
+            Sessions(ctx.rt.settings, ctx.rt.store.redis).append(run.session_id, run.id, run.input, run.result)

@@ -1,0 +1,34 @@
+"""What a worker process needs to run steps, built once per process (after fork)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from fleet.agent import AgentDef, load_agents
+from fleet.cancel import Cancellation
+from fleet.capacity import Capacity
+from fleet.deadletter import DeadLetters
+from fleet.hooks import Hook, default_hooks
+from fleet.pool import InferencePool
+from fleet.retries import RetryPolicy
+from fleet.runs import RunStore
+from fleet.settings import Settings
+from fleet.tools import load_tool_modules
+
+
+class Runtime:
+    """Agents, stores, the inference pool, the hooks and the retry policy of one worker process."""
+
+    def __init__(self, settings: Settings, hooks: list[Hook] | None = None) -> None:
+        self.settings = settings
+        load_tool_modules(settings.tool_modules)
+        self.agents: dict[str, AgentDef] = load_agents(settings.agents_dir)
+        self.store = RunStore(settings)
+        self.dead_letters = DeadLetters(settings, self.store.redis)
+        self.capacity = Capacity(settings, self.store.redis)
+        self.cancellation = Cancellation(self.store)
+        self.pool = InferencePool(settings, self.capacity)
+        self.retries = RetryPolicy.from_settings(settings)
+        self.hooks = default_hooks() if hooks is None else hooks
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"

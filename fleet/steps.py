@@ -1,0 +1,53 @@
+"""The step bodies: only each step's work. Everything around them is the pipeline's.
+
+A body takes the step's context and returns the step's output (JSON-serializable), or
+raises: :class:`~fleet.errors.TransientError` to be retried, anything else to be
+dead-lettered (see :mod:`fleet.errors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fleet.agent import LlmStep, ToolStep
+from fleet.errors import PermanentError
+from fleet.hooks import StepContext
+from fleet.plan import parse_tool_call
+from fleet.template import render
+from fleet.tools import run_tool
+
+
+def llm(ctx: StepContext, step: LlmStep, view: dict[str, Any]) -> Any:
+    """Render the prompt, call the model, parse its output."""
+    record, run = ctx.record, ctx.run
+    assert record is not None and ctx.cancel is not None  # noqa: S101 - set by the pipeline
+    on_token = None
+    if run.stream:
+        def on_token(text: str) -> None:
+            ctx.rt.store.emit(run.id, {"type": "token", "step": record.key, "text": text})
+    gen = ctx.rt.pool.generate(
+        render(step.prompt, view), step.sampling_parameters(), model=step.model, priority=run.priority,
+        deadline_at=run.deadline_at, request_id=f"{run.id}:{record.key}:{record.attempts}",
+        cancel=ctx.cancel, on_token=on_token,
+    )
+    record.tokens_in, record.tokens_out, record.ttft_s = gen.tokens_in, gen.tokens_out, gen.ttft_s
+    text = gen.text.strip()
+    return parse_tool_call(text) if step.parse == "tool_call" else text
+
+
+def tool(ctx: StepContext, step: ToolStep, view: dict[str, Any]) -> Any:
+    """Run the step's tool, or the tool a model step chose among the allowed ones."""
+    if step.tool is not None:
+        return run_tool(step.tool, render(step.input or "", view))
+    call = view["steps"].get(step.tool_from)
+    if not isinstance(call, dict) or "tool" not in call:
+        raise PermanentError(f"step '{step.tool_from}' did not produce a tool call: {call!r}")
+    if call["tool"] not in step.allowed_tools:
+        raise PermanentError(
+            f"model chose tool '{call['tool']}', not one of {', '.join(step.allowed_tools)}"
+        )
+    return run_tool(call["tool"], call["input"])
+
+
+BODIES: dict[str, Callable[..., Any]] = {"llm": llm, "tool": tool}
