@@ -52,22 +52,11 @@ def agents(as_json: bool) -> None:
     """List agents with their steps, input schema and an example input."""
     from fleet.agent import load_agents
     from fleet.tools import load_tool_modules
+    from fleet.views import agent_infos
 
     settings = Settings()
     load_tool_modules(settings.tool_modules)
-    found = load_agents(settings.agents_dir)
-    described = {
-        name: {
-            "description": a.description,
-            "steps": [
-                {"name": s.name, "kind": s.kind, "loop": loop.name if loop else None}
-                for s, loop in a.iter_steps()
-            ],
-            "input_schema": a.json_schema(),
-            "example": a.example,
-        }
-        for name, a in sorted(found.items())
-    }
+    described = {info.name: info.model_dump(exclude={"name"}) for info in agent_infos(load_agents(settings.agents_dir))}
     if as_json:
         _emit({"agents": described})
         return
@@ -80,13 +69,6 @@ def agents(as_json: bool) -> None:
         fields = ", ".join(f"{k}: {v.get('type', '?')}" for k, v in d["input_schema"]["properties"].items())
         click.echo(f"  input:   {{{fields}}}")
         click.echo(f"  example: {json.dumps(d['example'])}")
-
-
-def _run_dict(run) -> dict[str, Any]:  # noqa: ANN001
-    data = run.model_dump()
-    data["latency_s"] = run.latency_s
-    data["tokens_in"], data["tokens_out"] = run.tokens_in, run.tokens_out
-    return data
 
 
 def _print_run(run) -> None:  # noqa: ANN001
@@ -133,7 +115,9 @@ def submit(agent: str, input_json: str, priority: str, deadline_s: float | None,
     except FleetError as exc:
         _fail(str(exc), as_json)
     if as_json:
-        _emit(_run_dict(run))
+        from fleet.views import run_view
+
+        _emit(run_view(run))
     else:
         _print_run(run)
     sys.exit(0 if run.status == "succeeded" else 1)
@@ -150,13 +134,14 @@ def runs() -> None:
 def runs_show(run_id: str, as_json: bool) -> None:
     """Show a run: status, steps with timing and tokens, result or error."""
     from fleet.runs import RunStore
+    from fleet.views import run_view
 
     try:
         run = RunStore(Settings()).get(run_id)
     except RunNotFound as exc:
         _fail(str(exc), as_json)
     if as_json:
-        _emit(_run_dict(run))
+        _emit(run_view(run))
     else:
         _print_run(run)
 

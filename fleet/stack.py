@@ -133,7 +133,9 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
     flower_url = f"http://{settings.bind_address}:{port}"
     gateway_port = _port_or_free(settings.bind_address, stack_settings.gateway_port)
     gateway = procs.start("gateway", [sys.executable, "-m", "fleet.cli", "gateway", "--host", settings.bind_address,
-                                      "--port", str(gateway_port)], env=env)
+                                      "--port", str(gateway_port)],
+                         # Here its /metrics stays on the API port (loopback, no keys).
+                         env={k: v for k, v in env.items() if k != "FLEET_METRICS_PORT"})
     gateway_url = f"http://{settings.bind_address}:{gateway_port}"
     # CLI commands beside the stack find Flower and the gateway where they really listen.
     STACK_ENV.write_text(STACK_ENV.read_text() + f"FLEET_FLOWER_PORT={port}\nFLEET_GATEWAY_PORT={gateway_port}\n")

@@ -257,7 +257,9 @@ def test_health_and_readiness(gateway):
 def test_metrics_count_requests_by_route_and_show_the_queues(gateway, fleet):
     assert gateway.http.get("/v1/agents").status_code == 200
     assert gateway.http.get(f"/v1/runs/{'0' * 32}").status_code == 404
-    body = httpx.get(f"{gateway.url}/metrics", timeout=10).text  # no key: scraped like Flower's
+    refused = httpx.get(f"{gateway.url}/metrics", timeout=10)  # with keys set, metrics need one too
+    assert refused.status_code == 401
+    body = gateway.http.get("/metrics").text
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in body.splitlines() if line and not line.startswith("#")}
     agents = 'fleet_gateway_requests_total{method="GET",route="/v1/agents",status="200"}'

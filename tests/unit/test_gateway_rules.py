@@ -99,3 +99,37 @@ def test_openapi_schema_documents_models_errors_and_keys():
     run_view = schema["components"]["schemas"]["RunView"]["properties"]
     assert {"id", "status", "result", "steps", "latency_s", "tokens_in", "tokens_out"} <= set(run_view)
     assert {"HTTPBearer", "APIKeyHeader"} <= set(schema["components"]["securitySchemes"])
+
+
+def test_with_keys_every_route_but_health_needs_one():
+    app = create_gateway(_settings(api_keys="k1"))
+    for path in ("/metrics", "/openapi.json", "/v1/agents", "/v1/runs/" + "a" * 32):
+        answer = _get(app, path, "127.0.0.1")
+        assert answer.status_code == 401, (path, answer.status_code)
+    assert _get(app, "/docs", "127.0.0.1").status_code == 404  # no browsable docs that would need no key
+    assert _get(app, "/healthz", "127.0.0.1").status_code == 200
+
+    async def keyed(path: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw",
+                                     headers={"Authorization": "Bearer k1"}) as client:
+            return await client.get(path)
+
+    schema = asyncio.run(keyed("/openapi.json"))
+    assert schema.status_code == 200 and "/v1/runs" in schema.json()["paths"]
+
+
+def test_without_keys_docs_and_schema_stay_open_on_loopback():
+    app = create_gateway(_settings(api_keys=""))
+    assert _get(app, "/openapi.json", "127.0.0.1").status_code == 200
+    assert _get(app, "/docs", "127.0.0.1").status_code == 200
+
+
+@pytest.mark.parametrize("run_id", ["fleet:deadletter", "A" * 32, "a" * 31, "x" * 33, "..%2e%2e"])
+def test_a_run_id_that_is_not_one_is_refused_naming_the_field(run_id):
+    app = create_gateway(_settings(api_keys=""))
+    app.state.services = None  # no fleet behind it: a refused id never reaches one
+    for path in (f"/v1/runs/{run_id}", f"/v1/runs/{run_id}/events"):
+        answer = _get(app, path, "127.0.0.1")
+        assert answer.status_code == 422, (path, answer.status_code)
+        assert answer.json()["field"] == "run_id"

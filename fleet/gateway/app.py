@@ -1,0 +1,248 @@
+"""The gateway's app and routes (see :mod:`fleet.gateway`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Path, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
+from pydantic import BaseModel, Field
+
+from fleet.admission import Admission, Submission
+from fleet.aio import AsyncFleetClient
+from fleet.client import FleetClient
+from fleet.errors import RunNotFound
+from fleet.gateway.auth import LoopbackOnly, check_bind, require_key
+from fleet.gateway.errors import ERRORS, NOT_FOUND, ErrorBody, as_json, install_error_handlers
+from fleet.gateway.middleware import BodyLimit, count_requests
+from fleet.runs import RunStatus
+from fleet.settings import Settings
+from fleet.triton import TritonClient
+from fleet.views import RUN_ID_PATTERN, AgentList, RunView, agent_infos, run_view
+
+log = logging.getLogger(__name__)
+
+# A Redis stream id ("<ms>-<seq>", or "<ms>"): anything else would make XREAD fail.
+_STREAM_ID = r"^\d{1,20}(-\d{1,20})?$"
+
+RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="A run id (32 hex digits).")]
+
+
+class SubmitResponse(BaseModel):
+    """The run a submission created, or the run its idempotency key already names."""
+
+    run_id: str
+    status: RunStatus | None = Field(description="Null when the run's record is no longer kept.")
+    created: bool = Field(description="False for a repeated idempotency key.")
+
+
+class CancelResponse(BaseModel):
+    """The outcome of a cancel."""
+
+    run_id: str
+    cancelled: bool = Field(description="False when the run had already ended.")
+    status: RunStatus
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    redis: bool
+    triton_model: bool
+    model: str
+
+
+@dataclass
+class _Services:
+    client: FleetClient
+    admission: Admission
+    aio: AsyncFleetClient
+    triton: TritonClient
+
+
+def _services(request: Request) -> _Services:
+    return request.app.state.services
+
+
+Services = Annotated[_Services, Depends(_services)]
+
+
+async def known_run(run_id: RunId, services: Services) -> str:
+    """The path's run id, once its run is known to exist."""
+    # Checked before an event stream starts: once it has, the status can no longer be 404.
+    if not await services.aio.exists(run_id):
+        raise RunNotFound(f"no run '{run_id}'")
+    return run_id
+
+
+def create_gateway(settings: Settings) -> FastAPI:
+    """The gateway's ASGI app for one fleet.
+
+    Connections (Redis, the broker, Triton) are opened when the app starts and closed
+    when it stops.
+    """
+    keys = settings.api_key_list()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = FleetClient(settings)
+        services = _Services(
+            client=client,
+            admission=Admission(settings, client.app, client.agents, client.store),
+            aio=AsyncFleetClient(settings, sync=client),
+            triton=TritonClient(settings.triton_grpc_url),
+        )
+        app.state.services = services
+        log.info("gateway up: %d agents, %s", len(client.agents),
+                 f"{len(keys)} API keys" if keys else "no API keys (loopback only)")
+        try:
+            yield
+        finally:
+            await services.aio.close()
+            services.triton.close()
+            client.close()
+
+    # With keys, the schema is served behind a key below and the browsable docs are off
+    # (a browser fetching the schema for them carries no key).
+    open_docs = not keys
+    app = FastAPI(
+        title="fleet gateway",
+        summary="Submit agent runs to the fleet and follow them.",
+        version="1",
+        lifespan=lifespan,
+        openapi_url="/openapi.json" if open_docs else None,
+        docs_url="/docs" if open_docs else None,
+        redoc_url="/redoc" if open_docs else None,
+    )
+    app.state.api_keys = keys
+    # Middleware added later runs earlier: the request counter sees every answer (403 and
+    # 413 included), and a client that may not call is refused before its body is read.
+    app.add_middleware(BodyLimit, limit=settings.gateway_max_body_bytes)
+    if not keys:
+        app.add_middleware(LoopbackOnly)
+    registry = app.state.metrics = count_requests(app, settings)
+    keyed = [Depends(require_key)]
+    v1: dict[str, Any] = dict(dependencies=keyed, tags=["runs"])
+
+    @app.post("/v1/runs", status_code=201, response_model=SubmitResponse, **v1,
+              responses={200: {"model": SubmitResponse, "description": "The run of a repeated idempotency key."},
+                         **ERRORS,
+                         429: {"model": ErrorBody, "description": "Shed: retry after the Retry-After header."}})
+    def submit_run(sub: Submission, response: Response, services: Services) -> SubmitResponse:
+        """Submit a run of an agent."""
+        run_id, created = services.admission.submit(sub)
+        if not created:
+            response.status_code = 200
+        try:
+            status = services.client.get(run_id).status
+        except RunNotFound:  # the key outlived the finished run's record
+            status = None
+        log.info("run %s: submitted over HTTP (%s)", run_id,
+                 "created" if created else "existing run of its idempotency key")
+        return SubmitResponse(run_id=run_id, status=status, created=created)
+
+    @app.get("/v1/runs/{run_id}", response_model=RunView, **v1, responses={**ERRORS, **NOT_FOUND})
+    def get_run(run_id: RunId, services: Services) -> dict[str, Any]:
+        """A run: status, per-step timing and tokens, result or error."""
+        return run_view(services.client.get(run_id))
+
+    @app.get("/v1/runs/{run_id}/events", response_class=EventSourceResponse, **v1,
+             responses=as_json({**ERRORS, **NOT_FOUND}))
+    async def run_events(
+        run_id: Annotated[str, Depends(known_run)],
+        services: Services,
+        last_event_id: Annotated[str | None, Header(
+            pattern=_STREAM_ID, description="Resume after this event id (sent back by EventSource).")] = None,
+    ) -> AsyncIterator[ServerSentEvent]:
+        """The run's events as server-sent events, until the run ends.
+
+        Each event is `event: <type>` (status, step, token), `id: <stream id>` and
+        `data: <JSON of the event's fields>`. The stream ends after the run's terminal status.
+        """
+        log.debug("run %s: event stream opened after %s", run_id, last_event_id or "the start")
+        async for event_id, fields in services.aio.entries(run_id, after=last_event_id or "0"):
+            yield ServerSentEvent(id=event_id, event=fields.get("type", "message"), data=fields)
+        log.debug("run %s: event stream ended", run_id)
+
+    @app.delete("/v1/runs/{run_id}", response_model=CancelResponse, **v1, responses={**ERRORS, **NOT_FOUND})
+    def cancel_run(run_id: RunId, services: Services) -> CancelResponse:
+        """Cancel a run: its remaining steps are skipped and an in-flight model call is cancelled."""
+        cancelled = services.client.cancel(run_id)
+        status = services.client.get(run_id).status
+        log.info("run %s: cancel over HTTP (%s)", run_id, "cancelled" if cancelled else f"already {status}")
+        return CancelResponse(run_id=run_id, cancelled=cancelled, status=status)
+
+    @app.get("/v1/agents", response_model=AgentList, **{**v1, "tags": ["agents"]}, responses=ERRORS)
+    def list_agents(services: Services) -> AgentList:
+        """Agents with their steps, input schema and an example input."""
+        return AgentList(agents=agent_infos(services.client.agents))
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    def healthz() -> Health:
+        """The process is up."""
+        return Health()
+
+    @app.get("/readyz", response_model=Readiness, tags=["health"],
+             responses={503: {"model": Readiness, "description": "Redis or the Triton model is not ready."}})
+    def readyz(services: Services) -> JSONResponse:
+        """Redis answers and the Triton model is ready."""
+        try:
+            redis_up = bool(services.client.store.redis.ping())
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            redis_up = False
+        model_up = services.triton.model_ready(settings.triton_model)
+        body = Readiness(ready=redis_up and model_up, redis=redis_up, triton_model=model_up,
+                         model=settings.triton_model)
+        return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+    @app.get("/metrics", include_in_schema=False, dependencies=keyed)
+    def metrics_endpoint() -> Response:
+        """Prometheus metrics: the gateway's requests and the fleet-wide queue gauges (with
+        API keys set, the scrape carries one; ``FLEET_METRICS_PORT`` serves them keyless on a
+        port of their own)."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    if not open_docs:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=keyed)
+        def openapi_schema() -> JSONResponse:
+            """The OpenAPI schema, for callers holding a key."""
+            return JSONResponse(app.openapi())
+
+    install_error_handlers(app)
+    return app
+
+
+def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+    """Serve the gateway in the foreground (uvicorn) until interrupted.
+
+    Args:
+        settings: the fleet's settings (API keys, body limit, Redis, Triton).
+        host: address to listen on; ``FLEET_BIND_ADDRESS`` when None.
+        port: port to listen on; ``FLEET_GATEWAY_PORT`` when None.
+
+    Raises:
+        InsecureBind: listening beyond loopback without API keys.
+    """
+    import uvicorn
+
+    host = host or settings.bind_address
+    port = port or settings.gateway_port
+    check_bind(settings, host)
+    app = create_gateway(settings)
+    if settings.metrics_port is not None:
+        # Beside the keyed /metrics: a port of its own for the monitoring network, as the
+        # workers have, so that a scrape needs no API key.
+        start_http_server(settings.metrics_port, addr=settings.bind_address, registry=app.state.metrics)
+        log.info("gateway metrics on http://%s:%d/metrics", settings.bind_address, settings.metrics_port)
+    log.info("gateway listening on http://%s:%d", host, port)
+    uvicorn.run(app, host=host, port=port,
+                log_level=settings.log_level.lower(), server_header=False)

@@ -1,0 +1,105 @@
+"""Who may call the gateway.
+
+With API keys (``FLEET_API_KEYS``) every route but the health probes needs ``Authorization:
+Bearer <key>`` or ``X-API-Key: <key>``: the ``/v1`` API, ``/metrics`` and the OpenAPI
+schema alike. Without keys the gateway is for this machine only: :func:`check_bind`
+refuses to listen beyond loopback and :class:`LoopbackOnly` answers 403 to any client that
+is not on loopback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from typing import Annotated
+
+from fastapi import Request, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from fleet.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class InsecureBind(ValueError):
+    """The gateway was asked to listen beyond loopback without API keys."""
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether an address (or ``localhost``) is this machine's loopback."""
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def key_matches(given: str | None, keys: list[str]) -> bool:
+    """Whether ``given`` is one of ``keys``, in time that does not depend on where they differ."""
+    if not given:
+        return False
+    found = False
+    for key in keys:  # no early exit: every key is compared
+        found |= hmac.compare_digest(given.encode(), key.encode())
+    return found
+
+
+def check_bind(settings: Settings, host: str) -> None:
+    """Refuse to listen beyond loopback without API keys.
+
+    Raises:
+        InsecureBind: ``host`` is not loopback and ``FLEET_API_KEYS`` is empty.
+    """
+    if not settings.api_key_list() and not is_loopback(host):
+        raise InsecureBind(
+            f"refusing to listen on {host} without API keys: set FLEET_API_KEYS "
+            "(comma-separated) or listen on 127.0.0.1"
+        )
+
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key of FLEET_API_KEYS.")
+
+
+def require_key(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    x_api_key: Annotated[str | None, Security(_api_key)],
+) -> None:
+    """The call carries one of the API keys (when the gateway has any)."""
+    keys: list[str] = request.app.state.api_keys
+    if not keys:
+        return  # loopback only, enforced by LoopbackOnly
+    given = credentials.credentials if credentials is not None else x_api_key
+    if not key_matches(given, keys):
+        raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key> or X-API-Key)",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+class LoopbackOnly:
+    """Answers 403 to every client that is not on loopback (a gateway without API keys)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            client = scope.get("client")
+            if client is not None and not is_loopback(client[0]):
+                log.warning("refused %s %s from %s: no API keys are set, loopback only",
+                            scope.get("method"), scope.get("path"), client[0])
+                response = JSONResponse(
+                    {"error": "this gateway has no API keys and serves loopback clients only"}, 403)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
