@@ -66,6 +66,26 @@ def wait_until(check, timeout_s: float, what: str, proc: subprocess.Popen | None
     raise TimeoutError(f"{what}: not ready after {timeout_s:.0f}s")
 
 
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to a process group; False when the group has no member left."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member changed user: it is still there
+        return True
+    return True
+
+
+def _group_gone(pgid: int, deadline: float) -> bool:
+    """Wait until no process is left in group ``pgid`` (True) or ``deadline`` passes."""
+    while _signal_group(pgid, 0):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)  # no event tells when another process's child exits
+    return True
+
+
 @dataclass
 class Processes:
     """Child processes started together and stopped together."""
@@ -90,27 +110,29 @@ class Processes:
         return proc
 
     def stop(self, name: str | None = None, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
-        """Stop one child (or all, last started first): ``sig``, then SIGKILL after ``timeout_s``."""
+        """Stop one child (or all, last started first) with every process of its group:
+        ``sig``, then SIGKILL after ``timeout_s``. Returns once the groups are empty (a Triton
+        python stub or a prefork child can outlive its group's leader)."""
         names = [name] if name else list(reversed(self.children))
         for n in names:
             proc = self.children.get(n)
-            if proc is not None and proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
+            if proc is not None:
+                _signal_group(proc.pid, sig)
+        deadline = time.monotonic() + timeout_s
         for n in names:
             proc = self.children.pop(n, None)
             if proc is None:
                 continue
             try:
-                proc.wait(timeout=timeout_s)
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
+            if not _group_gone(proc.pid, deadline):
+                log.warning("%s: members of process group %d outlived it; killing them", n, proc.pid)
+                _signal_group(proc.pid, signal.SIGKILL)
+                if not _group_gone(proc.pid, time.monotonic() + 5.0):
+                    log.warning("%s: process group %d still has members after SIGKILL", n, proc.pid)
         if name is None:
             for out in self._logs:
                 out.close()

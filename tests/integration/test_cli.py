@@ -68,14 +68,25 @@ def test_status_reports_redis_triton_queues_and_workers(fleet):
     assert report["admission"]["interactive"]["slots"] >= 8  # the module's inference worker announced itself
 
 
-def _descendants() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+def _tree(pid: int) -> set[int]:
+    """A process and every descendant of it."""
+    return {pid} | {p.pid for p in psutil.Process(pid).children(recursive=True)}
+
+
+def _alive(pids: set[int]) -> list[int]:
+    alive = []
+    for pid in sorted(pids):
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(FLEET_FLOWER_PORT="0", FLEET_GATEWAY_PORT="0")  # any free ports
-    before = _descendants()
     proc = subprocess.Popen([*CLI, "up", "--demo"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -84,7 +95,7 @@ def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
             lines.append(line)
             if line.startswith("fleet is up"):
                 break
-        started = _descendants() - before
+        started = _tree(proc.pid)  # fleet up's own tree, nothing else the suite runs
         assert len(started) >= 6  # fleet up, redis, triton (+stubs), workers, flower, gateway
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         rest, _ = proc.communicate(timeout=60)
@@ -100,6 +111,6 @@ def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
     assert "The answer is 87." in output
     assert "flower     http://127.0.0.1:" in output and "gateway    http://127.0.0.1:" in output
     assert "stopped." in output
-    alive = [pid for pid in started if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    alive = _alive(started - {proc.pid})
     assert alive == [], f"left behind: {alive}"
     assert not (tmp_path / ".fleet" / "stack.env").exists()
