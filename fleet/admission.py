@@ -12,11 +12,12 @@ import time
 from typing import Any
 
 from celery import Celery
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fleet.agent import AgentDef
 from fleet.capacity import Capacity
 from fleet.errors import InvalidSubmission, Overloaded
+from fleet.payload import check_value
 from fleet.plan import build_chain
 from fleet.routing import queue_name
 from fleet.runs import RunRecord, RunStore, new_run_id
@@ -40,10 +41,19 @@ class Submission(BaseModel):
     stream: bool = Field(False, description="Publish model tokens as run events.")
 
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _carryable(cls, value: Any) -> Any:
+        check_value(value, "input")  # deep nesting, lone surrogates, NUL, overflowing numbers
+        return value
+
+
 def parse_submission(data: dict[str, Any]) -> Submission:
     """Validate the envelope of a submission; :class:`InvalidSubmission` names the field."""
     try:
         return Submission.model_validate(data)
+    except InvalidSubmission:
+        raise
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "submission"

@@ -51,6 +51,7 @@ from fleet.admission import Admission, parse_submission
 from fleet.client import FleetClient
 from fleet.errors import InvalidSubmission, Overloaded, RunNotFound
 from fleet.follow import Ended, Follow, Gone, drive
+from fleet.payload import parse_json
 from fleet.runs import TERMINAL, RunRecord
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,11 @@ class BatchLine:
 def parse_line(line: int, text: str) -> BatchLine:
     """Parse one input line (see the module docstring for the format)."""
     try:
-        data = json.loads(text)
-    except ValueError as exc:
-        return BatchLine(line, error=f"line {line}: not valid JSON: {exc}")
+        data = parse_json(text, "line")
+    except InvalidSubmission as exc:
+        # "line: not valid JSON ..." / "line.input.text: holds a NUL ..." -> "line 3: ..."
+        where = str(exc).removeprefix("line").removeprefix(": ").removeprefix(".")
+        return BatchLine(line, error=f"line {line}: {where}")
     if not isinstance(data, dict):
         return BatchLine(line, error=f"line {line}: a line must be a JSON object, not {type(data).__name__}")
     if isinstance(data.get("input"), dict) and set(data) <= {"id", "input"}:

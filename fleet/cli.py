@@ -98,10 +98,12 @@ def submit(agent: str, input_json: str, priority: str, deadline_s: float | None,
     """Submit a run of AGENT."""
     from fleet.client import FleetClient
 
+    from fleet.payload import parse_json
+
     try:
-        data = json.loads(input_json)
-    except ValueError as exc:
-        _fail(f"--input is not valid JSON: {exc}", as_json, 2, field="input")
+        data = parse_json(input_json, "input")
+    except InvalidSubmission as exc:
+        _fail(f"--input: {exc}", as_json, 2, field=exc.field)
     try:
         with FleetClient() as client:
             run_id = client.submit(agent, data, priority=priority, deadline_s=deadline_s,  # type: ignore[arg-type]
@@ -273,10 +275,12 @@ def dlq_replay(entry_id: str | None, patch_json: str | None, replay_all: bool, a
 
     if (entry_id is None) == (not replay_all):
         _fail("give an ENTRY_ID or --all (with optional --agent/--step)", as_json, 2)
+    from fleet.payload import parse_json
+
     try:
-        patch = json.loads(patch_json) if patch_json else None
-    except ValueError as exc:
-        _fail(f"--patch is not valid JSON: {exc}", as_json, 2, field="patch")
+        patch = parse_json(patch_json, "patch") if patch_json else None
+    except InvalidSubmission as exc:
+        _fail(f"--patch: {exc}", as_json, 2, field=exc.field)
     try:
         with FleetClient() as client:
             if replay_all:

@@ -169,16 +169,41 @@ def redis_server_binary() -> str:
     raise RuntimeError("redis-server not found: install Redis (e.g. apt-get install redis-server)")
 
 
-def start_redis(procs: Processes, data_dir: Path, port: int | None = None, name: str = "redis") -> str:
-    """Start a loopback-only ``redis-server`` with AOF persistence in ``data_dir``; return its URL."""
+def write_private(path: Path, text: str) -> Path:
+    """Write a file only its owner can read (0600 from the start, never world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+    return path
+
+
+def new_secret(nbytes: int = 24) -> str:
+    """A random secret for a password or a key (URL-safe)."""
+    import secrets
+
+    return secrets.token_urlsafe(nbytes)
+
+
+def start_redis(procs: Processes, data_dir: Path, port: int | None = None, name: str = "redis",
+                password: str | None = None, config: dict[str, str] | None = None) -> str:
+    """Start a loopback-only ``redis-server`` with AOF persistence in ``data_dir``; return its URL.
+
+    The settings go in a 0600 config file, not on the command line, so ``password`` (Redis'
+    ``requirepass``) is not shown by ``ps``. ``config`` adds directives (``maxmemory``).
+    """
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    proc = procs.start(name, [
-        redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-        "--dir", str(data_dir.resolve()), "--appendonly", "yes", "--appendfsync", "everysec",
-        "--save", "", "--protected-mode", "yes", "--daemonize", "no",
-    ])
-    url = f"redis://127.0.0.1:{port}/0"
+    directives = {
+        "port": str(port), "bind": "127.0.0.1", "dir": str(data_dir.resolve()), "appendonly": "yes",
+        "appendfsync": "everysec", "save": '""', "protected-mode": "yes", "daemonize": "no",
+        **({"requirepass": password} if password else {}), **(config or {}),
+    }
+    conf = write_private(data_dir / "redis.conf", "".join(f"{k} {v}\n" for k, v in directives.items()))
+    proc = procs.start(name, [redis_server_binary(), str(conf)])
+    auth = f":{password}@" if password else ""
+    url = f"redis://{auth}127.0.0.1:{port}/0"
     wait_until(lambda: redis_answers(url), 20, f"redis-server on port {port}", proc)
     return url
 
@@ -238,21 +263,37 @@ def triton_model_ready(http_url: str, model: str) -> bool:
         return False
 
 
+def served_repository(dst: Path, models: list[str], repository: Path = MODEL_REPOSITORY) -> Path:
+    """A model repository holding only ``models`` (copied from ``repository``): with model
+    control off, Triton serves exactly what is in it."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for model in models:
+        shutil.copytree(repository / model, dst / model, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
 def start_triton(procs: Processes, work_dir: Path, models: list[str], name: str = "triton",
                  address: str = "127.0.0.1", repository: Path = MODEL_REPOSITORY,
                  ports: tuple[int, int, int] | None = None) -> TritonEndpoints:
-    """Start tritonserver from the nvidia-pytriton wheel serving ``models``; wait until ready."""
+    """Start tritonserver from the nvidia-pytriton wheel serving ``models``; wait until ready.
+
+    Model control is off (``--model-control-mode=none``) over a repository of only the
+    served models: nobody who reaches Triton's ports can load a model (a python-backend
+    model is code) or unload the one the fleet serves.
+    """
     pkg = _pytriton_dir()
     binary = pkg / "tritonserver" / "bin" / "tritonserver"
     libs = pkg.parent / "nvidia_pytriton.libs"
     http, grpc_port, metrics = ports or (free_port(), free_port(), free_port())
+    served = served_repository(work_dir / "models", models, repository)
     argv = [
-        str(binary), f"--model-repository={repository}", "--model-control-mode=explicit",
+        str(binary), f"--model-repository={served}", "--model-control-mode=none",
         f"--backend-directory={triton_backend_dir(work_dir)}",
         f"--http-port={http}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics}",
-        f"--http-address={address}", f"--grpc-address={address}",
+        f"--http-address={address}", f"--grpc-address={address}", f"--metrics-address={address}",
         "--allow-gpu-metrics=false", "--exit-timeout-secs=5", "--log-verbose=0",
-        *[f"--load-model={m}" for m in models],
     ]
     bin_dir = str(Path(sys.executable).parent)
     env = {
@@ -283,6 +324,19 @@ def start_worker(procs: Processes, name: str, queues: list[str], pool: str, conc
         f"--loglevel={loglevel}", "--without-mingle", "--without-gossip",
     ], env=env)
     return node
+
+
+def start_flower(procs: Processes, port: int, address: str, basic_auth: str | None,
+                 env: dict[str, str] | None = None, name: str = "flower") -> subprocess.Popen:
+    """Start Flower for the fleet. Its login comes from the environment (``FLOWER_BASIC_AUTH``,
+    which Flower reads itself), never the command line where ``ps`` shows it; with a login
+    its API answers to it."""
+    flower_env = {**(env or {})}
+    if basic_auth:
+        flower_env["FLOWER_BASIC_AUTH"] = basic_auth
+    return procs.start(name, [
+        sys.executable, "-m", "celery", "-A", "fleet.worker:app", "flower", f"--port={port}", f"--address={address}",
+    ], env=flower_env)
 
 
 def worker_answers(app, node: str) -> bool:

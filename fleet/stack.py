@@ -84,8 +84,10 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
         say(f"redis      reusing {settings.redis_url}")
         redis_url = settings.redis_url
     else:
-        redis_url = launch.start_redis(procs, data / "redis")
-        say(f"redis      started {redis_url} (AOF in {data / 'redis'})")
+        # A password even on loopback: every local process can reach a loopback port.
+        redis_url = launch.start_redis(procs, data / "redis", password=launch.new_secret())
+        say(f"redis      started on {redis_url.rpartition('@')[2]} with a generated password "
+            f"(AOF in {data / 'redis'}; the URL is in {STACK_ENV})")
     env["FLEET_REDIS_URL"] = redis_url
 
     if "FLEET_TRITON_GRPC_URL" in os.environ and TritonClient(settings.triton_grpc_url).model_ready(settings.triton_model):
@@ -97,8 +99,14 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
                    FLEET_TRITON_METRICS_URL=ep.metrics_url)
         say(f"triton     ready: grpc {ep.grpc_url}, http {ep.http_url}, model {settings.triton_model}")
 
-    STACK_ENV.parent.mkdir(parents=True, exist_ok=True)
-    STACK_ENV.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    # Flower's login: the operator's, or one made for this stack (shown below, kept in
+    # stack.env for the CLI beside it).
+    flower_auth = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else None
+    if flower_auth is None:
+        flower_auth = f"fleet:{launch.new_secret(12)}"
+        env["FLEET_FLOWER_BASIC_AUTH"] = flower_auth
+    # Secrets inside (the Redis password, Flower's login): readable by its owner only.
+    launch.write_private(STACK_ENV, "".join(f"{k}={v}\n" for k, v in env.items()))
     os.environ.update(env)
     stack_settings = Settings()
     host = socket.gethostname()
@@ -122,14 +130,7 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
                             stack_settings.tool_concurrency, worker_env("tools"), node=f"tools@{host}"),
     ]
     port = _port_or_free(settings.bind_address, stack_settings.flower_port)
-    flower_argv = [
-        sys.executable, "-m", "celery", "-A", "fleet.worker:app", "flower",
-        f"--port={port}", f"--address={settings.bind_address}",
-    ]
-    auth = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else None
-    if auth:
-        flower_argv.append(f"--basic-auth={auth}")
-    flower = procs.start("flower", flower_argv, env=env)
+    flower = launch.start_flower(procs, port, settings.bind_address, flower_auth, env=env)
     flower_url = f"http://{settings.bind_address}:{port}"
     gateway_port = _port_or_free(settings.bind_address, stack_settings.gateway_port)
     gateway = procs.start("gateway", [sys.executable, "-m", "fleet.cli", "gateway", "--host", settings.bind_address,
@@ -138,16 +139,16 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
                          env={k: v for k, v in env.items() if k != "FLEET_METRICS_PORT"})
     gateway_url = f"http://{settings.bind_address}:{gateway_port}"
     # CLI commands beside the stack find Flower and the gateway where they really listen.
-    STACK_ENV.write_text(STACK_ENV.read_text() + f"FLEET_FLOWER_PORT={port}\nFLEET_GATEWAY_PORT={gateway_port}\n")
+    launch.write_private(STACK_ENV, STACK_ENV.read_text() + f"FLEET_FLOWER_PORT={port}\nFLEET_GATEWAY_PORT={gateway_port}\n")
     app = create_app(stack_settings)
     for node in nodes:
         launch.wait_until(lambda n=node: launch.worker_answers(app, n), 60, f"worker {node}",
                           procs.children[node.split("@")[0]], 0.5)
-    launch.wait_until(lambda: _flower_answers(flower_url, auth), 60, "flower", flower, 0.3)
+    launch.wait_until(lambda: _flower_answers(flower_url, flower_auth), 60, "flower", flower, 0.3)
     launch.wait_until(lambda: launch.http_json(gateway_url + "/healthz", timeout_s=1) is not None, 60,
                       "gateway", gateway, 0.3)
     say(f"workers    {', '.join(nodes)} answering")
-    say(f"flower     {flower_url}")
+    say(f"flower     {flower_url}  (login {flower_auth})")
     say(f"gateway    {gateway_url}  (OpenAPI at {gateway_url}/docs)")
     say(f"metrics    triton {stack_settings.triton_metrics_url}")
     for name, metrics_port in metrics_ports.items():

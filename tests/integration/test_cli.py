@@ -84,6 +84,50 @@ def _alive(pids: set[int]) -> list[int]:
     return alive
 
 
+def _check_stack_secured(root: Path, output: str) -> dict[str, object]:
+    """What a local process without the stack's secrets can do to the running stack."""
+    import base64
+    import re
+    import urllib.error
+    import urllib.request
+
+    import redis
+
+    found: dict[str, object] = {}
+    env_file = root / ".fleet" / "stack.env"
+    found["stack.env mode"] = oct(env_file.stat().st_mode & 0o777)
+    stack_env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    url = stack_env["FLEET_REDIS_URL"]
+    bare = redis.Redis(host="127.0.0.1", port=int(url.rsplit(":", 1)[1].split("/")[0]), socket_timeout=5)
+    try:
+        bare.ping()
+        found["redis without password"] = "answers"
+    except redis.AuthenticationError:
+        found["redis without password"] = "refused"
+    found["redis with password"] = "answers" if redis.Redis.from_url(url, socket_timeout=5).ping() else "?"
+    flower_url, login = re.search(r"flower\s+(http://\S+)\s+\(login (\S+)\)", output).groups()
+    try:
+        urllib.request.urlopen(flower_url + "/api/workers", timeout=10)
+        found["flower api without login"] = 200
+    except urllib.error.HTTPError as exc:
+        found["flower api without login"] = exc.code
+    req = urllib.request.Request(flower_url + "/api/workers?refresh=1",
+                                 headers={"Authorization": "Basic " + base64.b64encode(login.encode()).decode()})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        workers = json.loads(resp.read())
+    found["flower api with login"] = "lists workers" if any(w.startswith("tools@") for w in workers) else workers
+    flower = [p for p in psutil.process_iter(["cmdline"]) if "flower" in (p.info["cmdline"] or [])]
+    found["flower login on its command line"] = any(login.split(":")[1] in " ".join(p.info["cmdline"]) for p in flower)
+    http = stack_env["FLEET_TRITON_HTTP_URL"]
+    load = urllib.request.Request(f"http://{http}/v2/repository/models/medium_sim/load", data=b"{}", method="POST")
+    try:
+        urllib.request.urlopen(load, timeout=10)
+        found["triton model load"] = "allowed"
+    except urllib.error.HTTPError:
+        found["triton model load"] = "refused"
+    return found
+
+
 def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(FLEET_FLOWER_PORT="0", FLEET_GATEWAY_PORT="0")  # any free ports
@@ -96,6 +140,7 @@ def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
             if line.startswith("fleet is up"):
                 break
         started = _tree(proc.pid)  # fleet up's own tree, nothing else the suite runs
+        secured = _check_stack_secured(tmp_path, "".join(lines))
         assert len(started) >= 6  # fleet up, redis, triton (+stubs), workers, flower, gateway
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         rest, _ = proc.communicate(timeout=60)
@@ -111,6 +156,10 @@ def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
     assert "The answer is 87." in output
     assert "flower     http://127.0.0.1:" in output and "gateway    http://127.0.0.1:" in output
     assert "stopped." in output
+    assert secured == {"stack.env mode": "0o600", "redis without password": "refused",
+                       "redis with password": "answers", "flower api without login": 401,
+                       "flower api with login": "lists workers", "triton model load": "refused",
+                       "flower login on its command line": False}, secured
     alive = _alive(started - {proc.pid})
     assert alive == [], f"left behind: {alive}"
     assert not (tmp_path / ".fleet" / "stack.env").exists()

@@ -11,6 +11,7 @@ import gzip
 import json
 import sys
 import threading
+import urllib.error
 import urllib.request
 import uuid
 import zlib
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -262,13 +264,15 @@ def _flower_get(url: str) -> dict:
 
 def test_flower_lists_the_workers_and_tasks_named_agent_dot_step(ofleet):
     port = launch.free_port()
-    flower = ofleet.procs.start("flower", [
-        sys.executable, "-m", "celery", "-A", "fleet.worker:app", "flower",
-        f"--port={port}", "--address=127.0.0.1", f"--basic-auth={FLOWER_AUTH}",
-    ], env=ofleet.env)
+    flower = launch.start_flower(ofleet.procs, port, "127.0.0.1", FLOWER_AUTH, env=ofleet.env)
     url = f"http://127.0.0.1:{port}"
     launch.wait_until(lambda: urllib.request.urlopen(url + "/healthcheck", timeout=1).status == 200,
                       30, "flower", flower, 0.2)
+    # The login is not on Flower's command line (ps shows every process's), and it is needed.
+    assert FLOWER_AUTH.split(":")[1] not in " ".join(psutil.Process(flower.pid).cmdline())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url + "/api/workers", timeout=10)
+    assert refused.value.code == 401
     workers = _flower_get(url + "/api/workers?refresh=1")  # asks the workers (a broadcast)
     assert set(ofleet.nodes.values()) <= set(workers), workers.keys()
     # Flower's task list comes from the event stream: it is listening once the workers'

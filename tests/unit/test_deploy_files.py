@@ -176,16 +176,20 @@ def test_compose_referenced_files_exist() -> None:
             assert "pip install ." in dockerfile.read_text()
 
 
-def test_triton_mounts_the_model_repository_and_loads_medium() -> None:
+def test_triton_serves_only_medium_with_model_control_off() -> None:
     triton = _services()["triton"]
     args = _command(triton)
     repo = _option(args, "--model-repository")
     assert repo is not None
-    host = _host_path(triton, repo)
-    assert host == (ROOT / "triton_models").resolve()
-    assert any(v.endswith(":ro") for v in triton["volumes"] if isinstance(v, str) and "triton_models" in v)
-    assert _option(args, "--load-model") == "medium"
-    assert (host / "medium").is_dir()
+    # Only the production model is in the served repository: with model control off
+    # (mode none) Triton loads it at start and refuses every load and unload.
+    assert _option(args, "--model-control-mode") == "none"
+    assert _option(args, "--load-model") is None
+    mounts = {target: host for host, target in _bind_mounts(triton)}
+    inside = [t for t in mounts if PurePosixPath(t).parent == PurePosixPath(repo)]
+    assert inside == [f"{repo}/medium"], mounts
+    assert mounts[inside[0]] == (ROOT / "triton_models" / "medium").resolve()
+    assert all(v.endswith(":ro") for v in triton["volumes"] if isinstance(v, str) and "triton_models" in v)
     devices = triton["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
@@ -301,7 +305,8 @@ def test_redis_is_durable_and_password_protected() -> None:
     redis = _services()["redis"]
     command = " ".join(_command(redis))
     assert "--appendonly yes" in command
-    assert "--requirepass" in command
+    # The password reaches Redis through a private config file, never its command line.
+    assert "requirepass %s" in command and "umask 077" in command and "--requirepass" not in command
     assert any(str(v).endswith(":/data") for v in redis["volumes"])
     for name in ("gateway", "flower", *WORKER_SERVICES):
         url = _env_mapping(_services()[name])["FLEET_REDIS_URL"]
@@ -463,6 +468,16 @@ def test_k8s_manifests_parse_and_are_listed() -> None:
     assert listed == present
 
 
+def test_flower_login_comes_from_the_environment_never_argv() -> None:
+    flower = _services()["flower"]
+    assert "basic-auth" not in " ".join(_command(flower))
+    assert "FLEET_FLOWER_BASIC_AUTH" in _env_mapping(flower)["FLOWER_BASIC_AUTH"]
+    container = _containers(_k8s("Deployment")["flower"])[0]
+    assert not any("basic-auth" in a for a in container["args"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FLOWER_BASIC_AUTH"]["valueFrom"]["secretKeyRef"]["key"] == "FLEET_FLOWER_BASIC_AUTH"
+
+
 def test_k8s_workloads() -> None:
     deployments = _k8s("Deployment")
     assert {"triton", "gateway", "flower"} | WORKER_SERVICES <= set(deployments)
@@ -470,10 +485,12 @@ def test_k8s_workloads() -> None:
     assert str(triton["resources"]["limits"]["nvidia.com/gpu"]) == "1"
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert "livenessProbe" in triton
-    assert "--load-model=medium" in triton["args"]
+    assert "--model-control-mode=none" in triton["args"] and not any("--load-model" in a for a in triton["args"])
+    mount = next(m for m in triton["volumeMounts"] if m["name"] == "models")
+    assert (mount["mountPath"], mount["subPath"], mount["readOnly"]) == ("/models/medium", "medium", True)
     redis = _k8s("StatefulSet")["redis"]
-    args = _containers(redis)[0]["args"]
-    assert args[args.index("--appendonly") + 1] == "yes"
+    script = " ".join(_containers(redis)[0]["args"])
+    assert "--appendonly yes" in script and "requirepass" in script and "--requirepass" not in script
     assert redis["spec"]["volumeClaimTemplates"]
     # Every Secret and ConfigMap a pod reads is one the manifests or the documented
     # out-of-band secrets provide.
@@ -521,3 +538,52 @@ def test_scaled_objects_target_deployments_and_their_queues() -> None:
             assert int(meta["listLength"]) >= 1
             assert trigger["authenticationRef"]["name"] in auths
     assert scaled["inference-interactive"]["spec"]["minReplicaCount"] >= 1
+
+
+def _pod_labels(workload: dict[str, Any]) -> dict[str, str]:
+    return workload["spec"]["template"]["metadata"]["labels"]
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def test_network_policies_let_only_fleet_pods_reach_triton_redis_and_flower() -> None:
+    policies = _k8s("NetworkPolicy")
+    workloads = {**_k8s("Deployment"), **_k8s("StatefulSet")}
+    pods = {name: _pod_labels(w) for name, w in workloads.items()}
+    deny = policies["default-deny-ingress"]["spec"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and not deny.get("ingress")
+
+    def allowed_from(target: str) -> tuple[set[str], set[str], bool]:
+        """Fleet pods and namespaces that may reach ``target``, and whether anyone may."""
+        pod_names: set[str] = set()
+        namespaces: set[str] = set()
+        anyone = False
+        for policy in policies.values():
+            spec = policy["spec"]
+            if not spec["podSelector"] or not _selects(spec["podSelector"], pods[target]):
+                continue
+            for rule in spec.get("ingress") or []:
+                ports = {p["port"] for p in rule.get("ports") or []}
+                container_ports = {p.get("name") for c in _containers(workloads[target]) for p in c.get("ports", [])}
+                assert {p for p in ports if isinstance(p, str)} <= container_ports, (policy["metadata"]["name"], ports)
+                if not rule.get("from"):
+                    anyone = True
+                for peer in rule.get("from") or []:
+                    if "podSelector" in peer:
+                        pod_names |= {n for n, labels in pods.items() if _selects(peer["podSelector"], labels)}
+                    if "namespaceSelector" in peer:
+                        namespaces.add(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
+        return pod_names, namespaces, anyone
+
+    triton_from, triton_ns, triton_open = allowed_from("triton")
+    assert triton_from == {"inference-interactive", "inference-shared", "gateway"} and not triton_open
+    assert triton_ns == {"monitoring"}
+    redis_from, redis_ns, redis_open = allowed_from("redis")
+    assert redis_from == set(pods) and redis_ns == {"keda"} and not redis_open  # every fleet pod, and KEDA
+    flower_from, _, flower_open = allowed_from("flower")
+    assert flower_from == set(pods) and not flower_open
+    assert allowed_from("gateway")[2]  # the front door, behind its API keys
+    for worker in WORKER_SERVICES:
+        assert allowed_from(worker) == (set(), {"monitoring"}, False)
