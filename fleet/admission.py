@@ -11,7 +11,9 @@ import logging
 import time
 from typing import Any
 
+import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fleet.agent import AgentDef
@@ -19,6 +21,7 @@ from fleet.capacity import Capacity
 from fleet.errors import InvalidSubmission, Overloaded
 from fleet.payload import check_value
 from fleet.plan import build_chain
+from fleet.redis_full import RETRY_AFTER_S, is_redis_full
 from fleet.routing import queue_name
 from fleet.runs import RunRecord, RunStore, new_run_id
 from fleet.sessions import Sessions
@@ -130,7 +133,23 @@ class Admission:
         self.shedder = LoadShedder(settings, Capacity(settings, self.store.redis))
 
     def submit(self, sub: Submission) -> tuple[str, bool]:
-        """Admit a submission. Returns ``(run_id, created)``; created is False for a repeat key."""
+        """Admit a submission. Returns ``(run_id, created)``; created is False for a repeat key.
+
+        Raises:
+            InvalidSubmission: what is wrong with it, naming the field.
+            Overloaded: the fleet sheds load, or its Redis is full; nothing was kept.
+        """
+        try:
+            return self._submit(sub)
+        except (redis.exceptions.ResponseError, OperationalError) as exc:
+            if not is_redis_full(exc):
+                raise
+            log.warning("refused a %s run of %s: Redis is full (%s)", sub.priority, sub.agent, exc)
+            raise Overloaded(
+                f"the fleet's Redis is full (maxmemory reached): nothing was queued; retry in {RETRY_AFTER_S:.0f}s",
+                retry_after_s=RETRY_AFTER_S) from None
+
+    def _submit(self, sub: Submission) -> tuple[str, bool]:
         agent = self.agents.get(sub.agent)
         if agent is None:
             known = ", ".join(sorted(self.agents)) or "none"
@@ -163,8 +182,8 @@ class Admission:
             idempotency_key=sub.idempotency_key, session_id=sub.session_id, session=turns,
             stream=sub.stream,
         )
-        self.store.create(record)
         try:
+            self.store.create(record)
             build_chain(self.app, self.settings, agent, run_id, sub.priority).apply_async()
         except Exception:
             # Nothing was queued: do not leave a run that looks accepted, nor a key that

@@ -28,6 +28,14 @@ def _fail(message: str, as_json: bool, code: int = 1, **extra: Any) -> None:
     sys.exit(code)
 
 
+def _bad_option(option: str, exc: InvalidSubmission) -> str:
+    """``--input is not valid JSON: ...`` / ``--input: input.q: text holds a NUL character``."""
+    reason = str(exc).removeprefix(f"{option}: ")
+    if exc.field == option and reason.startswith("not valid JSON"):
+        return f"--{option} is {reason}"
+    return f"--{option}: {exc}"
+
+
 @click.group()
 def main() -> None:
     """fleet: a worker fleet that runs AI agents on Celery, Redis and Triton."""
@@ -103,7 +111,7 @@ def submit(agent: str, input_json: str, priority: str, deadline_s: float | None,
     try:
         data = parse_json(input_json, "input")
     except InvalidSubmission as exc:
-        _fail(f"--input: {exc}", as_json, 2, field=exc.field)
+        _fail(_bad_option("input", exc), as_json, 2, field=exc.field)
     try:
         with FleetClient() as client:
             run_id = client.submit(agent, data, priority=priority, deadline_s=deadline_s,  # type: ignore[arg-type]
@@ -280,7 +288,7 @@ def dlq_replay(entry_id: str | None, patch_json: str | None, replay_all: bool, a
     try:
         patch = parse_json(patch_json, "patch") if patch_json else None
     except InvalidSubmission as exc:
-        _fail(f"--patch: {exc}", as_json, 2, field=exc.field)
+        _fail(_bad_option("patch", exc), as_json, 2, field=exc.field)
     try:
         with FleetClient() as client:
             if replay_all:

@@ -24,14 +24,18 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import redis
 
 from fleet.agent import AgentDef
 from fleet.deadletter import DeadLetter
 from fleet.errors import DeadlineExceeded, FleetError, RunCancelled, RunNotFound
 from fleet.hooks import Delivery, StepContext, StopStep
 from fleet.plan import Exhausted, Finished, StepPos, is_skipped, next_step, result_of, step_index
+from fleet.redis_full import is_redis_full, wait_for_room
 from fleet.runs import RunStatus, StepRecord, step_key
 from fleet.runtime import Runtime
 from fleet.settings import PriorityClass
@@ -75,11 +79,14 @@ class StepPipeline:
         self.hooks = rt.hooks
 
     # --- the step's life ------------------------------------------------------------
-    def process(self, msg: Delivery) -> Outcome:
-        """Run one delivery of a step message. Losing Redis raises (the message goes back)."""
+    def process(self, msg: Delivery, again: bool = False) -> Outcome:
+        """Run one delivery of a step message. Losing Redis raises (the message goes back);
+        so does a full Redis, and the task runs the same delivery ``again`` once it has room:
+        a step already committed only advances, and ``again`` is not counted as a delivery."""
         ctx = self._load(msg)
         if ctx is None:
             return STOP
+        ctx.again = again
         outcome = self._process(ctx)
         if isinstance(outcome, Stop):
             # This delivery finished (it did not kill its worker).
@@ -107,6 +114,8 @@ class StepPipeline:
                 hook.on_start(ctx)
             ctx.output = self._body(ctx)
         except BaseException as exc:  # noqa: BLE001 - every failure is classified in _failed
+            if is_redis_full(exc):
+                raise  # not the step's failure: the task waits for room and goes on
             return self._failed(ctx, exc)
         self._commit(ctx)
         return self._advance(ctx)
@@ -131,13 +140,15 @@ class StepPipeline:
         msg = ctx.delivery
         prior = ctx.run.record(ctx.key)
         record = prior.model_copy() if prior else StepRecord(key=ctx.key, name=msg.step, iteration=msg.iteration)
-        record.status, record.attempts, record.worker = "running", record.attempts + 1, self.rt.worker
+        # The same delivery run again after a full Redis is not another attempt.
+        attempts = record.attempts + (0 if ctx.again and prior is not None else 1)
+        record.status, record.attempts, record.worker = "running", attempts, self.rt.worker
         record.started_at = time.time()
         record.error = None
         if msg.sent_at is not None:
             record.queue_wait_s = max(0.0, record.started_at - msg.sent_at)
         ctx.record = record
-        ctx.deliveries = self.store.start_step(ctx.run_id, record, self._deliveries_key(ctx))
+        ctx.deliveries = self.store.start_step(ctx.run_id, record, self._deliveries_key(ctx), count=not ctx.again)
 
     def _body(self, ctx: StepContext) -> Any:
         assert ctx.agent is not None and ctx.step is not None and ctx.record is not None  # noqa: S101
@@ -158,7 +169,7 @@ class StepPipeline:
         extra = [("delete", (self._deliveries_key(ctx),))]
         for hook in self.hooks:
             extra += hook.commit_with(ctx)
-        if self.store.finish_step(ctx.run_id, record, ctx.output, *extra):
+        if self._holding(ctx, lambda: self.store.finish_step(ctx.run_id, record, ctx.output, *extra)):
             ctx.run.committed(record, ctx.output)
             log.info("run %s: step %s done in %.3fs (tokens %d in / %d out)", ctx.run_id, ctx.key,
                      record.duration_s, record.tokens_in, record.tokens_out,
@@ -168,6 +179,22 @@ class StepPipeline:
         else:
             # A duplicate delivery committed first: go on from what it stored.
             ctx.run = self.store.load(ctx.run_id)
+
+    def _holding(self, ctx: StepContext, commit: Callable[[], bool]) -> bool:
+        """Commit, waiting out a full Redis with the step's output in hand (its work is not
+        redone); past half the step time limit the task's own wait takes over."""
+        give_up_at = (ctx.record.started_at if ctx.record and ctx.record.started_at else time.time()) + \
+            self.rt.settings.step_time_limit_s / 2
+        while True:
+            try:
+                return commit()
+            except redis.exceptions.ResponseError as exc:
+                if not is_redis_full(exc):
+                    raise
+                log.warning("run %s: step %s: Redis is full (%s); holding its output until memory frees",
+                            ctx.run_id, ctx.key, exc, extra={"run_id": ctx.run_id})
+                if not wait_for_room(self.store.redis, give_up_at):
+                    raise
 
     def _advance(self, ctx: StepContext) -> Outcome:
         assert ctx.agent is not None  # noqa: S101 - a done step has a known agent

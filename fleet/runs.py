@@ -399,14 +399,15 @@ class RunStore:
         pipe.zadd(self.keys.active_runs, {run_id: time.time()}, xx=True)
         pipe.execute()
 
-    def start_step(self, run_id: str, step: StepRecord, deliveries_key: str) -> int:
-        """Record a step as running, count this delivery, emit the event: one round trip.
+    def start_step(self, run_id: str, step: StepRecord, deliveries_key: str, count: bool = True) -> int:
+        """Record a step as running, count this delivery (unless ``count`` is False: the
+        same delivery once more), emit the event: one round trip.
 
         Returns the number of unfinished deliveries of this message, this one included.
         """
         key = self.run_key(run_id)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.incr(deliveries_key)
+        pipe.incrby(deliveries_key, 1 if count else 0)
         pipe.expire(deliveries_key, self.settings.run_ttl_s)
         pipe.hsetnx(key, "started_at", repr(step.started_at))
         pipe.hset(key, _STEP + step.key, step.model_dump_json())

@@ -7,6 +7,9 @@ error level. What is not: expected retries. A transient failure is retried by th
 event about one that reaches the client by another path; it only becomes an error when its
 retries are spent and the step is dead-lettered.
 
+Events carry no frame locals and no request bodies (prompts and inputs live there) unless
+``FLEET_SENTRY_INCLUDE_DATA`` is set.
+
 Every event from a step carries the tags of the step (set when the step starts, by the
 ``task_prerun`` hook), so an error logged deep in a step body is still found by its run id.
 """
@@ -47,6 +50,9 @@ def init_sentry(settings: Settings, component: str) -> bool:
         # Events are sent from a background thread; a stopping worker waits this long for them.
         shutdown_timeout=2,
         send_default_pii=False,
+        # Frame locals and request bodies hold prompts and run inputs: an operator opts in.
+        include_local_variables=settings.sentry_include_data,
+        max_request_body_size="always" if settings.sentry_include_data else "never",
     )
     sentry_sdk.set_tag("component", component)
     signals.task_prerun.connect(_tag_step, weak=False)

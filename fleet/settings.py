@@ -135,6 +135,8 @@ class Settings(BaseSettings):
         description="Python modules that register extra tools on import (JSON list).",
     )
     sentry_dsn: SecretStr | None = Field(None, description="Sentry DSN; errors are reported when set.")
+    sentry_include_data: bool = Field(
+        False, description="Send frame locals and request bodies (prompts, inputs) with Sentry events.")
     log_level: str = Field("INFO", description="Log level of fleet processes.")
     log_format: Literal["text", "json"] = Field(
         "text", description="'json' writes one JSON object per log line (run_id, agent, step fields)."

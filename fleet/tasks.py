@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import redis
@@ -20,8 +21,9 @@ from kombu.exceptions import OperationalError
 
 from fleet.celery_app import SENT_AT_HEADER
 from fleet.hooks import Delivery
-from fleet.pipeline import Advance, RetryLater, StepPipeline
+from fleet.pipeline import Advance, Outcome, RetryLater, StepPipeline
 from fleet.plan import StepPos, build_chain, next_iteration_chain
+from fleet.redis_full import is_redis_full, wait_for_room
 from fleet.runtime import Runtime
 from fleet.settings import Settings
 
@@ -42,14 +44,25 @@ class StepTask(Task):
 
     def run(self, run_id: str, step: str, iteration: int = 0) -> None:  # noqa: D102
         msg = Delivery(run_id, step, iteration, retries=self.request.retries, sent_at=_sent_at(self.request))
+        give_up_at = time.time() + self.pipeline.rt.settings.step_time_limit_s / 2
+        again = False
         try:
-            outcome = self.pipeline.process(msg)
-            if isinstance(outcome, RetryLater):
-                raise self.retry(countdown=outcome.countdown_s, max_retries=None, exc=outcome.exc)
-            if isinstance(outcome, Advance):
-                self._go_on(msg, outcome)
-            else:
-                self.request.chain = None  # cut the rest of the chain
+            while True:
+                try:
+                    self._act(msg, self.pipeline.process(msg, again=again))
+                    return
+                except (redis.exceptions.ResponseError, OperationalError) as exc:
+                    if not is_redis_full(exc):
+                        raise
+                    # Redis is at its memory limit: keep this step's work and wait for room
+                    # (a committed output only advances when the delivery runs again).
+                    log.warning("run %s: step %s: Redis is full (%s); waiting for memory to free", run_id, step,
+                                exc, extra={"run_id": run_id})
+                    if not wait_for_room(self.pipeline.store.redis, give_up_at):
+                        raise Reject(f"Redis full for too long: {exc}", requeue=True) from None
+                    log.info("run %s: step %s: Redis has room again; going on", run_id, step,
+                             extra={"run_id": run_id})
+                    again = True
         except _INFRA_ERRORS as exc:
             # Redis (broker and store) went away mid-step. Nothing is lost: the message goes
             # back to its queue, or stays unacknowledged and is restored after the visibility
@@ -57,6 +70,15 @@ class StepTask(Task):
             log.warning("run %s: step %s: lost Redis (%s); handing the step back", run_id, step, exc,
                         extra={"run_id": run_id})
             raise Reject(str(exc), requeue=True) from None
+
+    def _act(self, msg: Delivery, outcome: Outcome) -> None:
+        """Turn the pipeline's outcome into broker actions."""
+        if isinstance(outcome, RetryLater):
+            raise self.retry(countdown=outcome.countdown_s, max_retries=None, exc=outcome.exc)
+        if isinstance(outcome, Advance):
+            self._go_on(msg, outcome)
+        else:
+            self.request.chain = None  # cut the rest of the chain
 
     def _go_on(self, msg: Delivery, advance: Advance) -> None:
         """Send what the run does next: the chain's next link when it is that step, else the

@@ -66,9 +66,16 @@ _MAX_EXPONENT = 100
 _MAX_MAGNITUDE = 1e100
 
 
+def _in_range(value: float | int) -> float | int:
+    """Every number the calculator holds is finite and at most 1e100 in magnitude."""
+    if isinstance(value, complex) or not math.isfinite(value) or abs(value) > _MAX_MAGNITUDE:
+        raise PermanentError("calculator: number out of range (at most 1e100 in magnitude)")
+    return value
+
+
 def _evaluate(node: ast.AST) -> float | int:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
+        return _in_range(node.value)  # a literal like 1e999 is already infinite
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _evaluate(node.left), _evaluate(node.right)
         if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
@@ -77,9 +84,9 @@ def _evaluate(node: ast.AST) -> float | int:
             value = _BINARY[type(node.op)](left, right)
         except ZeroDivisionError:
             raise PermanentError("calculator: division by zero") from None
-        if isinstance(value, complex) or abs(value) > _MAX_MAGNITUDE:
-            raise PermanentError("calculator: result out of range")
-        return value
+        except OverflowError:  # float ** float past the largest float
+            raise PermanentError("calculator: number out of range (at most 1e100 in magnitude)") from None
+        return _in_range(value)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_evaluate(node.operand))
     raise PermanentError(f"calculator: unsupported expression element {type(node).__name__}")

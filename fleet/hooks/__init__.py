@@ -51,6 +51,7 @@ class StepContext:
     agent: "AgentDef | None"
     key: str
     deliveries: int = 0
+    again: bool = False  # the same delivery run once more (after waiting out a full Redis)
     step: "LlmStep | ToolStep | None" = None
     record: "StepRecord | None" = None
     cancel: "CancelScope | None" = None

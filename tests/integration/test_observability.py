@@ -228,6 +228,8 @@ def test_a_dead_lettered_step_is_reported_with_its_run(ofleet, sentry):
     assert tags["dead_letter"] == run.dead_letter_id
     [exc] = event["exception"]["values"]
     assert exc["type"] == "PermanentError" and "always_fails refuses 'boom'" in exc["value"]
+    frames = exc["stacktrace"]["frames"]
+    assert frames and not any("vars" in f for f in frames)  # no locals: prompts and inputs stay here
 
 
 def test_retries_are_not_reported_only_the_dead_letter_they_end_in(ofleet, sentry):

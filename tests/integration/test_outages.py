@@ -6,15 +6,18 @@ other test.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import uuid
 
 import pytest
+import redis
 
 from fleet import launch
 from fleet.client import FleetClient
+from fleet.errors import Overloaded
 
-from ..conftest import TEST_SIM_PARAMS, Fleet, TritonInfo, make_settings, tally
+from ..conftest import REPO, TEST_SIM_PARAMS, Fleet, TritonInfo, make_settings, tally
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +129,61 @@ def test_triton_gone_past_the_retries_dead_letters_then_replay_completes(outage,
         impatient.client.close()
     reliability_report("Triton gone, dead-lettered", **first)
     reliability_report("  ... replayed after Triton is back", **after)
+
+
+def test_redis_at_its_memory_limit_refuses_submissions_and_steps_wait(outage, reliability_report, tmp_path):
+    _, servers = outage
+    redis_url = outage[0].settings.redis_url
+    prefix = f"m{uuid.uuid4().hex[:8]}"
+    # Step time limit well above the time Redis stays full: steps wait instead of being killed.
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    shutil.copy(REPO / "tests" / "support" / "gated.toml", agents)
+    settings, env = make_settings(redis_url, TritonInfo(outage[0].settings.triton_grpc_url,
+                                                        outage[0].settings.triton_http_url), prefix,
+                                  step_time_limit_s=120, visibility_timeout_s=180, agents_dir=str(agents),
+                                  tool_modules='["tests.support.faulty_tools"]')
+    client = FleetClient(settings)
+    fleet = Fleet(settings, env, launch.Processes(servers.root / "logs" / prefix), client)
+    admin = client.store.redis
+    gate = tmp_path / "gate"
+    try:
+        fleet.start_worker("tools", "tool", "prefork", 2)
+        ids = [client.submit("gated", {"gate": str(gate)}, priority="batch") for _ in range(2)]
+        launch.wait_until(lambda: all(client.get(r).status == "running" for r in ids), 30, "runs at the gate")
+        # Fill Redis: 4 MB of data, then a limit 1 MB below what it holds.
+        filled = 16
+        for i in range(filled):
+            admin.set(f"{prefix}:ballast:{i}", b"x" * (256 * 1024))
+        admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) - 1024 * 1024)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            admin.set(f"{prefix}:probe", "x")
+        refused = None
+        try:
+            client.submit("gated", {"gate": str(gate)}, priority="batch")
+        except Overloaded as exc:
+            refused = exc
+        gate.touch()  # the steps in flight finish their work and meet the full Redis
+        log = servers.root / "logs" / prefix / "tools.log"
+        launch.wait_until(lambda: log.read_text().count("holding its output") >= 2, 30, "steps waiting for room")
+        while_full = [client.get(r).status for r in ids]
+        admin.delete(*[f"{prefix}:ballast:{i}" for i in range(filled)])  # memory frees
+        counts = tally(client, ids, timeout=60)
+        waited = log.read_text().count("holding its output")  # waited with its work done, not redone
+        after = client.submit("gated", {"gate": str(gate)}, priority="batch")
+        later = client.wait(after, timeout=30).status
+        reliability_report("Redis at maxmemory, then freed", **counts,
+                           note=f"{waited} waits of steps in flight; submission refused: {refused is not None}")
+        assert refused is not None and "Redis is full" in str(refused) and refused.retry_after_s > 0
+        assert waited >= 2  # the full Redis hit both steps in flight
+        assert while_full == ["running", "running"]  # neither failed nor dead-lettered while waiting
+        assert counts == {"submitted": 2, "completed": 2, "dead_lettered": 0, "lost": 0}
+        assert [client.get(r).result for r in ids] == [4, 4]
+        assert all(s.attempts == 1 for r in ids for s in client.get(r).steps)  # waited, not retried
+        assert later == "succeeded"
+    finally:
+        for key in admin.scan_iter(f"{prefix}:ballast:*"):
+            admin.delete(key)
+        admin.config_set("maxmemory", 0)
+        fleet.procs.stop()
+        client.close()

@@ -27,3 +27,19 @@ def strict_int(text: str) -> int:
         return int(text)
     except ValueError:
         raise PermanentError(f"strict_int: {text!r} is not an integer") from None
+
+
+@tool("gate")
+def gate(path: str) -> str:
+    """Holds its step until the file ``path`` exists (at most 60 s): a step kept in flight
+    while a test changes the world around it. Another process opens the gate, so a short
+    poll is the only way to see it."""
+    import time
+    from pathlib import Path
+
+    give_up = time.monotonic() + 60
+    while not Path(path).exists():
+        if time.monotonic() > give_up:
+            raise PermanentError(f"gate {path} never opened")
+        time.sleep(0.02)
+    return "open"

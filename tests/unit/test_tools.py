@@ -27,6 +27,13 @@ def test_calculator_refuses_anything_but_arithmetic(expr):
         calculator(expr)
 
 
+@pytest.mark.parametrize("expr", ["1e999", "-1e999", "1e999 - 1e999", "1e300 ** 2", "1e99 * 1e99", "10 ** 100 * 10"])
+def test_calculator_keeps_every_number_finite_and_in_range(expr):
+    # Never inf or nan as a result, never an OverflowError that would not be a permanent error.
+    with pytest.raises(PermanentError, match="out of range"):
+        calculator(expr)
+
+
 def test_word_count_and_unknown_tool():
     assert word_count("How many words are here?") == 5
     assert run_tool("word_count", "a b") == 2
