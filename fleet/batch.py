@@ -221,6 +221,7 @@ class Summary:
     written: int = 0            # result lines written by this invocation
     created: int = 0            # new runs this invocation created
     resumed: int = 0            # runs that already existed for their key (picked up again)
+    shed: int = 0               # submissions admission refused for load (each tried again)
     statuses: dict[str, int] = field(default_factory=dict)  # over the whole results file
     elapsed_s: float = 0.0
     interrupted: bool = False
@@ -234,7 +235,7 @@ class Summary:
         counts.update({s: n for s, n in sorted(self.statuses.items()) if s not in counts})
         return {"total": self.total, "done": self.skipped + self.written, **counts,
                 "skipped": self.skipped, "written": self.written, "created": self.created,
-                "resumed": self.resumed, "elapsed_s": round(self.elapsed_s, 3),
+                "resumed": self.resumed, "shed": self.shed, "elapsed_s": round(self.elapsed_s, 3),
                 "interrupted": self.interrupted, "complete": self.complete}
 
     def text(self) -> str:
@@ -242,7 +243,8 @@ class Summary:
         counts = ", ".join(f"{d[s]} {s}" for s in d if s in self.statuses or s in SUMMARY_STATUSES)
         state = "interrupted" if self.interrupted else ("complete" if self.complete else "incomplete")
         return (f"batch {state}: {d['done']}/{self.total} lines: {counts}; "
-                f"this time {self.written} written ({self.created} new runs, {self.resumed} picked up), "
+                f"this time {self.written} written ({self.created} new runs, {self.resumed} picked up, "
+                f"{self.shed} times shed), "
                 f"{self.skipped} already done; elapsed {format_eta(self.elapsed_s)}")
 
 
@@ -379,6 +381,7 @@ class BatchRunner:
                 self._write_rejected(item, str(exc))
                 return
             except Overloaded as exc:
+                self._summary.shed += 1
                 log.info("batch: line %d shed by admission; retrying in %.1fs: %s",
                          item.line, exc.retry_after_s, exc)
                 self._hold(exc.retry_after_s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -148,6 +149,22 @@ def fleet(redis_url: str, triton: TritonInfo, session_dir: Path) -> Iterator[Fle
     yield from running_fleet(redis_url, triton, session_dir)
 
 
+def model_metrics(metrics_url: str, done: float | None = None, timeout_s: float = 10.0) -> dict[str, float]:
+    """The simulator's own engine metrics on Triton's metrics port (``vllm:*``, ``medium_sim:*``),
+    once ``vllm:request_success_total`` reaches ``done`` (the model publishes them every 50 ms)."""
+    import urllib.request
+
+    assert metrics_url, "the Triton under test has no metrics URL (set FLEET_TEST_TRITON_METRICS_URL)"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+        found = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith(("vllm:", "medium_sim:")) and 'model="medium_sim"' in line}
+        if done is None or found.get("vllm:request_success_total", 0) >= done or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)  # the next publish of the model's metrics thread
+
+
 def tally(client: FleetClient, run_ids: list[str], timeout: float) -> dict[str, int]:
     """Wait for the runs and count them: submitted, completed, dead-lettered, lost."""
     statuses = [client.wait(r, timeout=timeout).status for r in run_ids]
@@ -184,3 +201,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN0
     for row in _RELIABILITY:
         tr.write_line(f"{row['scenario']:<34} {row['submitted']:>9} {row['completed']:>9} "
                       f"{row['dead_lettered']:>13} {row['lost']:>5}  {row['note']}")
+    # The same as a Markdown table: README's reliability figures are this file of a full run.
+    out = Path(os.environ.get("FLEET_RELIABILITY_OUT", REPO / ".fleet" / "reliability.md"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["| scenario | submitted | completed | dead-lettered | lost | note |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['scenario'].strip()} | {r['submitted']} | {r['completed']} | {r['dead_lettered']} | {r['lost']} "
+              f"| {r['note']} |" for r in _RELIABILITY]
+    out.write_text("\n".join(lines) + "\n")
+    tr.write_line(f"(as Markdown: {out})")

@@ -16,6 +16,7 @@ import redis
 from fleet import launch
 from fleet.client import FleetClient
 from fleet.errors import Overloaded
+from fleet.runs import TERMINAL
 
 from ..conftest import REPO, TEST_SIM_PARAMS, Fleet, TritonInfo, make_settings, tally
 
@@ -73,9 +74,14 @@ def test_redis_restart_with_aof_loses_no_run(outage, reliability_report):
     fleet, servers = outage
     ids = [fleet.client.submit("writer", {"topic": f"redis restart {i}"}, priority="batch") for i in range(20)]
     _first_step_done(fleet, ids[0])
+    unfinished = sum(s not in TERMINAL for s in fleet.client.store.statuses(ids))
     servers.procs.stop("redis")  # SIGTERM: Redis writes its AOF and exits
     servers.start_redis()  # same port, same data directory
     counts = tally(fleet.client, ids, timeout=120)
+    redelivered = sum(any(s.attempts > 1 for s in fleet.client.get(r).steps) for r in ids)
+    reliability_report("Redis restarted (AOF)", **counts,
+                       note=f"{unfinished} runs unfinished at the restart, {redelivered} had a step redelivered")
+    assert unfinished > 0  # the restart hit work in flight
     stuck = [fleet.client.get(r) for r in ids if fleet.client.get(r).status not in ("succeeded", "dead_lettered")]
     assert counts["lost"] == 0, (counts, [(r.id, r.status, [(s.key, s.status, s.attempts) for s in r.steps]) for r in stuck])
     assert counts["completed"] + counts["dead_lettered"] == len(ids)
@@ -83,7 +89,6 @@ def test_redis_restart_with_aof_loses_no_run(outage, reliability_report):
         run = fleet.client.get(run_id)
         if run.status == "succeeded":
             assert len(run.result.split()) == 48
-    reliability_report("Redis restarted (AOF)", **counts)
 
 
 def test_triton_back_within_the_deadline_completes_every_run(outage, reliability_report):
@@ -93,11 +98,12 @@ def test_triton_back_within_the_deadline_completes_every_run(outage, reliability
     servers.procs.stop("triton", sig=signal.SIGKILL)
     servers.start_triton()
     counts = tally(fleet.client, ids, timeout=90)
+    retried = sum(any(s.attempts > 1 for s in fleet.client.get(r).steps) for r in ids)
+    reliability_report("Triton down, back in time", **counts, note=f"{retried} runs retried a step")
+    assert retried > 0  # the outage hit steps in flight or about to start
     assert counts == {"submitted": 12, "completed": 12, "dead_lettered": 0, "lost": 0}
     results = [fleet.client.get(r).result for r in ids]
     assert results == [f"The answer is {i * 3}." for i in range(12)]
-    retried = sum(any(s.attempts > 1 for s in fleet.client.get(r).steps) for r in ids)
-    reliability_report("Triton down, back in time", **counts, note=f"{retried} runs retried a step")
 
 
 def test_triton_gone_past_the_retries_dead_letters_then_replay_completes(outage, reliability_report):
@@ -116,19 +122,21 @@ def test_triton_gone_past_the_retries_dead_letters_then_replay_completes(outage,
         client = impatient.client
         ids = [client.submit("calculator", {"question": f"What is {i} + 1?"}) for i in range(6)]
         first = tally(client, ids, timeout=60)
+        attempts = [max(s.attempts for s in client.get(r).steps) for r in ids]
+        reliability_report("Triton gone, dead-lettered", **first, note=f"attempts per run: {sorted(set(attempts))}")
         assert first == {"submitted": 6, "completed": 0, "dead_lettered": 6, "lost": 0}
+        assert attempts == [3] * 6  # each spent its attempts on the outage
         assert all(client.get(r).error["step"] == "plan" for r in ids)
         servers.start_triton()
         replayed = client.dlq_replay_all(agent="calculator", step="plan")
         assert sorted(replayed) == sorted(ids)
         after = tally(client, ids, timeout=60)
+        reliability_report("  ... replayed after Triton is back", **after)
         assert after == {"submitted": 6, "completed": 6, "dead_lettered": 0, "lost": 0}
         assert [client.get(r).result for r in ids] == [f"The answer is {i + 1}." for i in range(6)]
     finally:
         impatient.procs.stop()
         impatient.client.close()
-    reliability_report("Triton gone, dead-lettered", **first)
-    reliability_report("  ... replayed after Triton is back", **after)
 
 
 def test_redis_at_its_memory_limit_refuses_submissions_and_steps_wait(outage, reliability_report, tmp_path):

@@ -31,7 +31,8 @@ def rfleet(redis_url, triton, session_dir):
 
 def test_permanent_error_is_dead_lettered_after_one_attempt(rfleet, reliability_report):
     run_id = rfleet.client.submit("doomed", {"value": "x"})
-    run = rfleet.client.wait(run_id, timeout=30)
+    reliability_report("permanent error", **tally(rfleet.client, [run_id], 30))  # counted before asserting
+    run = rfleet.client.get(run_id)
     assert run.status == "dead_lettered"
     assert run.dead_letter_id and run.error["type"] == "PermanentError"
     entry, replays = rfleet.client.dlq_get(run.dead_letter_id)
@@ -43,24 +44,32 @@ def test_permanent_error_is_dead_lettered_after_one_attempt(rfleet, reliability_
     assert entry.state["input"] == {"value": "x"}
     assert entry.state["steps"]["think"] == run.outputs["think"]
     assert [s.attempts for s in run.steps] == [1, 1]
-    reliability_report("permanent error", **tally(rfleet.client, [run_id], 1))
 
 
 def test_transient_errors_retry_with_backoff_then_dead_letter(rfleet, reliability_report):
     run_id = rfleet.client.submit("unreliable", {"value": "x"})
-    run = rfleet.client.wait(run_id, timeout=30)
+    counts = tally(rfleet.client, [run_id], 30)
+    run = rfleet.client.get(run_id)
+    attempts = max((s.attempts for s in run.steps), default=0)
+    reliability_report("transient errors, retries spent", **counts, note=f"{attempts} attempts")
+    assert attempts > 1  # the fault hit the step, which was retried
     assert run.status == "dead_lettered"
     entry, _ = rfleet.client.dlq_get(run.dead_letter_id)
     assert entry.error_type == "TransientError" and "simulated transient failure" in entry.error_message
     assert entry.attempts == rfleet.settings.retry_max_attempts == 3
     running = [e for e in rfleet.client.events(run_id, timeout=1) if e.get("status") == "running" and e["type"] == "step"]
     assert len(running) == 3
-    reliability_report("transient errors, retries spent", **tally(rfleet.client, [run_id], 1))
 
 
 def test_a_step_that_kills_its_worker_is_dead_lettered_and_the_worker_serves_on(rfleet, reliability_report):
     run_id = rfleet.client.submit("crasher", {"value": "x"})
-    run = rfleet.client.wait(run_id, timeout=60)
+    crashed = tally(rfleet.client, [run_id], 60)
+    run = rfleet.client.get(run_id)
+    # The same tool worker still serves other runs.
+    ok = rfleet.client.submit("calculator", {"question": "What is 5 * 5?"})
+    served = tally(rfleet.client, [ok], 30)
+    reliability_report("step crashes its worker", **{k: crashed[k] + served[k] for k in crashed},
+                       note="+ a run served after it")
     assert run.status == "dead_lettered"
     entry, _ = rfleet.client.dlq_get(run.dead_letter_id)
     assert "delivered 3 times without finishing" in entry.error_message
@@ -68,11 +77,8 @@ def test_a_step_that_kills_its_worker_is_dead_lettered_and_the_worker_serves_on(
     # Three deliveries ran and crashed their worker; the fourth was refused and dead-lettered.
     assert [e["attempt"] for e in deliveries] == ["1", "2", "3", "4"]
     assert entry.attempts == 4
-    # The same tool worker still serves other runs.
-    ok = rfleet.client.submit("calculator", {"question": "What is 5 * 5?"})
-    assert rfleet.client.wait(ok, timeout=30).result == "The answer is 25."
+    assert rfleet.client.get(ok).result == "The answer is 25."
     assert rfleet.procs.children["tools"].poll() is None
-    reliability_report("step crashes its worker", **tally(rfleet.client, [run_id, ok], 1))
 
 
 def test_replay_with_a_patch_that_fixes_the_input_completes_the_run(rfleet, reliability_report):
@@ -81,8 +87,9 @@ def test_replay_with_a_patch_that_fixes_the_input_completes_the_run(rfleet, reli
     assert run.status == "dead_lettered"
     think_before = run.outputs["think"]
     replayed = rfleet.client.dlq_replay(run.dead_letter_id, {"input": {"value": "7"}})
+    reliability_report("replay with a patch", **tally(rfleet.client, [run_id], 30))
+    run = rfleet.client.get(run_id)
     assert replayed == run_id
-    run = rfleet.client.wait(run_id, timeout=30)
     assert run.status == "succeeded" and run.result == 7
     # The step before the failed one is not run again; its output is kept.
     assert run.outputs["think"] == think_before
@@ -91,7 +98,6 @@ def test_replay_with_a_patch_that_fixes_the_input_completes_the_run(rfleet, reli
     assert replays[0]["patch"] == {"input": {"value": "7"}} and replays[0]["outcome"] == "succeeded"
     with pytest.raises(Exception, match="input.value"):
         rfleet.client.dlq_replay(_entry_of(rfleet, run_id), {"input": {"value": 7.5, "extra": 1}})
-    reliability_report("replay with a patch", **tally(rfleet.client, [run_id], 1))
 
 
 def _entry_of(f: Fleet, run_id: str) -> str:
@@ -114,12 +120,13 @@ def test_bulk_replay_and_the_dlq_cli(rfleet, reliability_report):
     assert bad.returncode == 2 and "--patch is not valid JSON" in bad.stderr
     out = subprocess.run([*cli, "dlq", "replay", "--all", "--agent", "strict", "--patch",
                           '{"input": {"value": "11"}}', "--json"], env=env, capture_output=True, text=True, check=True)
+    counts = tally(rfleet.client, ids, 30)
+    reliability_report("bulk replay", **counts)
     assert set(ids) <= set(json.loads(out.stdout)["replayed"])
-    assert [rfleet.client.wait(r, timeout=30).result for r in ids] == [11, 11]
+    assert [rfleet.client.get(r).result for r in ids] == [11, 11]
     purged = subprocess.run([*cli, "dlq", "purge", "--older-than", "1h", "--json"], env=env,
                             capture_output=True, text=True, check=True)
     assert json.loads(purged.stdout)["purged"] == 0  # every entry here is younger than an hour
-    reliability_report("bulk replay", **tally(rfleet.client, ids, 1))
 
 
 def test_kill_9_of_an_inference_worker_mid_step_loses_nothing_and_applies_nothing_twice(rfleet, reliability_report):
@@ -134,6 +141,9 @@ def test_kill_9_of_an_inference_worker_mid_step_loses_nothing_and_applies_nothin
     worker.wait()
     rfleet.start_worker("inference", "llm", "threads", 8)
     counts = tally(rfleet.client, ids, timeout=90)
+    redelivered = sum(any(s.attempts > 1 for s in rfleet.client.get(r).steps) for r in ids)
+    reliability_report("kill -9 inference worker", **counts, note=f"{redelivered} runs had a step redelivered")
+    assert redelivered > 0  # the kill hit steps in flight
     assert counts["completed"] == len(ids) and counts["lost"] == 0
     agent = rfleet.client.agents["writer"]
     for run_id, topic in zip(ids, topics):
@@ -143,8 +153,6 @@ def test_kill_9_of_an_inference_worker_mid_step_loses_nothing_and_applies_nothin
         view = {"input": {"topic": topic}, "steps": dict(run.outputs)}
         expected = "".join(generate(render(agent.step("revise").prompt, view), {"max_tokens": 48})[0]).strip()
         assert run.result == expected
-    redelivered = sum(any(s.attempts > 1 for s in rfleet.client.get(r).steps) for r in ids)
-    reliability_report("kill -9 inference worker", **counts, note=f"{redelivered} runs had a step redelivered")
 
 
 def test_a_run_whose_message_vanished_is_sent_again(redis_url, triton, session_dir, reliability_report):
@@ -161,10 +169,11 @@ def test_a_run_whose_message_vanished_is_sent_again(redis_url, triton, session_d
         # The sweeper must not resend a run whose message is still queued: only `lost` goes again.
         f.start_worker("inference", "llm", "threads", 4)
         counts = tally(f.client, [lost, waiting], timeout=30)
-        assert counts == {"submitted": 2, "completed": 2, "dead_lettered": 0, "lost": 0}
         log = (f.procs.log_dir / "inference.log").read_text()
+        resent = log.count("no step message in flight")
+        reliability_report("message vanished (reconciler)", **counts, note=f"{resent} run sent again")
+        assert counts == {"submitted": 2, "completed": 2, "dead_lettered": 0, "lost": 0}
         assert f"run {lost}: no step message in flight" in log
         assert f"run {waiting}: no step message in flight" not in log
     finally:
         close_fleet(f)
-    reliability_report("message vanished (reconciler)", **counts)

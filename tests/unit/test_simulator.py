@@ -268,13 +268,10 @@ def test_engine_batches_concurrent_sequences(engine_factory) -> None:
     cfg = SimConfig(ttft_ms=0, prefill_ms_per_token=0, tpot_ms=10, load_factor=0.0)
     engine = engine_factory(cfg)
     sinks = [FakeSink() for _ in range(8)]
-    started = time.monotonic()
     for i, sink in enumerate(sinks):
         engine.submit(f"prompt {i}", {"max_tokens": 10}, sink)
     assert all(s.done.wait(WAIT_S) for s in sinks)
-    elapsed = time.monotonic() - started
-    # Sequential would take 8 x 10 steps x 10 ms = 0.8 s; shared steps take ~0.1 s.
-    assert elapsed < 0.4
+    # Counted, not timed: sequential would take 8 x 10 steps; shared steps take about 10.
     stats = engine.stats()
     assert stats.max_active >= 2
     assert stats.steps < 40

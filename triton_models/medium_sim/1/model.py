@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -131,6 +132,64 @@ class _ResponseSink:
         _send_error(self._sender, pb_utils.TritonError.CANCELLED, "Request was cancelled")
 
 
+class _EngineMetrics:
+    """The engine's state on Triton's metrics port, named as Triton's vLLM backend names
+    vLLM's (``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+    ``vllm:request_success_total``), plus what only the simulator knows: its capacity
+    (``medium_sim:max_num_seqs``), the most sequences it ever ran at once and its decode
+    steps. Published every ``interval_s`` by a thread (each update is a call into the server).
+    """
+
+    def __init__(self, engine: Engine, labels: dict[str, str], interval_s: float = 0.05) -> None:
+        self._engine = engine
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+
+        # A family must outlive its metrics (the server deletes a metric with its family).
+        self._families: list[Any] = []
+
+        def metric(name: str, kind: Any, description: str) -> Any:
+            family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            self._families.append(family)
+            return family.Metric(labels=labels)
+
+        self._running = metric("vllm:num_requests_running", gauge, "Sequences in the running batch.")
+        self._waiting = metric("vllm:num_requests_waiting", gauge, "Sequences waiting to be admitted.")
+        self._success = metric("vllm:request_success_total", counter, "Sequences that finished.")
+        self._capacity = metric("medium_sim:max_num_seqs", gauge, "Most sequences the engine runs at once.")
+        self._peak = metric("medium_sim:num_requests_running_max", gauge, "Most sequences ever running at once.")
+        self._steps = metric("medium_sim:engine_steps_total", counter, "Decode steps the engine took.")
+        self._cancelled = metric("medium_sim:requests_cancelled_total", counter,
+                                 "Sequences dropped because their client cancelled them.")
+        self._capacity.set(engine.cfg.max_num_seqs)
+        self._sent = (0, 0, 0)
+        self._thread = threading.Thread(target=self._loop, name="medium-sim-metrics", daemon=True)
+        self._thread.start()
+
+    def _publish(self) -> None:
+        stats = self._engine.stats()
+        self._running.set(stats.active)
+        self._waiting.set(stats.waiting)
+        self._peak.set(stats.max_active)
+        # Counters first: whoever sees the success count see the steps that led to it.
+        self._steps.increment(stats.steps - self._sent[1])
+        self._cancelled.increment(stats.cancelled - self._sent[2])
+        self._success.increment(stats.completed - self._sent[0])
+        self._sent = (stats.completed, stats.steps, stats.cancelled)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._publish()
+            except Exception as exc:  # noqa: BLE001 - metrics must never stop serving
+                logger.warning("medium_sim metrics: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
 class TritonPythonModel:
     """``medium_sim``: simulator of the medium model (vLLM backend contract)."""
 
@@ -145,6 +204,8 @@ class TritonPythonModel:
         self._text_dtype = pb_utils.triton_string_to_numpy(text_config["data_type"])
         name = f"{args['model_name']}_{args.get('model_instance_name', '0')}"
         self._engine = Engine(self._cfg, name=name)
+        self._metrics = _EngineMetrics(self._engine, {"model": args["model_name"],
+                                                      "version": args.get("model_version", "1")})
         pb_utils.Logger.log_info(f"[medium_sim] engine started: {self._cfg}")
 
     def execute(self, requests: list[Any]) -> None:
@@ -195,6 +256,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         """Stop the engine; requests still in flight fail with UNAVAILABLE."""
+        self._metrics.stop()
         self._engine.stop()
         stats = self._engine.stats()
         pb_utils.Logger.log_info(f"[medium_sim] engine stopped: {stats}")
