@@ -191,19 +191,27 @@ def start_redis(procs: Processes, data_dir: Path, port: int | None = None, name:
     """Start a loopback-only ``redis-server`` with AOF persistence in ``data_dir``; return its URL.
 
     The settings go in a 0600 config file, not on the command line, so ``password`` (Redis'
-    ``requirepass``) is not shown by ``ps``. ``config`` adds directives (``maxmemory``).
+    ``requirepass``) is not shown by ``ps``. ``config`` adds directives (``maxmemory``; with
+    ``tls-port`` and the ``tls-*-file`` directives Redis speaks TLS only and the URL is
+    ``rediss://`` verifying the server against ``tls-ca-cert-file``).
     """
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
+    tls = config is not None and "tls-port" in config
     directives = {
-        "port": str(port), "bind": "127.0.0.1", "dir": str(data_dir.resolve()), "appendonly": "yes",
+        "port": "0" if tls else str(port), "bind": "127.0.0.1", "dir": str(data_dir.resolve()), "appendonly": "yes",
         "appendfsync": "everysec", "save": '""', "protected-mode": "yes", "daemonize": "no",
         **({"requirepass": password} if password else {}), **(config or {}),
     }
     conf = write_private(data_dir / "redis.conf", "".join(f"{k} {v}\n" for k, v in directives.items()))
     proc = procs.start(name, [redis_server_binary(), str(conf)])
     auth = f":{password}@" if password else ""
-    url = f"redis://{auth}127.0.0.1:{port}/0"
+    if tls:  # TLS only: the plain port is off
+        port = int(directives["tls-port"])
+        query = f"?ssl_cert_reqs=required&ssl_ca_certs={directives['tls-ca-cert-file']}"
+        url = f"rediss://{auth}127.0.0.1:{port}/0{query}"
+    else:
+        url = f"redis://{auth}127.0.0.1:{port}/0"
     wait_until(lambda: redis_answers(url), 20, f"redis-server on port {port}", proc)
     return url
 
