@@ -35,7 +35,7 @@ import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -130,6 +130,8 @@ class Bench:
     triton: launch.TritonEndpoints
     procs: launch.Processes
     agents_dir: Path
+    # What actually ran, filled in as it runs: the report is written from these.
+    ran: dict = field(default_factory=dict)
 
     def settings(self, scheduling: str, **extra: str) -> tuple[Settings, dict[str, str]]:
         prefix = f"b{uuid.uuid4().hex[:6]}"
@@ -159,6 +161,10 @@ class Bench:
         else:  # same total threads, every worker takes both classes
             half = sum(THREADS.values()) // 2
             specs = [("inf-a", ("interactive", "batch"), half), ("inf-b", ("interactive", "batch"), half)]
+        self.ran[settings.scheduling] = {
+            "workers": [(name, "+".join(classes), threads) for name, classes, threads in specs],
+            "batch_inflight_max": settings.batch_inflight_max if settings.scheduling == "fleet" else None,
+        }
         nodes = []
         for name, classes, threads in specs:
             node = f"{name}-{uuid.uuid4().hex[:4]}@{host}"
@@ -433,6 +439,9 @@ def main() -> int:
         for name, text in AGENTS.items():
             (agents_dir / f"{name}.toml").write_text(text)
         b = Bench(root, redis_url, triton, procs, agents_dir)
+        # The dev model's timing as the server loaded it (its config, read back from Triton).
+        served = launch.http_json(f"http://{triton.http_url}/v2/models/medium_sim/config")
+        b.ran["model"] = {k: v["string_value"] for k, v in served.get("parameters", {}).items()}
 
         print("fleet scheduling: idle, then backlog ...", file=sys.stderr)
         fleet = scenario_backlog(b, "fleet", args.backlog, args.window, args.rate, args.tight_deadline)
@@ -450,7 +459,7 @@ def main() -> int:
         procs.stop()
         shutil.rmtree(root, ignore_errors=True)
 
-    report = render(args, fleet, vanilla, batch_alone, orch, fleet_tput, pa_tput, conc, time.time() - started)
+    report = render(args, b.ran, fleet, vanilla, batch_alone, orch, fleet_tput, pa_tput, conc, time.time() - started)
     print(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -458,7 +467,7 @@ def main() -> int:
     return 0
 
 
-def render(args, fleet, vanilla, batch_alone, orch, fleet_tput, pa_tput, conc, elapsed) -> str:  # noqa: ANN001
+def render(args, ran, fleet, vanilla, batch_alone, orch, fleet_tput, pa_tput, conc, elapsed) -> str:  # noqa: ANN001
     def row(name: str, s: dict) -> str:
         return f"| {name} | {s['n']} | {s['p50']:.3f} | {s['p99']:.3f} | {s['expired']} |"
 
@@ -472,6 +481,11 @@ def render(args, fleet, vanilla, batch_alone, orch, fleet_tput, pa_tput, conc, e
     par_ratio = orch["fleet_par_s"] / orch["celery_par_s"]
     pa = f"{pa_tput:.1f}" if pa_tput else "n/a"
     pa_ratio = f"{fleet_tput / pa_tput:.2f}" if pa_tput else "n/a"
+    model = ran["model"]
+
+    def workers(kind: str) -> str:
+        return " + ".join(f"{name} ({classes}, {threads} threads)" for name, classes, threads in ran[kind]["workers"])
+
     lines = [
         "# Scheduling benchmark",
         "",
@@ -479,12 +493,12 @@ def render(args, fleet, vanilla, batch_alone, orch, fleet_tput, pa_tput, conc, e
         f"--window {args.window:g} --rate {args.rate:g}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
         f"took {elapsed / 60:.1f} min.  ",
-        f"Dev model timing: ttft {MEDIUM['ttft_ms']} ms, prefill {MEDIUM['prefill_ms_per_token']} ms/token, "
-        f"{MEDIUM['tpot_ms']} ms/token, load factor {MEDIUM['load_factor']}, max {MEDIUM['max_num_seqs']} sequences; "
+        f"Dev model timing (its config as Triton loaded it): ttft {model['ttft_ms']} ms, prefill "
+        f"{model['prefill_ms_per_token']} ms/token, {model['tpot_ms']} ms/token, load factor {model['load_factor']}, "
+        f"max {model['max_num_seqs']} sequences; "
         "every run is one model call of 16 tokens.  ",
-        f"Fleet: interactive-only worker {THREADS['interactive_only']} threads + shared worker "
-        f"{THREADS['shared']} threads, batch cap 8 in flight at Triton. Vanilla: two workers of "
-        f"{sum(THREADS.values()) // 2} threads on both queues, Celery defaults.",
+        f"Fleet: {workers('fleet')}, batch cap {ran['fleet']['batch_inflight_max']} in flight at Triton. "
+        f"Vanilla: {workers('vanilla')}, Celery defaults.",
         "",
         f"## Interactive latency (seconds, {args.rate:g} runs/s for {args.window:g} s)",
         "",
