@@ -153,7 +153,8 @@ class Bench:
                 else:
                     os.environ[k] = v
 
-    def start_workers(self, settings: Settings, env: dict[str, str], client: FleetClient) -> list[str]:
+    def start_workers(self, settings: Settings, env: dict[str, str], client: FleetClient,
+                      label: str | None = None) -> list[str]:
         host = "bench"
         if settings.scheduling == "fleet":
             specs = [("inf-interactive", ("interactive",), THREADS["interactive_only"]),
@@ -161,7 +162,7 @@ class Bench:
         else:  # same total threads, every worker takes both classes
             half = sum(THREADS.values()) // 2
             specs = [("inf-a", ("interactive", "batch"), half), ("inf-b", ("interactive", "batch"), half)]
-        self.ran[settings.scheduling] = {
+        self.ran[label or settings.scheduling] = {
             "workers": [(name, "+".join(classes), threads) for name, classes, threads in specs],
             "batch_inflight_max": settings.batch_inflight_max if settings.scheduling == "fleet" else None,
         }
@@ -180,11 +181,12 @@ class Bench:
             self.procs.stop(name)
 
     @contextmanager
-    def namespace(self, scheduling: str) -> Iterator[FleetClient]:
-        """A fresh fleet namespace with its workers; stopped and wiped afterwards."""
-        settings, env = self.settings(scheduling)
+    def namespace(self, scheduling: str, cap: int | None = None, label: str | None = None) -> Iterator[FleetClient]:
+        """A fresh fleet namespace with its workers (``cap``: its batch cap at Triton);
+        stopped and wiped afterwards."""
+        settings, env = self.settings(scheduling, **({"FLEET_BATCH_INFLIGHT_MAX": str(cap)} if cap else {}))
         client = FleetClient(settings)
-        workers = self.start_workers(settings, env, client)
+        workers = self.start_workers(settings, env, client, label)
         try:
             yield client
         finally:
@@ -252,8 +254,8 @@ def expired_reaching_triton(runs: list) -> tuple[int, int, int, int]:
 
 
 def scenario_backlog(b: Bench, scheduling: str, backlog: int, window: float, rate: float,
-                     tight_deadline_s: float) -> dict:
-    with b.namespace(scheduling) as client:
+                     tight_deadline_s: float, cap: int | None = None, label: str | None = None) -> dict:
+    with b.namespace(scheduling, cap, label) as client:
         # Warm the measurement of step times (admission) and the channels.
         for r in [client.submit("bench_interactive", {"text": "warm"}) for _ in range(4)]:
             client.wait(r, 30)
@@ -422,9 +424,25 @@ def main() -> int:
     ap.add_argument("--tight-deadline", type=float, default=0.8, help="deadline of the burst's interactive runs")
     ap.add_argument("--quick", action="store_true", help="backlog 1000, 10 s windows")
     ap.add_argument("--out", type=Path, default=None, help="also write the report here")
+    pool = ap.add_argument_group("pool shape")
+    pool.add_argument("--max-seqs", type=int, default=MEDIUM["max_num_seqs"], help="the model's most sequences at once")
+    pool.add_argument("--load-factor", type=float, default=MEDIUM["load_factor"],
+                      help="how much each extra sequence slows a decode step")
+    pool.add_argument("--tokens", type=int, default=16, help="tokens per model call")
+    pool.add_argument("--interactive-threads", type=int, default=THREADS["interactive_only"])
+    pool.add_argument("--shared-threads", type=int, default=THREADS["shared"])
+    pool.add_argument("--batch-cap", type=int, default=None, help="the fleet's batch cap (default: the setting's)")
+    ap.add_argument("--frontier", default=None, metavar="CAPS",
+                    help="only the trade-off of static batch caps: vanilla, then the fleet at each cap "
+                         "(comma-separated), under the same backlog and interactive load")
     args = ap.parse_args()
     if args.quick:
         args.backlog, args.window = 1000, 10.0
+    MEDIUM.update(max_num_seqs=args.max_seqs, load_factor=args.load_factor)
+    THREADS.update(interactive_only=args.interactive_threads, shared=args.shared_threads)
+    for name in ("bench_interactive", "bench_batch"):
+        AGENTS[name] = AGENTS[name].replace("16 tokens", f"{args.tokens} tokens").replace(
+            "max_tokens = 16", f"max_tokens = {args.tokens}")
 
     root = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     procs = launch.Processes(root / "logs")
@@ -443,8 +461,24 @@ def main() -> int:
         served = launch.http_json(f"http://{triton.http_url}/v2/models/medium_sim/config")
         b.ran["model"] = {k: v["string_value"] for k, v in served.get("parameters", {}).items()}
 
+        if args.frontier:
+            caps = [int(c) for c in args.frontier.split(",")]
+            print("vanilla Celery: idle, then backlog ...", file=sys.stderr)
+            rows = [("vanilla", scenario_backlog(b, "vanilla", args.backlog, args.window, args.rate,
+                                                 args.tight_deadline))]
+            for cap in caps:
+                print(f"fleet, batch cap {cap}: idle, then backlog ...", file=sys.stderr)
+                rows.append((f"fleet cap {cap}", scenario_backlog(b, "fleet", args.backlog, args.window, args.rate,
+                                                                  args.tight_deadline, cap, f"fleet cap {cap}")))
+            report = render_frontier(args, b.ran, rows, time.time() - started)
+            print(report)
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(report)
+            return 0
         print("fleet scheduling: idle, then backlog ...", file=sys.stderr)
-        fleet = scenario_backlog(b, "fleet", args.backlog, args.window, args.rate, args.tight_deadline)
+        fleet = scenario_backlog(b, "fleet", args.backlog, args.window, args.rate, args.tight_deadline,
+                                 args.batch_cap)
         print("batch alone ...", file=sys.stderr)
         batch_alone = scenario_batch_alone(b, args.backlog, args.window)
         print("vanilla Celery: idle, then backlog ...", file=sys.stderr)
@@ -465,6 +499,52 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)
     return 0
+
+
+def _command(args) -> str:  # noqa: ANN001
+    """The command line that reproduces this run, every pool setting spelled out."""
+    parts = ["python ops/bench/scheduling.py", "--quick" if args.quick else "", f"--backlog {args.backlog}",
+             f"--window {args.window:g}", f"--rate {args.rate:g}", f"--tight-deadline {args.tight_deadline:g}",
+             f"--max-seqs {args.max_seqs}", f"--load-factor {args.load_factor:g}", f"--tokens {args.tokens}",
+             f"--interactive-threads {args.interactive_threads}", f"--shared-threads {args.shared_threads}"]
+    if args.batch_cap:
+        parts.append(f"--batch-cap {args.batch_cap}")
+    if args.frontier:
+        parts.append(f"--frontier {args.frontier}")
+    return " ".join(p for p in parts if p)
+
+
+def render_frontier(args, ran, rows, elapsed) -> str:  # noqa: ANN001
+    """The trade-off of static batch caps against vanilla Celery on the same pool."""
+    model = ran["model"]
+    vanilla = rows[0][1]
+
+    def workers(label: str) -> str:
+        return " + ".join(f"{name} ({classes}, {threads} threads)" for name, classes, threads in ran[label]["workers"])
+
+    lines = [
+        "# Static batch caps against vanilla Celery, one pool",
+        "",
+        f"Command: `{_command(args)}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"took {elapsed / 60:.1f} min.  ",
+        f"Dev model (its config as Triton loaded it): ttft {model['ttft_ms']} ms, {model['tpot_ms']} ms/token, "
+        f"load factor {model['load_factor']}, max {model['max_num_seqs']} sequences; {args.tokens} tokens per call.  ",
+        f"Vanilla: {workers('vanilla')}. Fleet: {workers(rows[1][0])}.",
+        "",
+        f"Interactive runs at {args.rate:g}/s for {args.window:g} s, idle and then with a backlog of "
+        f"{args.backlog} batch runs draining; batch throughput measured over the loaded window.",
+        "",
+        "| configuration | batch cap | interactive p99 idle | p99 under backlog | ratio | batch runs/s | batch vs vanilla |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, r in rows:
+        cap = ran[label]["batch_inflight_max"]
+        lines.append(
+            f"| {label} | {cap if cap is not None else 'none'} | {r['idle']['p99']:.3f} | {r['loaded']['p99']:.3f} "
+            f"| {r['loaded']['p99'] / r['idle']['p99']:.2f} | {r['batch_per_s']:.1f} "
+            f"| {r['batch_per_s'] / vanilla['batch_per_s']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def render(args, ran, fleet, vanilla, batch_alone, orch, fleet_tput, pa_tput, conc, elapsed) -> str:  # noqa: ANN001
@@ -489,8 +569,7 @@ def render(args, ran, fleet, vanilla, batch_alone, orch, fleet_tput, pa_tput, co
     lines = [
         "# Scheduling benchmark",
         "",
-        f"Command: `python ops/bench/scheduling.py{' --quick' if args.quick else ''} --backlog {args.backlog} "
-        f"--window {args.window:g} --rate {args.rate:g}`  ",
+        f"Command: `{_command(args)}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
         f"took {elapsed / 60:.1f} min.  ",
         f"Dev model timing (its config as Triton loaded it): ttft {model['ttft_ms']} ms, prefill "
