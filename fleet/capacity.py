@@ -2,10 +2,16 @@
 live worker capacity, and recent step times. Admission and ``fleet status`` read it.
 
 In flight: a sorted set per class of request tokens scored by their expiry, so a worker
-that dies holding a slot frees it when the lease runs out. Batch requests must take one of
-``FLEET_BATCH_INFLIGHT_MAX`` slots before they reach Triton; interactive ones are only
-counted. Triton's vLLM backend ignores request priority, so this cap is what keeps room
-in the model for interactive requests however large the batch backlog grows.
+that dies holding a slot frees it when the lease runs out. Batch requests must take a slot
+before they reach Triton; interactive ones are only counted. Triton's vLLM backend ignores
+request priority, so these slots are what keeps room in the model for interactive requests
+however large the batch backlog grows. Two policies:
+
+- static (default): at most ``FLEET_BATCH_INFLIGHT_MAX`` batch requests in flight;
+- work-conserving (``FLEET_MODEL_MAX_SEQUENCES`` set to the model's sequence capacity):
+  batch requests use every slot but a reserve for interactive ones, sized from recent
+  interactive demand (``FLEET_INTERACTIVE_RESERVE_MIN``, the most interactive requests in
+  flight within ``FLEET_INTERACTIVE_DEMAND_WINDOW_S``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,32 @@ redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
 if n + 1 > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], n + 1) end
 return 1
 """
+# Work-conserving slots (with FLEET_MODEL_MAX_SEQUENCES): an interactive request is always
+# admitted and counted, and leaves a demand sample; a batch request is admitted while batch
+# in flight stays under capacity minus the reserve, the reserve being the largest of its
+# floor, the interactive requests in flight now and the most seen in the demand window.
+# KEYS: own in-flight set, own high-water mark, the other class's set, the demand samples.
+# ARGV: now, token, lease expiry, class, capacity, reserve floor, demand window (s).
+_ACQUIRE_SHARED = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[7]))
+local n = redis.call('ZCARD', KEYS[1])
+if ARGV[4] == 'batch' then
+  local reserve = math.max(tonumber(ARGV[6]), redis.call('ZCARD', KEYS[3]))
+  for _, sample in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    local seen = tonumber(string.match(sample, '^(%d+):'))
+    if seen and seen > reserve then reserve = seen end
+  end
+  if n >= tonumber(ARGV[5]) - reserve then return 0 end
+else
+  redis.call('ZADD', KEYS[4], now, (n + 1) .. ':' .. ARGV[2])
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+if n + 1 > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], n + 1) end
+return 1
+"""
 _STEP_TIMES_KEPT = 200
 
 
@@ -47,6 +79,7 @@ class Capacity:
         self.settings = settings
         self.redis = client
         self._acquire = client.register_script(_ACQUIRE)
+        self._acquire_shared = client.register_script(_ACQUIRE_SHARED)
 
     def inflight_key(self, priority: PriorityClass) -> str:
         return self.settings.keys.inflight(priority)
@@ -65,13 +98,12 @@ class Capacity:
     @contextmanager
     def slot(self, priority: PriorityClass, deadline_at: float) -> Iterator[None]:
         """Hold an in-flight slot at Triton for one request (waits for a batch slot)."""
-        cap = self.settings.batch_inflight_max if priority == "batch" else 0
         token = uuid.uuid4().hex
         key = self.inflight_key(priority)
         lease_s = self.settings.step_time_limit_s
         while True:
             now = time.time()
-            if self._acquire(keys=[key, self.peak_key(priority)], args=[now, token, now + lease_s, cap]):
+            if self._take(priority, key, token, now, now + lease_s):
                 break
             if now >= deadline_at:
                 raise DeadlineExceeded("deadline passed waiting for a batch slot at Triton")
@@ -81,6 +113,29 @@ class Capacity:
             yield
         finally:
             self.redis.zrem(key, token)
+
+    def _take(self, priority: PriorityClass, key: str, token: str, now: float, expiry: float) -> bool:
+        s = self.settings
+        if s.model_max_sequences is None:  # the static cap
+            cap = s.batch_inflight_max if priority == "batch" else 0
+            return bool(self._acquire(keys=[key, self.peak_key(priority)], args=[now, token, expiry, cap]))
+        other: PriorityClass = "interactive" if priority == "batch" else "batch"
+        return bool(self._acquire_shared(
+            keys=[key, self.peak_key(priority), self.inflight_key(other), s.keys.interactive_demand],
+            args=[now, token, expiry, priority, s.model_max_sequences, s.interactive_reserve_min,
+                  s.interactive_demand_window_s]))
+
+    def batch_limit(self) -> int:
+        """Batch requests that may be in flight now: the static cap, or capacity minus the
+        interactive reserve (see ``_ACQUIRE_SHARED``)."""
+        s = self.settings
+        if s.model_max_sequences is None:
+            return s.batch_inflight_max
+        now = time.time()
+        samples = self.redis.zrangebyscore(s.keys.interactive_demand, now - s.interactive_demand_window_s, "+inf")
+        seen = [int(m.split(":", 1)[0]) for m in samples]
+        reserve = max([s.interactive_reserve_min, self.inflight()["interactive"], *seen])
+        return max(0, s.model_max_sequences - reserve)
 
     def inflight(self) -> dict[str, int]:
         """Requests in flight at Triton per class (expired leases not counted)."""

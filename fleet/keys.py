@@ -66,6 +66,12 @@ class Keys:
         """String: the most requests of a class ever in flight at once."""
         return self._k("inflight", priority, "peak")
 
+    @property
+    def interactive_demand(self) -> str:
+        """Sorted set: samples ``<in flight>:<token>`` of interactive requests, scored by time
+        (the work-conserving batch limit keeps a reserve of the recent peak)."""
+        return self._k("inflight", "interactive", "demand")
+
     def step_times(self, kind: str, priority: str) -> str:
         """List: recent step durations of a kind and class (admission's estimate)."""
         return self._k("stats", "step_s", kind, priority)

@@ -118,6 +118,20 @@ class Settings(BaseSettings):
         description="Batch requests in flight at Triton at once, fleet-wide; the rest of the "
         "model's capacity stays free for interactive requests.",
     )
+    model_max_sequences: int | None = Field(
+        None,
+        gt=0,
+        description="Most sequences the model runs at once (vLLM max_num_seqs). When set, batch "
+        "requests may use every slot but a reserve kept for interactive ones (work-conserving), "
+        "instead of the static FLEET_BATCH_INFLIGHT_MAX.",
+    )
+    interactive_reserve_min: int = Field(
+        2, ge=0, description="Slots always kept for interactive requests with FLEET_MODEL_MAX_SEQUENCES; "
+        "the reserve grows to the most interactive requests seen in flight in the demand window.",
+    )
+    interactive_demand_window_s: float = Field(
+        30.0, gt=0, description="How far back the interactive peak that sizes the reserve looks."
+    )
     admission_batch_max_queued: int = Field(
         200_000, gt=0, description="Batch submissions are refused while the batch queue is this deep."
     )

@@ -42,7 +42,8 @@ def collect(settings: Settings) -> dict[str, Any]:
         capacity = Capacity(settings, client)
         report["inflight"] = capacity.inflight()
         report["inflight_peak"] = capacity.peak()
-        report["batch_inflight_max"] = settings.batch_inflight_max
+        report["batch_inflight_max"] = capacity.batch_limit()  # now: static, or capacity minus the reserve
+        report["batch_policy"] = "static" if settings.model_max_sequences is None else "work-conserving"
         shedder = LoadShedder(settings, capacity)
         report["admission"] = {p: shedder.state(p) for p in PRIORITY_CLASSES}
     except redis.RedisError as exc:

@@ -164,7 +164,9 @@ class Bench:
             specs = [("inf-a", ("interactive", "batch"), half), ("inf-b", ("interactive", "batch"), half)]
         self.ran[label or settings.scheduling] = {
             "workers": [(name, "+".join(classes), threads) for name, classes, threads in specs],
-            "batch_inflight_max": settings.batch_inflight_max if settings.scheduling == "fleet" else None,
+            "batch_inflight_max": None if settings.scheduling != "fleet" else (
+                settings.batch_inflight_max if settings.model_max_sequences is None else
+                f"{settings.model_max_sequences} - reserve (min {settings.interactive_reserve_min})"),
         }
         nodes = []
         for name, classes, threads in specs:
@@ -181,10 +183,11 @@ class Bench:
             self.procs.stop(name)
 
     @contextmanager
-    def namespace(self, scheduling: str, cap: int | None = None, label: str | None = None) -> Iterator[FleetClient]:
-        """A fresh fleet namespace with its workers (``cap``: its batch cap at Triton);
-        stopped and wiped afterwards."""
-        settings, env = self.settings(scheduling, **({"FLEET_BATCH_INFLIGHT_MAX": str(cap)} if cap else {}))
+    def namespace(self, scheduling: str, extra: dict[str, str] | None = None,
+                  label: str | None = None) -> Iterator[FleetClient]:
+        """A fresh fleet namespace with its workers (``extra``: FLEET_* settings of this
+        configuration); stopped and wiped afterwards."""
+        settings, env = self.settings(scheduling, **(extra or {}))
         client = FleetClient(settings)
         workers = self.start_workers(settings, env, client, label)
         try:
@@ -254,8 +257,8 @@ def expired_reaching_triton(runs: list) -> tuple[int, int, int, int]:
 
 
 def scenario_backlog(b: Bench, scheduling: str, backlog: int, window: float, rate: float,
-                     tight_deadline_s: float, cap: int | None = None, label: str | None = None) -> dict:
-    with b.namespace(scheduling, cap, label) as client:
+                     tight_deadline_s: float, extra: dict[str, str] | None = None, label: str | None = None) -> dict:
+    with b.namespace(scheduling, extra, label) as client:
         # Warm the measurement of step times (admission) and the channels.
         for r in [client.submit("bench_interactive", {"text": "warm"}) for _ in range(4)]:
             client.wait(r, 30)
@@ -433,8 +436,9 @@ def main() -> int:
     pool.add_argument("--shared-threads", type=int, default=THREADS["shared"])
     pool.add_argument("--batch-cap", type=int, default=None, help="the fleet's batch cap (default: the setting's)")
     ap.add_argument("--frontier", default=None, metavar="CAPS",
-                    help="only the trade-off of static batch caps: vanilla, then the fleet at each cap "
-                         "(comma-separated), under the same backlog and interactive load")
+                    help="only the trade-off of batch policies: vanilla, then the fleet with each of CAPS "
+                         "(comma-separated static caps, 'wc' for work-conserving slots over --max-seqs), "
+                         "under the same backlog and interactive load")
     args = ap.parse_args()
     if args.quick:
         args.backlog, args.window = 1000, 10.0
@@ -462,14 +466,17 @@ def main() -> int:
         b.ran["model"] = {k: v["string_value"] for k, v in served.get("parameters", {}).items()}
 
         if args.frontier:
-            caps = [int(c) for c in args.frontier.split(",")]
             print("vanilla Celery: idle, then backlog ...", file=sys.stderr)
             rows = [("vanilla", scenario_backlog(b, "vanilla", args.backlog, args.window, args.rate,
                                                  args.tight_deadline))]
-            for cap in caps:
-                print(f"fleet, batch cap {cap}: idle, then backlog ...", file=sys.stderr)
-                rows.append((f"fleet cap {cap}", scenario_backlog(b, "fleet", args.backlog, args.window, args.rate,
-                                                                  args.tight_deadline, cap, f"fleet cap {cap}")))
+            for cap in args.frontier.split(","):
+                # A number: a static cap; "wc": work-conserving slots over the model's capacity.
+                label = "fleet work-conserving" if cap == "wc" else f"fleet cap {cap}"
+                extra = ({"FLEET_MODEL_MAX_SEQUENCES": str(args.max_seqs)} if cap == "wc"
+                         else {"FLEET_BATCH_INFLIGHT_MAX": cap})
+                print(f"{label}: idle, then backlog ...", file=sys.stderr)
+                rows.append((label, scenario_backlog(b, "fleet", args.backlog, args.window, args.rate,
+                                                     args.tight_deadline, extra, label)))
             report = render_frontier(args, b.ran, rows, time.time() - started)
             print(report)
             if args.out:
@@ -478,7 +485,7 @@ def main() -> int:
             return 0
         print("fleet scheduling: idle, then backlog ...", file=sys.stderr)
         fleet = scenario_backlog(b, "fleet", args.backlog, args.window, args.rate, args.tight_deadline,
-                                 args.batch_cap)
+                                 {"FLEET_BATCH_INFLIGHT_MAX": str(args.batch_cap)} if args.batch_cap else None)
         print("batch alone ...", file=sys.stderr)
         batch_alone = scenario_batch_alone(b, args.backlog, args.window)
         print("vanilla Celery: idle, then backlog ...", file=sys.stderr)
@@ -523,7 +530,7 @@ def render_frontier(args, ran, rows, elapsed) -> str:  # noqa: ANN001
         return " + ".join(f"{name} ({classes}, {threads} threads)" for name, classes, threads in ran[label]["workers"])
 
     lines = [
-        "# Static batch caps against vanilla Celery, one pool",
+        "# Batch policies against vanilla Celery, one pool",
         "",
         f"Command: `{_command(args)}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
