@@ -49,6 +49,11 @@ def create_app(settings: Settings) -> Celery:
             # so a lost step comes back soon after its timeout rather than minutes later.
             "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout_s / 4))),
             "unacked_restore_throttle": 1,
+            # The lock around that sweep outlives a worker killed inside it (kill -9, OOM
+            # kill): with kombu's default of 300 s no worker could bring any lost step back for
+            # five minutes. The sweep takes milliseconds, and restoring a message twice is
+            # prevented by its WATCHed transaction, so a short lock is safe.
+            "unacked_mutex_expire": max(2, min(60, int(settings.visibility_timeout_s / 4))),
             # Fail fast on a dead connection instead of hanging a publish forever.
             "socket_timeout": 30,
             "socket_connect_timeout": 10,
