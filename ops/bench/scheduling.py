@@ -521,23 +521,29 @@ def _command(args) -> str:  # noqa: ANN001
     return " ".join(p for p in parts if p)
 
 
+def _workers(ran: dict, label: str) -> str:
+    """The inference workers a configuration ran, as the report states them."""
+    return " + ".join(f"{name} ({classes}, {threads} threads)" for name, classes, threads in ran[label]["workers"])
+
+
+def _header(args, elapsed: float) -> list[str]:  # noqa: ANN001
+    """Command and machine lines every report starts with."""
+    return [f"Command: `{_command(args)}`  ",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+            f"took {elapsed / 60:.1f} min.  "]
+
+
 def render_frontier(args, ran, rows, elapsed) -> str:  # noqa: ANN001
     """The trade-off of static batch caps against vanilla Celery on the same pool."""
     model = ran["model"]
     vanilla = rows[0][1]
-
-    def workers(label: str) -> str:
-        return " + ".join(f"{name} ({classes}, {threads} threads)" for name, classes, threads in ran[label]["workers"])
-
     lines = [
         "# Batch policies against vanilla Celery, one pool",
         "",
-        f"Command: `{_command(args)}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"took {elapsed / 60:.1f} min.  ",
+        *_header(args, elapsed),
         f"Dev model (its config as Triton loaded it): ttft {model['ttft_ms']} ms, {model['tpot_ms']} ms/token, "
         f"load factor {model['load_factor']}, max {model['max_num_seqs']} sequences; {args.tokens} tokens per call.  ",
-        f"Vanilla: {workers('vanilla')}. Fleet: {workers(rows[1][0])}.",
+        f"Vanilla: {_workers(ran, 'vanilla')}. Fleet: {_workers(ran, rows[1][0])}.",
         "",
         f"Interactive runs at {args.rate:g}/s for {args.window:g} s, idle and then with a backlog of "
         f"{args.backlog} batch runs draining; batch throughput measured over the loaded window.",
@@ -569,22 +575,16 @@ def render(args, ran, fleet, vanilla, batch_alone, orch, fleet_tput, pa_tput, co
     pa = f"{pa_tput:.1f}" if pa_tput else "n/a"
     pa_ratio = f"{fleet_tput / pa_tput:.2f}" if pa_tput else "n/a"
     model = ran["model"]
-
-    def workers(kind: str) -> str:
-        return " + ".join(f"{name} ({classes}, {threads} threads)" for name, classes, threads in ran[kind]["workers"])
-
     lines = [
         "# Scheduling benchmark",
         "",
-        f"Command: `{_command(args)}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"took {elapsed / 60:.1f} min.  ",
+        *_header(args, elapsed),
         f"Dev model timing (its config as Triton loaded it): ttft {model['ttft_ms']} ms, prefill "
         f"{model['prefill_ms_per_token']} ms/token, {model['tpot_ms']} ms/token, load factor {model['load_factor']}, "
         f"max {model['max_num_seqs']} sequences; "
-        "every run is one model call of 16 tokens.  ",
-        f"Fleet: {workers('fleet')}, batch cap {ran['fleet']['batch_inflight_max']} in flight at Triton. "
-        f"Vanilla: {workers('vanilla')}, Celery defaults.",
+        f"every run is one model call of {args.tokens} tokens.  ",
+        f"Fleet: {_workers(ran, 'fleet')}, batch cap {ran['fleet']['batch_inflight_max']} in flight at Triton. "
+        f"Vanilla: {_workers(ran, 'vanilla')}, Celery defaults.",
         "",
         f"## Interactive latency (seconds, {args.rate:g} runs/s for {args.window:g} s)",
         "",
