@@ -123,6 +123,9 @@ class StepRecord(BaseModel):
     tokens_in: int = 0
     tokens_out: int = 0
     worker: str | None = None
+    replica: str | None = None  # the Triton replica of its model call
+    preemptions: int = 0  # times an interactive request took its model call's slot
+    failovers: int = 0  # times its model call lost its replica and was sent again
     error: str | None = None
 
     @property

@@ -32,6 +32,7 @@ def llm(ctx: StepContext, step: LlmStep, view: dict[str, Any]) -> Any:
         cancel=ctx.cancel, on_token=on_token,
     )
     record.tokens_in, record.tokens_out, record.ttft_s = gen.tokens_in, gen.tokens_out, gen.ttft_s
+    record.replica, record.preemptions, record.failovers = gen.replica or None, gen.preemptions, gen.failovers
     text = gen.text.strip()
     return parse_tool_call(text) if step.parse == "tool_call" else text
 
