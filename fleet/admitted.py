@@ -3,8 +3,9 @@
 A sorted set per class (:meth:`fleet.keys.Keys.admitted`) of run ids scored by each run's
 deadline, beside a hash of each run's llm steps. Admission checks and adds in one Lua call, so concurrent
 submissions (a burst through several gateway processes) cannot all slip under the same
-limit; a run leaves at its end (the :class:`~fleet.hooks.admitted.AdmittedRuns` hook), or,
-should nothing end it (a run cancelled before its first step), when its deadline passes.
+limit; a run leaves in the same step that ends it (:meth:`fleet.runs.RunStore.transition`),
+whatever ends it (its last step, a cancel, its deadline), or, should its record vanish,
+when its deadline passes.
 Counting admitted runs, rather than model steps in queues and slots, also counts the steps
 a worker has taken from the queue but not yet given a slot.
 """

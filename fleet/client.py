@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from fleet.admission import Admission, parse_submission
-from fleet.admitted import AdmittedRuns
 from fleet.agent import AgentDef, load_agents
 from fleet.cancel import announce
 from fleet.celery_app import create_app
@@ -90,7 +89,6 @@ class FleetClient:
         cancelled = self.store.end(run_id, "cancelled", error={"type": "RunCancelled", "message": "cancelled by request"})
         if cancelled:
             announce(self.store, run_id)  # workers cancel its model call now
-            AdmittedRuns(self.settings, self.store.redis).forget(run_id)  # nothing waits behind it now
         return cancelled
 
     def wait(self, run_id: str, timeout: float = 60.0) -> RunRecord:

@@ -743,6 +743,8 @@ class Engine:
         return taken
 
     def _count_slot_wait(self, seq: Sequence, steps: int) -> None:
+        if steps < 1:
+            return  # admitted in the same step (a cancelled sequence ahead of it gave up its slot)
         st = self._stats
         if seq.stream:
             st.slot_waits_stream += 1

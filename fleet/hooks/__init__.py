@@ -11,8 +11,7 @@ point              what a hook may do there                                    h
 ``after_commit``   observe a committed step                                    metrics
 ``on_retry``       observe an attempt that failed and goes back to its queue   metrics
 ``on_dead_letter`` observe a step written to the dead-letter store             metrics, Sentry
-``on_run_end``     observe a run that reached a terminal status                summary, sessions, metrics,
-                                                                               admission's ledger
+``on_run_end``     observe a run that reached a terminal status                summary, sessions, metrics
 =================  ==========================================================  ===============
 
 Adding a concern (tracing, budgets, tenant accounting) means adding a hook here and to
@@ -104,7 +103,6 @@ class Hook:
 
 def default_hooks() -> list[Hook]:
     """The hooks of a worker, in the order they are called."""
-    from fleet.hooks.admitted import LeaveAdmitted
     from fleet.hooks.guards import DeadlineGuard, KnownStepGuard, PoisonGuard, TerminalGuard
     from fleet.hooks.metrics import Metrics
     from fleet.hooks.sentry import SentryReports
@@ -113,4 +111,4 @@ def default_hooks() -> list[Hook]:
     from fleet.hooks.summary import RunSummary
 
     return [TerminalGuard(), KnownStepGuard(), DeadlineGuard(), PoisonGuard(), StepTimes(), Metrics(), SentryReports(),
-            SessionTurns(), LeaveAdmitted(), RunSummary()]
+            SessionTurns(), RunSummary()]
