@@ -57,6 +57,7 @@ local now, member, class = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local stale, policy = tonumber(ARGV[4]), ARGV[5]
 local n = (#KEYS - 2) / 4
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if class == 'batch' and redis.call('ZCARD', KEYS[1]) > 0 then
   -- an interactive request waits for a slot: batch takes none before it
   redis.call('ZADD', KEYS[2], now + 2, ARGV[7])
