@@ -1,7 +1,8 @@
-"""The deployment files (compose/, ops/) agree with the code and with each other.
+"""The deployment files (compose/, ops/, the production model's configuration) agree with
+the code and with each other.
 
-Checks that a typo in a path, a queue name, a settings variable or a scrape target is
-caught here rather than on a GPU host. Alert rules also go through ``promtool check rules``
+Checks that a typo in a path, a queue name, a settings variable, a replica of the inference
+pool or a scrape target is caught here rather than on a GPU host. Alert rules also go through ``promtool check rules``
 (and the Prometheus config through ``promtool check config``): promtool from PATH, or
 taken out of Debian's prometheus package; a visible skip where neither can be had.
 """
@@ -19,7 +20,7 @@ import pytest
 import yaml
 
 from fleet.routing import all_queues
-from fleet.settings import Settings
+from fleet.settings import ReplicaSpec, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
@@ -29,6 +30,7 @@ PROMETHEUS_CONFIG = COMPOSE_DIR / "prometheus" / "prometheus.yml"
 ALERTS = ROOT / "ops" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "ops" / "grafana" / "fleet-dashboard.json"
 K8S_DIR = ROOT / "ops" / "k8s"
+MEDIUM_DIR = ROOT / "triton_models" / "medium"
 
 # FLEET_* variables that deployment files set although Settings has no field for them:
 # read by the gateway (its API keys).
@@ -38,6 +40,7 @@ FLEET_VARS_OUTSIDE_SETTINGS = {"FLEET_API_KEYS"}
 AUTHENTICATED_SERVICES = {"gateway", "flower", "grafana"}
 
 WORKER_SERVICES = {"inference-interactive", "inference-shared", "tools"}
+INFERENCE_SERVICES = {"inference-interactive", "inference-shared"}
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -151,12 +154,47 @@ def _expected_queues() -> list[str]:
     return all_queues(Settings(_env_file=None))
 
 
+def _replicas(value: str) -> list[ReplicaSpec]:
+    """The inference pool a FLEET_TRITON_REPLICAS value describes, as the fleet reads it."""
+    return Settings(_env_file=None, triton_replicas=value).replicas()
+
+
+def _triton_services() -> dict[str, dict[str, Any]]:
+    """The compose services of the inference pool (triton-0, triton-1, ...), in order."""
+    found = {n: s for n, s in _services().items() if re.fullmatch(r"triton-\d+", n)}
+    return dict(sorted(found.items(), key=lambda item: int(item[0].split("-")[1])))
+
+
+# --- the production model ------------------------------------------------------------------
+
+def _model_config() -> Any:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse((MEDIUM_DIR / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def test_model_capacity_in_config_pbtxt_is_the_engines() -> None:
+    # The fleet reads max_num_seqs from the model config (ModelConfig) as each replica's
+    # capacity; the vLLM engine takes its own from model.json. The two must agree.
+    config = _model_config()
+    engine = json.loads((MEDIUM_DIR / "1" / "model.json").read_text())
+    assert config.name == "medium" and config.backend == "vllm"
+    declared = config.parameters["max_num_seqs"].string_value
+    assert declared.isdigit() and int(declared) == engine["max_num_seqs"] > 0
+    # The engine reports its running and waiting sequences on Triton's metrics port only
+    # with custom metrics on and its statistics kept.
+    assert config.parameters["REPORT_CUSTOM_METRICS"].string_value == "true"
+    assert engine.get("disable_log_stats") is False
+
+
 # --- compose -------------------------------------------------------------------------------
 
 def test_compose_parses_with_the_expected_services() -> None:
     services = _services()
-    expected = {"redis", "triton", "gateway", "flower", "prometheus", "grafana"} | WORKER_SERVICES
+    expected = {"redis", "triton-0", "triton-1", "gateway", "flower", "prometheus", "grafana"} | WORKER_SERVICES
     assert expected <= set(services)
+    assert "triton" not in services, "Triton runs as replicas triton-0, triton-1, ..."
     for name, service in services.items():
         assert "image" in service or "build" in service, name
 
@@ -179,22 +217,64 @@ def test_compose_referenced_files_exist() -> None:
 
 
 def test_triton_serves_only_medium_with_model_control_off() -> None:
-    triton = _services()["triton"]
-    args = _command(triton)
-    repo = _option(args, "--model-repository")
-    assert repo is not None
-    # Only the production model is in the served repository: with model control off
-    # (mode none) Triton loads it at start and refuses every load and unload.
-    assert _option(args, "--model-control-mode") == "none"
-    assert _option(args, "--load-model") is None
-    mounts = {target: host for host, target in _bind_mounts(triton)}
-    inside = [t for t in mounts if PurePosixPath(t).parent == PurePosixPath(repo)]
-    assert inside == [f"{repo}/medium"], mounts
-    assert mounts[inside[0]] == (ROOT / "triton_models" / "medium").resolve()
-    assert all(v.endswith(":ro") for v in triton["volumes"] if isinstance(v, str) and "triton_models" in v)
-    devices = triton["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
+    tritons = _triton_services()
+    assert list(tritons) == [f"triton-{i}" for i in range(len(tritons))] and len(tritons) >= 1
+    for name, triton in tritons.items():
+        args = _command(triton)
+        repo = _option(args, "--model-repository")
+        assert repo is not None, name
+        # Only the production model is in the served repository: with model control off
+        # (mode none) Triton loads it at start and refuses every load and unload.
+        assert _option(args, "--model-control-mode") == "none", name
+        assert _option(args, "--load-model") is None, name
+        mounts = {target: host for host, target in _bind_mounts(triton)}
+        inside = [t for t in mounts if PurePosixPath(t).parent == PurePosixPath(repo)]
+        assert inside == [f"{repo}/medium"], mounts
+        assert mounts[inside[0]] == MEDIUM_DIR.resolve()
+        assert all(v.endswith(":ro") for v in triton["volumes"] if isinstance(v, str) and "triton_models" in v)
+        assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"]), name
+        assert "ports" not in triton, f"{name}: Triton has no auth: keep it off the host's ports"
+
+
+def test_triton_replicas_share_one_definition_each_on_its_own_gpu() -> None:
+    tritons = _triton_services()
+    # One definition (a YAML anchor): the replicas differ only in the GPU they hold.
+    bodies = [{k: v for k, v in s.items() if k != "deploy"} for s in tritons.values()]
+    assert all(body == bodies[0] for body in bodies)
+    gpus: list[str] = []
+    for name, triton in tritons.items():
+        devices = triton["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1, name
+        device = devices[0]
+        # device_ids pins the replica; "count" would let Docker pick any GPU (and may not
+        # be combined with device_ids).
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "count" not in device, name
+        assert device["device_ids"], name
+        gpus += [str(g) for g in device["device_ids"]]
+    assert len(gpus) == len(set(gpus)), f"two replicas on one GPU: {gpus}"
+
+
+def test_compose_pool_lists_every_triton_service() -> None:
+    """FLEET_TRITON_REPLICAS, the triton-N services and Prometheus's triton job name the
+    same replicas, at ports the services expose."""
+    tritons = _triton_services()
+    services = _services()
+    for name in (*INFERENCE_SERVICES, "gateway"):
+        env = _env_mapping(services[name])
+        replicas = _replicas(env["FLEET_TRITON_REPLICAS"])
+        assert [r.name for r in replicas] == list(tritons), name
+        for replica in replicas:
+            expose = {str(p) for p in tritons[replica.name]["expose"]}
+            assert replica.grpc_url == f"{replica.name}:8001" and "8001" in expose
+            assert replica.metrics_url == f"http://{replica.name}:8002/metrics" and "8002" in expose
+            # Capacity comes from each replica's model config (max_num_seqs), not from here.
+            assert replica.max_sequences is None
+        # The single-Triton settings are unused once the replicas are listed: none is set.
+        assert not {"FLEET_TRITON_GRPC_URL", "FLEET_TRITON_HTTP_URL", "FLEET_TRITON_METRICS_URL"} & set(env), name
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "triton")
+    targets = [t for static in job["static_configs"] for t in static["targets"]]
+    assert targets == [f"{name}:8002" for name in tritons]
 
 
 def test_prometheus_and_grafana_files_are_mounted() -> None:
@@ -280,7 +360,7 @@ def test_fleet_settings_in_compose_are_valid() -> None:
     }
     settings = Settings(_env_file=None, **values)
     assert settings.triton_model == "medium"
-    assert settings.triton_grpc_url == "triton:8001"
+    assert [r.name for r in settings.replicas()] == list(_triton_services())
     assert settings.visibility_timeout_s > settings.step_time_limit_s
 
 
@@ -300,7 +380,7 @@ def test_published_ports_are_unique_and_guarded() -> None:
                 assert name in AUTHENTICATED_SERVICES, f"{name} is published beyond loopback without auth"
     assert {n for n in seen.values()} >= {"redis", "gateway", "flower", "grafana"}
     assert all(ip == "127.0.0.1" for (ip, _), n in seen.items() if n == "redis")
-    assert "ports" not in _services()["triton"], "Triton has no auth: keep it off the host's ports"
+    assert not set(seen.values()) & set(_triton_services()), "Triton has no auth: keep it off the host's ports"
 
 
 def test_redis_is_durable_and_password_protected() -> None:
@@ -329,12 +409,14 @@ def test_worker_queues_match_routing() -> None:
         consumed |= set(queues)
     assert consumed == set(expected)
     assert _queues_of(_command(services["inference-interactive"])) == ["llm.interactive"]
-    for name in ("inference-interactive", "inference-shared"):
+    for name in INFERENCE_SERVICES:
         assert _option(_command(services[name]), "-P") == "threads"
         env = _env_mapping(services[name])
         assert env["FLEET_TRITON_MODEL"] == "medium"
-        assert env["FLEET_TRITON_GRPC_URL"] == "triton:8001"
-        assert services[name]["depends_on"]["triton"]["condition"] == "service_healthy"
+        # The first replica must be ready; the pool takes the others in as they come up.
+        depends = services[name]["depends_on"]
+        assert depends["triton-0"]["condition"] == "service_healthy"
+        assert not {d for d in depends if d.startswith("triton")} - {"triton-0"}, name
     assert _option(_command(services["tools"]), "-P") == "prefork"
 
 
@@ -357,7 +439,8 @@ def test_prometheus_scrapes_compose_services() -> None:
     for job, names in hosts.items():
         assert names <= set(services), f"job {job} scrapes unknown services {names - set(services)}"
     scraped = set().union(*hosts.values())
-    assert {"triton", "gateway", "flower"} | WORKER_SERVICES <= scraped
+    assert {"gateway", "flower"} | WORKER_SERVICES | set(_triton_services()) <= scraped
+    assert hosts["triton"] == set(_triton_services())
     for name in WORKER_SERVICES:
         assert _env_mapping(services[name])["FLEET_METRICS_PORT"] == "9808"
 
