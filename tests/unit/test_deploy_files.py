@@ -9,6 +9,7 @@ taken out of Debian's prometheus package; a visible skip where neither can be ha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -585,15 +586,10 @@ def test_flower_login_comes_from_the_environment_never_argv() -> None:
 
 def test_k8s_workloads() -> None:
     deployments = _k8s("Deployment")
-    assert {"triton", "gateway", "flower"} | WORKER_SERVICES <= set(deployments)
-    triton = _containers(deployments["triton"])[0]
-    assert str(triton["resources"]["limits"]["nvidia.com/gpu"]) == "1"
-    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert "livenessProbe" in triton
-    assert "--model-control-mode=none" in triton["args"] and not any("--load-model" in a for a in triton["args"])
-    mount = next(m for m in triton["volumeMounts"] if m["name"] == "models")
-    assert (mount["mountPath"], mount["subPath"], mount["readOnly"]) == ("/models/medium", "medium", True)
-    redis = _k8s("StatefulSet")["redis"]
+    statefulsets = _k8s("StatefulSet")
+    assert {"gateway", "flower"} | WORKER_SERVICES <= set(deployments)
+    assert "triton" not in deployments, "Triton runs as a StatefulSet (one stable name per replica)"
+    redis = statefulsets["redis"]
     script = " ".join(_containers(redis)[0]["args"])
     assert "--appendonly yes" in script and "requirepass" in script and "--requirepass" not in script
     assert redis["spec"]["volumeClaimTemplates"]
@@ -601,7 +597,7 @@ def test_k8s_workloads() -> None:
     # out-of-band secrets provide.
     configmaps = set(_k8s("ConfigMap"))
     secrets = {"fleet-redis", "fleet-secrets"}
-    for name, workload in {**deployments, "redis": redis}.items():
+    for name, workload in {**deployments, **statefulsets}.items():
         for container in _containers(workload):
             for ref in container.get("envFrom") or []:
                 assert ref["configMapRef"]["name"] in configmaps, name
@@ -609,6 +605,96 @@ def test_k8s_workloads() -> None:
                 source = env.get("valueFrom", {}).get("secretKeyRef")
                 if source:
                     assert source["name"] in secrets, name
+        for volume in workload["spec"]["template"]["spec"].get("volumes") or []:
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in configmaps, name
+
+
+def _triton_statefulset() -> dict[str, Any]:
+    return _k8s("StatefulSet")["triton"]
+
+
+def test_k8s_triton_is_a_statefulset_behind_a_headless_service() -> None:
+    sts = _triton_statefulset()
+    spec = sts["spec"]
+    assert spec["replicas"] >= 1
+    # Replicas load their weights side by side; a rollout replaces one pod at a time.
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec.get("updateStrategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+    service = _k8s("Service")[spec["serviceName"]]
+    assert service["spec"]["clusterIP"] == "None", "a ClusterIP Service would pin each gRPC channel to one pod"
+    assert _selects({"matchLabels": service["spec"]["selector"]}, _pod_labels(sts))
+    container = _containers(sts)[0]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {n: n for n in named}
+    assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert "livenessProbe" in container and "startupProbe" in container
+    args = container["args"]
+    assert "--model-control-mode=none" in args and not any("--load-model" in a for a in args)
+    # Each pod keeps its own weights cache.
+    claims = {c["metadata"]["name"]: c for c in spec["volumeClaimTemplates"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts[next(iter(claims))] == "/root/.cache/huggingface" and len(claims) == 1
+    assert not _k8s("PersistentVolumeClaim"), "per-pod volumes come from volumeClaimTemplates"
+
+
+def test_k8s_model_repository_is_the_configmap_of_triton_models_medium() -> None:
+    """Every replica reads triton_models/medium/ from one ConfigMap, mounted as the model
+    directory of a repository that holds nothing else."""
+    sts = _triton_statefulset()
+    container = _containers(sts)[0]
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    repo = _option(container["args"], "--model-repository")
+    assert repo == "/models"
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"].startswith(repo)]
+    assert mount["mountPath"] == f"{repo}/medium" and mount["readOnly"] is True and "subPath" not in mount
+    source = volumes[mount["name"]]["configMap"]
+    files = {item["path"]: item["key"] for item in source["items"]}
+    assert files == {"config.pbtxt": "config.pbtxt", "1/model.json": "model.json"}
+    data = _k8s("ConfigMap")[source["name"]]["data"]
+    assert set(data) == set(files.values())
+    for path, key in files.items():
+        assert data[key] == (MEDIUM_DIR / path).read_text(), (
+            f"ops/k8s/triton.yaml: ConfigMap {source['name']} key {key} differs from triton_models/medium/{path}")
+    # A changed configuration changes the pod template, so applying it restarts the pods.
+    digest = hashlib.sha256(
+        ((MEDIUM_DIR / "config.pbtxt").read_text() + (MEDIUM_DIR / "1" / "model.json").read_text()).encode()
+    ).hexdigest()
+    annotation = sts["spec"]["template"]["metadata"]["annotations"]["fleet/model-config-sha256"]
+    assert annotation == digest, f"ops/k8s/triton.yaml: set fleet/model-config-sha256 to {digest}"
+
+
+def test_k8s_pool_lists_every_triton_pod() -> None:
+    """FLEET_TRITON_REPLICAS names each pod of the StatefulSet by its stable DNS name."""
+    sts = _triton_statefulset()
+    spec = sts["spec"]
+    ports = {p["name"]: p["containerPort"] for p in _containers(sts)[0]["ports"]}
+    namespace = sts["metadata"]["namespace"]
+    config = _k8s("ConfigMap")["fleet-config"]["data"]
+    replicas = _replicas(config["FLEET_TRITON_REPLICAS"])
+    assert len(replicas) == spec["replicas"], "scaling the StatefulSet means listing its pods in FLEET_TRITON_REPLICAS"
+    for i, replica in enumerate(replicas):
+        host = f"{sts['metadata']['name']}-{i}.{spec['serviceName']}.{namespace}.svc.cluster.local"
+        assert replica.name == f"{sts['metadata']['name']}-{i}"
+        assert replica.grpc_url == f"{host}:{ports['grpc']}"
+        assert replica.metrics_url == f"http://{host}:{ports['metrics']}/metrics"
+        assert replica.max_sequences is None  # read from each replica's model config
+    assert not {"FLEET_TRITON_GRPC_URL", "FLEET_TRITON_HTTP_URL", "FLEET_TRITON_METRICS_URL"} & set(config)
+    # The workers' Settings accept what they are given.
+    values = {k[len("FLEET_"):].lower(): v for k, v in config.items() if k.startswith("FLEET_")}
+    assert Settings(_env_file=None, **values).triton_model == "medium"
+
+
+def test_triton_podmonitor_scrapes_every_replica_as_job_triton() -> None:
+    sts = _triton_statefulset()
+    monitors = [m for m in _k8s("PodMonitor").values() if _selects(m["spec"]["selector"], _pod_labels(sts))]
+    assert len(monitors) == 1
+    monitor = monitors[0]["spec"]
+    # The alert rules and the dashboard read job="triton".
+    assert _pod_labels(sts)[monitor["jobLabel"]] == "triton"
+    ports = {p["name"] for p in _containers(sts)[0]["ports"]}
+    assert [e["port"] for e in monitor["podMetricsEndpoints"]] == ["metrics"] and "metrics" in ports
 
 
 def test_k8s_worker_queues_match_routing() -> None:
@@ -645,6 +731,31 @@ def test_scaled_objects_target_deployments_and_their_queues() -> None:
     assert scaled["inference-interactive"]["spec"]["minReplicaCount"] >= 1
 
 
+def _pool_need() -> tuple[int, int]:
+    """Sequences + pipeline of one replica, and the shared threads the k8s pool needs."""
+    per_replica = int(_model_config().parameters["max_num_seqs"].string_value) + Settings(_env_file=None).pipeline_max
+    return per_replica, _triton_statefulset()["spec"]["replicas"] * per_replica
+
+
+def test_shared_inference_threads_cover_the_pool_and_its_pipeline() -> None:
+    """Batch fills every slot of every replica plus the learned pipeline: the shared threads
+    at their maximum cover exactly that (more only wait in Redis); interactive-only threads
+    come on top."""
+    per_replica, need = _pool_need()
+    config = _k8s("ConfigMap")["fleet-config"]["data"]
+    scaled = _k8s("ScaledObject")
+    threads = int(config["FLEET_INFERENCE_CONCURRENCY"])
+    shared_max = scaled["inference-shared"]["spec"]["maxReplicaCount"]
+    assert shared_max * threads >= need > (shared_max - 1) * threads, (shared_max, threads, need)
+    interactive = scaled["inference-interactive"]["spec"]
+    assert interactive["maxReplicaCount"] * int(config["FLEET_INFERENCE_INTERACTIVE_CONCURRENCY"]) >= 1
+    # Compose: one shared worker with every thread.
+    shared = _command(_services()["inference-shared"])
+    assert int(_with_defaults(_option(shared, "-c") or "")) == len(_triton_services()) * per_replica
+    assert _with_defaults(_env_mapping(_services()["inference-shared"])["FLEET_INFERENCE_CONCURRENCY"]) == str(
+        len(_triton_services()) * per_replica)
+
+
 def _pod_labels(workload: dict[str, Any]) -> dict[str, str]:
     return workload["spec"]["template"]["metadata"]["labels"]
 
@@ -660,8 +771,9 @@ def test_network_policies_let_only_fleet_pods_reach_triton_redis_and_flower() ->
     deny = policies["default-deny-ingress"]["spec"]
     assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and not deny.get("ingress")
 
-    def allowed_from(target: str) -> tuple[set[str], set[str], bool]:
-        """Fleet pods and namespaces that may reach ``target``, and whether anyone may."""
+    def allowed_from(target: str, port: str | int | None = None) -> tuple[set[str], set[str], bool]:
+        """Fleet pods and namespaces that may reach ``target`` (on ``port``, or on any), and
+        whether anyone may."""
         pod_names: set[str] = set()
         namespaces: set[str] = set()
         anyone = False
@@ -673,6 +785,8 @@ def test_network_policies_let_only_fleet_pods_reach_triton_redis_and_flower() ->
                 ports = {p["port"] for p in rule.get("ports") or []}
                 container_ports = {p.get("name") for c in _containers(workloads[target]) for p in c.get("ports", [])}
                 assert {p for p in ports if isinstance(p, str)} <= container_ports, (policy["metadata"]["name"], ports)
+                if port is not None and ports and port not in ports:
+                    continue
                 if not rule.get("from"):
                     anyone = True
                 for peer in rule.get("from") or []:
@@ -683,8 +797,13 @@ def test_network_policies_let_only_fleet_pods_reach_triton_redis_and_flower() ->
         return pod_names, namespaces, anyone
 
     triton_from, triton_ns, triton_open = allowed_from("triton")
-    assert triton_from == {"inference-interactive", "inference-shared", "gateway"} and not triton_open
+    assert triton_from == INFERENCE_SERVICES | {"gateway"} and not triton_open
     assert triton_ns == {"monitoring"}
+    # Inference workers call the model (gRPC) and their pool monitor reads each engine's state
+    # (metrics); the gateway asks each replica whether it is ready.
+    assert allowed_from("triton", "grpc")[0] == INFERENCE_SERVICES | {"gateway"}
+    assert allowed_from("triton", "metrics")[:2] == (INFERENCE_SERVICES, {"monitoring"})
+    assert allowed_from("triton", "http")[:2] == ({"gateway"}, set())
     redis_from, redis_ns, redis_open = allowed_from("redis")
     assert redis_from == set(pods) and redis_ns == {"keda"} and not redis_open  # every fleet pod, and KEDA
     flower_from, _, flower_open = allowed_from("flower")
