@@ -486,6 +486,78 @@ def test_prometheus_config_passes_promtool(tmp_path: Path, promtool: str) -> Non
 
 # --- alert rules ---------------------------------------------------------------------------
 
+# Triton's own per-model metrics the rules and the dashboard may read (its metrics port), and
+# the scrape's "up".
+TRITON_METRICS = {
+    "up", "nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
+    "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+    "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
+    "nv_inference_compute_output_duration_us", "nv_inference_pending_request_count",
+}
+
+
+def _fleet_metric_names() -> set[str]:
+    """Every series name the fleet's /metrics serves: the hooks' metrics and the fleet-wide
+    gauges (collected once over a stand-in Redis)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from fleet import metrics
+    from fleet.gauges import FleetCollector
+    from fleet.replicas import ReplicaState
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    names = set()
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase):
+            for family in obj.describe():
+                names |= {family.name + s for s in suffixes[family.type]}
+
+    class _Redis:
+        def llen(self, key: str) -> int:
+            return 0
+
+        def lindex(self, key: str, index: int) -> None:
+            return None
+
+    class _Board:
+        def states(self) -> list[ReplicaState]:
+            return [ReplicaState(name="triton-0", grpc_url="triton-0:8001", up=True, capacity=64)]
+
+    collector = FleetCollector(Settings(_env_file=None))
+    collector.redis, collector.board = _Redis(), _Board()  # type: ignore[assignment]
+    for family in collector.collect():
+        names |= {sample.name for sample in family.samples}
+    return names
+
+
+KNOWN_METRICS = _fleet_metric_names() | TRITON_METRICS
+
+_PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset"}
+
+
+def _metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (not functions, keywords or label names)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range selectors
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    names = set()
+    for match in re.finditer(r"(?<![\w:$.])([A-Za-z_:][\w:]*)\s*(\()?", text):
+        if match.group(2) is None and match.group(1) not in _PROMQL_KEYWORDS:
+            names.add(match.group(1))
+    return names
+
+
+def test_metric_names_are_read_from_promql() -> None:
+    assert _metric_names(
+        'histogram_quantile(0.99, sum by (le, priority) (rate(fleet_run_latency_seconds_bucket{priority=~"$p"}'
+        '[$__rate_interval]))) > 1e-9 or absent(up{job="triton"} == 1) and max by (replica) '
+        "(fleet_replica_up * fleet_replica_capacity_sequences) <= bool 0.5") == {
+        "fleet_run_latency_seconds_bucket", "up", "fleet_replica_up", "fleet_replica_capacity_sequences"}
+    assert {"fleet_replica_preemptions_total", "fleet_replica_up", "fleet_queue_depth",
+            "fleet_run_latency_seconds_bucket", "fleet_tokens_out_total"} <= KNOWN_METRICS
+
+
 def test_alert_rules_are_complete() -> None:
     groups = yaml.safe_load(ALERTS.read_text())["groups"]
     alerts = {}
@@ -504,8 +576,12 @@ def test_alert_rules_are_complete() -> None:
             assert runbook.startswith("ops/runbooks/") and (ROOT / runbook).is_file(), name
     exprs = " ".join(r["expr"] for r in alerts.values())
     for needle in ('fleet_run_latency_seconds_bucket{priority="interactive"}', "fleet_dead_letters_total",
-                   "fleet_queue_oldest_age_seconds", 'up{job="triton"}', "nv_inference_"):
+                   "fleet_queue_oldest_age_seconds", 'up{job="triton"}', "nv_inference_",
+                   "max by (replica) (fleet_replica_up)", "fleet_replica_capacity_sequences"):
         assert needle in exprs, needle
+    assert {"TritonNotReady", "FleetReplicaDown", "FleetPoolCapacityLost"} <= set(alerts)
+    for name, rule in alerts.items():
+        assert _metric_names(rule["expr"]) <= KNOWN_METRICS, f"{name}: unknown metrics {_metric_names(rule['expr']) - KNOWN_METRICS}"
 
 
 def test_alert_runbook_anchors_exist() -> None:
@@ -520,6 +596,58 @@ def test_alert_runbook_anchors_exist() -> None:
 
 def test_alert_rules_pass_promtool(promtool: str) -> None:
     result = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _pool_series(up: dict[str, int], capacity: int = 64) -> list[dict[str, str]]:
+    """Input series of a pool whose replicas are up (1) or down (0), as two fleet processes
+    export them, and one Triton scrape target per replica."""
+    series = []
+    for name, state in up.items():
+        for process in ("fleet-gateway", "fleet-inference-shared"):
+            labels = f'replica="{name}", job="{process}", instance="{process}:9808"'
+            series.append({"series": f"fleet_replica_up{{{labels}}}", "values": f"{state}x15"})
+            series.append({"series": f"fleet_replica_capacity_sequences{{{labels}}}", "values": f"{capacity}x15"})
+        target = f'job="triton", instance="{name}:8002"'
+        series.append({"series": f"up{{{target}}}", "values": f"{state}x15"})
+        if state:
+            series.append({"series": f'nv_inference_request_success{{{target}, model="medium", version="1"}}',
+                           "values": "0+5x15"})
+    return series
+
+
+def test_inference_pool_alerts_fire_on_what_they_say(tmp_path: Path, promtool: str) -> None:
+    """The pool's alert expressions, evaluated by promtool over pools with replicas down."""
+    exprs = {r["alert"]: r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+
+    def case(up: dict[str, int], expect: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        return {"interval": "1m", "input_series": _pool_series(up),
+                "promql_expr_test": [{"expr": exprs[name], "eval_time": "10m", "exp_samples": samples}
+                                     for name, samples in expect.items()]}
+
+    down = {"labels": "{}", "value": 0}
+    tests = [
+        # One replica of two down: named, and half the pool's sequences gone; Triton still serves.
+        case({"triton-0": 1, "triton-1": 0}, {
+            "FleetReplicaDown": [{"labels": '{replica="triton-1"}', "value": 0}],
+            "FleetPoolCapacityLost": [{"labels": "{}", "value": 64}],
+            "TritonNotReady": []}),
+        # One of four down: a ticket, not a page.
+        case({"triton-0": 1, "triton-1": 1, "triton-2": 0, "triton-3": 1}, {
+            "FleetReplicaDown": [{"labels": '{replica="triton-2"}', "value": 0}],
+            "FleetPoolCapacityLost": [],
+            "TritonNotReady": []}),
+        # Every replica down: the outage page (the capacity alert leaves it to that one).
+        case({"triton-0": 0, "triton-1": 0}, {
+            "TritonNotReady": [down, {"labels": '{job="triton"}', "value": 1}],
+            "FleetPoolCapacityLost": []}),
+        # All up: nothing.
+        case({"triton-0": 1, "triton-1": 1}, {
+            "FleetReplicaDown": [], "FleetPoolCapacityLost": [], "TritonNotReady": []}),
+    ]
+    spec = tmp_path / "pool-tests.yml"
+    spec.write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "1m", "tests": tests}))
+    result = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -550,13 +678,24 @@ def test_dashboard_parses_and_every_panel_queries() -> None:
         for target in panel["targets"]:
             assert target["expr"].strip(), panel["title"]
             exprs.append(target["expr"])
-    joined = " ".join(exprs)
+    read = set().union(*(_metric_names(e) for e in exprs))
+    assert read <= KNOWN_METRICS, f"panels query unknown metrics: {sorted(read - KNOWN_METRICS)}"
     for metric in ("fleet_run_latency_seconds_bucket", "fleet_step_duration_seconds_bucket",
                    "fleet_model_ttft_seconds_bucket", "fleet_tokens_in_total", "fleet_tokens_out_total",
                    "fleet_step_retries_total", "fleet_dead_letters_total", "fleet_queue_depth",
                    "fleet_queue_oldest_age_seconds", "fleet_triton_inflight_requests",
-                   "nv_inference_request_success", "nv_inference_queue_duration_us"):
-        assert metric in joined, metric
+                   "nv_inference_request_success", "nv_inference_queue_duration_us",
+                   # the inference pool, per replica
+                   "fleet_replica_up", "fleet_replica_capacity_sequences", "fleet_replica_inflight_requests",
+                   "fleet_replica_pipeline_requests", "fleet_replica_engine_waiting_requests",
+                   "fleet_replica_preemptions_total"):
+        assert metric in read, metric
+    # Fleet-wide gauges come from every process: a panel takes max by their labels, never a sum
+    # over processes.
+    for expr in exprs:
+        for name in _metric_names(expr) & {"fleet_queue_depth", "fleet_queue_oldest_age_seconds",
+                                           "fleet_triton_inflight_requests"}:
+            assert re.search(rf"max by \([^)]*\) \({name}", expr), expr
 
 
 # --- Kubernetes ----------------------------------------------------------------------------
