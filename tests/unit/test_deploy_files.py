@@ -581,7 +581,8 @@ def test_alert_rules_are_complete() -> None:
         assert needle in exprs, needle
     assert {"TritonNotReady", "FleetReplicaDown", "FleetPoolCapacityLost"} <= set(alerts)
     for name, rule in alerts.items():
-        assert _metric_names(rule["expr"]) <= KNOWN_METRICS, f"{name}: unknown metrics {_metric_names(rule['expr']) - KNOWN_METRICS}"
+        unknown = _metric_names(rule["expr"]) - KNOWN_METRICS
+        assert not unknown, f"{name}: unknown metrics {sorted(unknown)}"
 
 
 def test_alert_runbook_anchors_exist() -> None:
