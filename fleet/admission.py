@@ -70,12 +70,13 @@ class LoadShedder:
     """Predicts when a new run would finish from the inference pool's capacity and what
     occupies it, and refuses what would miss its deadline.
 
-    An interactive run's llm steps wait behind the interactive ones already queued, in
-    flight or waiting for a slot; the pool serves ``parallel`` of them at once (the sequence
-    capacity of the replicas that are up, or fewer when fewer worker threads can take
-    interactive work), each in at most about the recent p99 interactive llm step time (the
-    slow tail, not the mean: a second wave that lands on the deadline misses it), so a new one
-    starts after ``ahead // parallel`` such waves. A run predicted to miss its deadline is
+    An interactive run's llm steps wait behind those of the interactive runs admitted before
+    it; the pool serves ``parallel`` of them at once (the sequence capacity of the replicas
+    that are up, or fewer when fewer worker threads take interactive work), each in at most
+    about the recent p99 interactive llm step time (the slow tail, not the mean: a second wave
+    that lands on the deadline misses it), so a new one starts after ``ahead // parallel``
+    such waves. Threads of shared workers busy with batch steps take interactive work as
+    soon as they free: a run that finds no thread free now also waits half a batch step. A run predicted to miss its deadline is
     refused at once (a fast "no" beats a slow timeout for a person waiting), with a
     Retry-After for when the pool will have drained enough for it. Batch submissions get
     backpressure only when their queue is past a much higher bound.
@@ -109,8 +110,9 @@ class LoadShedder:
         up = [st for st in replicas if st.up]
         pool = sum(st.capacity or 0 for st in up)
         inflight = sum(st.inflight[priority] for st in replicas)
-        # Worker threads that can take this class's steps now: those of workers that take only
-        # this class, and the threads of shared workers not held by batch steps.
+        # Worker threads that take this class's steps: those of workers that take only this
+        # class, and those of shared workers (interactive first), of which the ones held by
+        # batch steps are free only once their step ends.
         only = shared = 0
         for w in self._live_workers().values():
             if queue in w["queues"]:
@@ -118,18 +120,22 @@ class LoadShedder:
                     shared += w["concurrency"]
                 else:
                     only += w["concurrency"]
-        busy = sum(st.inflight["batch"] for st in replicas) + batch_waiting
-        threads = only + max(0, shared - busy)
-        parallel = min(pool, threads) if pool else threads
+        busy = min(shared, sum(st.inflight["batch"] for st in replicas) + batch_waiting)
+        threads, ready = only + shared, only + shared - busy
+        parallel = max(1, min(pool, threads) if pool else threads)
         times = sorted(self.capacity.step_times("llm", priority))
         step_s = times[min(len(times) - 1, int(0.99 * len(times)))] if times else None
+        batch_times = sorted(self.capacity.step_times("llm", "batch")) if busy else []
+        handoff_s = batch_times[len(batch_times) // 2] / 2 if batch_times else 0.0
         ahead = self.admitted.ahead(time.time()) if priority == "interactive" else depth + inflight + waiting
-        wait = (ahead // parallel) * step_s if parallel and step_s is not None else None
+        wait = None
+        if step_s is not None:
+            wait = (ahead // parallel) * step_s + (handoff_s if ahead >= ready else 0.0)
         return {"queue": queue, "depth": depth, "in_flight": inflight, "waiting_for_slot": waiting,
                 "steps_ahead": ahead,
                 "pool_capacity": pool, "replicas_up": len(up), "replicas": len(replicas),
-                "replicas_probed": sum(st.known for st in replicas), "threads": threads,
-                "parallel": parallel, "step_p99_s": step_s, "predicted_wait_s": wait}
+                "replicas_probed": sum(st.known for st in replicas), "threads": threads, "threads_free": ready,
+                "parallel": parallel, "step_p99_s": step_s, "handoff_s": handoff_s, "predicted_wait_s": wait}
 
     def check(self, agent: AgentDef, priority: PriorityClass, deadline_s: float, run_id: str) -> None:
         """Admit ``run_id`` (an interactive one joins the ledger of admitted runs) or raise
@@ -152,11 +158,12 @@ class LoadShedder:
             raise Overloaded(f"no replica of the inference pool is up (0 of {st['replicas']}); "
                              f"retry in {retry:.0f}s", retry_after_s=retry)
         step_s, parallel = st["step_p99_s"], st["parallel"]
-        ok, ahead = self.admitted.admit(run_id, agent, time.time(), deadline_s, parallel, step_s)
+        ok, ahead = self.admitted.admit(run_id, agent, time.time(), deadline_s, parallel, step_s,
+                                        st["threads_free"], st["handoff_s"])
         if ok or not step_s:  # without a step time every run is admitted
             return
         run_s = step_s * llm_steps(agent)
-        wait = (ahead // parallel) * step_s
+        wait = (ahead // parallel) * step_s + (st["handoff_s"] if ahead >= st["threads_free"] else 0.0)
         # The pool drains a wave of `parallel` steps every step_s: retry once enough are gone.
         retry = max(1.0, math.ceil((wait + run_s - deadline_s) / step_s) * step_s)
         raise Overloaded(

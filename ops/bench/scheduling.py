@@ -174,6 +174,7 @@ class Bench:
         if settings.scheduling == "fleet":
             specs = [("inf-interactive", ("interactive",), self.threads["interactive_only"]),
                      ("inf-shared", ("interactive", "batch"), self.threads["shared"])]
+            specs = [spec for spec in specs if spec[2] > 0]
         else:  # the same threads in all, every worker takes both classes
             half = sum(self.threads.values()) // 2
             specs = [("inf-a", ("interactive", "batch"), half), ("inf-b", ("interactive", "batch"), half)]
