@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,6 +159,7 @@ class TritonClient:
         on_token: Callable[[str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
         bind: Callable[[Any], None] | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
     ) -> Generation:
         """Generate text for ``prompt``, streaming tokens to ``on_token``.
 
@@ -170,6 +171,8 @@ class TritonClient:
                 between tokens), or one response with the whole text.
             cancelled: polled between tokens; when it returns True the request is cancelled.
             bind: receives the gRPC call, which its holder may cancel from another thread.
+            metadata: gRPC metadata of the request; by default the caller's trace context
+                (``traceparent``), which makes Triton's own spans part of the run's trace.
 
         Raises:
             DeadlineExceeded: ``timeout_s`` passed before the generation finished.
@@ -191,8 +194,12 @@ class TritonClient:
             if flag in declared:
                 _bool_input(req, flag, True)
 
+        if metadata is None:
+            from fleet.tracing import grpc_metadata  # None while tracing is off
+
+            metadata = grpc_metadata()
         started = time.monotonic()
-        call = self._stub.ModelStreamInfer(iter([req]), timeout=timeout_s)
+        call = self._stub.ModelStreamInfer(iter([req]), timeout=timeout_s, metadata=metadata)
         if bind is not None:
             bind(call)
         pieces: list[str] = []
