@@ -123,6 +123,16 @@ def wanted(mode: str, environ: Mapping[str, str]) -> bool:
     return mode == "on" or any(environ.get(name, "").strip() for name in _ENDPOINT_VARS)
 
 
+def traces_url(environ: Mapping[str, str]) -> str:
+    """Where the ``OTEL_*`` variables send traces (OTLP over HTTP), for a process that does
+    not read them itself (Triton)."""
+    full = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if full:
+        return full
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4318"
+    return base.rstrip("/") + "/v1/traces"
+
+
 def configure(settings: "Settings", service: str, environ: Mapping[str, str] | None = None) -> bool:
     """Turn tracing on in this process when the settings and the environment ask for it.
 
