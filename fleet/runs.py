@@ -132,6 +132,7 @@ class StepRecord(BaseModel):
     cost: float = Field(0.0, description="Estimated cost of the step's model call (FLEET_PRICE_*).")
     tokens_in: int = 0
     tokens_out: int = 0
+    prompt_bytes: int = Field(0, description="Size of the model call's prompt (budgets estimate prompts by it).")
     preemptions: int = 0
     worker: str | None = None
     error: str | None = None

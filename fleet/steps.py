@@ -28,8 +28,9 @@ def llm(ctx: StepContext, step: LlmStep, view: dict[str, Any]) -> Any:
         def on_token(text: str) -> None:
             ctx.rt.store.emit(run.id, {"type": "token", "step": record.key, "text": text})
     prompt, sampling = render(step.prompt, view), step.sampling_parameters()
-    if allowance is not None:
-        sampling["max_tokens"] = allowance.max_tokens(prompt, step.max_tokens)
+    clip = allowance.clip(prompt, step.max_tokens) if allowance is not None else None
+    if clip is not None:
+        sampling["max_tokens"] = clip.max_tokens
     model = step.model or ctx.rt.settings.triton_model
     with tracing.model_call(model, sampling["max_tokens"]) as span:
         gen = ctx.rt.pool.generate(
@@ -39,9 +40,9 @@ def llm(ctx: StepContext, step: LlmStep, view: dict[str, Any]) -> Any:
         )
         tracing.model_result(span, gen)
     record.tokens_in, record.tokens_out, record.ttft_s = gen.tokens_in, gen.tokens_out, gen.ttft_s
-    record.model_s = gen.duration_s
-    if allowance is not None:
-        allowance.check_cut(gen.tokens_out, sampling["max_tokens"], step.max_tokens)
+    record.model_s, record.prompt_bytes = gen.duration_s, len(prompt.encode())
+    if clip is not None:
+        clip.check(gen.tokens_out)
     text = gen.text.strip()
     return parse_tool_call(text) if step.parse == "tool_call" else text
 

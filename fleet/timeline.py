@@ -112,7 +112,8 @@ def _bar(step: StepTiming, span_s: float, width: int) -> str:
 
     started, finished = step.started_at_s, step.finished_at_s
     paint(step.due_at_s, started, QUEUE)
-    paint(started, finished, TOOL if step.kind == "tool" else OTHER)
+    if step.status != "skipped":  # a skipped step waited for a worker, then did nothing
+        paint(started, finished, TOOL if step.kind == "tool" else OTHER)
     if step.model_s is not None and finished is not None:
         model_start = max(started or 0.0, finished - step.model_s)
         first_token = model_start + step.ttft_s if step.ttft_s is not None else model_start
