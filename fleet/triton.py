@@ -227,7 +227,9 @@ class TritonClient:
                 finish = _first(result, "finish_reason") or finish
                 final = response.infer_response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
-                    break
+                    # Read on to the end of the stream (Triton closes it right after): a stream
+                    # cancelled at this point leaves Triton's request span unended.
+                    continue
                 if cancelled is not None and cancelled():
                     call.cancel()
                     raise RunCancelled("run cancelled during generation")
