@@ -89,7 +89,8 @@ class Allowance:
 
     def estimate(self, prompt: str) -> int:
         """The tokens ``prompt`` will likely count, before the model counts them."""
-        return math.ceil(len(prompt.encode()) / self.bytes_per_token * _MARGIN)
+        # Rounded up, once float noise is rounded away (100 * 1.1 is 110.00000000000001).
+        return math.ceil(round(len(prompt.encode()) / self.bytes_per_token * _MARGIN, 6))
 
     def clip(self, prompt: str, wanted: int) -> Clip:
         """The call's ``max_tokens``: ``wanted``, clipped to what the budget leaves after the
