@@ -3,14 +3,17 @@
 ::
 
     submit <agent>                        client or gateway: the run's root (PRODUCER)
-    ├── <agent>.<step>                    one per delivery, retries included (CONSUMER),
-    │   │                                 from the moment its message was due
-    │   ├── queue wait                    due -> picked up by a worker
-    │   └── execute                       the step body
-    │       ├── text_completion <model>   a model call (CLIENT)
-    │       │   └── InferRequest          Triton's own spans (its OpenTelemetry trace mode)
-    │       └── execute_tool <tool>       a tool call
-    └── <agent>.<next step> ...           linked to the step that sent it
+    ├── queue wait                        a step's message, due -> picked up by a worker
+    ├── <agent>.<step>                    its execution, one per delivery, retries included
+    │   │                                 (CONSUMER), linked to the step that sent it
+    │   ├── text_completion <model>       a model call (CLIENT)
+    │   │   └── InferRequest              Triton's own spans (its OpenTelemetry trace mode)
+    │   └── execute_tool <tool>           a tool call
+    ├── queue wait
+    └── <agent>.<next step> ...
+
+Three spans a step, each with few attributes: span creation and export are most of what
+tracing costs a step (``ops/bench/tracing.py`` measures it).
 
 The context travels in each step message's headers (W3C ``traceparent``, written by
 :func:`inject_message` at every publish): a publish inside a step carries the run's root,
@@ -219,14 +222,6 @@ def span(name: str, *, kind: SpanKind = "internal", attributes: Mapping[str, Any
                                             start_time=_ns(start_s))
 
 
-def record_span(name: str, start_s: float, end_s: float, attributes: Mapping[str, Any] | None = None) -> None:
-    """A finished child of the current span, with times measured beforehand (a wait)."""
-    if _on is None:
-        return
-    child = _on.tracer.start_span(name, attributes=attributes, start_time=_ns(start_s))
-    child.end(end_time=_ns(max(start_s, end_s)))
-
-
 def current_span() -> Any:
     """The span of the block being run (the no-op span when off or outside any)."""
     if _on is None:
@@ -296,9 +291,14 @@ def _delivery(name: str, header: Callable[[str], Any], sent_at: float | None,
         sent_by = _on.trace.get_current_span(sender).get_span_context()
         if sent_by.is_valid:
             links.append(_on.link(sent_by))
-    start = min(sent_at, time.time()) if sent_at else None
+    now = time.time()
+    if sent_at is not None:
+        # Beside the step under the run's root, not inside it: the waterfall reads queue wait,
+        # execution, queue wait, execution ...
+        wait = _on.tracer.start_span("queue wait", context=parent, start_time=_ns(min(sent_at, now)))
+        wait.end(end_time=_ns(now))
     with _on.tracer.start_as_current_span(name, context=parent, kind=_on.kinds["consumer"], attributes=attributes,
-                                          links=links, start_time=_ns(start)) as step_span:
+                                          links=links) as step_span:
         has_root = parent is not None and _on.trace.get_current_span(parent).get_span_context().is_valid
         # Without a root (a client that does not trace) the first step becomes the run's root.
         token = _run_root.set(parent if has_root else _on.trace.set_span_in_context(step_span))
@@ -311,7 +311,8 @@ def _delivery(name: str, header: Callable[[str], Any], sent_at: float | None,
 def delivery(name: str, header: Callable[[str], Any], sent_at: float | None = None,
              attributes: Mapping[str, Any] | None = None) -> AbstractContextManager[Any]:
     """The span of one delivery of a step message, child of the run's root read from the
-    message's headers (``header(name)`` reads one), starting when the message was due."""
+    message's headers (``header(name)`` reads one), after a "queue wait" span from when the
+    message was due (``sent_at``) to now."""
     if _on is None:
         return _NOOP_SCOPE
     return _delivery(name, header, sent_at, attributes or {})
@@ -351,24 +352,22 @@ def model_call(model: str, max_tokens: int | None) -> AbstractContextManager[Any
     """The span of a model call (OpenTelemetry's gen_ai conventions)."""
     if _on is None:
         return _NOOP_SCOPE
-    return span(f"text_completion {model}", kind="client", attributes={
-        "gen_ai.operation.name": "text_completion", "gen_ai.system": "triton",
-        "gen_ai.request.model": model, "gen_ai.request.max_tokens": max_tokens or 0})
+    return span(f"text_completion {model}", kind="client",
+                attributes={"gen_ai.request.model": model, "gen_ai.request.max_tokens": max_tokens or 0})
 
 
 def model_result(span_: Any, gen: "Generation") -> None:
-    """What a model call used, on its span."""
+    """What a model call used, on its span (its duration is the span's)."""
     if _on is None or not span_.is_recording():
         return
     span_.set_attributes({
         "gen_ai.usage.input_tokens": gen.tokens_in, "gen_ai.usage.output_tokens": gen.tokens_out,
         "gen_ai.response.finish_reasons": [gen.finish_reason or ""],
-        "fleet.ttft_s": gen.ttft_s if gen.ttft_s is not None else -1.0, "fleet.model_s": gen.duration_s})
+        "fleet.ttft_s": gen.ttft_s if gen.ttft_s is not None else -1.0})
 
 
 def tool_call(name: str) -> AbstractContextManager[Any]:
     """The span of a tool call."""
     if _on is None:
         return _NOOP_SCOPE
-    return span(f"execute_tool {name}", attributes={"gen_ai.operation.name": "execute_tool",
-                                                    "gen_ai.tool.name": name})
+    return span(f"execute_tool {name}", attributes={"gen_ai.tool.name": name})

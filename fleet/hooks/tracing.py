@@ -1,11 +1,8 @@
-"""Step spans: the span of a step's delivery (opened by the step task, see
-:mod:`fleet.tracing`) gets the run's fields and the step's outcome, with its queue wait and
-its body as child spans. In the hooks only while the worker traces."""
+"""Step spans: the span of a step's delivery (opened by the step task beside its queue wait,
+see :mod:`fleet.tracing`) gets the run's fields and the step's outcome. In the hooks only
+while the worker traces."""
 
 from __future__ import annotations
-
-from contextlib import AbstractContextManager
-from typing import Any
 
 from fleet import tracing
 from fleet.deadletter import DeadLetter
@@ -14,27 +11,10 @@ from fleet.runs import RunRecord
 
 
 class StepSpans(Hook):
-    def check(self, ctx: StepContext) -> None:
-        tracing.current_span().set_attributes({"fleet.agent": ctx.run.agent, "fleet.priority": ctx.run.priority})
-
     def on_start(self, ctx: StepContext) -> None:
-        record, sent_at = ctx.record, ctx.delivery.sent_at
-        if record is None:
-            return
-        tracing.current_span().set_attribute("fleet.attempt", record.attempts)
-        if sent_at is not None and record.started_at is not None:
-            tracing.record_span("queue wait", sent_at, record.started_at,
-                                {"fleet.queue_wait_s": record.queue_wait_s or 0.0})
-
-    def around_body(self, ctx: StepContext) -> AbstractContextManager[Any]:
-        return tracing.span("execute", attributes={"fleet.step_kind": ctx.step.kind if ctx.step else ""})
-
-    def after_commit(self, ctx: StepContext) -> None:
-        record = ctx.record
-        if record is not None:
-            tracing.current_span().set_attributes({
-                "fleet.step_status": record.status, "fleet.tokens_in": record.tokens_in,
-                "fleet.tokens_out": record.tokens_out, "fleet.cost": record.cost})
+        attempts = ctx.record.attempts if ctx.record is not None else 0
+        tracing.current_span().set_attributes({"fleet.agent": ctx.run.agent, "fleet.priority": ctx.run.priority,
+                                               "fleet.attempt": attempts})
 
     def on_retry(self, ctx: StepContext, exc: BaseException, countdown_s: float) -> None:
         span = tracing.current_span()
@@ -47,5 +27,6 @@ class StepSpans(Hook):
         tracing.failed(span, exc, "dead-lettered")
 
     def on_run_end(self, ctx: StepContext, run: RunRecord) -> None:
-        tracing.current_span().set_attributes({"fleet.run_status": run.status, "fleet.run_cost": run.cost,
+        tracing.current_span().set_attributes({"fleet.agent": run.agent, "fleet.run_status": run.status,
+                                               "fleet.run_cost": run.cost,
                                                "fleet.run_tokens": run.tokens_in + run.tokens_out})
