@@ -471,7 +471,10 @@ def test_dashboard_parses_and_every_panel_queries() -> None:
                    "fleet_model_ttft_seconds_bucket", "fleet_tokens_in_total", "fleet_tokens_out_total",
                    "fleet_step_retries_total", "fleet_dead_letters_total", "fleet_queue_depth",
                    "fleet_queue_oldest_age_seconds", "fleet_triton_inflight_requests",
-                   "nv_inference_request_success", "nv_inference_queue_duration_us"):
+                   "nv_inference_request_success", "nv_inference_queue_duration_us",
+                   # where time goes per agent, and what it costs
+                   "fleet_usage_queue_seconds_total", "fleet_usage_model_seconds_total",
+                   "fleet_usage_tool_seconds_total", "fleet_usage_cost_total"):
         assert metric in joined, metric
 
 
