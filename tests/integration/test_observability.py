@@ -53,10 +53,8 @@ def ofleet(redis_url, triton, tmp_path_factory, sentry) -> Iterator[ObservedFlee
     client = FleetClient(settings)
     f = ObservedFleet(settings, env, procs, client)
     try:
-        for name, kind, pool, concurrency in (("inference", "llm", "threads", 4), ("tools", "tool", "prefork", 2)):
-            port = launch.free_port()
-            f.start_worker(name, kind, pool, concurrency, FLEET_METRICS_PORT=str(port))
-            f.metrics_urls.append(f"http://127.0.0.1:{port}/metrics")
+        f.metrics_urls = [f.start_metered_worker("inference", "llm", "threads", 4),
+                          f.start_metered_worker("tools", "tool", "prefork", 2)]
         yield f
     finally:
         procs.stop()

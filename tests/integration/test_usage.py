@@ -42,10 +42,8 @@ def pfleet(redis_url, triton, session_dir) -> Iterator[PricedFleet]:
     base = new_fleet(redis_url, triton, session_dir, "u", **PRICES)
     f = PricedFleet(base.settings, base.env, base.procs, base.client)
     try:
-        for name, kind, pool, concurrency in (("inference", "llm", "threads", 8), ("tools", "tool", "prefork", 2)):
-            port = launch.free_port()
-            f.start_worker(name, kind, pool, concurrency, FLEET_METRICS_PORT=str(port))
-            f.metrics_urls.append(f"http://127.0.0.1:{port}/metrics")
+        f.metrics_urls = [f.start_metered_worker("inference", "llm", "threads", 8),
+                          f.start_metered_worker("tools", "tool", "prefork", 2)]
         yield f
     finally:
         close_fleet(f)

@@ -10,7 +10,9 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from .http_server import local_server
 
 
 @dataclass
@@ -72,7 +74,6 @@ def _decode(body: bytes, encoding: str | None) -> bytes:
 @contextmanager
 def sentry_server() -> Iterator[SentryRecorder]:
     """A Sentry endpoint on a free loopback port; its DSN is ``recorder.dsn``."""
-    recorder: SentryRecorder
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802
@@ -89,12 +90,7 @@ def sentry_server() -> Iterator[SentryRecorder]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    recorder = SentryRecorder(f"http://public@127.0.0.1:{server.server_address[1]}/1")
-    thread = threading.Thread(target=server.serve_forever, name="sentry", daemon=True)
-    thread.start()
-    try:
+    recorder = SentryRecorder("")
+    with local_server(Handler, "sentry") as port:
+        recorder.dsn = f"http://public@127.0.0.1:{port}/1"
         yield recorder
-    finally:
-        server.shutdown()
-        server.server_close()
