@@ -177,7 +177,8 @@ def _start(service: str, env: Mapping[str, str]) -> _On:
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter()  # endpoint, headers, timeout: OTEL_EXPORTER_OTLP_*
+            # The endpoint the decision was made on; headers, timeout, compression: OTEL_EXPORTER_OTLP_*.
+            exporter = OTLPSpanExporter(endpoint=traces_url(env))
         # Spans leave in a background thread, in batches: the step path only queues them.
         provider.add_span_processor(BatchSpanProcessor(exporter))
         current = provider

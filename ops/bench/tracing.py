@@ -1,17 +1,18 @@
 """Benchmark: what tracing costs a step, tracing off and on side by side in one run.
 
-Starts its own Redis, two Tritons serving a zero-latency dev model (one with Triton's
-OpenTelemetry trace mode on, for the traced fleet), a local OTLP receiver that takes the
-spans and drops them, and two fleet namespaces with real worker processes: one traced
-(``OTEL_EXPORTER_OTLP_ENDPOINT`` set for its workers and this client), one not. Every run
-is the same 10-step agent (5 one-token model calls, 5 tool calls). Rounds alternate the
-two, so that drift on a shared machine falls on both. Prints a Markdown report:
+Starts its own Redis, two Tritons serving a zero-latency dev model (one in Triton's
+OpenTelemetry trace mode, for the traced fleet), a local OTLP receiver that takes the spans
+and drops them, and two fleet namespaces with real worker processes: one whose workers
+trace (``OTEL_EXPORTER_OTLP_ENDPOINT`` set), one whose workers do not. Every run is the same
+10-step agent (5 one-token model calls, 5 tool calls). Prints a Markdown report:
 
-- per step, one run at a time: run latency / steps (median and p90 over runs);
+- per step, one run at a time: run latency / steps, an untraced and a traced run in turn,
+  so that each pair meets the machine in the same state (a shared 2-core machine drifts
+  more than tracing costs); the median of the pairs' differences;
 - per step, many runs at once: wall time / steps;
 - worker CPU per step: CPU seconds of the worker processes (and their pool children) / steps;
 - in process: the tracing calls one step makes (fleet.tracing, as the task, the hooks,
-  the model call and the next publish make them), off and on, per step.
+  the model call and the next publish make them), off and on, sending the spans included.
 
     python ops/bench/tracing.py --out ops/bench/results/tracing.md
     python ops/bench/tracing.py --quick
@@ -89,14 +90,15 @@ class Sink:
 
 @dataclass
 class Mode:
-    """One side of the comparison: a namespace, its workers, and the environment it traces by."""
+    """One side of the comparison: a namespace, its workers, and what was measured."""
 
     name: str
     settings: Settings
     env: dict[str, str]
-    otel: dict[str, str]
     pids: list[int] = field(default_factory=list)
-    rounds: list[dict] = field(default_factory=list)
+    one: list[float] = field(default_factory=list)  # ms per step of each run, one run at a time
+    many: list[float] = field(default_factory=list)  # ms of wall time per step, many runs at once (per round)
+    cpu: list[float] = field(default_factory=list)  # worker CPU ms per step (per round)
 
 
 def _settings(env: dict[str, str]) -> Settings:
@@ -114,35 +116,19 @@ def _mode(name: str, redis_url: str, triton: launch.TritonEndpoints, agents_dir:
     env = {"FLEET_REDIS_URL": redis_url, "FLEET_KEY_PREFIX": prefix, "FLEET_QUEUE_PREFIX": f"{prefix}.",
            "FLEET_TRITON_GRPC_URL": triton.grpc_url, "FLEET_TRITON_HTTP_URL": triton.http_url,
            "FLEET_AGENTS_DIR": str(agents_dir), "FLEET_LOG_LEVEL": "WARNING"}
-    return Mode(name, _settings(env), {**env, **otel}, otel)
+    return Mode(name, _settings(env), {**env, **otel})
 
 
-def _client(mode: Mode) -> FleetClient:
-    """A client of the mode, tracing in this process as the mode's workers do."""
-    tracing.shutdown()
-    old = {k: os.environ.get(k) for k in mode.otel}
-    os.environ.update(mode.otel)
-    try:
-        return FleetClient(mode.settings)
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
-def _start_workers(procs: launch.Processes, mode: Mode, threads: int) -> None:
-    client = _client(mode)
-    try:
-        nodes = []
-        for kind, pool, concurrency in (("llm", "threads", threads), ("tool", "prefork", 2)):
-            node = f"{mode.name}-{kind}-{uuid.uuid4().hex[:4]}@bench"
-            launch.start_worker(procs, f"{mode.name}-{kind}", worker_queues(mode.settings, kind), pool, concurrency,
-                                mode.env, node=node, loglevel="WARNING")
-            nodes.append(node)
-        for node in nodes:
-            launch.wait_until(lambda n=node: launch.worker_answers(client.app, n), 60, node, None, 0.3)
-        mode.pids = [procs.children[f"{mode.name}-{kind}"].pid for kind in ("llm", "tool")]
-    finally:
-        client.close()
+def _start_workers(procs: launch.Processes, mode: Mode, client: FleetClient, threads: int) -> None:
+    nodes = []
+    for kind, pool, concurrency in (("llm", "threads", threads), ("tool", "prefork", 2)):
+        node = f"{mode.name}-{kind}-{uuid.uuid4().hex[:4]}@bench"
+        launch.start_worker(procs, f"{mode.name}-{kind}", worker_queues(mode.settings, kind), pool, concurrency,
+                            mode.env, node=node, loglevel="WARNING")
+        nodes.append(node)
+    for node in nodes:
+        launch.wait_until(lambda n=node: launch.worker_answers(client.app, n), 60, node, None, 0.3)
+    mode.pids = [procs.children[f"{mode.name}-{kind}"].pid for kind in ("llm", "tool")]
 
 
 def _cpu_s(pids: list[int]) -> float:
@@ -158,29 +144,30 @@ def _cpu_s(pids: list[int]) -> float:
     return total
 
 
-def _measure(mode: Mode, sequential: int, concurrent: int) -> dict:
-    client = _client(mode)
-    try:
-        for _ in range(2):  # warm: connections, model metadata
-            client.wait(client.submit("bench_trace", {"text": "warm"}), timeout=60)
-        cpu0 = _cpu_s(mode.pids)
-        per_step = []
-        for i in range(sequential):
-            run = client.wait(client.submit("bench_trace", {"text": f"one {i}"}), timeout=60)
-            assert run.status == "succeeded", run.error
-            per_step.append(run.latency_s / STEPS * 1000)
-        t0 = time.perf_counter()
-        ids = [client.submit("bench_trace", {"text": f"many {i}"}, priority="batch") for i in range(concurrent)]
-        runs = [client.wait(r, timeout=120) for r in ids]
-        wall = time.perf_counter() - t0
-        assert all(r.status == "succeeded" for r in runs)
-        cpu = _cpu_s(mode.pids) - cpu0
-        tracing.flush()
-    finally:
-        client.close()
-    steps = (sequential + concurrent) * STEPS
-    return {"median_ms": statistics.median(per_step), "p90_ms": sorted(per_step)[int(0.9 * (len(per_step) - 1))],
-            "concurrent_ms": wall / (concurrent * STEPS) * 1000, "cpu_ms": cpu / steps * 1000}
+def _one(client: FleetClient, text: str) -> float:
+    run = client.wait(client.submit("bench_trace", {"text": text}), timeout=60)
+    assert run.status == "succeeded", run.error
+    return run.latency_s / STEPS * 1000
+
+
+def _many(client: FleetClient, n: int, tag: str) -> float:
+    t0 = time.perf_counter()
+    ids = [client.submit("bench_trace", {"text": f"{tag} {i}"}, priority="batch") for i in range(n)]
+    assert all(client.wait(r, timeout=120).status == "succeeded" for r in ids)
+    return (time.perf_counter() - t0) / (n * STEPS) * 1000
+
+
+def _round(modes: list[Mode], clients: dict[str, FleetClient], r: int, sequential: int, concurrent: int) -> None:
+    """One round: runs one at a time, off and on in turn (so each pair shares the machine's
+    moment), then a batch of runs at once per mode; the worker CPU each mode used."""
+    cpu0 = {m.name: _cpu_s(m.pids) for m in modes}
+    for i in range(sequential):
+        for mode in (modes if (r + i) % 2 == 0 else modes[::-1]):
+            mode.one.append(_one(clients[mode.name], f"one {r} {i}"))
+    for mode in (modes if r % 2 == 0 else modes[::-1]):
+        mode.many.append(_many(clients[mode.name], concurrent, f"many {r}"))
+    for mode in modes:
+        mode.cpu.append((_cpu_s(mode.pids) - cpu0[mode.name]) / ((sequential + concurrent) * STEPS) * 1000)
 
 
 def _step_calls(n: int) -> float:
@@ -250,12 +237,21 @@ def main() -> int:
         (agents_dir / "bench_trace.toml").write_text(AGENT)
         modes = [_mode("off", redis_url, plain, agents_dir, {}),
                  _mode("on", redis_url, traced, agents_dir, {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint})]
-        for mode in modes:
-            _start_workers(procs, mode, args.threads)
-        for r in range(args.rounds):
+        # This process submits untraced for both: its one span a run is not a step's cost, and
+        # one process cannot trace for one mode and not the other run by run.
+        tracing.shutdown()
+        clients = {m.name: FleetClient(m.settings) for m in modes}
+        try:
             for mode in modes:
-                print(f"round {r + 1}: tracing {mode.name} ...", file=sys.stderr)
-                mode.rounds.append(_measure(mode, args.sequential, args.concurrent))
+                _start_workers(procs, mode, clients[mode.name], args.threads)
+                for _ in range(3):  # warm: connections, model metadata
+                    _one(clients[mode.name], "warm")
+            for r in range(args.rounds):
+                print(f"round {r + 1} of {args.rounds} ...", file=sys.stderr)
+                _round(modes, clients, r, args.sequential, args.concurrent)
+        finally:
+            for client in clients.values():
+                client.close()
         print("in process ...", file=sys.stderr)
         micro = _micro(sink, 5_000)
     finally:
@@ -273,14 +269,9 @@ def main() -> int:
 
 def render(args, modes: list[Mode], micro: tuple[float, float], sink: Sink, elapsed: float) -> str:  # noqa: ANN001
     off, on = modes
-
-    def mid(mode: Mode, key: str) -> float:
-        return statistics.median(r[key] for r in mode.rounds)
-
-    rows = [("per step, one run at a time: median (ms)", "median_ms"),
-            ("per step, one run at a time: p90 (ms)", "p90_ms"),
-            (f"per step, {args.concurrent} runs at once (ms of wall time)", "concurrent_ms"),
-            ("worker CPU per step (ms)", "cpu_ms")]
+    med = statistics.median
+    paired = [b - a for a, b in zip(off.one, on.one)]  # the same moment of the machine for both
+    q1, _, q3 = statistics.quantiles(paired, n=4)
     command = (f"python ops/bench/tracing.py --rounds {args.rounds} --sequential {args.sequential} "
                f"--concurrent {args.concurrent} --threads {args.threads}")
     lines = [
@@ -288,25 +279,27 @@ def render(args, modes: list[Mode], micro: tuple[float, float], sink: Sink, elap
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
         f"took {elapsed / 60:.1f} min.  ",
-        f"Each run: {STEPS} steps (5 one-token model calls on a zero-latency dev model, 5 tool calls); "
-        f"inference worker {args.threads} threads, tool worker 2 processes, per mode. Tracing on: workers and "
-        "client export to a local OTLP receiver, Triton in its OpenTelemetry trace mode; "
-        f"{sink.requests} exports, {sink.bytes / 1e6:.1f} MB of spans received. Medians over "
-        f"{args.rounds} rounds, off and on alternating.", "",
+        f"Each run: {STEPS} steps (5 one-token model calls on a zero-latency dev model, 5 tool calls); per mode "
+        f"an inference worker of {args.threads} threads and a tool worker of 2 processes. Tracing on: the workers "
+        "export to a local OTLP receiver and Triton runs in its OpenTelemetry trace mode "
+        f"({sink.requests} exports, {sink.bytes / 1e6:.1f} MB of spans received); the submitting client is "
+        f"untraced for both. {args.rounds} rounds; in each, {args.sequential} runs per mode one at a time, off "
+        f"and on in turn, then {args.concurrent} runs at once per mode.", "",
         "| measure | tracing off | tracing on | on - off |", "|---|---|---|---|",
+        f"| per step, one run at a time: median over {len(off.one)} runs (ms) | {med(off.one):.3f} | "
+        f"{med(on.one):.3f} | {med(paired):+.3f} (median of run pairs; quartiles {q1:+.3f} / {q3:+.3f}) |",
+        f"| per step, {args.concurrent} runs at once: median over rounds (ms of wall time) | {med(off.many):.3f} | "
+        f"{med(on.many):.3f} | {med(on.many) - med(off.many):+.3f} |",
+        f"| worker CPU per step: median over rounds (ms) | {med(off.cpu):.3f} | {med(on.cpu):.3f} | "
+        f"{med(on.cpu) - med(off.cpu):+.3f} |",
+        f"| in process: the tracing calls of one step, sending included (ms) | {micro[0] / 1000:.4f} | "
+        f"{micro[1] / 1000:.4f} | {(micro[1] - micro[0]) / 1000:+.4f} |",
+        "", "Target: tracing on adds at most 0.5 ms per step.", "", "## Rounds", "",
+        "| round | off: many at once ms/step | on: many at once ms/step | off: worker CPU ms/step | "
+        "on: worker CPU ms/step |", "|---|---|---|---|---|",
     ]
-    for label, key in rows:
-        lines.append(f"| {label} | {mid(off, key):.3f} | {mid(on, key):.3f} | {mid(on, key) - mid(off, key):+.3f} |")
-    lines.append(f"| in process: the tracing calls of one step, sending included (ms) | {micro[0] / 1000:.4f} | {micro[1] / 1000:.4f} "
-                 f"| {(micro[1] - micro[0]) / 1000:+.4f} |")
-    lines += ["", "Target: tracing on adds at most 0.5 ms per step.", "", "## Rounds", "",
-              "| round | mode | median ms/step | p90 ms/step | many at once ms/step | worker CPU ms/step |",
-              "|---|---|---|---|---|---|"]
     for i in range(args.rounds):
-        for mode in modes:
-            r = mode.rounds[i]
-            lines.append(f"| {i + 1} | {mode.name} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | "
-                         f"{r['concurrent_ms']:.3f} | {r['cpu_ms']:.3f} |")
+        lines.append(f"| {i + 1} | {off.many[i]:.3f} | {on.many[i]:.3f} | {off.cpu[i]:.3f} | {on.cpu[i]:.3f} |")
     return "\n".join(lines) + "\n"
 
 
