@@ -68,6 +68,14 @@ def _first(result: InferResult, name: str) -> Any:
     return item.decode() if isinstance(item, bytes) else item
 
 
+def _let_end(call: Any, wait_s: float = 1.0) -> None:
+    """Give Triton a moment to end a stream it has answered in full: a stream cancelled at
+    once leaves Triton's request span open (and unexported). One that lingers is cancelled."""
+    ended = threading.Event()
+    call.add_done_callback(lambda _: ended.set())
+    ended.wait(wait_s)
+
+
 class TritonClient:
     """A thread-safe Triton gRPC client bound to one endpoint."""
 
@@ -227,9 +235,8 @@ class TritonClient:
                 finish = _first(result, "finish_reason") or finish
                 final = response.infer_response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
-                    # Read on to the end of the stream (Triton closes it right after): a stream
-                    # cancelled at this point leaves Triton's request span unended.
-                    continue
+                    _let_end(call)
+                    break
                 if cancelled is not None and cancelled():
                     call.cancel()
                     raise RunCancelled("run cancelled during generation")
