@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fleet import tracing
+from fleet.admitted import AdmittedRuns, llm_steps
 from fleet.agent import AgentDef
 from fleet.budget import MAX_BUDGET_COST, MAX_BUDGET_TOKENS
 from fleet.capacity import Capacity
@@ -24,6 +26,7 @@ from fleet.errors import InvalidSubmission, Overloaded
 from fleet.payload import check_value
 from fleet.plan import build_chain
 from fleet.redis_full import RETRY_AFTER_S, is_redis_full
+from fleet.replicas import ReplicaBoard
 from fleet.routing import queue_name
 from fleet.runs import RunRecord, RunStore, new_run_id
 from fleet.sessions import Sessions
@@ -72,61 +75,102 @@ def parse_submission(data: dict[str, Any]) -> Submission:
 
 
 class LoadShedder:
-    """Predicts the wait of a new run from queue depth, live capacity and recent step times.
+    """Predicts when a new run would finish from the inference pool's capacity and what
+    occupies it, and refuses what would miss its deadline.
 
-    An interactive run whose predicted wait plus run time would pass its deadline is
-    refused at once (a fast "no" beats a slow timeout for a person waiting); batch
-    submissions get backpressure only when their queue is past a much higher bound.
+    An interactive run's llm steps wait behind the interactive ones already queued, in
+    flight or waiting for a slot; the pool serves ``parallel`` of them at once (the sequence
+    capacity of the replicas that are up, or fewer when fewer worker threads can take
+    interactive work), each in about the recent p90 interactive llm step time, so a new one
+    starts after ``ahead // parallel`` such waves. A run predicted to miss its deadline is
+    refused at once (a fast "no" beats a slow timeout for a person waiting), with a
+    Retry-After for when the pool will have drained enough for it. Batch submissions get
+    backpressure only when their queue is past a much higher bound.
     """
 
     def __init__(self, settings: Settings, capacity: Capacity, cache_s: float = 1.0) -> None:
         self.settings = settings
         self.capacity = capacity
+        self.board = ReplicaBoard(settings, capacity.redis)
+        self.admitted = AdmittedRuns(settings, capacity.redis)
         self.cache_s = cache_s
-        self._slots: dict[str, tuple[float, int]] = {}
+        self._workers: tuple[float, dict[str, dict]] | None = None
 
-    def _slots_for(self, queue: str) -> int:
+    def _live_workers(self) -> dict[str, dict]:
         now = time.monotonic()
-        cached = self._slots.get(queue)
-        if cached is None or now - cached[0] > self.cache_s:
-            cached = (now, self.capacity.slots_for(queue))
-            self._slots[queue] = cached
-        return cached[1]
+        if self._workers is None or now - self._workers[0] > self.cache_s:
+            self._workers = (now, self.capacity.workers())
+        return self._workers[1]
 
     def state(self, priority: PriorityClass) -> dict[str, Any]:
         """Depth, capacity and predicted wait of the class's model queue."""
-        queue = queue_name(self.settings, "llm", priority)
-        depth = self.capacity.redis.llen(queue)
-        slots = self._slots_for(queue)
-        mean = self.capacity.mean_step_time("llm", priority)
-        wait = depth / slots * mean if slots and mean is not None else None
-        return {"queue": queue, "depth": depth, "slots": slots, "mean_step_s": mean, "predicted_wait_s": wait}
+        s, r = self.settings, self.capacity.redis
+        queue = queue_name(s, "llm", priority)
+        batch_queue = queue_name(s, "llm", "batch")
+        pipe = r.pipeline(transaction=False)
+        pipe.llen(queue)
+        pipe.zcount(s.keys.slot_waiters(priority), time.time(), "+inf")
+        pipe.zcount(s.keys.slot_waiters("batch"), time.time(), "+inf")
+        depth, waiting, batch_waiting = pipe.execute()
+        replicas = self.board.states()
+        up = [st for st in replicas if st.up]
+        pool = sum(st.capacity or 0 for st in up)
+        inflight = sum(st.inflight[priority] for st in replicas)
+        # Worker threads that can take this class's steps now: those of workers that take only
+        # this class, and the threads of shared workers not held by batch steps.
+        only = shared = 0
+        for w in self._live_workers().values():
+            if queue in w["queues"]:
+                if batch_queue in w["queues"] and priority == "interactive":
+                    shared += w["concurrency"]
+                else:
+                    only += w["concurrency"]
+        busy = sum(st.inflight["batch"] for st in replicas) + batch_waiting
+        threads = only + max(0, shared - busy)
+        parallel = min(pool, threads) if pool else threads
+        times = sorted(self.capacity.step_times("llm", priority))
+        step_s = times[min(len(times) - 1, int(0.9 * len(times)))] if times else None
+        ahead = self.admitted.ahead(time.time()) if priority == "interactive" else depth + inflight + waiting
+        wait = (ahead // parallel) * step_s if parallel and step_s is not None else None
+        return {"queue": queue, "depth": depth, "in_flight": inflight, "waiting_for_slot": waiting,
+                "steps_ahead": ahead,
+                "pool_capacity": pool, "replicas_up": len(up), "replicas": len(replicas),
+                "replicas_probed": sum(st.known for st in replicas), "threads": threads,
+                "parallel": parallel, "step_p90_s": step_s, "predicted_wait_s": wait}
 
-    def check(self, agent: AgentDef, priority: PriorityClass, deadline_s: float) -> None:
-        """Raise :class:`Overloaded` when the run should not be admitted now."""
+    def check(self, agent: AgentDef, priority: PriorityClass, deadline_s: float, run_id: str) -> None:
+        """Admit ``run_id`` (an interactive one joins the ledger of admitted runs) or raise
+        :class:`Overloaded`."""
         if priority == "batch":
             # Every batch submission passes here: only the depth decides, so read only that
             # unless the queue is over its bound.
             limit = self.settings.admission_batch_max_queued
             if self.capacity.redis.llen(queue_name(self.settings, "llm", "batch")) >= limit:
                 st = self.state(priority)
-                drain = st["predicted_wait_s"] or 0.0
-                retry = max(5.0, drain * (st["depth"] - limit + 1) / max(st["depth"], 1))
+                step_s, parallel = st["step_p90_s"] or 0.0, max(1, st["parallel"])
+                retry = max(5.0, (st["depth"] - limit + 1) / parallel * step_s)
                 raise Overloaded(
                     f"batch queue {st['queue']} holds {st['depth']} steps (limit {limit}); "
                     f"retry in {retry:.0f}s", retry_after_s=retry)
             return
         st = self.state(priority)
-        wait, mean = st["predicted_wait_s"], st["mean_step_s"]
-        if wait is None or mean is None:
-            return  # no measurements (or no live worker announced yet): nothing to predict from
-        run_s = mean * sum(1 for s, _ in agent.iter_steps() if s.kind == "llm")
-        if wait + run_s > deadline_s:
-            retry = max(1.0, wait + run_s - deadline_s)
-            raise Overloaded(
-                f"interactive queue {st['queue']} holds {st['depth']} steps for {st['slots']} slots: "
-                f"predicted wait {wait:.1f}s + run {run_s:.1f}s exceeds the {deadline_s:.0f}s deadline; "
-                f"retry in {retry:.0f}s", retry_after_s=retry)
+        if st["replicas_up"] == 0 and st["replicas_probed"] == st["replicas"]:
+            retry = max(1.0, 2 * self.settings.replica_probe_interval_s)
+            raise Overloaded(f"no replica of the inference pool is up (0 of {st['replicas']}); "
+                             f"retry in {retry:.0f}s", retry_after_s=retry)
+        step_s, parallel = st["step_p90_s"], st["parallel"]
+        ok, ahead = self.admitted.admit(run_id, agent, time.time(), deadline_s, parallel, step_s)
+        if ok or not step_s:  # without a step time every run is admitted
+            return
+        run_s = step_s * llm_steps(agent)
+        wait = (ahead // parallel) * step_s
+        # The pool drains a wave of `parallel` steps every step_s: retry once enough are gone.
+        retry = max(1.0, math.ceil((wait + run_s - deadline_s) / step_s) * step_s)
+        raise Overloaded(
+            f"interactive queue {st['queue']}: {ahead} model steps of admitted runs ahead, served "
+            f"{parallel} at a time ({st['pool_capacity']} sequences on {st['replicas_up']} of {st['replicas']} "
+            f"replicas up, p90 step {step_s:.2f}s): predicted wait {wait:.2f}s + run {run_s:.2f}s exceeds the "
+            f"{deadline_s:g}s deadline; retry in {retry:.0f}s", retry_after_s=retry)
 
 
 class Admission:
@@ -182,13 +226,13 @@ class Admission:
             existing = self.store.redis.get(self._key(sub.idempotency_key))
             if existing is not None:  # a repeat: answered even under load
                 return existing, False
-        if self.settings.scheduling == "fleet":
-            self.shedder.check(agent, sub.priority, deadline_s)
-
         run_id = new_run_id()
+        if self.settings.scheduling == "fleet":
+            self.shedder.check(agent, sub.priority, deadline_s, run_id)
         if sub.idempotency_key is not None:
             existing = self._claim_key(sub.idempotency_key, run_id)
             if existing is not None:
+                self.shedder.admitted.forget(run_id)
                 return existing, False
         now = time.time()
         deadline = now + deadline_s
@@ -209,6 +253,7 @@ class Admission:
             # Nothing was queued: do not leave a run that looks accepted, nor a key that
             # would return it.
             self.store.delete(run_id)
+            self.shedder.admitted.forget(run_id)
             if sub.idempotency_key is not None:
                 self.store.redis.delete(self._key(sub.idempotency_key))
             raise

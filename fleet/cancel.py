@@ -1,9 +1,10 @@
 """Cancelling a run's work in flight: one mechanism, one Redis read path.
 
 ``FleetClient.cancel`` moves the run to ``cancelled`` and publishes its id on the cancel
-channel. Every worker process keeps one :class:`Cancellation`: a listener on that channel
-(started with the first model call) that cancels the calls a cancelled run has in flight
-here, so Triton stops generating for nobody. A step body sees cancellation through its
+channel. Every worker process keeps one :class:`Cancellation`, which hears that channel
+through the process's :class:`~fleet.listener.Listener` (started with the first model
+call) and cancels the calls a cancelled run has in flight here, so Triton stops
+generating for nobody. A step body sees cancellation through its
 :class:`CancelScope`: ``cancelled()`` is true once the message arrived, and otherwise reads
 the run's status (at most every ``poll_s``), which covers a worker that was reconnecting
 when the message went out.
@@ -18,8 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import redis
-
+from fleet.listener import Listener
 from fleet.runs import RunStore
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,15 @@ class CancelScope:
 
 
 class Cancellation:
-    """The cancel channel's listener of one worker process, and the scopes of its steps."""
+    """What the cancel channel means to one worker process: the scopes of its steps."""
 
-    def __init__(self, store: RunStore, poll_s: float = 0.1) -> None:
+    def __init__(self, store: RunStore, listener: Listener, poll_s: float = 0.1) -> None:
         self.store = store
         self.poll_s = poll_s
         self.lock = threading.Lock()
         self._scopes: dict[str, list[CancelScope]] = {}
-        self._thread: threading.Thread | None = None
+        self._listener = listener
+        listener.on(store.keys.cancel_channel, self.cancel)
 
     @contextmanager
     def scope(self, run_id: str) -> Iterator[CancelScope]:
@@ -105,25 +106,5 @@ class Cancellation:
         return n
 
     def listen(self) -> None:
-        """Start the listener (once per process)."""
-        if self._thread is not None:
-            return
-        with self.lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._listen, name="fleet-cancel", daemon=True)
-                self._thread.start()
-
-    def _listen(self) -> None:
-        while True:
-            try:
-                pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.store.keys.cancel_channel)
-                while True:
-                    # Poll with a timeout below the connection's read timeout: a quiet
-                    # channel is not an error, a dead connection is.
-                    message = pubsub.get_message(timeout=1.0)
-                    if message and message.get("type") == "message":
-                        self.cancel(message["data"])
-            except redis.RedisError:
-                log.debug("cancel channel lost; resubscribing", exc_info=True)
-                time.sleep(1.0)  # back off before resubscribing
+        """Make sure the process hears the cancel channel."""
+        self._listener.start()

@@ -237,23 +237,32 @@ def status(as_json: bool) -> None:
     r = report["redis"]
     click.echo(f"redis   {r['url']}  {'up' if r['up'] else 'DOWN'}")
     t = report["triton"]
-    click.echo(f"triton  {t['grpc_url']}  server {'ready' if t['server_ready'] else 'NOT READY'}  "
-               f"model {t['model']} {'ready' if t['model_ready'] else 'NOT READY'}")
+    pool = report["pool"]
+    click.echo(f"triton  model {t['model']}, {len(pool['replicas'])} replica(s), batch policy {pool['policy']}")
+    for rep in pool["replicas"]:
+        ready = "model ready" if rep.get("model_ready") else ("server ready" if rep.get("server_ready") else "NOT READY")
+        line = f"  {rep['name']:<22} {rep['grpc_url']:<22} {rep['state']:<7} {ready}"
+        if rep.get("capacity") is not None:
+            inflight = rep["inflight"]
+            line += (f"  capacity {rep['capacity']} (+{rep['pipeline']} pipeline)  in flight "
+                     f"{inflight['interactive']} interactive / {inflight['batch']} batch  "
+                     f"preempted {rep['preempted']}")
+        if rep.get("reason"):
+            line += f"  ({rep['reason']})"
+        click.echo(line)
     click.echo(f"flower  {report['flower_url']}")
     click.echo(f"gateway {report['gateway_url']}")
     click.echo("queues")
     for q in report["queues"]:
         age = f"{q['oldest_age_s']:.1f}s" if q.get("oldest_age_s") is not None else "-"
         click.echo(f"  {q['name']:<24} depth {q['depth']:>6}  oldest {age}")
-    if "inflight" in report:
-        inflight = report["inflight"]
-        click.echo(f"triton in flight: interactive {inflight['interactive']}, batch {inflight['batch']} "
-                   f"(cap {report['batch_inflight_max']})")
+    if "admission" in report:
         click.echo("admission")
         for cls, st in report["admission"].items():
-            wait = f"{st['predicted_wait_s']:.1f}s" if st["predicted_wait_s"] is not None else "-"
-            mean = f"{st['mean_step_s']:.3f}s" if st["mean_step_s"] is not None else "-"
-            click.echo(f"  {cls:<12} slots {st['slots']:>3}  mean llm step {mean}  predicted wait {wait}")
+            wait = f"{st['predicted_wait_s']:.2f}s" if st["predicted_wait_s"] is not None else "-"
+            p90 = f"{st['step_p90_s']:.3f}s" if st["step_p90_s"] is not None else "-"
+            click.echo(f"  {cls:<12} in flight {st['in_flight']:>4}  waiting for a slot {st['waiting_for_slot']:>4}  "
+                       f"served {st['parallel']} at a time  p90 llm step {p90}  predicted wait {wait}")
     click.echo("workers")
     for w in report["workers"] or ["(none answering)"]:
         click.echo(f"  {w}")

@@ -7,6 +7,9 @@
      ├── RunNotFound           no run with that id (or its record expired)
      ├── Overloaded            shed at admission; carries retry_after_s
      ├── TransientError        a step attempt failed; retry with backoff within the deadline
+     │    └── ReplicaUnavailable   a Triton replica cannot be reached: the request moves to
+     │                             another replica of the pool (no attempt spent), or, with
+     │                             none up, the attempt fails as transient
      ├── PermanentError        a step can never succeed as is; dead-letter it now
      ├── DeadlineExceeded      the run's deadline passed; the run expires, nothing more runs
      ├── BudgetExceeded        the run's token or cost budget is spent; it ends budget_exceeded
@@ -57,6 +60,10 @@ class Overloaded(FleetError):
 
 class TransientError(FleetError):
     """A step attempt failed for a reason that may pass (model unavailable, timeout)."""
+
+
+class ReplicaUnavailable(TransientError):
+    """A replica of the inference pool cannot be reached (connection refused or lost)."""
 
 
 class PermanentError(FleetError):

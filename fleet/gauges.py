@@ -1,5 +1,5 @@
 """Fleet-wide gauges read from Redis at scrape time: queue depth, oldest message age,
-requests in flight at Triton.
+requests in flight at Triton, and each replica of the inference pool.
 
 Every worker's and the gateway's ``/metrics`` expose them, so Prometheus gets one copy per
 process: dashboards and alerts take ``max by`` (queue or priority), never a sum. That keeps
@@ -14,13 +14,13 @@ import time
 from collections.abc import Iterator
 
 import redis
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from fleet.capacity import Capacity
 from fleet.celery_app import SENT_AT_HEADER
+from fleet.replicas import ReplicaBoard
 from fleet.routing import all_queues
-from fleet.settings import Settings
+from fleet.settings import PRIORITY_CLASSES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +44,47 @@ class FleetCollector(Collector):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.redis = settings.redis(socket_timeout=2, socket_connect_timeout=2)
-        self.capacity = Capacity(settings, self.redis)
+        self.board = ReplicaBoard(settings, self.redis)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         depth = GaugeMetricFamily("fleet_queue_depth", "Messages waiting in a queue.", labels=["queue"])
         age = GaugeMetricFamily("fleet_queue_oldest_age_seconds",
                                 "How long the oldest waiting message of a queue has waited (0 when empty).",
                                 labels=["queue"])
         inflight = GaugeMetricFamily("fleet_triton_inflight_requests",
                                      "Requests in flight at Triton, fleet-wide.", labels=["priority"])
+        r_up = GaugeMetricFamily("fleet_replica_up", "1 when the replica serves the model.", labels=["replica"])
+        r_cap = GaugeMetricFamily("fleet_replica_capacity_sequences",
+                                  "Most sequences the replica's engine runs at once.", labels=["replica"])
+        r_pipe = GaugeMetricFamily("fleet_replica_pipeline_requests",
+                                   "Requests sent to the replica beyond its capacity (learned depth).",
+                                   labels=["replica"])
+        r_in = GaugeMetricFamily("fleet_replica_inflight_requests", "Requests in flight at the replica.",
+                                 labels=["replica", "priority"])
+        r_wait = GaugeMetricFamily("fleet_replica_engine_waiting_requests",
+                                   "Requests waiting inside the replica's engine for a sequence slot.",
+                                   labels=["replica"])
+        r_pre = CounterMetricFamily("fleet_replica_preemptions",
+                                    "Batch requests whose slot an interactive request took.", labels=["replica"])
         try:
             now = time.time()
             for queue in all_queues(self.settings):
                 depth.add_metric([queue], self.redis.llen(queue))
                 age.add_metric([queue], oldest_age_s(self.redis, queue, now) or 0.0)
-            for priority, n in self.capacity.inflight().items():
-                inflight.add_metric([priority], n)
+            states = self.board.states()
         except redis.RedisError as exc:
             # A scrape must still answer (a process's own series matter most when Redis is
             # down); missing gauges show the outage on the dashboard.
             log.warning("metrics: Redis unreachable, fleet-wide gauges left out (%s)", exc)
             return
-        yield from (depth, age, inflight)
+        for priority in PRIORITY_CLASSES:
+            inflight.add_metric([priority], sum(st.inflight[priority] for st in states))
+        for st in states:
+            r_up.add_metric([st.name], 1.0 if st.up else 0.0)
+            r_cap.add_metric([st.name], st.capacity or 0)
+            r_pipe.add_metric([st.name], st.pipeline)
+            r_wait.add_metric([st.name], st.waiting or 0)
+            r_pre.add_metric([st.name], st.preempted)
+            for priority in PRIORITY_CLASSES:
+                r_in.add_metric([st.name, priority], st.inflight[priority])
+        yield from (depth, age, inflight, r_up, r_cap, r_pipe, r_in, r_wait, r_pre)

@@ -62,20 +62,40 @@ class Keys:
         """Hash: entry id -> JSON list of its replays."""
         return self._k("deadletter", "replays")
 
-    # --- capacity and scheduling ------------------------------------------------------
-    def inflight(self, priority: str) -> str:
-        """Sorted set: leases of requests in flight at Triton, scored by expiry."""
-        return self._k("inflight", priority)
+    # --- the inference pool -------------------------------------------------------------
+    def replica(self, name: str) -> str:
+        """Hash: a replica's state (up or down, since, why), its sequence capacity, the pipeline
+        depth in use, its engine's last running/waiting counts, peaks and preemptions (fleet.replicas)."""
+        return self._k("pool", "replica", name)
 
-    def inflight_peak(self, priority: str) -> str:
-        """String: the most requests of a class ever in flight at once."""
-        return self._k("inflight", priority, "peak")
+    def leases(self, replica: str, priority: str) -> str:
+        """Sorted set: requests of a class in flight at a replica, members ``<dispatch ms>:<token>``
+        (``np:`` in front when it must not be preempted), scored by their holder's last heartbeat."""
+        return self._k("pool", "leases", replica, priority)
+
+    def slot_waiters(self, priority: str) -> str:
+        """Sorted set: requests of a class waiting for a slot, scored by expiry (batch takes no slot
+        while an interactive request waits)."""
+        return self._k("pool", "waiting", priority)
+
+    def interactive_demand(self, replica: str) -> str:
+        """Sorted set: interactive in-flight samples ``<n>:<token>`` at a replica, scored by time
+        (the 'reserve' policy keeps the recent peak free)."""
+        return self._k("pool", "demand", replica)
+
+    def admitted(self, priority: str) -> str:
+        """Sorted set: admitted runs of a class that have not ended, scored by deadline
+        (fleet.admitted)."""
+        return self._k("pool", "admitted", priority)
+
+    def admitted_steps(self, priority: str) -> str:
+        """Hash: run id -> llm steps, of the runs in :meth:`admitted`."""
+        return self._k("pool", "admitted", priority, "steps")
 
     @property
-    def interactive_demand(self) -> str:
-        """Sorted set: samples ``<in flight>:<token>`` of interactive requests, scored by time
-        (the work-conserving batch limit keeps a reserve of the recent peak)."""
-        return self._k("inflight", "interactive", "demand")
+    def pool_monitor_lock(self) -> str:
+        """String with TTL: held by the one worker that probes replicas and reads their engines."""
+        return self._k("pool", "monitor")
 
     def step_times(self, kind: str, priority: str) -> str:
         """List: recent step durations of a kind and class (admission's estimate)."""
@@ -99,3 +119,13 @@ class Keys:
     def cancel_channel(self) -> str:
         """Pub/sub: ids of cancelled runs; inference workers cancel their calls."""
         return self._k("cancel")
+
+    @property
+    def preempt_channel(self) -> str:
+        """Pub/sub: lease tokens of batch requests an interactive one took the slot of."""
+        return self._k("pool", "preempt")
+
+    @property
+    def slot_channel(self) -> str:
+        """Pub/sub: a replica whose slot freed (or that came back up); waiting requests try again."""
+        return self._k("pool", "freed")

@@ -59,8 +59,10 @@ return 1
 """
 
 # Move a run to a status unless it already ended, with its status event; a terminal status
-# also sets the record's TTL and drops the run from the active index.
-# KEYS: run hash, events stream, active index. ARGV: status, run id, TTL (0: not terminal),
+# also sets the record's TTL and drops the run from the active index and from admission's
+# ledger of admitted interactive runs (fleet.admitted), in the same step.
+# KEYS: run hash, events stream, active index, admitted runs, their steps.
+# ARGV: status, run id, TTL (0: not terminal),
 # events maxlen, n = number of field/value pairs, the pairs, then the event's extra pairs.
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -77,6 +79,8 @@ if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
   redis.call('ZREM', KEYS[3], ARGV[2])
+  redis.call('ZREM', KEYS[4], ARGV[2])
+  redis.call('HDEL', KEYS[5], ARGV[2])
 end
 return 1
 """
@@ -133,8 +137,10 @@ class StepRecord(BaseModel):
     tokens_in: int = 0
     tokens_out: int = 0
     prompt_bytes: int = Field(0, description="Size of the model call's prompt (budgets estimate prompts by it).")
-    preemptions: int = 0
     worker: str | None = None
+    replica: str | None = None  # the Triton replica of its model call
+    preemptions: int = 0  # times an interactive request took its model call's slot
+    failovers: int = 0  # times its model call lost its replica and was sent again
     error: str | None = None
 
     @property
@@ -499,7 +505,8 @@ class RunStore:
         event = ["error", json.dumps(fields["error"])] if "error" in fields else []
         ttl = self.settings.result_ttl_s if status in TERMINAL else 0
         moved = self._transition(
-            keys=[self.run_key(run_id), self.events_key(run_id), self.keys.active_runs],
+            keys=[self.run_key(run_id), self.events_key(run_id), self.keys.active_runs,
+                  self.keys.admitted("interactive"), self.keys.admitted_steps("interactive")],
             args=[status, run_id, ttl, EVENTS_MAXLEN, len(pairs) // 2, *pairs, *event],
         )
         if moved == -1:

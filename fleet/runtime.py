@@ -10,6 +10,7 @@ from fleet.cancel import Cancellation
 from fleet.capacity import Capacity
 from fleet.deadletter import DeadLetters
 from fleet.hooks import Hook, default_hooks
+from fleet.listener import Listener
 from fleet.pool import InferencePool
 from fleet.retries import RetryPolicy
 from fleet.runs import RunStore
@@ -27,8 +28,9 @@ class Runtime:
         self.store = RunStore(settings)
         self.dead_letters = DeadLetters(settings, self.store.redis)
         self.capacity = Capacity(settings, self.store.redis)
-        self.cancellation = Cancellation(self.store)
-        self.pool = InferencePool(settings, self.capacity)
+        self.listener = Listener(self.store.redis)
+        self.cancellation = Cancellation(self.store, self.listener)
+        self.pool = InferencePool(settings, self.store.redis, self.listener)
         self.retries = RetryPolicy.from_settings(settings)
         self.hooks = default_hooks() if hooks is None else hooks
         self.worker = f"{socket.gethostname()}:{os.getpid()}"

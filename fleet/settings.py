@@ -7,10 +7,11 @@ in the code reads ``os.environ``. Every name carries its unit.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+import json
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fleet.keys import Keys
 
@@ -20,6 +21,29 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PriorityClass = Literal["interactive", "batch"]
 PRIORITY_CLASSES: tuple[PriorityClass, ...] = ("interactive", "batch")
+BatchPolicy = Literal["preempt", "reserve", "static"]
+
+
+class ReplicaSpec(BaseModel):
+    """One Triton replica of the inference pool (a GPU host serving the model)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$",
+                      description="Label in Redis keys, metrics and status; the gRPC address when empty.")
+    grpc_url: str = Field(min_length=3, description="host:port of the replica's gRPC endpoint.")
+    metrics_url: str = Field("", description="Its Prometheus metrics URL; http://host:8002/metrics when empty.")
+    max_sequences: int | None = Field(
+        None, gt=0, description="Most sequences it runs at once; read from the model when unset.")
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "ReplicaSpec":
+        host = self.grpc_url.rsplit(":", 1)[0]
+        if not self.name:
+            object.__setattr__(self, "name", self.grpc_url)
+        if not self.metrics_url:
+            object.__setattr__(self, "metrics_url", f"http://{host}:8002/metrics")
+        return self
 
 
 class Settings(BaseSettings):
@@ -52,6 +76,11 @@ class Settings(BaseSettings):
     triton_http_url: str = Field("127.0.0.1:8000", description="Triton HTTP endpoint (host:port).")
     triton_metrics_url: str = Field(
         "http://127.0.0.1:8002/metrics", description="Triton's Prometheus metrics URL."
+    )
+    triton_replicas: Annotated[list[ReplicaSpec], NoDecode] = Field(
+        default_factory=list,
+        description="Triton replicas of the inference pool (JSON list of host:port strings or "
+        "{name, grpc_url, metrics_url, max_sequences} objects); unset: the one at FLEET_TRITON_GRPC_URL.",
     )
     triton_model: str = Field("medium_sim", description="Model that llm steps call by default.")
     triton_connect_wait_s: float = Field(
@@ -112,25 +141,43 @@ class Settings(BaseSettings):
     tool_concurrency: int = Field(4, ge=1, description="Processes per tool worker.")
 
     # --- Scheduling and admission ------------------------------------------------------
+    batch_policy: BatchPolicy = Field(
+        "preempt",
+        description="How batch requests share each replica with interactive ones: 'preempt' (batch uses "
+        "every slot; an interactive request that finds none takes the youngest batch request's), "
+        "'reserve' (slots kept free for interactive demand) or 'static' (FLEET_BATCH_INFLIGHT_MAX).",
+    )
     batch_inflight_max: int = Field(
-        8,
-        ge=1,
-        description="Batch requests in flight at Triton at once, fleet-wide; the rest of the "
-        "model's capacity stays free for interactive requests.",
+        8, ge=1, description="With FLEET_BATCH_POLICY=static: batch requests in flight per replica.",
     )
     model_max_sequences: int | None = Field(
         None,
         gt=0,
-        description="Most sequences the model runs at once (vLLM max_num_seqs). When set, batch "
-        "requests may use every slot but a reserve kept for interactive ones (work-conserving), "
-        "instead of the static FLEET_BATCH_INFLIGHT_MAX.",
+        description="Most sequences a replica runs at once (vLLM max_num_seqs) when neither its entry "
+        "in FLEET_TRITON_REPLICAS nor the model's max_num_seqs parameter says.",
+    )
+    pipeline_max: int = Field(
+        16, ge=0,
+        description="With 'preempt': most requests sent to a replica beyond its sequence capacity, so "
+        "that the engine stays full while requests travel to it; the depth in use is learned from the "
+        "engine's running and waiting sequences (0: never beyond capacity).",
+    )
+    preempt_victims: int = Field(
+        2, ge=1, description="With 'preempt': most batch requests an interactive request preempts when it "
+        "finds no slot: the youngest, and one more for each request sent beyond the replica's capacity.",
     )
     interactive_reserve_min: int = Field(
-        2, ge=0, description="Slots always kept for interactive requests with FLEET_MODEL_MAX_SEQUENCES; "
+        2, ge=0, description="With 'reserve': slots per replica always kept for interactive requests; "
         "the reserve grows to the most interactive requests seen in flight in the demand window.",
     )
     interactive_demand_window_s: float = Field(
-        30.0, gt=0, description="How far back the interactive peak that sizes the reserve looks."
+        30.0, gt=0, description="With 'reserve': how far back the interactive peak that sizes the reserve looks."
+    )
+    replica_probe_interval_s: float = Field(
+        0.5, gt=0, description="How often a replica that is down is probed to rejoin the pool.",
+    )
+    engine_poll_interval_s: float = Field(
+        0.1, gt=0, description="How often each replica's engine state (running, waiting) is read from its metrics.",
     )
     admission_batch_max_queued: int = Field(
         200_000, gt=0, description="Batch submissions are refused while the batch queue is this deep."
@@ -207,6 +254,9 @@ class Settings(BaseSettings):
                 "FLEET_VISIBILITY_TIMEOUT_S must exceed FLEET_STEP_TIME_LIMIT_S "
                 f"({self.visibility_timeout_s} <= {self.step_time_limit_s}): a long step would run twice"
             )
+        names = [r.name for r in self.replicas()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"FLEET_TRITON_REPLICAS: replica names must differ, got {names}")
         if self.stall_after_s <= self.visibility_timeout_s:
             # An unacked message comes back after the visibility timeout: only later is a
             # run without one really stalled.
@@ -215,6 +265,29 @@ class Settings(BaseSettings):
                 f"({self.stall_after_s} <= {self.visibility_timeout_s})"
             )
         return self
+
+    @field_validator("triton_replicas", mode="before")
+    @classmethod
+    def _replica_shorthand(cls, value: Any) -> Any:
+        # A JSON list, or comma-separated "host:port" strings; a string stands for {"grpc_url": it}.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except ValueError as exc:
+                    raise ValueError(f"not a JSON list: {exc}") from None
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [{"grpc_url": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    def replicas(self) -> list[ReplicaSpec]:
+        """The inference pool's replicas: FLEET_TRITON_REPLICAS, or the one Triton at FLEET_TRITON_GRPC_URL."""
+        if self.triton_replicas:
+            return list(self.triton_replicas)
+        return [ReplicaSpec(name="triton", grpc_url=self.triton_grpc_url, metrics_url=self.triton_metrics_url)]
 
     def api_key_list(self) -> list[str]:
         """The gateway's API keys."""

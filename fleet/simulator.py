@@ -530,6 +530,9 @@ class Sequence:
         fault: Injected fault (``"unavailable"``, ``"stall"``) or ``None``.
         ready_at: Monotonic time before which the sequence may not be admitted.
         sent: Tokens sent so far.
+        stream: Whether its client takes one response per token.
+        blocked_at_step: The engine step at which it was first ready but found every
+            sequence slot taken (``None`` while it never waited for a slot).
     """
 
     seq_id: int
@@ -541,11 +544,20 @@ class Sequence:
     fault: str | None = None
     ready_at: float = 0.0
     sent: int = 0
+    stream: bool = False
+    blocked_at_step: int | None = None
 
 
 @dataclass
 class EngineStats:
-    """Counters of an engine since it started."""
+    """Counters of an engine since it started.
+
+    ``waiting`` counts what vLLM's ``num_requests_waiting`` counts: sequences ready to run
+    that found every slot taken; ``arriving`` those still within their ``ttft_ms`` (on
+    their way in, not yet schedulable). A sequence that waited for a slot is counted in
+    ``slot_waits`` (``slot_waits_stream`` for streamed ones), and the most engine steps one
+    waited in ``slot_wait_steps_max`` (``..._stream``).
+    """
 
     submitted: int = 0
     admitted: int = 0
@@ -556,7 +568,12 @@ class EngineStats:
     tokens: int = 0
     active: int = 0
     waiting: int = 0
+    arriving: int = 0
     max_active: int = 0
+    slot_waits: int = 0
+    slot_waits_stream: int = 0
+    slot_wait_steps_max: int = 0
+    slot_wait_steps_max_stream: int = 0
 
 
 class Engine:
@@ -591,7 +608,7 @@ class Engine:
 
     # --- public API -------------------------------------------------------------------
 
-    def submit(self, prompt: str, params: Mapping[str, Any], sink: TokenSink) -> int:
+    def submit(self, prompt: str, params: Mapping[str, Any], sink: TokenSink, stream: bool = False) -> int:
         """Queue a request.
 
         Faults requested with ``sim_fault`` (or drawn from ``error_rate``/``stall_rate``)
@@ -603,6 +620,7 @@ class Engine:
             prompt: Prompt text.
             params: Parsed sampling parameters.
             sink: Receives tokens, errors or the cancellation.
+            stream: Whether the client takes a response per token (kept for statistics).
 
         Returns:
             The sequence id.
@@ -639,6 +657,7 @@ class Engine:
             sink=sink,
             fault=fault,
             ready_at=ready_at,
+            stream=stream,
         )
         with self._cv:
             self._waiting.append(seq)
@@ -656,7 +675,9 @@ class Engine:
         with self._cv:
             snap = replace(self._stats)
             snap.active = len(self._active)
-            snap.waiting = len(self._waiting)
+            now = time.monotonic()
+            snap.waiting = sum(1 for s in self._waiting if s.ready_at <= now)
+            snap.arriving = len(self._waiting) - snap.waiting
             return snap
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -701,19 +722,36 @@ class Engine:
             return True
 
     def _take_ready(self, now: float) -> list[Sequence]:
+        # Called with the lock held: the ready sequences that fit, first come first served;
+        # a ready one that does not fit starts waiting for a slot (counted once).
         room = self.cfg.max_num_seqs - len(self._active)
         taken: list[Sequence] = []
-        if room <= 0:
-            return taken
         kept: deque[Sequence] = deque()
         while self._waiting:
             seq = self._waiting.popleft()
-            if len(taken) < room and seq.ready_at <= now:
+            if seq.ready_at > now:
+                kept.append(seq)
+            elif len(taken) < room:
                 taken.append(seq)
+                if seq.blocked_at_step is not None:
+                    self._count_slot_wait(seq, self._stats.steps - seq.blocked_at_step)
             else:
+                if seq.blocked_at_step is None:
+                    seq.blocked_at_step = self._stats.steps
                 kept.append(seq)
         self._waiting = kept
         return taken
+
+    def _count_slot_wait(self, seq: Sequence, steps: int) -> None:
+        if steps < 1:
+            return  # admitted in the same step (a cancelled sequence ahead of it gave up its slot)
+        st = self._stats
+        if seq.stream:
+            st.slot_waits_stream += 1
+            st.slot_wait_steps_max_stream = max(st.slot_wait_steps_max_stream, steps)
+        else:
+            st.slot_waits += 1
+            st.slot_wait_steps_max = max(st.slot_wait_steps_max, steps)
 
     def _wait_for_work(self) -> list[Sequence] | None:
         # Called with the lock held. Returns the sequences to admit, or None to exit.
@@ -747,9 +785,16 @@ class Engine:
                 taken = self._wait_for_work()
                 if taken is None:
                     return
-            admitted = self._admit(taken)
+            admitted: list[Sequence] = []
+            while taken:
+                ok = self._admit(taken)
+                admitted += ok
+                with self._cv:
+                    self._active.extend(ok)
+                    # A cancelled or failed sequence leaves its slot to the next ready one now,
+                    # as vLLM drops an aborted request from its queue at once.
+                    taken = self._take_ready(time.monotonic()) if len(ok) < len(taken) else []
             with self._cv:
-                self._active.extend(admitted)
                 active = list(self._active)
                 self._stats.admitted += len(admitted)
                 self._stats.max_active = max(self._stats.max_active, len(active))

@@ -11,10 +11,9 @@ import redis
 from fleet.admission import LoadShedder
 from fleet.capacity import Capacity
 from fleet.gauges import oldest_age_s
-from fleet.settings import PRIORITY_CLASSES
-
+from fleet.replicas import ReplicaBoard
 from fleet.routing import all_queues
-from fleet.settings import Settings
+from fleet.settings import PRIORITY_CLASSES, Settings
 from fleet.triton import TritonClient
 
 
@@ -22,9 +21,9 @@ def collect(settings: Settings) -> dict[str, Any]:
     """A snapshot of the fleet, as one JSON-serializable object."""
     report: dict[str, Any] = {
         "redis": {"url": _redact(settings.redis_url), "up": False},
-        "triton": {"grpc_url": settings.triton_grpc_url, "model": settings.triton_model,
-                   "server_ready": False, "model_ready": False,
-                   "metrics_url": settings.triton_metrics_url},
+        # Any replica ready is enough to serve; "pool" says which are.
+        "triton": {"model": settings.triton_model, "server_ready": False, "model_ready": False},
+        "pool": {"policy": settings.batch_policy, "replicas": []},
         "flower_url": f"http://{settings.bind_address}:{settings.flower_port}",
         "gateway_url": f"http://{settings.bind_address}:{settings.gateway_port}",
         "queues": [],
@@ -39,21 +38,27 @@ def collect(settings: Settings) -> dict[str, Any]:
             {"name": q, "depth": client.llen(q), "oldest_age_s": oldest_age_s(client, q, now)}
             for q in all_queues(settings)
         ]
-        capacity = Capacity(settings, client)
-        report["inflight"] = capacity.inflight()
-        report["inflight_peak"] = capacity.peak()
-        report["batch_inflight_max"] = capacity.batch_limit()  # now: static, or capacity minus the reserve
-        report["batch_policy"] = "static" if settings.model_max_sequences is None else "work-conserving"
-        shedder = LoadShedder(settings, capacity)
+        states = ReplicaBoard(settings, client).states()
+        report["pool"]["replicas"] = [st.as_dict() for st in states]
+        report["inflight"] = {p: sum(st.inflight[p] for st in states) for p in PRIORITY_CLASSES}
+        shedder = LoadShedder(settings, Capacity(settings, client))
         report["admission"] = {p: shedder.state(p) for p in PRIORITY_CLASSES}
     except redis.RedisError as exc:
         report["redis"]["error"] = str(exc)
-    triton = TritonClient(settings.triton_grpc_url)
-    try:
-        report["triton"]["server_ready"] = triton.server_ready()
-        report["triton"]["model_ready"] = triton.model_ready(settings.triton_model)
-    finally:
-        triton.close()
+    by_name = {r["name"]: r for r in report["pool"]["replicas"]}
+    for spec in settings.replicas():
+        entry = by_name.get(spec.name)
+        if entry is None:
+            entry = {"name": spec.name, "grpc_url": spec.grpc_url, "state": "unknown"}
+            report["pool"]["replicas"].append(entry)
+        triton = TritonClient(spec.grpc_url)
+        try:
+            entry["server_ready"] = triton.server_ready()
+            entry["model_ready"] = entry["server_ready"] and triton.model_ready(settings.triton_model)
+        finally:
+            triton.close()
+        report["triton"]["server_ready"] |= entry["server_ready"]
+        report["triton"]["model_ready"] |= entry["model_ready"]
     if report["redis"]["up"]:
         from fleet.celery_app import create_app
 

@@ -40,6 +40,7 @@ def llm(ctx: StepContext, step: LlmStep, view: dict[str, Any]) -> Any:
         )
         tracing.model_result(span, gen)
     record.tokens_in, record.tokens_out, record.ttft_s = gen.tokens_in, gen.tokens_out, gen.ttft_s
+    record.replica, record.preemptions, record.failovers = gen.replica or None, gen.preemptions, gen.failovers
     record.model_s, record.prompt_bytes = gen.duration_s, len(prompt.encode())
     if clip is not None:
         clip.check(gen.tokens_out)

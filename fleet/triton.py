@@ -21,7 +21,7 @@ import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
-from fleet.errors import DeadlineExceeded, RunCancelled, TransientError, from_triton_message, from_triton_status
+from fleet.errors import DeadlineExceeded, ReplicaUnavailable, RunCancelled, from_triton_message, from_triton_status
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ class Generation:
     finish_reason: str | None
     ttft_s: float | None
     duration_s: float
+    # Filled in by the inference pool: where it ran and what it went through on the way.
+    replica: str = ""
+    preemptions: int = 0
+    failovers: int = 0
+    slot_wait_s: float = 0.0
 
 
 def _bytes_input(req: service_pb2.ModelInferRequest, name: str, value: str) -> None:
@@ -121,7 +126,7 @@ class TritonClient:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=max(0.0, min(budget_s, self.connect_wait_s)))
         except grpc.FutureTimeoutError:
-            raise TransientError(f"triton at {self.url} unreachable for {self.connect_wait_s:.0f}s") from None
+            raise ReplicaUnavailable(f"triton at {self.url} unreachable for {self.connect_wait_s:.0f}s") from None
 
     # --- health ---------------------------------------------------------------------
     def server_ready(self, timeout_s: float = 2.0) -> bool:
@@ -139,6 +144,26 @@ class TritonClient:
         except grpc.RpcError:
             return False
 
+    def model_capacity(self, model: str, timeout_s: float = 2.0) -> int | None:
+        """The model's ``max_num_seqs`` config parameter (most sequences its engine runs at
+        once), or None when it does not declare one.
+
+        Raises:
+            ReplicaUnavailable: the server cannot be reached.
+        """
+        try:
+            reply = self._stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise ReplicaUnavailable(f"triton at {self.url}: {exc.code().name} {exc.details() or ''}") from None
+        param = reply.config.parameters.get("max_num_seqs")
+        if param is None or not param.string_value.strip():
+            return None
+        try:
+            return int(param.string_value)
+        except ValueError:
+            raise ValueError(f"model {model} at {self.url}: max_num_seqs={param.string_value!r} "
+                             "is not a number") from None
+
     def _model_inputs(self, model: str) -> frozenset[str]:
         with self._lock:
             cached = self._inputs.get(model)
@@ -147,6 +172,8 @@ class TritonClient:
         try:
             meta = self._stub.ModelMetadata(service_pb2.ModelMetadataRequest(name=model), timeout=5)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise ReplicaUnavailable(f"triton at {self.url}: {exc.details() or 'unavailable'}") from None
             raise from_triton_status(exc.code().name, exc.details() or "") from None
         names = frozenset(t.name for t in meta.inputs)
         with self._lock:
@@ -184,6 +211,7 @@ class TritonClient:
 
         Raises:
             DeadlineExceeded: ``timeout_s`` passed before the generation finished.
+            ReplicaUnavailable: this replica cannot be reached (another one may serve it).
             TransientError / PermanentError: per :func:`fleet.errors.from_triton_status`.
         """
         if timeout_s <= 0:
@@ -246,6 +274,9 @@ class TritonClient:
                 raise DeadlineExceeded(f"model call exceeded its {timeout_s:.1f}s budget") from None
             if code == grpc.StatusCode.CANCELLED and cancelled is not None and cancelled():
                 raise RunCancelled("run cancelled during generation") from None
+            if code == grpc.StatusCode.UNAVAILABLE:
+                # The connection to this replica failed or broke: another replica can serve it.
+                raise ReplicaUnavailable(f"triton at {self.url}: {exc.details() or code.name}") from None
             raise from_triton_status(code.name, exc.details() or "") from None
         finally:
             call.cancel()  # no-op when complete; frees the stream when we stop early

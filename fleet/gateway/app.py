@@ -68,7 +68,7 @@ class _Services:
     client: FleetClient
     admission: Admission
     aio: AsyncFleetClient
-    triton: TritonClient
+    triton: list[TritonClient]  # one per replica of the inference pool
 
 
 def _services(request: Request) -> _Services:
@@ -102,7 +102,7 @@ def create_gateway(settings: Settings) -> FastAPI:
             client=client,
             admission=Admission(settings, client.app, client.agents, client.store),
             aio=AsyncFleetClient(settings, sync=client),
-            triton=TritonClient(settings.triton_grpc_url),
+            triton=[TritonClient(r.grpc_url) for r in settings.replicas()],
         )
         app.state.services = services
         log.info("gateway up: %d agents, %s", len(client.agents),
@@ -111,7 +111,8 @@ def create_gateway(settings: Settings) -> FastAPI:
             yield
         finally:
             await services.aio.close()
-            services.triton.close()
+            for triton in services.triton:
+                triton.close()
             client.close()
 
     # With keys, the schema is served behind a key below and the browsable docs are off
@@ -207,7 +208,7 @@ def create_gateway(settings: Settings) -> FastAPI:
             redis_up = bool(services.client.store.redis.ping())
         except Exception:  # noqa: BLE001 - any failure means not ready
             redis_up = False
-        model_up = services.triton.model_ready(settings.triton_model)
+        model_up = any(t.model_ready(settings.triton_model) for t in services.triton)
         body = Readiness(ready=redis_up and model_up, redis=redis_up, triton_model=model_up,
                          model=settings.triton_model)
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)

@@ -65,7 +65,9 @@ def test_status_reports_redis_triton_queues_and_workers(fleet):
     assert all(q["depth"] == 0 for q in queues.values())
     assert set(fleet.nodes.values()) <= set(report["workers"])
     assert set(report["inflight"]) == {"interactive", "batch"}
-    assert report["admission"]["interactive"]["slots"] >= 8  # the module's inference worker announced itself
+    assert report["admission"]["interactive"]["threads"] >= 8  # the module's inference worker announced itself
+    (replica,) = report["pool"]["replicas"]
+    assert replica["model_ready"] and replica["state"] == "up" and replica["capacity"] == 64  # the model's own
 
 
 def _tree(pid: int) -> set[int]:

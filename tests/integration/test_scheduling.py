@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 
-from fleet.capacity import Capacity
 from fleet.errors import Overloaded
+from fleet.replicas import ReplicaBoard
 
 from ..conftest import Fleet, close_fleet, new_fleet
 
@@ -108,47 +108,14 @@ def test_interactive_steps_go_ahead_of_a_batch_backlog(namespace):
         f.client.cancel(r)
 
 
-def test_batch_requests_in_flight_at_triton_never_exceed_the_cap(namespace):
-    f = namespace(batch_inflight_max=2)
-    capacity = Capacity(f.settings, f.client.store.redis)
+def test_a_static_cap_holds_batch_requests_at_a_replica_and_not_interactive_ones(namespace):
+    f = namespace(batch_policy="static", batch_inflight_max=2)
     f.start_worker("inference", "llm", concurrency=8)
     batch = [f.client.submit("writer", {"topic": f"capped {i}"}, priority="batch") for i in range(10)]
     interactive = [f.client.submit("writer", {"topic": f"uncapped {i}"}) for i in range(6)]
     results = [f.client.wait(r, timeout=90).status for r in batch + interactive]
     assert results == ["succeeded"] * 16
-    peak = capacity.peak()
-    assert peak["batch"] == 2  # the cap was reached and never passed
-    assert peak["interactive"] > 2  # interactive requests are not held to it
-    assert capacity.inflight() == {"interactive": 0, "batch": 0}  # every slot was given back
-
-
-def test_work_conserving_slots_leave_only_the_interactive_reserve_idle(namespace):
-    import contextlib
-    import time
-
-    from fleet.errors import DeadlineExceeded
-
-    f = namespace(model_max_sequences=8, interactive_reserve_min=2, interactive_demand_window_s=600)
-    capacity = Capacity(f.settings, f.client.store.redis)
-    far = time.time() + 60
-    with contextlib.ExitStack() as held:
-        # Batch takes every slot but the reserve of 2: 6 of 8, not a static cap's handful.
-        for _ in range(6):
-            held.enter_context(capacity.slot("batch", far))
-        with pytest.raises(DeadlineExceeded):
-            held.enter_context(capacity.slot("batch", time.time()))  # the 7th waits (here: gives up)
-        assert capacity.inflight() == {"interactive": 0, "batch": 6} and capacity.batch_limit() == 6
-        # Interactive requests are always admitted, and their peak sizes the reserve.
-        interactive = contextlib.ExitStack()
-        for _ in range(3):
-            interactive.enter_context(capacity.slot("interactive", far))
-        assert capacity.inflight() == {"interactive": 3, "batch": 6}
-        assert capacity.batch_limit() == 5
-        interactive.close()
-    # Released, the recent peak of 3 interactive requests still holds its reserve.
-    assert capacity.inflight() == {"interactive": 0, "batch": 0} and capacity.batch_limit() == 5
-    with contextlib.ExitStack() as held:
-        for _ in range(5):
-            held.enter_context(capacity.slot("batch", far))
-        with pytest.raises(DeadlineExceeded):
-            held.enter_context(capacity.slot("batch", time.time()))
+    (replica,) = ReplicaBoard(f.settings, f.client.store.redis).states()
+    assert replica.peak["batch"] == 2  # the cap was reached and never passed
+    assert replica.peak["interactive"] > 2  # interactive requests are not held to it
+    assert replica.inflight == {"interactive": 0, "batch": 0}  # every slot was given back

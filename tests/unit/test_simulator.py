@@ -366,3 +366,27 @@ def test_engine_survives_a_failing_sink(engine_factory) -> None:
     engine.submit("q", {"max_tokens": 3}, sink)
     assert sink.done.wait(WAIT_S)
     assert sink.finish_reason == "length"
+
+
+def test_engine_counts_what_waited_for_a_slot_and_its_waiting_queue_is_only_ready_sequences(engine_factory) -> None:
+    cfg = SimConfig(ttft_ms=0, prefill_ms_per_token=0, tpot_ms=1, load_factor=0, max_num_seqs=2)
+    engine = engine_factory(cfg)
+    first = [FakeSink() for _ in range(2)]
+    for sink in first:
+        engine.submit("p", {"max_tokens": 20}, sink)
+    late = [FakeSink(), FakeSink()]
+    engine.submit("q", {"max_tokens": 2}, late[0], stream=True)
+    engine.submit("q", {"max_tokens": 2}, late[1])
+    assert all(s.done.wait(WAIT_S) for s in first + late)
+    stats = engine.stats()
+    # Both late sequences found the two slots taken and waited whole steps, counted by kind.
+    assert (stats.slot_waits_stream, stats.slot_waits) == (1, 1)
+    assert stats.slot_wait_steps_max_stream >= 1 and stats.slot_wait_steps_max >= 1
+    assert stats.max_active == 2
+
+
+def test_a_sequence_on_its_way_in_is_arriving_not_waiting(engine_factory) -> None:
+    engine = engine_factory(SimConfig(ttft_ms=60_000, prefill_ms_per_token=0, tpot_ms=1, load_factor=0))
+    engine.submit("far off", {"max_tokens": 2}, FakeSink())
+    stats = engine.stats()
+    assert (stats.waiting, stats.arriving, stats.slot_waits) == (0, 1, 0)

@@ -149,13 +149,27 @@ class _EngineMetrics:
         # A family must outlive its metrics (the server deletes a metric with its family).
         self._families: list[Any] = []
 
+        def family(name: str, kind: Any, description: str) -> Any:
+            fam = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            self._families.append(fam)
+            return fam
+
         def metric(name: str, kind: Any, description: str) -> Any:
-            family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
-            self._families.append(family)
-            return family.Metric(labels=labels)
+            return family(name, kind, description).Metric(labels=labels)
+
+        def by_stream(name: str, kind: Any, description: str) -> tuple[Any, Any]:
+            fam = family(name, kind, description)
+            return (fam.Metric(labels={**labels, "stream": "false"}), fam.Metric(labels={**labels, "stream": "true"}))
 
         self._running = metric("vllm:num_requests_running", gauge, "Sequences in the running batch.")
-        self._waiting = metric("vllm:num_requests_waiting", gauge, "Sequences waiting to be admitted.")
+        self._waiting = metric("vllm:num_requests_waiting", gauge,
+                               "Sequences ready to run that found every sequence slot taken.")
+        self._arriving = metric("medium_sim:num_requests_arriving", gauge,
+                                "Sequences within their time to first token, not yet schedulable.")
+        self._slot_waits = by_stream("medium_sim:slot_waits_total", counter,
+                                     "Sequences that waited inside the engine for a sequence slot.")
+        self._slot_wait_max = by_stream("medium_sim:slot_wait_steps_max", gauge,
+                                        "Most engine steps a sequence waited for a sequence slot.")
         self._success = metric("vllm:request_success_total", counter, "Sequences that finished.")
         self._capacity = metric("medium_sim:max_num_seqs", gauge, "Most sequences the engine runs at once.")
         self._peak = metric("medium_sim:num_requests_running_max", gauge, "Most sequences ever running at once.")
@@ -163,7 +177,7 @@ class _EngineMetrics:
         self._cancelled = metric("medium_sim:requests_cancelled_total", counter,
                                  "Sequences dropped because their client cancelled them.")
         self._capacity.set(engine.cfg.max_num_seqs)
-        self._sent = (0, 0, 0)
+        self._sent = (0, 0, 0, 0, 0)
         self._thread = threading.Thread(target=self._loop, name="medium-sim-metrics", daemon=True)
         self._thread.start()
 
@@ -171,12 +185,17 @@ class _EngineMetrics:
         stats = self._engine.stats()
         self._running.set(stats.active)
         self._waiting.set(stats.waiting)
+        self._arriving.set(stats.arriving)
         self._peak.set(stats.max_active)
+        self._slot_wait_max[0].set(stats.slot_wait_steps_max)
+        self._slot_wait_max[1].set(stats.slot_wait_steps_max_stream)
         # Counters first: whoever sees the success count see the steps that led to it.
         self._steps.increment(stats.steps - self._sent[1])
         self._cancelled.increment(stats.cancelled - self._sent[2])
+        self._slot_waits[0].increment(stats.slot_waits - self._sent[3])
+        self._slot_waits[1].increment(stats.slot_waits_stream - self._sent[4])
         self._success.increment(stats.completed - self._sent[0])
-        self._sent = (stats.completed, stats.steps, stats.cancelled)
+        self._sent = (stats.completed, stats.steps, stats.cancelled, stats.slot_waits, stats.slot_waits_stream)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval_s):
@@ -252,7 +271,7 @@ class TritonPythonModel:
             outputs=outputs,
             text_dtype=self._text_dtype,
         )
-        self._engine.submit(prompt, params, sink)
+        self._engine.submit(prompt, params, sink, stream=stream)
 
     def finalize(self) -> None:
         """Stop the engine; requests still in flight fail with UNAVAILABLE."""

@@ -1,0 +1,315 @@
+"""Slots of the inference pool: which requests are in flight at which replica, and who waits.
+
+Every llm request holds a lease on one replica while it is at Triton: a member of the
+replica's sorted set for its class, ``<dispatch ms>:<token>`` (``np:`` in front when it
+must not be preempted), scored by its holder's last heartbeat, so a dead worker's leases
+go stale within :data:`LEASE_TTL_S`. One Lua script takes a slot: it picks the healthy
+replica with the most room, and under the ``preempt`` policy gives an interactive request
+that finds none the slot of the youngest batch request (which is told on the preempt
+channel, cancelled at Triton and sent again later). Per replica and policy, a class may
+hold (``C`` the replica's sequence capacity, ``K`` the pipeline depth the monitor learned):
+
+=========  ===================================  ==========================================
+policy     batch                                interactive
+=========  ===================================  ==========================================
+preempt    interactive + batch < C + K          the same, else the youngest batch's slot,
+                                                else it waits (and batch waits behind it)
+reserve    batch < C - reserve (recent peak)    always (the engine queues what is over C)
+static     batch < FLEET_BATCH_INFLIGHT_MAX     always
+=========  ===================================  ==========================================
+
+A request that gets no slot waits in its worker thread: releases publish on the slot
+channel, and each worker process wakes one waiter (interactive first) to try again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from fleet.errors import DeadlineExceeded, RunCancelled, TransientError
+from fleet.settings import PriorityClass, Settings
+
+log = logging.getLogger(__name__)
+
+#: A lease whose holder has not refreshed it for this long belongs to a dead worker.
+LEASE_TTL_S = 15.0
+HEARTBEAT_S = LEASE_TTL_S / 3
+#: A waiter tries again at least this often, whatever it hears (it counts as waiting for 2 s
+#: after each try, see ``_ACQUIRE``).
+_RETRY_S = 0.25
+
+# KEYS: [1] interactive waiters, [2] batch waiters, then per replica i (b = 2 + 4 * (i - 1)):
+#   [b+1] state hash, [b+2] interactive leases, [b+3] batch leases, [b+4] interactive demand.
+# ARGV: [1] now, [2] member, [3] class, [4] stale before, [5] policy, [6] static batch cap,
+#   [7] waiter token, [8] preempt channel, [9] first replica to look at (rotation),
+#   [10] reserve floor, [11] demand window (s), [12] batch requests an interactive one preempts.
+# Returns {i, victim} (victim: '' or the member whose slot it took), or {0, 'down' | 'full'}.
+_ACQUIRE = """
+local now, member, class = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local stale, policy = tonumber(ARGV[4]), ARGV[5]
+local n = (#KEYS - 2) / 4
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if class == 'batch' and redis.call('ZCARD', KEYS[1]) > 0 then
+  -- an interactive request waits for a slot: batch takes none before it
+  redis.call('ZADD', KEYS[2], now + 2, ARGV[7])
+  return {0, 'full'}
+end
+local best, best_free, up = 0, -1e9, 0
+local load = {}
+for j = 0, n - 1 do
+  local i = (tonumber(ARGV[9]) + j) % n + 1
+  local b = 2 + 4 * (i - 1)
+  local st = redis.call('HMGET', KEYS[b + 1], 'state', 'capacity', 'pipeline')
+  if st[1] == 'up' and st[2] then
+    up = up + 1
+    redis.call('ZREMRANGEBYSCORE', KEYS[b + 2], '-inf', stale)
+    redis.call('ZREMRANGEBYSCORE', KEYS[b + 3], '-inf', stale)
+    local ni, nb = redis.call('ZCARD', KEYS[b + 2]), redis.call('ZCARD', KEYS[b + 3])
+    local cap, pipe = tonumber(st[2]), tonumber(st[3] or '0')
+    load[i] = {ni, nb}
+    local free
+    if policy == 'preempt' then
+      free = cap + pipe - ni - nb
+    elseif class == 'interactive' then
+      free = cap - ni - nb  -- never waits: the most room, or the least over
+    elseif policy == 'static' then
+      free = tonumber(ARGV[6]) - nb
+    else
+      redis.call('ZREMRANGEBYSCORE', KEYS[b + 4], '-inf', now - tonumber(ARGV[11]))
+      local reserve = math.max(tonumber(ARGV[10]), ni)
+      for _, sample in ipairs(redis.call('ZRANGE', KEYS[b + 4], 0, -1)) do
+        local seen = tonumber(string.match(sample, '^(%d+):'))
+        if seen and seen > reserve then reserve = seen end
+      end
+      free = cap - reserve - nb
+    end
+    if free > best_free then best, best_free = i, free end
+  end
+end
+if up == 0 then return {0, 'down'} end
+local victim = ''
+if best_free <= 0 and not (class == 'interactive' and policy ~= 'preempt') then
+  if class == 'interactive' then
+    -- the youngest preemptible batch request anywhere in the pool gives up its slot
+    local young = -1
+    for i, _ in pairs(load) do
+      local b = 2 + 4 * (i - 1)
+      for _, m in ipairs(redis.call('ZRANGE', KEYS[b + 3], 0, -1)) do
+        local t = tonumber(string.match(m, '^(%d+):'))
+        if t and t > young then young, best, victim = t, i, m end
+      end
+    end
+  end
+  if victim == '' then
+    redis.call('ZADD', class == 'interactive' and KEYS[1] or KEYS[2], now + 2, ARGV[7])
+    return {0, 'full'}
+  end
+  local b = 2 + 4 * (best - 1)
+  local victims = {victim}
+  local rest = {}
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[b + 3], 0, -1)) do
+    local t = tonumber(string.match(m, '^(%d+):'))
+    if t and m ~= victim then table.insert(rest, {t, m}) end
+  end
+  table.sort(rest, function(x, y) return x[1] > y[1] end)
+  -- one more for each request sent beyond the replica's capacity (they wait in the engine's
+  -- first-come-first-served queue ahead of this one), up to ARGV[12] in all
+  local beyond = load[best][1] + load[best][2] - tonumber(redis.call('HGET', KEYS[b + 1], 'capacity'))
+  local want = math.min(tonumber(ARGV[12]), 1 + math.max(0, beyond))
+  for k = 1, math.min(#rest, want - 1) do table.insert(victims, rest[k][2]) end
+  for _, m in ipairs(victims) do
+    redis.call('ZREM', KEYS[b + 3], m)
+    redis.call('HINCRBY', KEYS[b + 1], 'preempted', 1)
+    redis.call('PUBLISH', ARGV[8], string.match(m, ':(%x+)$'))
+  end
+  load[best][2] = load[best][2] - #victims
+end
+local b = 2 + 4 * (best - 1)
+redis.call('ZREM', class == 'interactive' and KEYS[1] or KEYS[2], ARGV[7])
+if class == 'interactive' then
+  redis.call('ZADD', KEYS[b + 2], now, member)
+  local ni = load[best][1] + 1
+  if policy == 'reserve' then redis.call('ZADD', KEYS[b + 4], now, ni .. ':' .. ARGV[7]) end
+  if ni > tonumber(redis.call('HGET', KEYS[b + 1], 'peak_interactive') or '0') then
+    redis.call('HSET', KEYS[b + 1], 'peak_interactive', ni)
+  end
+else
+  redis.call('ZADD', KEYS[b + 3], now, member)
+  local nb = load[best][2] + 1
+  if nb > tonumber(redis.call('HGET', KEYS[b + 1], 'peak_batch') or '0') then
+    redis.call('HSET', KEYS[b + 1], 'peak_batch', nb)
+  end
+end
+return {best, victim}
+"""
+
+# KEYS[1] the lease's sorted set; ARGV: member, slot channel, replica name.
+_RELEASE = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A request's slot at one replica."""
+
+    replica: str
+    priority: PriorityClass
+    token: str
+    member: str
+    victim: str = ""  # the batch request whose slot this one took
+
+
+
+class _Signal:
+    """Wakes this process's waiting requests when a slot may have freed: every interactive
+    waiter, else one batch waiter (the others try again within ``_RETRY_S``)."""
+
+    def __init__(self) -> None:
+        lock = threading.Lock()
+        self._cv = {"interactive": threading.Condition(lock), "batch": threading.Condition(lock)}
+        self._lock = lock
+        self.seq = 0
+        self._waiting = {"interactive": 0, "batch": 0}
+
+    def wake(self, everyone: bool = False) -> None:
+        with self._lock:
+            self.seq += 1
+            if everyone or self._waiting["interactive"]:
+                self._cv["interactive"].notify_all()
+            if everyone:
+                self._cv["batch"].notify_all()
+            elif not self._waiting["interactive"]:
+                self._cv["batch"].notify()
+
+    def wait(self, seen: int, priority: PriorityClass, timeout_s: float) -> None:
+        with self._lock:
+            if self.seq != seen:
+                return
+            self._waiting[priority] += 1
+            try:
+                self._cv[priority].wait(timeout_s)
+            finally:
+                self._waiting[priority] -= 1
+
+
+class Slots:
+    """Leases on the pool's replicas, shared by every worker through Redis."""
+
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.redis = client
+        self.replicas = [r.name for r in settings.replicas()]
+        keys = settings.keys
+        self._keys = [keys.slot_waiters("interactive"), keys.slot_waiters("batch")]
+        for name in self.replicas:
+            self._keys += [keys.replica(name), keys.leases(name, "interactive"), keys.leases(name, "batch"),
+                           keys.interactive_demand(name)]
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
+        self.signal = _Signal()
+        self._held: dict[str, Lease] = {}
+        self._held_lock = threading.Lock()
+        self._heartbeat: threading.Thread | None = None
+
+    # --- taking and giving back ---------------------------------------------------------
+    def try_acquire(self, priority: PriorityClass, token: str, preemptible: bool = True) -> Lease | str:
+        """One attempt: the lease, or why there is none (``'full'``, ``'down'``)."""
+        s = self.settings
+        now = time.time()
+        member = f"{'' if preemptible or priority == 'interactive' else 'np:'}{int(now * 1000)}:{token}"
+        index, why = self._acquire(keys=self._keys, args=[
+            now, member, priority, now - LEASE_TTL_S, s.batch_policy, s.batch_inflight_max, token,
+            s.keys.preempt_channel, random.randrange(len(self.replicas)), s.interactive_reserve_min,
+            s.interactive_demand_window_s, s.preempt_victims])
+        if not index:
+            return why
+        lease = Lease(self.replicas[int(index) - 1], priority, token, member, why)
+        with self._held_lock:
+            self._held[token] = lease
+        self._start_heartbeat()
+        return lease
+
+    def acquire(self, priority: PriorityClass, deadline_at: float, cancelled: Callable[[], bool],
+                preemptible: bool = True, token: str | None = None) -> Lease:
+        """A lease on the replica with the most room, waiting for one as long as the run may.
+
+        Raises:
+            DeadlineExceeded: the run's deadline passed first.
+            RunCancelled: the run was cancelled while it waited.
+            TransientError: no replica of the pool was up for ``FLEET_TRITON_CONNECT_WAIT_S``.
+        """
+        token = token or uuid.uuid4().hex
+        down_since: float | None = None
+        try:
+            while True:
+                seen = self.signal.seq
+                got = self.try_acquire(priority, token, preemptible)
+                if isinstance(got, Lease):
+                    return got
+                now = time.time()
+                if got == "down":
+                    down_since = down_since or now
+                    if now - down_since >= self.settings.triton_connect_wait_s:
+                        raise TransientError(
+                            f"no replica of the inference pool is up ({', '.join(self.replicas)}); "
+                            f"waited {self.settings.triton_connect_wait_s:.0f}s")
+                else:
+                    down_since = None
+                if now >= deadline_at:
+                    raise DeadlineExceeded(f"deadline passed waiting for a {priority} slot in the inference pool")
+                if cancelled():
+                    raise RunCancelled("run cancelled while waiting for a slot in the inference pool")
+                self.signal.wait(seen, priority, min(_RETRY_S, max(0.0, deadline_at - now)))
+        except BaseException:
+            self.redis.zrem(self.settings.keys.slot_waiters(priority), token)
+            raise
+
+    def release(self, lease: Lease) -> None:
+        """Give the slot back (a no-op when it was preempted or went stale)."""
+        with self._held_lock:
+            self._held.pop(lease.token, None)
+        try:
+            self._release(keys=[self.settings.keys.leases(lease.replica, lease.priority)],
+                          args=[lease.member, self.settings.keys.slot_channel, lease.replica])
+        except redis.RedisError:
+            # The lease goes stale without heartbeats and frees itself.
+            log.warning("could not release a %s slot at %s; it frees in %.0fs", lease.priority, lease.replica,
+                        LEASE_TTL_S, exc_info=True)
+
+    # --- heartbeats ---------------------------------------------------------------------
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            with self._held_lock:
+                if self._heartbeat is None:
+                    self._heartbeat = threading.Thread(target=self._beat, name="fleet-leases", daemon=True)
+                    self._heartbeat.start()
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)  # a period, not a wait for an event
+            with self._held_lock:
+                held = list(self._held.values())
+            if not held:
+                continue
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                now = time.time()
+                for lease in held:
+                    pipe.zadd(self.settings.keys.leases(lease.replica, lease.priority), {lease.member: now}, xx=True)
+                pipe.execute()
+            except redis.RedisError:
+                log.debug("lease heartbeat failed", exc_info=True)
