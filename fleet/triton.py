@@ -74,8 +74,9 @@ def _first(result: InferResult, name: str) -> Any:
 
 
 def _let_end(call: Any, wait_s: float = 1.0) -> None:
-    """Give Triton a moment to end a stream it has answered in full: a stream cancelled at
-    once leaves Triton's request span open (and unexported). One that lingers is cancelled."""
+    """Give Triton a moment to end a stream it has answered in full (usually well under a
+    millisecond): a stream cancelled at once at times leaves Triton's request span open, and
+    never exported. One that lingers is cancelled."""
     ended = threading.Event()
     call.add_done_callback(lambda _: ended.set())
     ended.wait(wait_s)
@@ -263,7 +264,8 @@ class TritonClient:
                 finish = _first(result, "finish_reason") or finish
                 final = response.infer_response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
-                    _let_end(call)
+                    if metadata:  # traced: Triton's spans of this request are wanted
+                        _let_end(call)
                     break
                 if cancelled is not None and cancelled():
                     call.cancel()
