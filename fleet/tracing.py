@@ -270,14 +270,24 @@ def inject_message(headers: dict[str, Any]) -> None:
     root = _run_root.get()
     _on.propagator.inject(headers, context=root)
     if root is not None:
-        sender: dict[str, str] = {}
-        _on.propagator.inject(sender)
-        if TRACEPARENT in sender:
-            headers[SENT_BY] = sender[TRACEPARENT]
+        sender = _on.trace.get_current_span().get_span_context()
+        if sender.is_valid:
+            headers[SENT_BY] = f"{sender.trace_id:032x}-{sender.span_id:016x}"
 
 
 def _context_of(value: str | None) -> Any:
     return _on.propagator.extract({TRACEPARENT: value}) if _on is not None and value else None
+
+
+def _sender(value: Any) -> Any:
+    """The span context a ``fleet_sent_by`` header names (``<trace id>-<span id>``), or None."""
+    assert _on is not None  # noqa: S101 - tracing is on
+    try:
+        trace_hex, span_hex = str(value).split("-")
+        return _on.trace.SpanContext(int(trace_hex, 16), int(span_hex, 16), is_remote=True,
+                                     trace_flags=_on.trace.TraceFlags(_on.trace.TraceFlags.SAMPLED))
+    except ValueError:  # not ours: no link
+        return None
 
 
 @contextmanager
@@ -286,12 +296,9 @@ def _delivery(name: str, header: Callable[[str], Any], sent_at: float | None,
     assert _on is not None  # noqa: S101 - checked by delivery()
     carrier = {k: str(v) for k in (TRACEPARENT, TRACESTATE) if (v := header(k))}
     parent = _on.propagator.extract(carrier) if carrier else None
-    links = []
-    sender = _context_of(header(SENT_BY))
-    if sender is not None:
-        sent_by = _on.trace.get_current_span(sender).get_span_context()
-        if sent_by.is_valid:
-            links.append(_on.link(sent_by))
+    sent_by = header(SENT_BY)
+    sender = _sender(sent_by) if sent_by else None
+    links = [_on.link(sender)] if sender is not None and sender.is_valid else []
     now = time.time()
     if sent_at is not None:
         # Beside the step under the run's root, not inside it: the waterfall reads queue wait,

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from fleet import launch, tracing  # noqa: E402
 from fleet.client import FleetClient  # noqa: E402
+from fleet.replicas import ReplicaBoard  # noqa: E402
 from fleet.routing import worker_queues  # noqa: E402
 from fleet.settings import Settings  # noqa: E402
 from fleet.triton import Generation  # noqa: E402
@@ -115,6 +116,7 @@ def _mode(name: str, redis_url: str, triton: launch.TritonEndpoints, agents_dir:
     prefix = f"bt{uuid.uuid4().hex[:6]}"
     env = {"FLEET_REDIS_URL": redis_url, "FLEET_KEY_PREFIX": prefix, "FLEET_QUEUE_PREFIX": f"{prefix}.",
            "FLEET_TRITON_GRPC_URL": triton.grpc_url, "FLEET_TRITON_HTTP_URL": triton.http_url,
+           "FLEET_TRITON_METRICS_URL": triton.metrics_url, "FLEET_TRITON_MODEL": "medium_zero",
            "FLEET_AGENTS_DIR": str(agents_dir), "FLEET_LOG_LEVEL": "WARNING"}
     return Mode(name, _settings(env), {**env, **otel})
 
@@ -128,6 +130,9 @@ def _start_workers(procs: launch.Processes, mode: Mode, client: FleetClient, thr
         nodes.append(node)
     for node in nodes:
         launch.wait_until(lambda n=node: launch.worker_answers(client.app, n), 60, node, None, 0.3)
+    # Admission takes runs once the workers have found the mode's Triton up.
+    board = ReplicaBoard(mode.settings, client.store.redis)
+    launch.wait_until(lambda: any(st.up for st in board.states()), 60, f"{mode.name}: Triton up", None, 0.2)
     mode.pids = [procs.children[f"{mode.name}-{kind}"].pid for kind in ("llm", "tool")]
 
 

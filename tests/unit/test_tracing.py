@@ -108,7 +108,7 @@ def test_a_step_publishes_its_runs_root_and_names_itself_as_the_sender(memory):
     assert by_name["text_completion m"].parent.span_id == step_ctx.span_id
     assert metadata["traceparent"].split("-")[2] == f"{call.get_span_context().span_id:016x}"
     assert next_headers["traceparent"] == stored  # the run's root ...
-    assert next_headers["fleet_sent_by"].split("-")[2] == f"{step_ctx.span_id:016x}"  # ... sent by this step
+    assert next_headers["fleet_sent_by"].split("-")[1] == f"{step_ctx.span_id:016x}"  # ... sent by this step
     assert by_name["a.act"].parent.span_id == root_ctx.span_id
     assert [link.context.span_id for link in by_name["a.act"].links] == [step_ctx.span_id]
     assert act.get_span_context().trace_id == root_ctx.trace_id
