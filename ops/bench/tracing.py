@@ -10,7 +10,8 @@ trace (``OTEL_EXPORTER_OTLP_ENDPOINT`` set), one whose workers do not. Every run
   so that each pair meets the machine in the same state (a shared 2-core machine drifts
   more than tracing costs); the median of the pairs' differences;
 - per step, many runs at once: wall time / steps;
-- worker CPU per step: CPU seconds of the worker processes (and their pool children) / steps;
+- worker CPU per step: CPU seconds of the worker processes (and their pool children) / steps,
+  and Triton's (its server and python backend) likewise;
 - in process: the tracing calls one step makes (fleet.tracing, as the task, the hooks,
   the model call and the next publish make them), off and on, sending the spans included.
 
@@ -97,9 +98,11 @@ class Mode:
     settings: Settings
     env: dict[str, str]
     pids: list[int] = field(default_factory=list)
+    triton_pid: int = 0
     one: list[float] = field(default_factory=list)  # ms per step of each run, one run at a time
     many: list[float] = field(default_factory=list)  # ms of wall time per step, many runs at once (per round)
     cpu: list[float] = field(default_factory=list)  # worker CPU ms per step (per round)
+    triton_cpu: list[float] = field(default_factory=list)  # Triton's CPU ms per step (per round)
 
 
 def _settings(env: dict[str, str]) -> Settings:
@@ -165,14 +168,16 @@ def _many(client: FleetClient, n: int, tag: str) -> float:
 def _round(modes: list[Mode], clients: dict[str, FleetClient], r: int, sequential: int, concurrent: int) -> None:
     """One round: runs one at a time, off and on in turn (so each pair shares the machine's
     moment), then a batch of runs at once per mode; the worker CPU each mode used."""
-    cpu0 = {m.name: _cpu_s(m.pids) for m in modes}
+    cpu0 = {m.name: (_cpu_s(m.pids), _cpu_s([m.triton_pid])) for m in modes}
     for i in range(sequential):
         for mode in (modes if (r + i) % 2 == 0 else modes[::-1]):
             mode.one.append(_one(clients[mode.name], f"one {r} {i}"))
     for mode in (modes if r % 2 == 0 else modes[::-1]):
         mode.many.append(_many(clients[mode.name], concurrent, f"many {r}"))
+    steps = (sequential + concurrent) * STEPS
     for mode in modes:
-        mode.cpu.append((_cpu_s(mode.pids) - cpu0[mode.name]) / ((sequential + concurrent) * STEPS) * 1000)
+        mode.cpu.append((_cpu_s(mode.pids) - cpu0[mode.name][0]) / steps * 1000)
+        mode.triton_cpu.append((_cpu_s([mode.triton_pid]) - cpu0[mode.name][1]) / steps * 1000)
 
 
 def _step_calls(n: int) -> float:
@@ -242,6 +247,7 @@ def main() -> int:
         (agents_dir / "bench_trace.toml").write_text(AGENT)
         modes = [_mode("off", redis_url, plain, agents_dir, {}),
                  _mode("on", redis_url, traced, agents_dir, {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint})]
+        modes[0].triton_pid, modes[1].triton_pid = procs.children["triton-plain"].pid, procs.children["triton-traced"].pid
         # This process submits untraced for both: its one span a run is not a step's cost, and
         # one process cannot trace for one mode and not the other run by run.
         tracing.shutdown()
@@ -297,6 +303,8 @@ def render(args, modes: list[Mode], micro: tuple[float, float], sink: Sink, elap
         f"{med(on.many):.3f} | {med(on.many) - med(off.many):+.3f} |",
         f"| worker CPU per step: median over rounds (ms) | {med(off.cpu):.3f} | {med(on.cpu):.3f} | "
         f"{med(on.cpu) - med(off.cpu):+.3f} |",
+        f"| Triton's CPU per step (its python backend included): median over rounds (ms) | {med(off.triton_cpu):.3f} | "
+        f"{med(on.triton_cpu):.3f} | {med(on.triton_cpu) - med(off.triton_cpu):+.3f} |",
         f"| in process: the tracing calls of one step, sending included (ms) | {micro[0] / 1000:.4f} | "
         f"{micro[1] / 1000:.4f} | {(micro[1] - micro[0]) / 1000:+.4f} |",
         "", "Target: tracing on adds at most 0.5 ms per step.", "", "## Rounds", "",
