@@ -125,3 +125,14 @@ def test_a_step_without_a_traced_submission_becomes_the_runs_root(memory):
     by_name = {s.name: s for s in memory.get_finished_spans()}
     assert by_name["a.plan"].parent is None
     assert by_name["a.act"].parent.span_id == first.get_span_context().span_id
+
+
+def test_triton_is_told_to_trace_every_request_to_the_same_endpoint():
+    from fleet import launch
+
+    args = launch.triton_trace_args(tracing.traces_url({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}),
+                                    export_delay_ms=100)
+    assert args[::2] == ["--trace-config"] * (len(args) // 2)
+    configs = set(args[1::2])
+    assert {"mode=opentelemetry", "rate=1", "count=-1", "level=TIMESTAMPS", "opentelemetry,url=http://c:4318/v1/traces",
+            "opentelemetry,resource=service.name=triton", "opentelemetry,bsp_schedule_delay=100"} == configs
