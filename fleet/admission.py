@@ -81,7 +81,8 @@ class LoadShedder:
     An interactive run's llm steps wait behind the interactive ones already queued, in
     flight or waiting for a slot; the pool serves ``parallel`` of them at once (the sequence
     capacity of the replicas that are up, or fewer when fewer worker threads can take
-    interactive work), each in about the recent p90 interactive llm step time, so a new one
+    interactive work), each in at most about the recent p99 interactive llm step time (the
+    slow tail, not the mean: a second wave that lands on the deadline misses it), so a new one
     starts after ``ahead // parallel`` such waves. A run predicted to miss its deadline is
     refused at once (a fast "no" beats a slow timeout for a person waiting), with a
     Retry-After for when the pool will have drained enough for it. Batch submissions get
@@ -129,14 +130,14 @@ class LoadShedder:
         threads = only + max(0, shared - busy)
         parallel = min(pool, threads) if pool else threads
         times = sorted(self.capacity.step_times("llm", priority))
-        step_s = times[min(len(times) - 1, int(0.9 * len(times)))] if times else None
+        step_s = times[min(len(times) - 1, int(0.99 * len(times)))] if times else None
         ahead = self.admitted.ahead(time.time()) if priority == "interactive" else depth + inflight + waiting
         wait = (ahead // parallel) * step_s if parallel and step_s is not None else None
         return {"queue": queue, "depth": depth, "in_flight": inflight, "waiting_for_slot": waiting,
                 "steps_ahead": ahead,
                 "pool_capacity": pool, "replicas_up": len(up), "replicas": len(replicas),
                 "replicas_probed": sum(st.known for st in replicas), "threads": threads,
-                "parallel": parallel, "step_p90_s": step_s, "predicted_wait_s": wait}
+                "parallel": parallel, "step_p99_s": step_s, "predicted_wait_s": wait}
 
     def check(self, agent: AgentDef, priority: PriorityClass, deadline_s: float, run_id: str) -> None:
         """Admit ``run_id`` (an interactive one joins the ledger of admitted runs) or raise
@@ -147,7 +148,7 @@ class LoadShedder:
             limit = self.settings.admission_batch_max_queued
             if self.capacity.redis.llen(queue_name(self.settings, "llm", "batch")) >= limit:
                 st = self.state(priority)
-                step_s, parallel = st["step_p90_s"] or 0.0, max(1, st["parallel"])
+                step_s, parallel = st["step_p99_s"] or 0.0, max(1, st["parallel"])
                 retry = max(5.0, (st["depth"] - limit + 1) / parallel * step_s)
                 raise Overloaded(
                     f"batch queue {st['queue']} holds {st['depth']} steps (limit {limit}); "
@@ -158,7 +159,7 @@ class LoadShedder:
             retry = max(1.0, 2 * self.settings.replica_probe_interval_s)
             raise Overloaded(f"no replica of the inference pool is up (0 of {st['replicas']}); "
                              f"retry in {retry:.0f}s", retry_after_s=retry)
-        step_s, parallel = st["step_p90_s"], st["parallel"]
+        step_s, parallel = st["step_p99_s"], st["parallel"]
         ok, ahead = self.admitted.admit(run_id, agent, time.time(), deadline_s, parallel, step_s)
         if ok or not step_s:  # without a step time every run is admitted
             return
@@ -169,7 +170,7 @@ class LoadShedder:
         raise Overloaded(
             f"interactive queue {st['queue']}: {ahead} model steps of admitted runs ahead, served "
             f"{parallel} at a time ({st['pool_capacity']} sequences on {st['replicas_up']} of {st['replicas']} "
-            f"replicas up, p90 step {step_s:.2f}s): predicted wait {wait:.2f}s + run {run_s:.2f}s exceeds the "
+            f"replicas up, p99 step {step_s:.2f}s): predicted wait {wait:.2f}s + run {run_s:.2f}s exceeds the "
             f"{deadline_s:g}s deadline; retry in {retry:.0f}s", retry_after_s=retry)
 
 

@@ -260,9 +260,9 @@ def status(as_json: bool) -> None:
         click.echo("admission")
         for cls, st in report["admission"].items():
             wait = f"{st['predicted_wait_s']:.2f}s" if st["predicted_wait_s"] is not None else "-"
-            p90 = f"{st['step_p90_s']:.3f}s" if st["step_p90_s"] is not None else "-"
+            p99 = f"{st['step_p99_s']:.3f}s" if st["step_p99_s"] is not None else "-"
             click.echo(f"  {cls:<12} in flight {st['in_flight']:>4}  waiting for a slot {st['waiting_for_slot']:>4}  "
-                       f"served {st['parallel']} at a time  p90 llm step {p90}  predicted wait {wait}")
+                       f"served {st['parallel']} at a time  p99 llm step {p99}  predicted wait {wait}")
     click.echo("workers")
     for w in report["workers"] or ["(none answering)"]:
         click.echo(f"  {w}")

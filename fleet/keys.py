@@ -73,6 +73,11 @@ class Keys:
         (``np:`` in front when it must not be preempted), scored by their holder's last heartbeat."""
         return self._k("pool", "leases", replica, priority)
 
+    def starting(self, replica: str) -> str:
+        """Sorted set: interactive requests at a replica that have not produced their first
+        token yet, scored by expiry (batch sends that replica nothing new meanwhile)."""
+        return self._k("pool", "starting", replica)
+
     def slot_waiters(self, priority: str) -> str:
         """Sorted set: requests of a class waiting for a slot, scored by expiry (batch takes no slot
         while an interactive request waits)."""

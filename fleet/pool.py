@@ -98,11 +98,23 @@ class InferencePool:
         # token in the worker and at Triton.
         stream = priority == "interactive" or on_token is not None
 
-        def call(replica: str, bind: Callable[[Any], None]) -> Generation:
+        def call(replica: str, bind: Callable[[Any], None],
+                 first_token: Callable[[], None] | None = None) -> Generation:
+            tokens = on_token
+            if first_token is not None:
+                seen = [False]
+
+                def tokens(text: str) -> None:
+                    if not seen[0]:
+                        seen[0] = True
+                        first_token()
+                    if on_token is not None:
+                        on_token(text)
+
             return self.client(replica).generate(
                 prompt, sampling, stream=stream, model=model or self.settings.triton_model,
                 priority=self.settings.triton_priority(priority), timeout_s=deadline_at - time.time(),
-                request_id=request_id, on_token=on_token, cancelled=cancel.cancelled, bind=bind,
+                request_id=request_id, on_token=tokens, cancelled=cancel.cancelled, bind=bind,
             )
 
         if self.settings.scheduling == "vanilla":
@@ -123,7 +135,8 @@ class InferencePool:
                 lease = self.slots.acquire(priority, deadline_at, cancel.cancelled, preemptible, token=token)
                 waited += time.monotonic() - started
                 try:
-                    gen = call(lease.replica, lambda c: (cancel.bind(c), link.bind(c)))
+                    gen = call(lease.replica, lambda c: (cancel.bind(c), link.bind(c)),
+                               (lambda: self.slots.started(lease)) if priority == "interactive" else None)
                 except Exception as exc:
                     if link.preempted:
                         preemptions += 1

@@ -64,12 +64,13 @@ from fleet.settings import Settings  # noqa: E402
 
 # Pool shapes. saturated: the model is the bottleneck (few sequences, each one slowing the
 # others a lot, worker threads three times the capacity); default: the dev model timed like
-# a fast medium model with room to spare, where threads and CPU bound throughput.
+# a fast medium model with sequences to spare, where this machine's CPU bounds throughput
+# (threads enough that no configuration is short of them).
 POOLS = {
     "saturated": {"max_seqs": 8, "load_factor": 0.05, "tokens": 16, "interactive_threads": 8,
                   "shared_threads": 16, "backlog": 3000, "rate": 4.0, "policies": "vanilla,static:4,static:8,reserve,preempt:0,preempt"},
-    "default": {"max_seqs": 64, "load_factor": 0.02, "tokens": 16, "interactive_threads": 4,
-                "shared_threads": 8, "backlog": 10000, "rate": 4.0, "policies": "vanilla,static:8,reserve,preempt"},
+    "default": {"max_seqs": 64, "load_factor": 0.02, "tokens": 16, "interactive_threads": 8,
+                "shared_threads": 16, "backlog": 10000, "rate": 4.0, "policies": "vanilla,static:8,reserve,preempt"},
 }
 TIMING = {"ttft_ms": 100, "prefill_ms_per_token": 0.1, "tpot_ms": 10}
 ZERO = {"ttft_ms": 0, "prefill_ms_per_token": 0, "tpot_ms": 0, "load_factor": 0, "max_num_seqs": 256}
@@ -638,8 +639,8 @@ def _policy_cell(ran: dict) -> str:
                      for p in ran.get("pool", []))
     detail = {"static": f"batch cap {ran['batch_inflight_max']} per replica",
               "reserve": f"reserve >= {ran['reserve_min']} + recent interactive peak",
-              "preempt": f"pipeline max {ran['pipeline_max']}, {ran['preempt_victims']} preempted per arrival "
-                         "at a full replica"}[ran["policy"]]
+              "preempt": f"pipeline max {ran['pipeline_max']}, up to {ran['preempt_victims']} preempted per "
+                         "arrival at a full replica"}[ran["policy"]]
     return f"{ran['policy']}: {detail} ({pool})"
 
 

@@ -106,6 +106,21 @@ def test_with_requests_beyond_capacity_an_interactive_one_preempts_one_more(pool
     assert left == {h.member for h in held[:4]}  # the two youngest went
 
 
+def test_while_a_burst_of_interactive_requests_starts_at_a_replica_batch_sends_it_nothing_new(pool):
+    slots = pool(capacity=8)
+    first, second = take(slots, "interactive", 2)
+    assert first.replica != second.replica  # one starting at each replica: batch still goes
+    assert isinstance(slots.try_acquire("batch", "b1"), Lease)
+    third = slots.try_acquire("interactive", uuid.uuid4().hex)
+    assert isinstance(third, Lease)
+    busy = third.replica  # two starting there now
+    placed = [slots.try_acquire("batch", uuid.uuid4().hex) for _ in range(3)]
+    assert all(isinstance(p, Lease) and p.replica != busy for p in placed)
+    for lease in (first, second, third):
+        slots.started(lease)  # their first tokens came
+    assert busy in {slots.try_acquire("batch", uuid.uuid4().hex).replica for _ in range(4)}  # type: ignore[union-attr]
+
+
 def test_a_batch_call_whose_tokens_stream_is_never_preempted_and_interactive_then_waits(pool):
     slots = pool(capacity=1, triton_replicas=ONE)
     (streaming,) = take(slots, "batch", 1, preemptible=False)

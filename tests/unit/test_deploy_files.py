@@ -1,13 +1,15 @@
-"""The deployment files (compose/, ops/) agree with the code and with each other.
+"""The deployment files (compose/, ops/, the production model's configuration) agree with
+the code and with each other.
 
-Checks that a typo in a path, a queue name, a settings variable or a scrape target is
-caught here rather than on a GPU host. Alert rules also go through ``promtool check rules``
+Checks that a typo in a path, a queue name, a settings variable, a replica of the inference
+pool or a scrape target is caught here rather than on a GPU host. Alert rules also go through ``promtool check rules``
 (and the Prometheus config through ``promtool check config``): promtool from PATH, or
 taken out of Debian's prometheus package; a visible skip where neither can be had.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -19,7 +21,7 @@ import pytest
 import yaml
 
 from fleet.routing import all_queues
-from fleet.settings import Settings
+from fleet.settings import ReplicaSpec, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
@@ -29,6 +31,7 @@ PROMETHEUS_CONFIG = COMPOSE_DIR / "prometheus" / "prometheus.yml"
 ALERTS = ROOT / "ops" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "ops" / "grafana" / "fleet-dashboard.json"
 K8S_DIR = ROOT / "ops" / "k8s"
+MEDIUM_DIR = ROOT / "triton_models" / "medium"
 
 # FLEET_* variables that deployment files set although Settings has no field for them:
 # read by the gateway (its API keys).
@@ -38,6 +41,7 @@ FLEET_VARS_OUTSIDE_SETTINGS = {"FLEET_API_KEYS"}
 AUTHENTICATED_SERVICES = {"gateway", "flower", "grafana"}
 
 WORKER_SERVICES = {"inference-interactive", "inference-shared", "tools"}
+INFERENCE_SERVICES = {"inference-interactive", "inference-shared"}
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -151,12 +155,47 @@ def _expected_queues() -> list[str]:
     return all_queues(Settings(_env_file=None))
 
 
+def _replicas(value: str) -> list[ReplicaSpec]:
+    """The inference pool a FLEET_TRITON_REPLICAS value describes, as the fleet reads it."""
+    return Settings(_env_file=None, triton_replicas=value).replicas()
+
+
+def _triton_services() -> dict[str, dict[str, Any]]:
+    """The compose services of the inference pool (triton-0, triton-1, ...), in order."""
+    found = {n: s for n, s in _services().items() if re.fullmatch(r"triton-\d+", n)}
+    return dict(sorted(found.items(), key=lambda item: int(item[0].split("-")[1])))
+
+
+# --- the production model ------------------------------------------------------------------
+
+def _model_config() -> Any:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse((MEDIUM_DIR / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def test_model_capacity_in_config_pbtxt_is_the_engines() -> None:
+    # The fleet reads max_num_seqs from the model config (ModelConfig) as each replica's
+    # capacity; the vLLM engine takes its own from model.json. The two must agree.
+    config = _model_config()
+    engine = json.loads((MEDIUM_DIR / "1" / "model.json").read_text())
+    assert config.name == "medium" and config.backend == "vllm"
+    declared = config.parameters["max_num_seqs"].string_value
+    assert declared.isdigit() and int(declared) == engine["max_num_seqs"] > 0
+    # The engine reports its running and waiting sequences on Triton's metrics port only
+    # with custom metrics on and its statistics kept.
+    assert config.parameters["REPORT_CUSTOM_METRICS"].string_value == "true"
+    assert engine.get("disable_log_stats") is False
+
+
 # --- compose -------------------------------------------------------------------------------
 
 def test_compose_parses_with_the_expected_services() -> None:
     services = _services()
-    expected = {"redis", "triton", "gateway", "flower", "prometheus", "grafana"} | WORKER_SERVICES
+    expected = {"redis", "triton-0", "triton-1", "gateway", "flower", "prometheus", "grafana"} | WORKER_SERVICES
     assert expected <= set(services)
+    assert "triton" not in services, "Triton runs as replicas triton-0, triton-1, ..."
     for name, service in services.items():
         assert "image" in service or "build" in service, name
 
@@ -179,22 +218,64 @@ def test_compose_referenced_files_exist() -> None:
 
 
 def test_triton_serves_only_medium_with_model_control_off() -> None:
-    triton = _services()["triton"]
-    args = _command(triton)
-    repo = _option(args, "--model-repository")
-    assert repo is not None
-    # Only the production model is in the served repository: with model control off
-    # (mode none) Triton loads it at start and refuses every load and unload.
-    assert _option(args, "--model-control-mode") == "none"
-    assert _option(args, "--load-model") is None
-    mounts = {target: host for host, target in _bind_mounts(triton)}
-    inside = [t for t in mounts if PurePosixPath(t).parent == PurePosixPath(repo)]
-    assert inside == [f"{repo}/medium"], mounts
-    assert mounts[inside[0]] == (ROOT / "triton_models" / "medium").resolve()
-    assert all(v.endswith(":ro") for v in triton["volumes"] if isinstance(v, str) and "triton_models" in v)
-    devices = triton["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
+    tritons = _triton_services()
+    assert list(tritons) == [f"triton-{i}" for i in range(len(tritons))] and len(tritons) >= 1
+    for name, triton in tritons.items():
+        args = _command(triton)
+        repo = _option(args, "--model-repository")
+        assert repo is not None, name
+        # Only the production model is in the served repository: with model control off
+        # (mode none) Triton loads it at start and refuses every load and unload.
+        assert _option(args, "--model-control-mode") == "none", name
+        assert _option(args, "--load-model") is None, name
+        mounts = {target: host for host, target in _bind_mounts(triton)}
+        inside = [t for t in mounts if PurePosixPath(t).parent == PurePosixPath(repo)]
+        assert inside == [f"{repo}/medium"], mounts
+        assert mounts[inside[0]] == MEDIUM_DIR.resolve()
+        assert all(v.endswith(":ro") for v in triton["volumes"] if isinstance(v, str) and "triton_models" in v)
+        assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"]), name
+        assert "ports" not in triton, f"{name}: Triton has no auth: keep it off the host's ports"
+
+
+def test_triton_replicas_share_one_definition_each_on_its_own_gpu() -> None:
+    tritons = _triton_services()
+    # One definition (a YAML anchor): the replicas differ only in the GPU they hold.
+    bodies = [{k: v for k, v in s.items() if k != "deploy"} for s in tritons.values()]
+    assert all(body == bodies[0] for body in bodies)
+    gpus: list[str] = []
+    for name, triton in tritons.items():
+        devices = triton["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1, name
+        device = devices[0]
+        # device_ids pins the replica; "count" would let Docker pick any GPU (and may not
+        # be combined with device_ids).
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "count" not in device, name
+        assert device["device_ids"], name
+        gpus += [str(g) for g in device["device_ids"]]
+    assert len(gpus) == len(set(gpus)), f"two replicas on one GPU: {gpus}"
+
+
+def test_compose_pool_lists_every_triton_service() -> None:
+    """FLEET_TRITON_REPLICAS, the triton-N services and Prometheus's triton job name the
+    same replicas, at ports the services expose."""
+    tritons = _triton_services()
+    services = _services()
+    for name in (*INFERENCE_SERVICES, "gateway"):
+        env = _env_mapping(services[name])
+        replicas = _replicas(env["FLEET_TRITON_REPLICAS"])
+        assert [r.name for r in replicas] == list(tritons), name
+        for replica in replicas:
+            expose = {str(p) for p in tritons[replica.name]["expose"]}
+            assert replica.grpc_url == f"{replica.name}:8001" and "8001" in expose
+            assert replica.metrics_url == f"http://{replica.name}:8002/metrics" and "8002" in expose
+            # Capacity comes from each replica's model config (max_num_seqs), not from here.
+            assert replica.max_sequences is None
+        # The single-Triton settings are unused once the replicas are listed: none is set.
+        assert not {"FLEET_TRITON_GRPC_URL", "FLEET_TRITON_HTTP_URL", "FLEET_TRITON_METRICS_URL"} & set(env), name
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "triton")
+    targets = [t for static in job["static_configs"] for t in static["targets"]]
+    assert targets == [f"{name}:8002" for name in tritons]
 
 
 def test_prometheus_and_grafana_files_are_mounted() -> None:
@@ -280,7 +361,7 @@ def test_fleet_settings_in_compose_are_valid() -> None:
     }
     settings = Settings(_env_file=None, **values)
     assert settings.triton_model == "medium"
-    assert settings.triton_grpc_url == "triton:8001"
+    assert [r.name for r in settings.replicas()] == list(_triton_services())
     assert settings.visibility_timeout_s > settings.step_time_limit_s
 
 
@@ -300,7 +381,7 @@ def test_published_ports_are_unique_and_guarded() -> None:
                 assert name in AUTHENTICATED_SERVICES, f"{name} is published beyond loopback without auth"
     assert {n for n in seen.values()} >= {"redis", "gateway", "flower", "grafana"}
     assert all(ip == "127.0.0.1" for (ip, _), n in seen.items() if n == "redis")
-    assert "ports" not in _services()["triton"], "Triton has no auth: keep it off the host's ports"
+    assert not set(seen.values()) & set(_triton_services()), "Triton has no auth: keep it off the host's ports"
 
 
 def test_redis_is_durable_and_password_protected() -> None:
@@ -329,12 +410,14 @@ def test_worker_queues_match_routing() -> None:
         consumed |= set(queues)
     assert consumed == set(expected)
     assert _queues_of(_command(services["inference-interactive"])) == ["llm.interactive"]
-    for name in ("inference-interactive", "inference-shared"):
+    for name in INFERENCE_SERVICES:
         assert _option(_command(services[name]), "-P") == "threads"
         env = _env_mapping(services[name])
         assert env["FLEET_TRITON_MODEL"] == "medium"
-        assert env["FLEET_TRITON_GRPC_URL"] == "triton:8001"
-        assert services[name]["depends_on"]["triton"]["condition"] == "service_healthy"
+        # The first replica must be ready; the pool takes the others in as they come up.
+        depends = services[name]["depends_on"]
+        assert depends["triton-0"]["condition"] == "service_healthy"
+        assert not {d for d in depends if d.startswith("triton")} - {"triton-0"}, name
     assert _option(_command(services["tools"]), "-P") == "prefork"
 
 
@@ -357,7 +440,8 @@ def test_prometheus_scrapes_compose_services() -> None:
     for job, names in hosts.items():
         assert names <= set(services), f"job {job} scrapes unknown services {names - set(services)}"
     scraped = set().union(*hosts.values())
-    assert {"triton", "gateway", "flower"} | WORKER_SERVICES <= scraped
+    assert {"gateway", "flower"} | WORKER_SERVICES | set(_triton_services()) <= scraped
+    assert hosts["triton"] == set(_triton_services())
     for name in WORKER_SERVICES:
         assert _env_mapping(services[name])["FLEET_METRICS_PORT"] == "9808"
 
@@ -402,6 +486,78 @@ def test_prometheus_config_passes_promtool(tmp_path: Path, promtool: str) -> Non
 
 # --- alert rules ---------------------------------------------------------------------------
 
+# Triton's own per-model metrics the rules and the dashboard may read (its metrics port), and
+# the scrape's "up".
+TRITON_METRICS = {
+    "up", "nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
+    "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+    "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
+    "nv_inference_compute_output_duration_us", "nv_inference_pending_request_count",
+}
+
+
+def _fleet_metric_names() -> set[str]:
+    """Every series name the fleet's /metrics serves: the hooks' metrics and the fleet-wide
+    gauges (collected once over a stand-in Redis)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from fleet import metrics
+    from fleet.gauges import FleetCollector
+    from fleet.replicas import ReplicaState
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    names = set()
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase):
+            for family in obj.describe():
+                names |= {family.name + s for s in suffixes[family.type]}
+
+    class _Redis:
+        def llen(self, key: str) -> int:
+            return 0
+
+        def lindex(self, key: str, index: int) -> None:
+            return None
+
+    class _Board:
+        def states(self) -> list[ReplicaState]:
+            return [ReplicaState(name="triton-0", grpc_url="triton-0:8001", up=True, capacity=64)]
+
+    collector = FleetCollector(Settings(_env_file=None))
+    collector.redis, collector.board = _Redis(), _Board()  # type: ignore[assignment]
+    for family in collector.collect():
+        names |= {sample.name for sample in family.samples}
+    return names
+
+
+KNOWN_METRICS = _fleet_metric_names() | TRITON_METRICS
+
+_PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset"}
+
+
+def _metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (not functions, keywords or label names)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range selectors
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    names = set()
+    for match in re.finditer(r"(?<![\w:$.])([A-Za-z_:][\w:]*)\s*(\()?", text):
+        if match.group(2) is None and match.group(1) not in _PROMQL_KEYWORDS:
+            names.add(match.group(1))
+    return names
+
+
+def test_metric_names_are_read_from_promql() -> None:
+    assert _metric_names(
+        'histogram_quantile(0.99, sum by (le, priority) (rate(fleet_run_latency_seconds_bucket{priority=~"$p"}'
+        '[$__rate_interval]))) > 1e-9 or absent(up{job="triton"} == 1) and max by (replica) '
+        "(fleet_replica_up * fleet_replica_capacity_sequences) <= bool 0.5") == {
+        "fleet_run_latency_seconds_bucket", "up", "fleet_replica_up", "fleet_replica_capacity_sequences"}
+    assert {"fleet_replica_preemptions_total", "fleet_replica_up", "fleet_queue_depth",
+            "fleet_run_latency_seconds_bucket", "fleet_tokens_out_total"} <= KNOWN_METRICS
+
+
 def test_alert_rules_are_complete() -> None:
     groups = yaml.safe_load(ALERTS.read_text())["groups"]
     alerts = {}
@@ -420,8 +576,13 @@ def test_alert_rules_are_complete() -> None:
             assert runbook.startswith("ops/runbooks/") and (ROOT / runbook).is_file(), name
     exprs = " ".join(r["expr"] for r in alerts.values())
     for needle in ('fleet_run_latency_seconds_bucket{priority="interactive"}', "fleet_dead_letters_total",
-                   "fleet_queue_oldest_age_seconds", 'up{job="triton"}', "nv_inference_"):
+                   "fleet_queue_oldest_age_seconds", 'up{job="triton"}', "nv_inference_",
+                   "max by (replica) (fleet_replica_up)", "fleet_replica_capacity_sequences"):
         assert needle in exprs, needle
+    assert {"TritonNotReady", "FleetReplicaDown", "FleetPoolCapacityLost"} <= set(alerts)
+    for name, rule in alerts.items():
+        unknown = _metric_names(rule["expr"]) - KNOWN_METRICS
+        assert not unknown, f"{name}: unknown metrics {sorted(unknown)}"
 
 
 def test_alert_runbook_anchors_exist() -> None:
@@ -436,6 +597,58 @@ def test_alert_runbook_anchors_exist() -> None:
 
 def test_alert_rules_pass_promtool(promtool: str) -> None:
     result = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _pool_series(up: dict[str, int], capacity: int = 64) -> list[dict[str, str]]:
+    """Input series of a pool whose replicas are up (1) or down (0), as two fleet processes
+    export them, and one Triton scrape target per replica."""
+    series = []
+    for name, state in up.items():
+        for process in ("fleet-gateway", "fleet-inference-shared"):
+            labels = f'replica="{name}", job="{process}", instance="{process}:9808"'
+            series.append({"series": f"fleet_replica_up{{{labels}}}", "values": f"{state}x15"})
+            series.append({"series": f"fleet_replica_capacity_sequences{{{labels}}}", "values": f"{capacity}x15"})
+        target = f'job="triton", instance="{name}:8002"'
+        series.append({"series": f"up{{{target}}}", "values": f"{state}x15"})
+        if state:
+            series.append({"series": f'nv_inference_request_success{{{target}, model="medium", version="1"}}',
+                           "values": "0+5x15"})
+    return series
+
+
+def test_inference_pool_alerts_fire_on_what_they_say(tmp_path: Path, promtool: str) -> None:
+    """The pool's alert expressions, evaluated by promtool over pools with replicas down."""
+    exprs = {r["alert"]: r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+
+    def case(up: dict[str, int], expect: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        return {"interval": "1m", "input_series": _pool_series(up),
+                "promql_expr_test": [{"expr": exprs[name], "eval_time": "10m", "exp_samples": samples}
+                                     for name, samples in expect.items()]}
+
+    down = {"labels": "{}", "value": 0}
+    tests = [
+        # One replica of two down: named, and half the pool's sequences gone; Triton still serves.
+        case({"triton-0": 1, "triton-1": 0}, {
+            "FleetReplicaDown": [{"labels": '{replica="triton-1"}', "value": 0}],
+            "FleetPoolCapacityLost": [{"labels": "{}", "value": 64}],
+            "TritonNotReady": []}),
+        # One of four down: a ticket, not a page.
+        case({"triton-0": 1, "triton-1": 1, "triton-2": 0, "triton-3": 1}, {
+            "FleetReplicaDown": [{"labels": '{replica="triton-2"}', "value": 0}],
+            "FleetPoolCapacityLost": [],
+            "TritonNotReady": []}),
+        # Every replica down: the outage page (the capacity alert leaves it to that one).
+        case({"triton-0": 0, "triton-1": 0}, {
+            "TritonNotReady": [down, {"labels": '{job="triton"}', "value": 1}],
+            "FleetPoolCapacityLost": []}),
+        # All up: nothing.
+        case({"triton-0": 1, "triton-1": 1}, {
+            "FleetReplicaDown": [], "FleetPoolCapacityLost": [], "TritonNotReady": []}),
+    ]
+    spec = tmp_path / "pool-tests.yml"
+    spec.write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "1m", "tests": tests}))
+    result = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -466,16 +679,27 @@ def test_dashboard_parses_and_every_panel_queries() -> None:
         for target in panel["targets"]:
             assert target["expr"].strip(), panel["title"]
             exprs.append(target["expr"])
-    joined = " ".join(exprs)
+    read = set().union(*(_metric_names(e) for e in exprs))
+    assert read <= KNOWN_METRICS, f"panels query unknown metrics: {sorted(read - KNOWN_METRICS)}"
     for metric in ("fleet_run_latency_seconds_bucket", "fleet_step_duration_seconds_bucket",
                    "fleet_model_ttft_seconds_bucket", "fleet_tokens_in_total", "fleet_tokens_out_total",
                    "fleet_step_retries_total", "fleet_dead_letters_total", "fleet_queue_depth",
                    "fleet_queue_oldest_age_seconds", "fleet_triton_inflight_requests",
                    "nv_inference_request_success", "nv_inference_queue_duration_us",
+                   # the inference pool, per replica
+                   "fleet_replica_up", "fleet_replica_capacity_sequences", "fleet_replica_inflight_requests",
+                   "fleet_replica_pipeline_requests", "fleet_replica_engine_waiting_requests",
+                   "fleet_replica_preemptions_total",
                    # where time goes per agent, and what it costs
                    "fleet_usage_queue_seconds_total", "fleet_usage_model_seconds_total",
                    "fleet_usage_tool_seconds_total", "fleet_usage_cost_total"):
-        assert metric in joined, metric
+        assert metric in read, metric
+    # Fleet-wide gauges come from every process: a panel takes max by their labels, never a sum
+    # over processes.
+    for expr in exprs:
+        for name in _metric_names(expr) & {"fleet_queue_depth", "fleet_queue_oldest_age_seconds",
+                                           "fleet_triton_inflight_requests"}:
+            assert re.search(rf"max by \([^)]*\) \({name}", expr), expr
 
 
 # --- Kubernetes ----------------------------------------------------------------------------
@@ -505,15 +729,10 @@ def test_flower_login_comes_from_the_environment_never_argv() -> None:
 
 def test_k8s_workloads() -> None:
     deployments = _k8s("Deployment")
-    assert {"triton", "gateway", "flower"} | WORKER_SERVICES <= set(deployments)
-    triton = _containers(deployments["triton"])[0]
-    assert str(triton["resources"]["limits"]["nvidia.com/gpu"]) == "1"
-    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert "livenessProbe" in triton
-    assert "--model-control-mode=none" in triton["args"] and not any("--load-model" in a for a in triton["args"])
-    mount = next(m for m in triton["volumeMounts"] if m["name"] == "models")
-    assert (mount["mountPath"], mount["subPath"], mount["readOnly"]) == ("/models/medium", "medium", True)
-    redis = _k8s("StatefulSet")["redis"]
+    statefulsets = _k8s("StatefulSet")
+    assert {"gateway", "flower"} | WORKER_SERVICES <= set(deployments)
+    assert "triton" not in deployments, "Triton runs as a StatefulSet (one stable name per replica)"
+    redis = statefulsets["redis"]
     script = " ".join(_containers(redis)[0]["args"])
     assert "--appendonly yes" in script and "requirepass" in script and "--requirepass" not in script
     assert redis["spec"]["volumeClaimTemplates"]
@@ -521,7 +740,7 @@ def test_k8s_workloads() -> None:
     # out-of-band secrets provide.
     configmaps = set(_k8s("ConfigMap"))
     secrets = {"fleet-redis", "fleet-secrets"}
-    for name, workload in {**deployments, "redis": redis}.items():
+    for name, workload in {**deployments, **statefulsets}.items():
         for container in _containers(workload):
             for ref in container.get("envFrom") or []:
                 assert ref["configMapRef"]["name"] in configmaps, name
@@ -529,6 +748,96 @@ def test_k8s_workloads() -> None:
                 source = env.get("valueFrom", {}).get("secretKeyRef")
                 if source:
                     assert source["name"] in secrets, name
+        for volume in workload["spec"]["template"]["spec"].get("volumes") or []:
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in configmaps, name
+
+
+def _triton_statefulset() -> dict[str, Any]:
+    return _k8s("StatefulSet")["triton"]
+
+
+def test_k8s_triton_is_a_statefulset_behind_a_headless_service() -> None:
+    sts = _triton_statefulset()
+    spec = sts["spec"]
+    assert spec["replicas"] >= 1
+    # Replicas load their weights side by side; a rollout replaces one pod at a time.
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec.get("updateStrategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+    service = _k8s("Service")[spec["serviceName"]]
+    assert service["spec"]["clusterIP"] == "None", "a ClusterIP Service would pin each gRPC channel to one pod"
+    assert _selects({"matchLabels": service["spec"]["selector"]}, _pod_labels(sts))
+    container = _containers(sts)[0]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {n: n for n in named}
+    assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert "livenessProbe" in container and "startupProbe" in container
+    args = container["args"]
+    assert "--model-control-mode=none" in args and not any("--load-model" in a for a in args)
+    # Each pod keeps its own weights cache.
+    claims = {c["metadata"]["name"]: c for c in spec["volumeClaimTemplates"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts[next(iter(claims))] == "/root/.cache/huggingface" and len(claims) == 1
+    assert not _k8s("PersistentVolumeClaim"), "per-pod volumes come from volumeClaimTemplates"
+
+
+def test_k8s_model_repository_is_the_configmap_of_triton_models_medium() -> None:
+    """Every replica reads triton_models/medium/ from one ConfigMap, mounted as the model
+    directory of a repository that holds nothing else."""
+    sts = _triton_statefulset()
+    container = _containers(sts)[0]
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    repo = _option(container["args"], "--model-repository")
+    assert repo == "/models"
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"].startswith(repo)]
+    assert mount["mountPath"] == f"{repo}/medium" and mount["readOnly"] is True and "subPath" not in mount
+    source = volumes[mount["name"]]["configMap"]
+    files = {item["path"]: item["key"] for item in source["items"]}
+    assert files == {"config.pbtxt": "config.pbtxt", "1/model.json": "model.json"}
+    data = _k8s("ConfigMap")[source["name"]]["data"]
+    assert set(data) == set(files.values())
+    for path, key in files.items():
+        assert data[key] == (MEDIUM_DIR / path).read_text(), (
+            f"ops/k8s/triton.yaml: ConfigMap {source['name']} key {key} differs from triton_models/medium/{path}")
+    # A changed configuration changes the pod template, so applying it restarts the pods.
+    digest = hashlib.sha256(
+        ((MEDIUM_DIR / "config.pbtxt").read_text() + (MEDIUM_DIR / "1" / "model.json").read_text()).encode()
+    ).hexdigest()
+    annotation = sts["spec"]["template"]["metadata"]["annotations"]["fleet/model-config-sha256"]
+    assert annotation == digest, f"ops/k8s/triton.yaml: set fleet/model-config-sha256 to {digest}"
+
+
+def test_k8s_pool_lists_every_triton_pod() -> None:
+    """FLEET_TRITON_REPLICAS names each pod of the StatefulSet by its stable DNS name."""
+    sts = _triton_statefulset()
+    spec = sts["spec"]
+    ports = {p["name"]: p["containerPort"] for p in _containers(sts)[0]["ports"]}
+    namespace = sts["metadata"]["namespace"]
+    config = _k8s("ConfigMap")["fleet-config"]["data"]
+    replicas = _replicas(config["FLEET_TRITON_REPLICAS"])
+    assert len(replicas) == spec["replicas"], "scaling the StatefulSet means listing its pods in FLEET_TRITON_REPLICAS"
+    for i, replica in enumerate(replicas):
+        host = f"{sts['metadata']['name']}-{i}.{spec['serviceName']}.{namespace}.svc.cluster.local"
+        assert replica.name == f"{sts['metadata']['name']}-{i}"
+        assert replica.grpc_url == f"{host}:{ports['grpc']}"
+        assert replica.metrics_url == f"http://{host}:{ports['metrics']}/metrics"
+        assert replica.max_sequences is None  # read from each replica's model config
+    assert not {"FLEET_TRITON_GRPC_URL", "FLEET_TRITON_HTTP_URL", "FLEET_TRITON_METRICS_URL"} & set(config)
+    # The workers' Settings accept what they are given.
+    values = {k[len("FLEET_"):].lower(): v for k, v in config.items() if k.startswith("FLEET_")}
+    assert Settings(_env_file=None, **values).triton_model == "medium"
+
+
+def test_triton_podmonitor_scrapes_every_replica_as_job_triton() -> None:
+    sts = _triton_statefulset()
+    monitors = [m for m in _k8s("PodMonitor").values() if _selects(m["spec"]["selector"], _pod_labels(sts))]
+    assert len(monitors) == 1
+    monitor = monitors[0]["spec"]
+    # The alert rules and the dashboard read job="triton".
+    assert _pod_labels(sts)[monitor["jobLabel"]] == "triton"
+    ports = {p["name"] for p in _containers(sts)[0]["ports"]}
+    assert [e["port"] for e in monitor["podMetricsEndpoints"]] == ["metrics"] and "metrics" in ports
 
 
 def test_k8s_worker_queues_match_routing() -> None:
@@ -565,6 +874,31 @@ def test_scaled_objects_target_deployments_and_their_queues() -> None:
     assert scaled["inference-interactive"]["spec"]["minReplicaCount"] >= 1
 
 
+def _pool_need() -> tuple[int, int]:
+    """Sequences + pipeline of one replica, and the shared threads the k8s pool needs."""
+    per_replica = int(_model_config().parameters["max_num_seqs"].string_value) + Settings(_env_file=None).pipeline_max
+    return per_replica, _triton_statefulset()["spec"]["replicas"] * per_replica
+
+
+def test_shared_inference_threads_cover_the_pool_and_its_pipeline() -> None:
+    """Batch fills every slot of every replica plus the learned pipeline: the shared threads
+    at their maximum cover exactly that (more only wait in Redis); interactive-only threads
+    come on top."""
+    per_replica, need = _pool_need()
+    config = _k8s("ConfigMap")["fleet-config"]["data"]
+    scaled = _k8s("ScaledObject")
+    threads = int(config["FLEET_INFERENCE_CONCURRENCY"])
+    shared_max = scaled["inference-shared"]["spec"]["maxReplicaCount"]
+    assert shared_max * threads >= need > (shared_max - 1) * threads, (shared_max, threads, need)
+    interactive = scaled["inference-interactive"]["spec"]
+    assert interactive["maxReplicaCount"] * int(config["FLEET_INFERENCE_INTERACTIVE_CONCURRENCY"]) >= 1
+    # Compose: one shared worker with every thread.
+    shared = _command(_services()["inference-shared"])
+    assert int(_with_defaults(_option(shared, "-c") or "")) == len(_triton_services()) * per_replica
+    assert _with_defaults(_env_mapping(_services()["inference-shared"])["FLEET_INFERENCE_CONCURRENCY"]) == str(
+        len(_triton_services()) * per_replica)
+
+
 def _pod_labels(workload: dict[str, Any]) -> dict[str, str]:
     return workload["spec"]["template"]["metadata"]["labels"]
 
@@ -580,8 +914,9 @@ def test_network_policies_let_only_fleet_pods_reach_triton_redis_and_flower() ->
     deny = policies["default-deny-ingress"]["spec"]
     assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and not deny.get("ingress")
 
-    def allowed_from(target: str) -> tuple[set[str], set[str], bool]:
-        """Fleet pods and namespaces that may reach ``target``, and whether anyone may."""
+    def allowed_from(target: str, port: str | int | None = None) -> tuple[set[str], set[str], bool]:
+        """Fleet pods and namespaces that may reach ``target`` (on ``port``, or on any), and
+        whether anyone may."""
         pod_names: set[str] = set()
         namespaces: set[str] = set()
         anyone = False
@@ -593,6 +928,8 @@ def test_network_policies_let_only_fleet_pods_reach_triton_redis_and_flower() ->
                 ports = {p["port"] for p in rule.get("ports") or []}
                 container_ports = {p.get("name") for c in _containers(workloads[target]) for p in c.get("ports", [])}
                 assert {p for p in ports if isinstance(p, str)} <= container_ports, (policy["metadata"]["name"], ports)
+                if port is not None and ports and port not in ports:
+                    continue
                 if not rule.get("from"):
                     anyone = True
                 for peer in rule.get("from") or []:
@@ -603,8 +940,13 @@ def test_network_policies_let_only_fleet_pods_reach_triton_redis_and_flower() ->
         return pod_names, namespaces, anyone
 
     triton_from, triton_ns, triton_open = allowed_from("triton")
-    assert triton_from == {"inference-interactive", "inference-shared", "gateway"} and not triton_open
+    assert triton_from == INFERENCE_SERVICES | {"gateway"} and not triton_open
     assert triton_ns == {"monitoring"}
+    # Inference workers call the model (gRPC) and their pool monitor reads each engine's state
+    # (metrics); the gateway asks each replica whether it is ready.
+    assert allowed_from("triton", "grpc")[0] == INFERENCE_SERVICES | {"gateway"}
+    assert allowed_from("triton", "metrics")[:2] == (INFERENCE_SERVICES, {"monitoring"})
+    assert allowed_from("triton", "http")[:2] == ({"gateway"}, set())
     redis_from, redis_ns, redis_open = allowed_from("redis")
     assert redis_from == set(pods) and redis_ns == {"keda"} and not redis_open  # every fleet pod, and KEDA
     flower_from, _, flower_open = allowed_from("flower")
