@@ -17,8 +17,10 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fleet import tracing
 from fleet.admitted import AdmittedRuns, llm_steps
 from fleet.agent import AgentDef
+from fleet.budget import MAX_BUDGET_COST, MAX_BUDGET_TOKENS
 from fleet.capacity import Capacity
 from fleet.errors import InvalidSubmission, Overloaded
 from fleet.payload import check_value
@@ -45,6 +47,12 @@ class Submission(BaseModel):
     idempotency_key: str | None = Field(None, min_length=1, max_length=256)
     session_id: str | None = Field(None, min_length=1, max_length=256)
     stream: bool = Field(False, description="Publish model tokens as run events.")
+    budget_tokens: int | None = Field(
+        None, gt=0, le=MAX_BUDGET_TOKENS,
+        description="Most tokens (in + out) the run's model calls may use; overrides the agent's budget.")
+    budget_cost: float | None = Field(
+        None, gt=0, le=MAX_BUDGET_COST, allow_inf_nan=False,
+        description="Most estimated cost (FLEET_PRICE_*) the run's model calls may use; overrides the agent's.")
 
 
     @field_validator("input", mode="before")
@@ -187,10 +195,19 @@ class Admission:
     def submit(self, sub: Submission) -> tuple[str, bool]:
         """Admit a submission. Returns ``(run_id, created)``; created is False for a repeat key.
 
+        Traced, its span is the run's root (:mod:`fleet.tracing`).
+
         Raises:
             InvalidSubmission: what is wrong with it, naming the field.
             Overloaded: the fleet sheds load, or its Redis is full; nothing was kept.
         """
+        with tracing.span(f"submit {sub.agent}", kind="producer",
+                          attributes={"fleet.agent": sub.agent, "fleet.priority": sub.priority}) as span:
+            run_id, created = self._admit(sub)
+            span.set_attributes({"fleet.run_id": run_id, "fleet.created": created})
+            return run_id, created
+
+    def _admit(self, sub: Submission) -> tuple[str, bool]:
         try:
             return self._submit(sub)
         except (redis.exceptions.ResponseError, OperationalError) as exc:
@@ -233,6 +250,9 @@ class Admission:
             created_at=now, deadline_at=deadline, input=clean,
             idempotency_key=sub.idempotency_key, session_id=sub.session_id, session=turns,
             stream=sub.stream,
+            budget_tokens=sub.budget_tokens if sub.budget_tokens is not None else agent.budget.tokens,
+            budget_cost=sub.budget_cost if sub.budget_cost is not None else agent.budget.cost,
+            traceparent=tracing.traceparent(),
         )
         try:
             self.store.create(record)

@@ -20,6 +20,9 @@ An agent is a TOML file::
 A ``loop`` step repeats its ``body`` (llm and tool steps) at most ``max_iterations``
 times, ending early when the step named by ``until`` produces a ``final`` answer. Each
 iteration is its own short chain, so a long loop never becomes one giant Celery chain.
+
+A ``[budget]`` table (``tokens``, ``cost``) bounds what one run's model calls may use,
+unless a submission sets its own (:mod:`fleet.budget`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from fleet.budget import Budget
 from fleet.errors import FleetError, InvalidSubmission
 from fleet.template import PLACEHOLDER
 
@@ -142,6 +146,7 @@ class AgentDef(BaseModel):
     example: dict[str, Any] = Field(default_factory=dict)
     steps: list[Step] = Field(min_length=1)
     result: str
+    budget: Budget = Field(default_factory=Budget, description="A run's default budget (fleet.budget).")
 
     def iter_steps(self) -> Iterator[tuple[LlmStep | ToolStep, LoopStep | None]]:
         """Every executable step in order, with the loop it belongs to (or None)."""

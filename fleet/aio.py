@@ -70,8 +70,11 @@ class AsyncFleetClient:
         idempotency_key: str | None = None,
         session_id: str | None = None,
         stream: bool = False,
+        budget_tokens: int | None = None,
+        budget_cost: float | None = None,
     ) -> str:
         """Submit a run; returns its id (the existing run's id for a repeated idempotency key).
+        ``budget_tokens`` and ``budget_cost`` override the agent's budget.
 
         Raises:
             InvalidSubmission: the agent, the input or an option is invalid (nothing queued).
@@ -80,6 +83,7 @@ class AsyncFleetClient:
         return await asyncio.to_thread(
             self.sync.submit, agent, input, priority=priority, deadline_s=deadline_s,
             idempotency_key=idempotency_key, session_id=session_id, stream=stream,
+            budget_tokens=budget_tokens, budget_cost=budget_cost,
         )
 
     async def cancel(self, run_id: str) -> bool:

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 256  # admission's limit on idempotency keys
 # Statuses the summary always names, in this order (others follow when they occur).
-SUMMARY_STATUSES = ("succeeded", "failed", "dead_lettered", "rejected", "expired")
+SUMMARY_STATUSES = ("succeeded", "failed", "dead_lettered", "rejected", "expired", "budget_exceeded")
 _BLOCK_S = 1.0
 
 

@@ -11,6 +11,7 @@ from celery import Celery
 from celery.signals import before_task_publish
 from kombu import Queue
 
+from fleet import tracing
 from fleet.routing import all_queues
 from fleet.settings import Settings
 
@@ -82,17 +83,20 @@ def create_app(settings: Settings) -> Celery:
 
 STEP_TASKS = frozenset({"fleet.llm", "fleet.tool"})
 SENT_AT_HEADER = "fleet_sent_at"  # read by the pipeline (queue wait) and the gauges (queue age)
+# The trace headers (fleet.tracing.MESSAGE_HEADERS) are read by the step task.
 
 
 @before_task_publish.connect(weak=False)
-def stamp_sent_at(sender: str | None = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+def stamp_step_message(sender: str | None = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
     """Every publish of a step (submission, next link, loop iteration, retry, reconciler
-    re-send, replay) carries the time it becomes due: queue wait and queue age start there.
+    re-send, replay) carries the time it becomes due, where queue wait and queue age start,
+    and its run's trace (:func:`fleet.tracing.inject_message`; nothing when tracing is off).
 
     A retry with a countdown is due at its ETA, not when it was published.
     """
     if sender not in STEP_TASKS or headers is None:
         return
+    tracing.inject_message(headers)
     due = time.time()
     eta = headers.get("eta")
     if eta:

@@ -79,13 +79,24 @@ def agents(as_json: bool) -> None:
         click.echo(f"  example: {json.dumps(d['example'])}")
 
 
-def _print_run(run) -> None:  # noqa: ANN001
+def _print_run(run, timeline: bool = False) -> None:  # noqa: ANN001
     latency = f"{run.latency_s:.2f}s" if run.latency_s is not None else "-"
     click.echo(f"run {run.id}  agent {run.agent}  {run.priority}  {run.status}  latency {latency}  "
-               f"tokens {run.tokens_in} in / {run.tokens_out} out")
+               f"tokens {run.tokens_in} in / {run.tokens_out} out  cost {run.cost:.4g}")
+    if timeline:
+        from fleet.timeline import waterfall
+
+        for line in waterfall(run):
+            click.echo(line)
+        _print_ending(run)
+        return
     for s in run.steps:
         dur = f"{s.duration_s:.3f}s" if s.duration_s is not None else "-"
         click.echo(f"  {s.key:<16} {s.status:<8} {dur:>8}  attempts {s.attempts}  tokens {s.tokens_in}/{s.tokens_out}")
+    _print_ending(run)
+
+
+def _print_ending(run) -> None:  # noqa: ANN001
     if run.result is not None:
         click.echo(f"result: {run.result if isinstance(run.result, str) else json.dumps(run.result)}")
     if run.error:
@@ -98,11 +109,16 @@ def _print_run(run) -> None:  # noqa: ANN001
 @click.option("--priority", type=click.Choice(["interactive", "batch"]), default="interactive")
 @click.option("--deadline", "deadline_s", type=float, default=None, help="Seconds from now.")
 @click.option("--idempotency-key", default=None)
+@click.option("--budget-tokens", type=int, default=None,
+              help="Most tokens (in + out) the run's model calls may use (overrides the agent's budget).")
+@click.option("--budget-cost", type=float, default=None,
+              help="Most estimated cost the run's model calls may use (overrides the agent's budget).")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the run to end and print it.")
 @click.option("--timeout", type=float, default=120.0, help="How long --wait waits, in seconds.")
 @click.option("--json", "as_json", is_flag=True)
 def submit(agent: str, input_json: str, priority: str, deadline_s: float | None,
-           idempotency_key: str | None, wait_: bool, timeout: float, as_json: bool) -> None:
+           idempotency_key: str | None, budget_tokens: int | None, budget_cost: float | None, wait_: bool,
+           timeout: float, as_json: bool) -> None:
     """Submit a run of AGENT."""
     from fleet.client import FleetClient
 
@@ -115,7 +131,8 @@ def submit(agent: str, input_json: str, priority: str, deadline_s: float | None,
     try:
         with FleetClient() as client:
             run_id = client.submit(agent, data, priority=priority, deadline_s=deadline_s,  # type: ignore[arg-type]
-                                   idempotency_key=idempotency_key)
+                                   idempotency_key=idempotency_key, budget_tokens=budget_tokens,
+                                   budget_cost=budget_cost)
             if not wait_:
                 _emit({"run_id": run_id}) if as_json else click.echo(run_id)
                 return
@@ -140,9 +157,12 @@ def runs() -> None:
 
 @runs.command("show")
 @click.argument("run_id")
+@click.option("--timeline", "as_timeline", is_flag=True,
+              help="Draw where the time went: queue wait, time to first token, generation, tool time, "
+                   "retries and preemptions per step.")
 @click.option("--json", "as_json", is_flag=True)
-def runs_show(run_id: str, as_json: bool) -> None:
-    """Show a run: status, steps with timing and tokens, result or error."""
+def runs_show(run_id: str, as_timeline: bool, as_json: bool) -> None:
+    """Show a run: status, steps with timing, tokens and cost, result or error."""
     from fleet.runs import RunStore
     from fleet.views import run_view
 
@@ -153,7 +173,7 @@ def runs_show(run_id: str, as_json: bool) -> None:
     if as_json:
         _emit(run_view(run))
     else:
-        _print_run(run)
+        _print_run(run, timeline=as_timeline)
 
 
 @runs.command("cancel")
@@ -173,6 +193,35 @@ def runs_cancel(run_id: str, as_json: bool) -> None:
         _emit({"run_id": run_id, "cancelled": cancelled, "status": status_now})
     else:
         click.echo(f"run {run_id}: {'cancelled' if cancelled else f'already {status_now}'}")
+
+
+@main.command()
+@click.option("--by", type=click.Choice(["agent", "class"]), default="agent", show_default=True,
+              help="One row per agent, or per class (interactive, batch).")
+@click.option("--since", "since", default="24h", show_default=True, help="How far back: 30m, 24h, 7d.")
+@click.option("--json", "as_json", is_flag=True)
+def usage(by: str, since: str, as_json: bool) -> None:
+    """Tokens, time (queue, model, tool) and estimated cost of recent runs."""
+    from fleet.client import FleetClient
+    from fleet.replay import parse_duration
+
+    try:
+        since_s = parse_duration(since)
+    except ValueError as exc:
+        _fail(f"--since: {exc}", as_json, 2, field="since")
+    with FleetClient() as client:
+        report = client.usage(by, since_s)  # type: ignore[arg-type]
+    if as_json:
+        _emit(report.model_dump())
+        return
+    head = "agent" if by == "agent" else "class"
+    width = max([len(head), 5, *(len(r.key) for r in report.rows)])
+    click.echo(f"usage since {time.strftime('%Y-%m-%d %H:%M', time.localtime(report.start))} ({since}), by {by}")
+    click.echo(f"{head:<{width}} {'runs':>6} {'steps':>7} {'tokens in':>10} {'tokens out':>10} {'model s':>9} "
+               f"{'queue s':>9} {'tool s':>9} {'cost':>10}")
+    for r in [*report.rows, report.total]:
+        click.echo(f"{r.key:<{width}} {r.runs:>6} {r.steps:>7} {r.tokens_in:>10} {r.tokens_out:>10} "
+                   f"{r.model_s:>9.2f} {r.queue_s:>9.2f} {r.tool_s:>9.2f} {r.cost:>10.4f}")
 
 
 @main.command()

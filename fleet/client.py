@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from fleet import tracing
 from fleet.admission import Admission, parse_submission
 from fleet.agent import AgentDef, load_agents
 from fleet.cancel import announce
@@ -26,6 +27,7 @@ from fleet.replay import Replayer
 from fleet.runs import TERMINAL, RunRecord, RunStore
 from fleet.settings import PriorityClass, Settings
 from fleet.tools import load_tool_modules
+from fleet.usage import UsageKey, UsageLedger, UsageReport
 
 
 class FleetClient:
@@ -33,6 +35,7 @@ class FleetClient:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
+        tracing.configure(self.settings, "client")
         load_tool_modules(self.settings.tool_modules)
         self.agents: dict[str, AgentDef] = load_agents(self.settings.agents_dir)
         self.app = create_app(self.settings)
@@ -62,8 +65,13 @@ class FleetClient:
         idempotency_key: str | None = None,
         session_id: str | None = None,
         stream: bool = False,
+        budget_tokens: int | None = None,
+        budget_cost: float | None = None,
     ) -> str:
         """Submit a run; returns its id (the existing run's id for a repeated idempotency key).
+
+        ``budget_tokens`` and ``budget_cost`` override the agent's budget: the run ends
+        ``budget_exceeded`` before a model call its budget leaves nothing for.
 
         Raises:
             InvalidSubmission: the agent, the input or an option is invalid (nothing queued).
@@ -72,7 +80,7 @@ class FleetClient:
         sub = parse_submission({
             "agent": agent, "input": input if input is not None else {}, "priority": priority,
             "deadline_s": deadline_s, "idempotency_key": idempotency_key,
-            "session_id": session_id, "stream": stream,
+            "session_id": session_id, "stream": stream, "budget_tokens": budget_tokens, "budget_cost": budget_cost,
         })
         run_id, _ = self._admission.submit(sub)
         return run_id
@@ -117,6 +125,11 @@ class FleetClient:
                 raise RunNotFound(f"no run '{run_id}'")
             if isinstance(found, Event):
                 yield found.event_id, found.fields
+
+    def usage(self, by: UsageKey = "agent", since_s: float = 86400.0) -> UsageReport:
+        """Tokens, time and estimated cost of the steps committed in the last ``since_s``
+        seconds, by agent or by class (see :mod:`fleet.usage`)."""
+        return UsageLedger(self.settings, self.store.redis).report(by, since_s)
 
     # --- dead letters ---------------------------------------------------------------
     def dlq_list(self, agent: str | None = None, step: str | None = None, limit: int = 100) -> list[DeadLetter]:

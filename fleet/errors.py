@@ -12,6 +12,8 @@
      │                             none up, the attempt fails as transient
      ├── PermanentError        a step can never succeed as is; dead-letter it now
      ├── DeadlineExceeded      the run's deadline passed; the run expires, nothing more runs
+     ├── BudgetExceeded        the run's token or cost budget is spent; it ends budget_exceeded
+     │                         before its next model call
      └── RunCancelled          the run was cancelled; its remaining steps are skipped
 
 A step body raises; the base task decides what happens (retry, dead letter, expire).
@@ -70,6 +72,11 @@ class PermanentError(FleetError):
 
 class DeadlineExceeded(FleetError):
     """The run's deadline has passed; its remaining steps are not executed."""
+
+
+class BudgetExceeded(FleetError):
+    """The run's token or cost budget leaves nothing for its next model call; the message
+    names the budget."""
 
 
 class RunCancelled(FleetError):

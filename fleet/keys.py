@@ -46,6 +46,11 @@ class Keys:
         """List: the turns of a session, oldest first."""
         return self._k("session", session_id)
 
+    def usage(self, minute: int) -> str:
+        """Hash with TTL: what runs used in one minute (epoch minute), fields
+        ``<agent>|<class>|<figure>`` (see fleet.usage)."""
+        return self._k("usage", str(minute))
+
     # --- dead letters -----------------------------------------------------------------
     @property
     def dead_letters(self) -> str:

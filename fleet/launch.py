@@ -282,14 +282,31 @@ def served_repository(dst: Path, models: list[str], repository: Path = MODEL_REP
     return dst
 
 
+def triton_trace_args(url: str, service: str = "triton", export_delay_ms: int = 5000) -> list[str]:
+    """``tritonserver`` flags that trace every request with OpenTelemetry and export the spans
+    (OTLP over HTTP) to ``url`` (``http://host:4318/v1/traces``). A request carrying a W3C
+    ``traceparent`` (gRPC metadata) gets its spans in the caller's trace.
+
+    Triton samples one request in 1000 and records nothing by default: rate 1 and the
+    TIMESTAMPS level record them all, with their queue and compute times as span events.
+    """
+    return [
+        "--trace-config", "mode=opentelemetry", "--trace-config", "rate=1", "--trace-config", "count=-1",
+        "--trace-config", "level=TIMESTAMPS", "--trace-config", f"opentelemetry,url={url}",
+        "--trace-config", f"opentelemetry,resource=service.name={service}",
+        "--trace-config", f"opentelemetry,bsp_schedule_delay={export_delay_ms}",
+    ]
+
+
 def start_triton(procs: Processes, work_dir: Path, models: list[str], name: str = "triton",
                  address: str = "127.0.0.1", repository: Path = MODEL_REPOSITORY,
-                 ports: tuple[int, int, int] | None = None) -> TritonEndpoints:
+                 ports: tuple[int, int, int] | None = None, trace: list[str] | None = None) -> TritonEndpoints:
     """Start tritonserver from the nvidia-pytriton wheel serving ``models``; wait until ready.
 
     Model control is off (``--model-control-mode=none``) over a repository of only the
     served models: nobody who reaches Triton's ports can load a model (a python-backend
-    model is code) or unload the one the fleet serves.
+    model is code) or unload the one the fleet serves. ``trace``: tracing flags
+    (:func:`triton_trace_args`), off when None.
     """
     pkg = _pytriton_dir()
     binary = pkg / "tritonserver" / "bin" / "tritonserver"
@@ -301,7 +318,7 @@ def start_triton(procs: Processes, work_dir: Path, models: list[str], name: str 
         f"--backend-directory={triton_backend_dir(work_dir)}",
         f"--http-port={http}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics}",
         f"--http-address={address}", f"--grpc-address={address}", f"--metrics-address={address}",
-        "--allow-gpu-metrics=false", "--exit-timeout-secs=5", "--log-verbose=0",
+        "--allow-gpu-metrics=false", "--exit-timeout-secs=5", "--log-verbose=0", *(trace or []),
     ]
     bin_dir = str(Path(sys.executable).parent)
     env = {

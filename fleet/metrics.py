@@ -56,6 +56,18 @@ TOKENS_OUT = Counter("fleet_tokens_out", "Generated tokens of committed model st
 RETRIES = Counter("fleet_step_retries", "Step attempts that failed transiently and were retried.",
                   ["agent", "step"])
 DEAD_LETTERS = Counter("fleet_dead_letters", "Steps written to the dead-letter store.", ["agent", "step"])
+# Usage by agent and class (fleet.usage): where a run's time and money go.
+USAGE_RUNS = Counter("fleet_usage_runs", "Runs that ended, as usage counts them.", ["agent", "priority"])
+USAGE_STEPS = Counter("fleet_usage_steps", "Steps counted in usage.", ["agent", "priority"])
+USAGE_TOKENS_IN = Counter("fleet_usage_tokens_in", "Prompt tokens of model calls.", ["agent", "priority"])
+USAGE_TOKENS_OUT = Counter("fleet_usage_tokens_out", "Generated tokens of model calls.", ["agent", "priority"])
+USAGE_MODEL_S = Counter("fleet_usage_model_seconds", "Seconds at the model (model calls' durations).",
+                        ["agent", "priority"])
+USAGE_QUEUE_S = Counter("fleet_usage_queue_seconds", "Seconds steps waited in queues.", ["agent", "priority"])
+USAGE_TOOL_S = Counter("fleet_usage_tool_seconds", "Seconds in tool steps.", ["agent", "priority"])
+USAGE_COST = Counter("fleet_usage_cost", "Estimated cost of model calls (FLEET_PRICE_*).", ["agent", "priority"])
+USAGE = {"runs": USAGE_RUNS, "steps": USAGE_STEPS, "tokens_in": USAGE_TOKENS_IN, "tokens_out": USAGE_TOKENS_OUT,
+         "model_s": USAGE_MODEL_S, "queue_s": USAGE_QUEUE_S, "tool_s": USAGE_TOOL_S, "cost": USAGE_COST}
 
 
 # --- hooks the base task calls ------------------------------------------------------------
@@ -83,6 +95,13 @@ def step_retried(agent: str, step: str) -> None:
 def dead_lettered(agent: str, step: str) -> None:
     """A step was written to the dead-letter store."""
     DEAD_LETTERS.labels(agent, step).inc()
+
+
+def usage_added(agent: str, priority: str, figures: dict[str, float]) -> None:
+    """Usage figures of a committed step, or of a run that ended (see fleet.usage)."""
+    for name, value in figures.items():
+        if value:
+            USAGE[name].labels(agent, priority).inc(value)
 
 
 def run_finished(run: RunRecord) -> None:
@@ -126,7 +145,8 @@ def serve(settings: Settings) -> int | None:
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.MultiProcessCollector(registry)
     else:  # a process that never called use_multiprocess_dir: its own values are all there is
-        for metric in (RUN_LATENCY, RUNS, STEP_DURATION, TTFT, TOKENS_IN, TOKENS_OUT, RETRIES, DEAD_LETTERS):
+        for metric in (RUN_LATENCY, RUNS, STEP_DURATION, TTFT, TOKENS_IN, TOKENS_OUT, RETRIES, DEAD_LETTERS,
+                       *USAGE.values()):
             registry.register(metric)
     registry.register(FleetCollector(settings))
     start_http_server(settings.metrics_port, addr=settings.bind_address, registry=registry)

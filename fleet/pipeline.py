@@ -9,10 +9,11 @@
       start     record "running", count this delivery, event     (one write)
       check     guard: poison (delivered too often without finishing)
       body      the step's work only, inside the run's cancel scope  (fleet.steps)
+                and the hooks' contexts (a span, the step's pricing)
       commit    output + record + event once, with the hooks' commands (one write)
       advance   the one next-step rule (fleet.plan.next_step): go on, or end the run
-    a failure   cancelled: stop · deadline: expire the run ·
-                RetryPolicy: try again later · otherwise: dead-letter
+    a failure   cancelled: stop · deadline: expire the run · budget spent: end it
+                budget_exceeded · RetryPolicy: try again later · otherwise: dead-letter
     observers   after_commit · on_retry · on_dead_letter · on_run_end  (fleet.hooks)
 
 :class:`StepPipeline` owns this sequence; the Celery task (:mod:`fleet.tasks`) only turns
@@ -25,6 +26,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +34,8 @@ import redis
 
 from fleet.agent import AgentDef
 from fleet.deadletter import DeadLetter
-from fleet.errors import DeadlineExceeded, FleetError, RunCancelled, RunNotFound
-from fleet.hooks import Delivery, StepContext, StopStep
+from fleet.errors import BudgetExceeded, DeadlineExceeded, FleetError, RunCancelled, RunNotFound
+from fleet.hooks import Delivery, Hook, StepContext, StopStep
 from fleet.plan import Exhausted, Finished, StepPos, is_skipped, next_step, result_of, step_index
 from fleet.redis_full import is_redis_full, wait_for_room
 from fleet.runs import RunStatus, StepRecord, step_key
@@ -77,6 +79,8 @@ class StepPipeline:
         self.rt = rt
         self.store = rt.store
         self.hooks = rt.hooks
+        # Only hooks that wrap the body are entered around it.
+        self._around = [h for h in rt.hooks if type(h).around_body is not Hook.around_body]
 
     # --- the step's life ------------------------------------------------------------
     def process(self, msg: Delivery, again: bool = False) -> Outcome:
@@ -139,7 +143,8 @@ class StepPipeline:
     def _start(self, ctx: StepContext) -> None:
         msg = ctx.delivery
         prior = ctx.run.record(ctx.key)
-        record = prior.model_copy() if prior else StepRecord(key=ctx.key, name=msg.step, iteration=msg.iteration)
+        record = prior.model_copy() if prior else StepRecord(key=ctx.key, name=msg.step, iteration=msg.iteration,
+                                                             kind=ctx.step.kind if ctx.step else None)
         # The same delivery run again after a full Redis is not another attempt.
         attempts = record.attempts + (0 if ctx.again and prior is not None else 1)
         record.status, record.attempts, record.worker = "running", attempts, self.rt.worker
@@ -157,7 +162,9 @@ class StepPipeline:
             ctx.record.status = "skipped"
             return None
         view = ctx.run.view(pos.iteration, ctx.agent.loop_of(pos.name))
-        with self.rt.cancellation.scope(ctx.run_id) as cancel:
+        with self.rt.cancellation.scope(ctx.run_id) as cancel, ExitStack() as around:
+            for hook in self._around:
+                around.enter_context(hook.around_body(ctx))
             ctx.cancel = cancel
             return BODIES[ctx.step.kind](ctx, ctx.step, view)
 
@@ -216,6 +223,11 @@ class StepPipeline:
             self._record_failure(ctx)
             self.store.emit(ctx.run_id, {"type": "step", "step": ctx.key, "status": "failed",
                                          "error": record.error if record else str(exc)})
+            return STOP
+        if isinstance(exc, BudgetExceeded):
+            self._record_failure(ctx)
+            if self._end(ctx, "budget_exceeded", error={"type": "BudgetExceeded", "message": str(exc)}):
+                log.info("run %s: %s", ctx.run_id, exc, extra={"run_id": ctx.run_id})
             return STOP
         now = time.time()
         if isinstance(exc, DeadlineExceeded) or now >= ctx.run.deadline_at:

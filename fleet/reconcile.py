@@ -20,6 +20,7 @@ import time
 
 from celery import Celery
 
+from fleet import tracing
 from fleet.agent import AgentDef
 from fleet.errors import RunNotFound
 from fleet.plan import StepPos, build_chain, next_step, remaining_steps
@@ -90,8 +91,9 @@ class Reconciler:
                 self.store.forget(run_id)
                 continue
             pos = resume_point(agent, run)
-            build_chain(self.app, self.settings, agent, run_id, run.priority,
-                        start=pos.name, iteration=pos.iteration).apply_async()
+            with tracing.resumed(run.traceparent, f"resend {run.agent}", {"fleet.run_id": run_id}):
+                build_chain(self.app, self.settings, agent, run_id, run.priority,
+                            start=pos.name, iteration=pos.iteration).apply_async()
             self.store.touch(run_id)
             log.warning("run %s: no step message in flight for %.0fs; sent again from step %s",
                         run_id, self.settings.stall_after_s, pos.key, extra={"run_id": run_id})

@@ -18,6 +18,7 @@ from typing import Any
 
 from celery import Celery
 
+from fleet import tracing
 from fleet.agent import AgentDef
 from fleet.deadletter import DeadLetter, DeadLetters
 from fleet.errors import InvalidSubmission, RunNotFound
@@ -115,8 +116,9 @@ class Replayer:
         start = next_step(agent, run)
         if not isinstance(start, StepPos):  # nothing left to run: the patch completed it
             start = StepPos(entry.step, entry.iteration)
-        build_chain(self.app, self.settings, agent, entry.run_id, entry.priority,
-                    start=start.name, iteration=start.iteration).apply_async()
+        with tracing.resumed(run.traceparent, f"replay {agent.name}", {"fleet.run_id": entry.run_id}):
+            build_chain(self.app, self.settings, agent, entry.run_id, entry.priority,
+                        start=start.name, iteration=start.iteration).apply_async()
         record = {"replayed_at": now, "patch": patch, "run_id": entry.run_id}
         history = json.loads(self.store.redis.hget(self._replays, entry_id) or "[]")
         self.store.redis.hset(self._replays, entry_id, json.dumps([*history, record]))

@@ -31,9 +31,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from fleet.agent import LoopStep
 
 RunStatus = Literal[
-    "queued", "running", "succeeded", "failed", "dead_lettered", "cancelled", "expired"
+    "queued", "running", "succeeded", "failed", "dead_lettered", "cancelled", "expired", "budget_exceeded"
 ]
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "dead_lettered", "cancelled", "expired"})
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "dead_lettered", "cancelled", "expired",
+                                      "budget_exceeded"})
 EVENTS_MAXLEN = 2000
 _JSON_FIELDS = frozenset({"input", "result", "error", "session"})
 _OUT, _STEP = "out:", "step:"
@@ -66,8 +67,7 @@ return 1
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
-if status == 'succeeded' or status == 'failed' or status == 'dead_lettered'
-   or status == 'cancelled' or status == 'expired' then return 0 end
+if TERMINAL[status] then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
 local n = tonumber(ARGV[5])
 for i = 6, 5 + 2 * n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -84,6 +84,8 @@ if ttl > 0 then
 end
 return 1
 """
+
+_TRANSITION = "local TERMINAL = {" + ", ".join(f"{s} = true" for s in sorted(TERMINAL)) + "}\n" + _TRANSITION
 
 # Reopen a finished run for a replay. KEYS[1] run hash; ARGV[1] = number of fields to
 # delete, then those fields, then field/value pairs to set. Returns 0 if it had not ended.
@@ -105,6 +107,11 @@ def step_key(name: str, iteration: int) -> str:
     return f"{name}#{iteration}" if iteration else name
 
 
+def step_field(key: str) -> str:
+    """The run hash's field holding a step's record (for scripts that run beside its commit)."""
+    return _STEP + key
+
+
 def parse_step_key(key: str) -> tuple[str, int]:
     """``name#3`` -> ``("name", 3)``; ``name`` -> ``("name", 0)``."""
     name, _, iteration = key.partition("#")
@@ -117,6 +124,7 @@ class StepRecord(BaseModel):
     key: str
     name: str
     iteration: int = 0
+    kind: Literal["llm", "tool"] | None = None
     status: Literal["running", "done", "skipped", "failed"] = "running"
     attempts: int = 0
     started_at: float | None = None
@@ -124,8 +132,11 @@ class StepRecord(BaseModel):
     duration_s: float | None = None
     queue_wait_s: float | None = None
     ttft_s: float | None = None
+    model_s: float | None = Field(None, description="Duration of the step's model call (time at the model).")
+    cost: float = Field(0.0, description="Estimated cost of the step's model call (FLEET_PRICE_*).")
     tokens_in: int = 0
     tokens_out: int = 0
+    prompt_bytes: int = Field(0, description="Size of the model call's prompt (budgets estimate prompts by it).")
     worker: str | None = None
     replica: str | None = None  # the Triton replica of its model call
     preemptions: int = 0  # times an interactive request took its model call's slot
@@ -157,6 +168,9 @@ class RunRecord(BaseModel):
     session: list[dict[str, Any]] = Field(default_factory=list, description="Turns seen by this run.")
     stream: bool = False
     dead_letter_id: str | None = None
+    budget_tokens: int | None = Field(None, description="Most tokens (in + out) the run's model calls may use.")
+    budget_cost: float | None = Field(None, description="Most estimated cost the run's model calls may use.")
+    traceparent: str | None = Field(None, description="The run's root span (W3C traceparent), when traced.")
     outputs: dict[str, Any] = Field(default_factory=dict)
     steps: list[StepRecord] = Field(default_factory=list)
 
@@ -172,6 +186,17 @@ class RunRecord(BaseModel):
     @property
     def tokens_out(self) -> int:
         return sum(s.tokens_out for s in self.steps)
+
+    @property
+    def cost(self) -> float:
+        """Estimated cost of the run's model calls."""
+        return sum(s.cost for s in self.steps)
+
+    @property
+    def trace_id(self) -> str | None:
+        """The id of the run's trace, when it was traced."""
+        parts = (self.traceparent or "").split("-")
+        return parts[1] if len(parts) == 4 else None
 
 
 class RunState:
@@ -198,9 +223,11 @@ class RunState:
         for name in _JSON_FIELDS:
             if name in fields:
                 fields[name] = json.loads(fields[name])
-        for name in ("created_at", "deadline_at", "started_at", "finished_at"):
+        for name in ("created_at", "deadline_at", "started_at", "finished_at", "budget_cost"):
             if name in fields:
                 fields[name] = float(fields[name])
+        if "budget_tokens" in fields:
+            fields["budget_tokens"] = int(fields["budget_tokens"])
         fields["stream"] = fields.get("stream") == "1"
         self.fields = fields
 
@@ -241,6 +268,18 @@ class RunState:
     @property
     def ended(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def budget_tokens(self) -> int | None:
+        return self.fields.get("budget_tokens")
+
+    @property
+    def budget_cost(self) -> float | None:
+        return self.fields.get("budget_cost")
+
+    @property
+    def traceparent(self) -> str | None:
+        return self.fields.get("traceparent")
 
     # --- steps ------------------------------------------------------------------------
     def record(self, key: str) -> StepRecord | None:
@@ -342,6 +381,12 @@ class RunStore:
         if record.session_id:
             fields["session_id"] = record.session_id
             fields["session"] = json.dumps(record.session)
+        if record.budget_tokens is not None:
+            fields["budget_tokens"] = str(record.budget_tokens)
+        if record.budget_cost is not None:
+            fields["budget_cost"] = repr(record.budget_cost)
+        if record.traceparent:
+            fields["traceparent"] = record.traceparent
         key = self.run_key(record.id)
         pipe = self.redis.pipeline()
         pipe.hset(key, mapping=fields)

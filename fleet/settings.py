@@ -187,6 +187,28 @@ class Settings(BaseSettings):
         description="'vanilla' turns the fleet's scheduling off (Celery defaults), for benchmarks only.",
     )
 
+    # --- Cost, usage and tracing ------------------------------------------------------
+    price_per_1k_input_tokens: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="Estimated cost of 1,000 prompt tokens, in the currency usage reports are read in.",
+    )
+    price_per_1k_output_tokens: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Estimated cost of 1,000 generated tokens."
+    )
+    price_per_gpu_s: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="Estimated cost of one second at the model (a model call's duration).",
+    )
+    usage_retention_s: int = Field(
+        8 * 86400, gt=0, description="How long per-minute usage totals (fleet usage) are kept."
+    )
+    tracing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="OpenTelemetry tracing: 'auto' traces when OTEL_EXPORTER_OTLP_ENDPOINT (or "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set, 'on' also without (the SDK's default endpoint), "
+        "'off' never.",
+    )
+
     # --- Agents, observability, local stack -------------------------------------------
     agents_dir: Path | None = Field(
         None, description="Extra directory of agent definitions (*.toml) beside the built-ins."

@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet import launch
+from fleet import launch, tracing
 from fleet.celery_app import create_app
 from fleet.routing import worker_queues
 from fleet.settings import Settings
@@ -94,10 +94,15 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
         say(f"triton     reusing {settings.triton_grpc_url} (model {settings.triton_model} ready)")
     else:
         say("triton     starting tritonserver with the dev model ...")
-        ep = launch.start_triton(procs, data / "triton", [settings.triton_model], address=settings.bind_address)
+        # With tracing on, Triton's own spans (queue, compute) join each run's trace.
+        trace = (launch.triton_trace_args(tracing.traces_url(os.environ))
+                 if tracing.wanted(settings.tracing, os.environ) else None)
+        ep = launch.start_triton(procs, data / "triton", [settings.triton_model], address=settings.bind_address,
+                                 trace=trace)
         env.update(FLEET_TRITON_GRPC_URL=ep.grpc_url, FLEET_TRITON_HTTP_URL=ep.http_url,
                    FLEET_TRITON_METRICS_URL=ep.metrics_url)
-        say(f"triton     ready: grpc {ep.grpc_url}, http {ep.http_url}, model {settings.triton_model}")
+        say(f"triton     ready: grpc {ep.grpc_url}, http {ep.http_url}, model {settings.triton_model}"
+            + (f", traces to {tracing.traces_url(os.environ)}" if trace else ""))
 
     # Flower's login: the operator's, or one made for this stack (shown below, kept in
     # stack.env for the CLI beside it).

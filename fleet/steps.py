@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from fleet import tracing
 from fleet.agent import LlmStep, ToolStep
 from fleet.errors import PermanentError
 from fleet.hooks import StepContext
@@ -19,20 +20,30 @@ from fleet.tools import run_tool
 
 
 def llm(ctx: StepContext, step: LlmStep, view: dict[str, Any]) -> Any:
-    """Render the prompt, call the model, parse its output."""
-    record, run = ctx.record, ctx.run
+    """Render the prompt, call the model (within what the run's budget leaves), parse its output."""
+    record, run, allowance = ctx.record, ctx.run, ctx.allowance
     assert record is not None and ctx.cancel is not None  # noqa: S101 - set by the pipeline
     on_token = None
     if run.stream:
         def on_token(text: str) -> None:
             ctx.rt.store.emit(run.id, {"type": "token", "step": record.key, "text": text})
-    gen = ctx.rt.pool.generate(
-        render(step.prompt, view), step.sampling_parameters(), model=step.model, priority=run.priority,
-        deadline_at=run.deadline_at, request_id=f"{run.id}:{record.key}:{record.attempts}",
-        cancel=ctx.cancel, on_token=on_token,
-    )
+    prompt, sampling = render(step.prompt, view), step.sampling_parameters()
+    clip = allowance.clip(prompt, step.max_tokens) if allowance is not None else None
+    if clip is not None:
+        sampling["max_tokens"] = clip.max_tokens
+    model = step.model or ctx.rt.settings.triton_model
+    with tracing.model_call(model, sampling["max_tokens"]) as span:
+        gen = ctx.rt.pool.generate(
+            prompt, sampling, model=model, priority=run.priority,
+            deadline_at=run.deadline_at, request_id=f"{run.id}:{record.key}:{record.attempts}",
+            cancel=ctx.cancel, on_token=on_token,
+        )
+        tracing.model_result(span, gen)
     record.tokens_in, record.tokens_out, record.ttft_s = gen.tokens_in, gen.tokens_out, gen.ttft_s
     record.replica, record.preemptions, record.failovers = gen.replica or None, gen.preemptions, gen.failovers
+    record.model_s, record.prompt_bytes = gen.duration_s, len(prompt.encode())
+    if clip is not None:
+        clip.check(gen.tokens_out)
     text = gen.text.strip()
     return parse_tool_call(text) if step.parse == "tool_call" else text
 

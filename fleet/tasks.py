@@ -19,11 +19,13 @@ from celery import Celery, Task, signature
 from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 
+from fleet import tracing
 from fleet.celery_app import SENT_AT_HEADER
 from fleet.hooks import Delivery
 from fleet.pipeline import Advance, Outcome, RetryLater, StepPipeline
 from fleet.plan import StepPos, build_chain, next_iteration_chain
 from fleet.redis_full import is_redis_full, wait_for_room
+from fleet.runs import step_key
 from fleet.runtime import Runtime
 from fleet.settings import Settings
 
@@ -44,6 +46,14 @@ class StepTask(Task):
 
     def run(self, run_id: str, step: str, iteration: int = 0) -> None:  # noqa: D102
         msg = Delivery(run_id, step, iteration, retries=self.request.retries, sent_at=_sent_at(self.request))
+        # The span's name is Flower's for the task ("agent.step"), with the loop iteration.
+        name = (self.request.shadow or self.name) + (f"#{iteration}" if iteration else "")
+        with tracing.delivery(name, lambda header: _header(self.request, header), msg.sent_at,
+                              {"fleet.run_id": run_id, "fleet.step": step_key(step, iteration)}):
+            self._run(msg)
+
+    def _run(self, msg: Delivery) -> None:
+        run_id, step = msg.run_id, msg.step
         give_up_at = time.time() + self.pipeline.rt.settings.step_time_limit_s / 2
         again = False
         try:
@@ -104,8 +114,14 @@ def _position(link: dict[str, Any]) -> StepPos:
     return StepPos(kwargs.get("step", ""), int(kwargs.get("iteration", 0)))
 
 
+def _header(request: Any, name: str) -> Any:
+    """A custom header of the step message (Celery keeps them on the request, or nested
+    under ``headers`` for some publishes)."""
+    return (request.headers or {}).get(name) or getattr(request, name, None)
+
+
 def _sent_at(request: Any) -> float | None:
-    sent = (request.headers or {}).get(SENT_AT_HEADER) or getattr(request, SENT_AT_HEADER, None)
+    sent = _header(request, SENT_AT_HEADER)
     return float(sent) if sent else None
 
 

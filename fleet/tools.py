@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from fleet import tracing
 from fleet.errors import PermanentError
 
 ToolFn = Callable[[str], Any]
@@ -42,11 +43,12 @@ def load_tool_modules(modules: Iterable[str]) -> None:
 
 
 def run_tool(name: str, tool_input: str) -> Any:
-    """Run a registered tool; an unknown name is a permanent error."""
+    """Run a registered tool (a span of its own when traced); an unknown name is a permanent error."""
     fn = TOOLS.get(name)
     if fn is None:
         raise PermanentError(f"unknown tool '{name}'")
-    return fn(tool_input)
+    with tracing.tool_call(name):
+        return fn(tool_input)
 
 
 # --- calculator: parses arithmetic, never evaluates Python ----------------------------

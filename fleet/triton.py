@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,15 @@ def _first(result: InferResult, name: str) -> Any:
         return None
     item = value.reshape(-1)[0]
     return item.decode() if isinstance(item, bytes) else item
+
+
+def _let_end(call: Any, wait_s: float = 1.0) -> None:
+    """Give Triton a moment to end a stream it has answered in full (usually well under a
+    millisecond): a stream cancelled at once at times leaves Triton's request span open, and
+    never exported. One that lingers is cancelled."""
+    ended = threading.Event()
+    call.add_done_callback(lambda _: ended.set())
+    ended.wait(wait_s)
 
 
 class TritonClient:
@@ -186,6 +195,7 @@ class TritonClient:
         on_token: Callable[[str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
         bind: Callable[[Any], None] | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
     ) -> Generation:
         """Generate text for ``prompt``, streaming tokens to ``on_token``.
 
@@ -197,6 +207,8 @@ class TritonClient:
                 between tokens), or one response with the whole text.
             cancelled: polled between tokens; when it returns True the request is cancelled.
             bind: receives the gRPC call, which its holder may cancel from another thread.
+            metadata: gRPC metadata of the request; by default the caller's trace context
+                (``traceparent``), which makes Triton's own spans part of the run's trace.
 
         Raises:
             DeadlineExceeded: ``timeout_s`` passed before the generation finished.
@@ -219,8 +231,12 @@ class TritonClient:
             if flag in declared:
                 _bool_input(req, flag, True)
 
+        if metadata is None:
+            from fleet.tracing import grpc_metadata  # None while tracing is off
+
+            metadata = grpc_metadata()
         started = time.monotonic()
-        call = self._stub.ModelStreamInfer(iter([req]), timeout=timeout_s)
+        call = self._stub.ModelStreamInfer(iter([req]), timeout=timeout_s, metadata=metadata)
         if bind is not None:
             bind(call)
         pieces: list[str] = []
@@ -248,6 +264,8 @@ class TritonClient:
                 finish = _first(result, "finish_reason") or finish
                 final = response.infer_response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
+                    if metadata:  # traced: Triton's spans of this request are wanted
+                        _let_end(call)
                     break
                 if cancelled is not None and cancelled():
                     call.cancel()

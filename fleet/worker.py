@@ -22,16 +22,18 @@ log = logging.getLogger(__name__)
 
 @worker_init.connect
 def _on_init(sender, **_: object) -> None:  # noqa: ANN001, ARG001
-    """Before the pool starts: metrics that pool children share, and Sentry.
+    """Before the pool starts: metrics that pool children share, Sentry and tracing.
 
-    Both must come before the children are forked and before task tracers are built.
+    All must come before the children are forked and before task tracers are built (and
+    tracing before the step hooks are chosen).
     """
-    from fleet import metrics
+    from fleet import metrics, tracing
     from fleet.sentry import init_sentry
 
     if settings.metrics_port is not None:
         metrics.use_multiprocess_dir()
     init_sentry(settings, "worker")
+    tracing.configure(settings, "worker")
 
 
 @worker_ready.connect

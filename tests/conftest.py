@@ -89,6 +89,13 @@ class Fleet:
         self.nodes[name] = node
         return node
 
+    def start_metered_worker(self, name: str, kind: str, pool: str = "threads", concurrency: int = 8,
+                             **env: str) -> str:
+        """A worker serving its Prometheus metrics on a port of its own; returns their URL."""
+        port = launch.free_port()
+        self.start_worker(name, kind, pool, concurrency, FLEET_METRICS_PORT=str(port), **env)
+        return f"http://127.0.0.1:{port}/metrics"
+
 
 REPO = Path(__file__).resolve().parent.parent
 # Agents and tools that fail or stall on purpose, next to the built-in ones.

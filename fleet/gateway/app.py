@@ -14,6 +14,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 from pydantic import BaseModel, Field
 
+from fleet import tracing
 from fleet.admission import Admission, Submission
 from fleet.aio import AsyncFleetClient
 from fleet.client import FleetClient
@@ -40,6 +41,7 @@ class SubmitResponse(BaseModel):
     run_id: str
     status: RunStatus | None = Field(description="Null when the run's record is no longer kept.")
     created: bool = Field(description="False for a repeated idempotency key.")
+    trace_id: str | None = Field(None, description="The run's trace id, when the fleet traces.")
 
 
 class CancelResponse(BaseModel):
@@ -91,6 +93,7 @@ def create_gateway(settings: Settings) -> FastAPI:
     when it stops.
     """
     keys = settings.api_key_list()
+    tracing.configure(settings, "gateway")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -138,22 +141,27 @@ def create_gateway(settings: Settings) -> FastAPI:
               responses={200: {"model": SubmitResponse, "description": "The run of a repeated idempotency key."},
                          **ERRORS,
                          429: {"model": ErrorBody, "description": "Shed: retry after the Retry-After header."}})
-    def submit_run(sub: Submission, response: Response, services: Services) -> SubmitResponse:
-        """Submit a run of an agent."""
-        run_id, created = services.admission.submit(sub)
+    def submit_run(sub: Submission, request: Request, response: Response, services: Services) -> SubmitResponse:
+        """Submit a run of an agent. A W3C `traceparent` header makes the run's trace part of
+        the caller's."""
+        with tracing.server("POST /v1/runs", request.headers, {"http.request.method": "POST",
+                                                                "http.route": "/v1/runs"}):
+            run_id, created = services.admission.submit(sub)
         if not created:
             response.status_code = 200
         try:
-            status = services.client.get(run_id).status
+            run = services.client.get(run_id)
+            status, trace_id = run.status, run.trace_id
         except RunNotFound:  # the key outlived the finished run's record
-            status = None
+            status = trace_id = None
         log.info("run %s: submitted over HTTP (%s)", run_id,
                  "created" if created else "existing run of its idempotency key")
-        return SubmitResponse(run_id=run_id, status=status, created=created)
+        return SubmitResponse(run_id=run_id, status=status, created=created, trace_id=trace_id)
 
     @app.get("/v1/runs/{run_id}", response_model=RunView, **v1, responses={**ERRORS, **NOT_FOUND})
     def get_run(run_id: RunId, services: Services) -> dict[str, Any]:
-        """A run: status, per-step timing and tokens, result or error."""
+        """A run: status, per-step timing, tokens and cost, its timeline (queue wait, time to
+        first token, generation, tool time, retries, preemptions per step), result or error."""
         return run_view(services.client.get(run_id))
 
     @app.get("/v1/runs/{run_id}/events", response_class=EventSourceResponse, **v1,

@@ -1,30 +1,33 @@
 """Concerns of a step's life, each a small object with one job (in the spirit of dramatiq's
 middleware). The pipeline (:mod:`fleet.pipeline`) calls them at fixed points:
 
-=================  ==========================================================  ===============
+=================  ==========================================================  ===================
 point              what a hook may do there                                    hooks
-=================  ==========================================================  ===============
-``check``          stop the step before it starts (raise)                      guards
+=================  ==========================================================  ===================
+``check``          stop the step before it starts (raise)                      guards, budget
 ``check_started``  stop the step once its delivery is counted (raise)          poison guard
-``on_start``       observe a step about to run its body                        Sentry tags
-``commit_with``    add Redis commands to the step's one commit round trip      step times
-``after_commit``   observe a committed step                                    metrics
-``on_retry``       observe an attempt that failed and goes back to its queue   metrics
+``on_start``       observe a step about to run its body                        Sentry tags, spans
+``around_body``    a context the body runs in, left whatever its outcome       spans, usage
+``commit_with``    add Redis commands to the step's one commit round trip      step times, usage
+``after_commit``   observe a committed step                                    metrics, usage
+``on_retry``       observe an attempt that failed and goes back to its queue   metrics, spans
 ``on_dead_letter`` observe a step written to the dead-letter store             metrics, Sentry
-``on_run_end``     observe a run that reached a terminal status                summary, sessions, metrics
-=================  ==========================================================  ===============
+``on_run_end``     observe a run that reached a terminal status                summary, usage, ...
+=================  ==========================================================  ===================
 
-Adding a concern (tracing, budgets, tenant accounting) means adding a hook here and to
+Adding a concern (tenant accounting, say) means adding a hook here and to
 :func:`default_hooks`, not editing the pipeline.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from fleet.agent import AgentDef, LlmStep, ToolStep
+    from fleet.budget import Allowance
     from fleet.cancel import CancelScope
     from fleet.runs import RunRecord, RunState, StepRecord
     from fleet.runtime import Runtime
@@ -55,6 +58,7 @@ class StepContext:
     step: "LlmStep | ToolStep | None" = None
     record: "StepRecord | None" = None
     cancel: "CancelScope | None" = None
+    allowance: "Allowance | None" = None  # what the run's budget leaves its model call (None: no budget)
     output: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -84,6 +88,11 @@ class Hook:
     def on_start(self, ctx: StepContext) -> None:
         """The step passed every guard and its body runs next."""
 
+    def around_body(self, ctx: StepContext) -> AbstractContextManager[Any]:
+        """A context the body runs in (entered in hook order); it is left however the body
+        ends, before the step is committed or its failure handled."""
+        return nullcontext()
+
     def commit_with(self, ctx: StepContext) -> list[tuple[str, tuple]]:
         """Redis commands ``(method, args)`` to run in the step's commit round trip."""
         return []
@@ -102,13 +111,19 @@ class Hook:
 
 
 def default_hooks() -> list[Hook]:
-    """The hooks of a worker, in the order they are called."""
+    """The hooks of a worker, in the order they are called (step spans only while this
+    process traces: tracing off costs the step nothing)."""
+    from fleet import tracing
+    from fleet.hooks.budget import BudgetGuard
     from fleet.hooks.guards import DeadlineGuard, KnownStepGuard, PoisonGuard, TerminalGuard
     from fleet.hooks.metrics import Metrics
     from fleet.hooks.sentry import SentryReports
     from fleet.hooks.sessions import SessionTurns
     from fleet.hooks.step_times import StepTimes
     from fleet.hooks.summary import RunSummary
+    from fleet.hooks.tracing import StepSpans
+    from fleet.hooks.usage import Usage
 
-    return [TerminalGuard(), KnownStepGuard(), DeadlineGuard(), PoisonGuard(), StepTimes(), Metrics(), SentryReports(),
-            SessionTurns(), RunSummary()]
+    spans: list[Hook] = [StepSpans()] if tracing.enabled() else []
+    return [*spans, TerminalGuard(), KnownStepGuard(), DeadlineGuard(), BudgetGuard(), PoisonGuard(), StepTimes(),
+            Usage(), Metrics(), SentryReports(), SessionTurns(), RunSummary()]

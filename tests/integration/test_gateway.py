@@ -98,6 +98,15 @@ def test_submit_then_get(gateway, fleet):
     assert run["agent"] == "calculator" and run["priority"] == "interactive"
     assert [s["key"] for s in run["steps"]] == ["plan", "act", "answer"]
     assert run["latency_s"] > 0 and run["tokens_out"] == sum(s["tokens_out"] for s in run["steps"]) > 0
+    # The same timing the CLI's timeline draws.
+    timeline = run["timeline"]
+    assert [s["key"] for s in timeline["steps"]] == ["plan", "act", "answer"]
+    assert [s["kind"] for s in timeline["steps"]] == ["llm", "tool", "llm"]
+    plan, act = timeline["steps"][0], timeline["steps"][1]
+    assert plan["model_s"] > 0 and plan["ttft_s"] > 0 and plan["generation_s"] >= 0 and plan["tool_s"] is None
+    assert act["tool_s"] is not None and act["model_s"] is None and act["queue_s"] >= 0
+    assert plan["due_at_s"] <= plan["started_at_s"] <= plan["finished_at_s"] <= act["started_at_s"]
+    assert timeline["model_s"] == sum(s["model_s"] or 0 for s in timeline["steps"]) > 0
 
 
 def test_a_repeated_idempotency_key_returns_the_same_run(gateway, fleet):
@@ -111,7 +120,7 @@ def test_a_repeated_idempotency_key_returns_the_same_run(gateway, fleet):
     _wait_finished(fleet, first.json()["run_id"])
     third = gateway.http.post("/v1/runs", json=sub)
     assert third.status_code == 200 and third.json() == {"run_id": first.json()["run_id"],
-                                                         "status": "succeeded", "created": False}
+                                                         "status": "succeeded", "created": False, "trace_id": None}
 
 
 def test_events_stream_tokens_in_order_and_end_with_the_status(gateway, fleet):
@@ -168,6 +177,9 @@ def test_invalid_submissions_are_422_naming_the_field(gateway, fleet):
         ({"agent": "calculator", "input": {}, "priority": "urgent"}, "priority"),       # the body model
         ({"agent": "no_such_agent", "input": {}}, "agent"),
         ({"agent": "calculator", "input": {}, "deadline_s": -1}, "deadline_s"),
+        ({"agent": "calculator", "input": {}, "budget_tokens": 0}, "budget_tokens"),
+        ({"agent": "calculator", "input": {}, "budget_tokens": 2.5}, "budget_tokens"),
+        ({"agent": "calculator", "input": {}, "budget_cost": -0.5}, "budget_cost"),
         ({"agent": "calculator", "input": {}, "surprise": 1}, "surprise"),
         ({"input": {}}, "agent"),
     ]

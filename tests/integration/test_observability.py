@@ -7,17 +7,13 @@ Sentry endpoint served here (a small HTTP server that records the envelopes it r
 from __future__ import annotations
 
 import base64
-import gzip
 import json
 import sys
-import threading
 import urllib.error
 import urllib.request
 import uuid
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
 import pytest
@@ -28,6 +24,7 @@ from fleet.client import FleetClient
 from fleet.routing import all_queues
 
 from ..conftest import TEST_AGENTS_AND_TOOLS, Fleet, make_settings
+from ..support.sentry_server import SentryRecorder, sentry_server, tags_of
 
 pytestmark = pytest.mark.integration
 
@@ -36,81 +33,10 @@ FLOWER_AUTH = "ops:flower-test-pw"
 
 # --- a Sentry endpoint ------------------------------------------------------------------------
 
-@dataclass
-class SentryRecorder:
-    """Error events received, and an Event set on each one."""
-
-    dsn: str
-    events: list[dict] = field(default_factory=list)
-    arrived: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, event: dict) -> None:
-        with self.lock:
-            self.events.append(event)
-            self.arrived.set()
-
-    def wait_for(self, predicate, enough=bool, timeout_s: float = 20.0) -> list[dict]:  # noqa: ANN001
-        """Events matching ``predicate``, as soon as ``enough`` of them came (or when none more come)."""
-        while True:
-            with self.lock:
-                found = [e for e in self.events if predicate(e)]
-                self.arrived.clear()
-            if enough(found) or not self.arrived.wait(timeout_s):
-                return found
-
-
-def _envelope_items(body: bytes) -> Iterator[tuple[dict, bytes]]:
-    """(item header, payload) of each item of a Sentry envelope."""
-    _, _, rest = body.partition(b"\n")  # the envelope header
-    while rest.strip():
-        header_line, _, rest = rest.partition(b"\n")
-        header = json.loads(header_line)
-        if "length" in header:
-            payload, rest = rest[: header["length"]], rest[header["length"]:]
-            rest = rest[1:] if rest.startswith(b"\n") else rest
-        else:
-            payload, _, rest = rest.partition(b"\n")
-        yield header, payload
-
-
-def _decode(body: bytes, encoding: str | None) -> bytes:
-    if encoding == "gzip":
-        return gzip.decompress(body)
-    if encoding == "deflate":
-        return zlib.decompress(body)
-    if encoding == "br":
-        import brotli
-
-        return brotli.decompress(body)
-    return body
-
-
 @pytest.fixture(scope="module")
 def sentry() -> Iterator[SentryRecorder]:
-    recorder: SentryRecorder
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            body = _decode(self.rfile.read(int(self.headers["Content-Length"])),
-                           self.headers.get("Content-Encoding"))
-            for header, payload in _envelope_items(body):
-                if header.get("type") == "event":
-                    recorder.add(json.loads(payload))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    recorder = SentryRecorder(f"http://public@127.0.0.1:{server.server_address[1]}/1")
-    thread = threading.Thread(target=server.serve_forever, name="sentry", daemon=True)
-    thread.start()
-    yield recorder
-    server.shutdown()
+    with sentry_server() as recorder:
+        yield recorder
 
 
 @dataclass
@@ -127,10 +53,8 @@ def ofleet(redis_url, triton, tmp_path_factory, sentry) -> Iterator[ObservedFlee
     client = FleetClient(settings)
     f = ObservedFleet(settings, env, procs, client)
     try:
-        for name, kind, pool, concurrency in (("inference", "llm", "threads", 4), ("tools", "tool", "prefork", 2)):
-            port = launch.free_port()
-            f.start_worker(name, kind, pool, concurrency, FLEET_METRICS_PORT=str(port))
-            f.metrics_urls.append(f"http://127.0.0.1:{port}/metrics")
+        f.metrics_urls = [f.start_metered_worker("inference", "llm", "threads", 4),
+                          f.start_metered_worker("tools", "tool", "prefork", 2)]
         yield f
     finally:
         procs.stop()
@@ -209,13 +133,8 @@ def test_workers_export_run_step_model_and_queue_metrics(ofleet):
 
 # --- Sentry -----------------------------------------------------------------------------------
 
-def _tags(event: dict) -> dict:
-    tags = event.get("tags") or {}
-    return dict(tags) if isinstance(tags, dict) else {k: v for k, v in tags}
-
-
 def _of_run(run_id: str):  # noqa: ANN202
-    return lambda e: e.get("level") == "error" and _tags(e).get("run_id") == run_id
+    return lambda e: e.get("level") == "error" and tags_of(e).get("run_id") == run_id
 
 
 def test_a_dead_lettered_step_is_reported_with_its_run(ofleet, sentry):
@@ -223,7 +142,7 @@ def test_a_dead_lettered_step_is_reported_with_its_run(ofleet, sentry):
     run = ofleet.client.wait(run_id, timeout=30)
     assert run.status == "dead_lettered"
     [event] = sentry.wait_for(_of_run(run_id))
-    tags = _tags(event)
+    tags = tags_of(event)
     assert (tags["agent"], tags["step"], tags["priority"]) == ("doomed", "act", "interactive")
     assert tags["dead_letter"] == run.dead_letter_id
     [exc] = event["exception"]["values"]
@@ -242,7 +161,7 @@ def test_retries_are_not_reported_only_the_dead_letter_they_end_in(ofleet, sentr
     # been reported, it would be here by now.
     events = sentry.wait_for(_of_run(run_id))
     assert [e["exception"]["values"][-1]["type"] for e in events] == ["TransientError"]
-    assert _tags(events[0])["step"] == "think"
+    assert tags_of(events[0])["step"] == "think"
     after = _scrape_until(ofleet.metrics_urls, lambda now: (
         _total(now, "fleet_runs_total", agent="unreliable") - _total(before, "fleet_runs_total", agent="unreliable")))
     retried = (_total(after, "fleet_step_retries_total", agent="unreliable", step="think")
@@ -251,8 +170,8 @@ def test_retries_are_not_reported_only_the_dead_letter_they_end_in(ofleet, sentr
     # Across this namespace: one error event per dead letter, none for anything else.
     dead = {d.run_id for d in ofleet.client.dlq_list()}
     errors = sentry.wait_for(lambda e: e.get("level") == "error", lambda found: len(found) >= len(dead))
-    assert sorted(_tags(e)["run_id"] for e in errors) == sorted(dead)
-    assert all("dead_letter" in _tags(e) for e in errors)
+    assert sorted(tags_of(e)["run_id"] for e in errors) == sorted(dead)
+    assert all("dead_letter" in tags_of(e) for e in errors)
 
 
 # --- Flower -----------------------------------------------------------------------------------

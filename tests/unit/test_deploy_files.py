@@ -689,7 +689,10 @@ def test_dashboard_parses_and_every_panel_queries() -> None:
                    # the inference pool, per replica
                    "fleet_replica_up", "fleet_replica_capacity_sequences", "fleet_replica_inflight_requests",
                    "fleet_replica_pipeline_requests", "fleet_replica_engine_waiting_requests",
-                   "fleet_replica_preemptions_total"):
+                   "fleet_replica_preemptions_total",
+                   # where time goes per agent, and what it costs
+                   "fleet_usage_queue_seconds_total", "fleet_usage_model_seconds_total",
+                   "fleet_usage_tool_seconds_total", "fleet_usage_cost_total"):
         assert metric in read, metric
     # Fleet-wide gauges come from every process: a panel takes max by their labels, never a sum
     # over processes.

@@ -49,7 +49,7 @@ def _ctx(run: RunState, step: str = "plan", deliveries: int = 1) -> StepContext:
 
 
 # --- guards ------------------------------------------------------------------------------
-@pytest.mark.parametrize("status", ["succeeded", "failed", "dead_lettered", "cancelled", "expired"])
+@pytest.mark.parametrize("status", ["succeeded", "failed", "dead_lettered", "cancelled", "expired", "budget_exceeded"])
 def test_terminal_guard_stops_every_step_of_an_ended_run(status):
     with pytest.raises(StopStep, match=status):
         TerminalGuard().check(_ctx(_state("calculator", status)))
@@ -165,6 +165,7 @@ def _events(run_id, *entries):
 
 def test_a_terminal_event_ends_a_follow_only_while_the_status_still_says_so():
     assert is_end({"type": "status", "status": "succeeded"})
+    assert is_end({"type": "status", "status": "budget_exceeded"})
     assert not is_end({"type": "status", "status": "running"})
     assert not is_end({"type": "step", "status": "done"})
     # A replayed run: its history holds an earlier end, but it is queued again.
