@@ -64,13 +64,12 @@ from fleet.settings import Settings  # noqa: E402
 
 # Pool shapes. saturated: the model is the bottleneck (few sequences, each one slowing the
 # others a lot, worker threads three times the capacity); default: the dev model timed like
-# a fast medium model with sequences to spare, where this machine's CPU bounds throughput
-# (threads enough that no configuration is short of them).
+# a fast medium model with sequences to spare, where worker threads bound throughput.
 POOLS = {
     "saturated": {"max_seqs": 8, "load_factor": 0.05, "tokens": 16, "interactive_threads": 8,
                   "shared_threads": 16, "backlog": 3000, "rate": 4.0, "policies": "vanilla,static:4,static:8,reserve,preempt:0,preempt"},
-    "default": {"max_seqs": 64, "load_factor": 0.02, "tokens": 16, "interactive_threads": 8,
-                "shared_threads": 16, "backlog": 10000, "rate": 4.0, "policies": "vanilla,static:8,reserve,preempt"},
+    "default": {"max_seqs": 64, "load_factor": 0.02, "tokens": 16, "interactive_threads": 4,
+                "shared_threads": 8, "backlog": 10000, "rate": 4.0, "policies": "vanilla,static:8,reserve,preempt,preempt/shared"},
 }
 TIMING = {"ttft_ms": 100, "prefill_ms_per_token": 0.1, "tpot_ms": 10}
 ZERO = {"ttft_ms": 0, "prefill_ms_per_token": 0, "tpot_ms": 0, "load_factor": 0, "max_num_seqs": 256}
@@ -170,8 +169,9 @@ class Bench:
                 else:
                     os.environ[k] = v
 
-    def start_workers(self, settings: Settings, env: dict[str, str], client: FleetClient, label: str) -> list[str]:
-        if settings.scheduling == "fleet":
+    def start_workers(self, settings: Settings, env: dict[str, str], client: FleetClient, label: str,
+                      shared_only: bool = False) -> list[str]:
+        if settings.scheduling == "fleet" and not shared_only:
             specs = [("inf-interactive", ("interactive",), self.threads["interactive_only"]),
                      ("inf-shared", ("interactive", "batch"), self.threads["shared"])]
             specs = [spec for spec in specs if spec[2] > 0]
@@ -196,12 +196,14 @@ class Bench:
         return [n.split("@")[0].rsplit("-", 1)[0] for n in nodes]
 
     @contextmanager
-    def namespace(self, label: str, extra: dict[str, str] | None = None) -> Iterator[FleetClient]:
+    def namespace(self, label: str, extra: dict[str, str] | None = None,
+                  shared_only: bool = False) -> Iterator[FleetClient]:
         """A fresh fleet namespace with its workers (``extra``: FLEET_* settings of this
-        configuration); what the pool recorded is kept in ``ran``, then it is stopped and wiped."""
+        configuration; ``shared_only``: every thread takes both classes); what the pool
+        recorded is kept in ``ran``, then it is stopped and wiped."""
         settings, env = self.settings(extra or {})
         client = FleetClient(settings)
-        workers = self.start_workers(settings, env, client, label)
+        workers = self.start_workers(settings, env, client, label, shared_only)
         try:
             yield client
         finally:
@@ -215,7 +217,9 @@ class Bench:
 
 
 def policy_env(spec: str) -> tuple[str, dict[str, str]]:
-    """A configuration's label and settings: vanilla, static:N, reserve, preempt, preempt:K."""
+    """A configuration's label and settings: vanilla, static:N, reserve, preempt[:K[:V]];
+    ``/shared`` after a fleet policy: no interactive-only worker, every thread shared."""
+    spec = spec.removesuffix("/shared")
     kind, _, arg = spec.partition(":")
     if kind == "vanilla":
         return "vanilla Celery", {"FLEET_SCHEDULING": "vanilla"}
@@ -303,8 +307,8 @@ def engine_counters(b: Bench) -> dict[str, float]:
     return out
 
 
-def scenario_policy(b: Bench, label: str, extra: dict[str, str], args) -> dict:  # noqa: ANN001
-    with b.namespace(label, extra) as client:
+def scenario_policy(b: Bench, label: str, extra: dict[str, str], args, shared_only: bool = False) -> dict:  # noqa: ANN001
+    with b.namespace(label, extra, shared_only) as client:
         for r in [client.submit("bench_interactive", {"text": "warm"}) for _ in range(4)]:
             client.wait(r, 30)
         idle, idle_refused = interactive_load(client, args.rate, args.window)
@@ -583,8 +587,10 @@ def main() -> int:
             rows = []
             for spec in args.policies.split(","):
                 label, extra = policy_env(spec)
+                shared_only = spec.endswith("/shared")
+                label += ", every thread shared" if shared_only else ""
                 print(f"{label}: idle, then backlog, then a burst ...", file=sys.stderr)
-                rows.append((label, scenario_policy(b, label, extra, args)))
+                rows.append((label, scenario_policy(b, label, extra, args, shared_only)))
             sections.append(render_policies(args, b.ran, rows))
     finally:
         procs.stop()
@@ -649,9 +655,8 @@ def render_policies(args, ran: dict, rows: list) -> str:  # noqa: ANN001
     vanilla = next((r for label, r in rows if ran[label]["scheduling"] == "vanilla"), None)
     base = vanilla["batch_per_s"] if vanilla else float("nan")
     lines = [f"## Batch policies on one pool ({args.pool})", "",
-             f"Each configuration in its own namespace with the same workers' threads: "
-             + "; ".join(f"{label}: {_workers(ran, label)}" for label in dict.fromkeys(
-                 [rows[0][0], *(lab for lab, _ in rows if ran[lab]['scheduling'] == 'fleet')][:2])) + ".",
+             "Each configuration in its own namespace with the same number of worker threads: "
+             + "; ".join(f"{label}: {_workers(ran, label)}" for label, _ in rows) + ".",
              f"Interactive runs (one model call of {args.tokens} tokens, streamed) at {args.rate:g}/s for "
              f"{args.window:g} s, idle and then while a backlog of {args.backlog} batch runs drains; then a burst of "
              f"{BURST} interactive runs at once with a {args.tight_deadline:g} s deadline.", "",
