@@ -3,11 +3,9 @@
 Every llm request holds a lease on one replica while it is at Triton: a member of the
 replica's sorted set for its class, ``<dispatch ms>:<token>`` (``np:`` in front when it
 must not be preempted), scored by its holder's last heartbeat, so a dead worker's leases
-go stale within :data:`LEASE_TTL_S`. One Lua script takes a slot: it picks the healthy
-replica with the most room, and under the ``preempt`` policy gives an interactive request
-that finds none the slot of the youngest batch request (which is told on the preempt
-channel, cancelled at Triton and sent again later). Per replica and policy, a class may
-hold (``C`` the replica's sequence capacity, ``K`` the pipeline depth the monitor learned):
+go stale within :data:`LEASE_TTL_S`. One Lua script takes a slot on the healthy replica
+with the most room. Per replica and policy, a class may hold (``C`` the replica's sequence
+capacity, ``K`` the pipeline depth the pool monitor learned):
 
 =========  ===================================  ==========================================
 policy     batch                                interactive
@@ -17,6 +15,12 @@ preempt    interactive + batch < C + K, and      the same, else the youngest bat
 reserve    batch < C - reserve (recent peak)    always (the engine queues what is over C)
 static     batch < FLEET_BATCH_INFLIGHT_MAX     always
 =========  ===================================  ==========================================
+
+Under ``preempt`` an interactive request also preempts the youngest batch requests sent
+beyond the replica's capacity, so that at most ``K - FLEET_PREEMPT_VICTIMS`` of them stay
+ahead of it in the engine's first-come-first-served queue (about ``K`` find a freed
+sequence while it is on its way in). A preempted request is told on the preempt channel,
+cancelled at Triton and sent again later.
 
 A request that gets no slot waits in its worker thread: releases publish on the slot
 channel, and each worker process wakes one waiter (interactive first) to try again.
@@ -109,41 +113,51 @@ for j = 0, n - 1 do
 end
 if up == 0 then return {0, 'down'} end
 local victim = ''
-if best_free <= 0 and not (class == 'interactive' and policy ~= 'preempt') then
-  if class == 'interactive' then
-    -- the youngest preemptible batch request anywhere in the pool gives up its slot
+if class == 'interactive' and policy == 'preempt' then
+  if best_free <= 0 then
+    -- no room anywhere: the youngest preemptible batch request in the pool gives up its slot
     local young = -1
     for i, _ in pairs(load) do
       local b = 2 + 5 * (i - 1)
       for _, m in ipairs(redis.call('ZRANGE', KEYS[b + 3], 0, -1)) do
         local t = tonumber(string.match(m, '^(%d+):'))
-        if t and t > young then young, best, victim = t, i, m end
+        if t and t > young then young, best = t, i end
       end
     end
+    if young < 0 then
+      redis.call('ZADD', KEYS[1], now + 2, ARGV[7])
+      return {0, 'full'}
+    end
   end
-  if victim == '' then
-    redis.call('ZADD', class == 'interactive' and KEYS[1] or KEYS[2], now + 2, ARGV[7])
-    return {0, 'full'}
-  end
+  -- Requests sent beyond the replica's capacity reach its first-come-first-served queue
+  -- ahead of this one; about `pipeline` of them find a sequence freed while this one is on
+  -- its way in. The youngest batch ones go, so that at most pipeline - ARGV[12] stay ahead
+  -- (at least one when there is no room, none beyond what is over capacity when there is).
   local b = 2 + 5 * (best - 1)
-  local victims = {victim}
-  local rest = {}
-  for _, m in ipairs(redis.call('ZRANGE', KEYS[b + 3], 0, -1)) do
-    local t = tonumber(string.match(m, '^(%d+):'))
-    if t and m ~= victim then table.insert(rest, {t, m}) end
+  local st = redis.call('HMGET', KEYS[b + 1], 'capacity', 'pipeline')
+  local most = tonumber(ARGV[12])
+  local beyond = load[best][1] + load[best][2] - tonumber(st[1])
+  local want = math.min(most, 1 + math.max(0, beyond), math.max(0, beyond - tonumber(st[2] or '0') + most))
+  if best_free > 0 then want = math.min(want, math.max(0, beyond)) end
+  if want > 0 then
+    local batch = {}
+    for _, m in ipairs(redis.call('ZRANGE', KEYS[b + 3], 0, -1)) do
+      local t = tonumber(string.match(m, '^(%d+):'))
+      if t then table.insert(batch, {t, m}) end
+    end
+    table.sort(batch, function(x, y) return x[1] > y[1] end)
+    for k = 1, math.min(#batch, want) do
+      local m = batch[k][2]
+      if victim == '' then victim = m end
+      redis.call('ZREM', KEYS[b + 3], m)
+      redis.call('HINCRBY', KEYS[b + 1], 'preempted', 1)
+      redis.call('PUBLISH', ARGV[8], string.match(m, ':(%x+)$'))
+      load[best][2] = load[best][2] - 1
+    end
   end
-  table.sort(rest, function(x, y) return x[1] > y[1] end)
-  -- one more for each request sent beyond the replica's capacity (they wait in the engine's
-  -- first-come-first-served queue ahead of this one), up to ARGV[12] in all
-  local beyond = load[best][1] + load[best][2] - tonumber(redis.call('HGET', KEYS[b + 1], 'capacity'))
-  local want = math.min(tonumber(ARGV[12]), 1 + math.max(0, beyond))
-  for k = 1, math.min(#rest, want - 1) do table.insert(victims, rest[k][2]) end
-  for _, m in ipairs(victims) do
-    redis.call('ZREM', KEYS[b + 3], m)
-    redis.call('HINCRBY', KEYS[b + 1], 'preempted', 1)
-    redis.call('PUBLISH', ARGV[8], string.match(m, ':(%x+)$'))
-  end
-  load[best][2] = load[best][2] - #victims
+elseif best_free <= 0 and class == 'batch' then
+  redis.call('ZADD', KEYS[2], now + 2, ARGV[7])
+  return {0, 'full'}
 end
 local b = 2 + 5 * (best - 1)
 redis.call('ZREM', class == 'interactive' and KEYS[1] or KEYS[2], ARGV[7])

@@ -106,6 +106,23 @@ def test_with_requests_beyond_capacity_an_interactive_one_preempts_one_more(pool
     assert left == {h.member for h in held[:4]}  # the two youngest went
 
 
+def test_an_interactive_request_with_room_still_preempts_what_would_queue_ahead_of_it(pool):
+    slots = pool(capacity=4, pipeline=2, triton_replicas=ONE)
+    held = []
+    for _ in range(5):  # one beyond capacity, one slot of the pipeline free
+        held += take(slots, "batch", 1)
+        time.sleep(0.002)
+    lease = slots.try_acquire("interactive", uuid.uuid4().hex)
+    assert isinstance(lease, Lease) and lease.victim == held[-1].member
+    (state,) = ReplicaBoard(slots.settings, slots.redis).states()
+    assert state.preempted == 1 and state.inflight == {"interactive": 1, "batch": 4}
+    # Within capacity, nothing is preempted: nothing queues ahead of it in the engine.
+    calm = pool(capacity=4, pipeline=2, triton_replicas=ONE)
+    take(calm, "batch", 3)
+    other = calm.try_acquire("interactive", uuid.uuid4().hex)
+    assert isinstance(other, Lease) and other.victim == ""
+
+
 def test_while_a_burst_of_interactive_requests_starts_at_a_replica_batch_sends_it_nothing_new(pool):
     slots = pool(capacity=8)
     first, second = take(slots, "interactive", 2)
