@@ -84,7 +84,7 @@ class LoadShedder:
     about the recent p99 interactive llm step time (the slow tail, not the mean: a second wave
     that lands on the deadline misses it), so a new one starts after ``ahead // parallel``
     such waves. Threads of shared workers busy with batch steps take interactive work as
-    soon as they free: a run that finds no thread free now also waits half a batch step. A run predicted to miss its deadline is
+    soon as they free: a run whose place in a wave falls on one also waits half a batch step. A run predicted to miss its deadline is
     refused at once (a fast "no" beats a slow timeout for a person waiting), with a
     Retry-After for when the pool will have drained enough for it. Batch submissions get
     backpressure only when their queue is past a much higher bound.
@@ -138,7 +138,7 @@ class LoadShedder:
         ahead = self.admitted.ahead(time.time()) if priority == "interactive" else depth + inflight + waiting
         wait = None
         if step_s is not None:
-            wait = (ahead // parallel) * step_s + (handoff_s if ahead >= ready else 0.0)
+            wait = (ahead // parallel) * step_s + (handoff_s if ahead % parallel >= ready else 0.0)
         return {"queue": queue, "depth": depth, "in_flight": inflight, "waiting_for_slot": waiting,
                 "steps_ahead": ahead,
                 "pool_capacity": pool, "replicas_up": len(up), "replicas": len(replicas),
@@ -171,7 +171,7 @@ class LoadShedder:
         if ok or not step_s:  # without a step time every run is admitted
             return
         run_s = step_s * llm_steps(agent)
-        wait = (ahead // parallel) * step_s + (st["handoff_s"] if ahead >= st["threads_free"] else 0.0)
+        wait = (ahead // parallel) * step_s + (st["handoff_s"] if ahead % parallel >= st["threads_free"] else 0.0)
         # The pool drains a wave of `parallel` steps every step_s: retry once enough are gone.
         retry = max(1.0, math.ceil((wait + run_s - deadline_s) / step_s) * step_s)
         raise Overloaded(

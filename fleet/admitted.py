@@ -19,8 +19,9 @@ from fleet.settings import PriorityClass, Settings
 
 # KEYS: the class's admitted runs (sorted set), their llm steps (hash). ARGV: now, run id,
 # its llm steps, deadline (absolute), parallel, step time (s), the new run's time (s), its
-# deadline (s from now), threads free now, the wait for a busy thread to free (s); a step
-# time of 0 admits without a prediction. Returns {admitted (0/1), llm steps ahead of it}.
+# deadline (s from now), threads of workers that are free or take only this class, the
+# wait for a shared worker's thread to free (s); a step time of 0 admits without a
+# prediction. Returns {admitted (0/1), llm steps ahead of it}.
 _ADMIT = """
 local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if #gone > 0 then
@@ -35,7 +36,8 @@ end
 local step = tonumber(ARGV[6])
 if step > 0 then
   local wait = math.floor(ahead / tonumber(ARGV[5])) * step
-  if ahead >= tonumber(ARGV[9]) then wait = wait + tonumber(ARGV[10]) end
+  -- its place in a wave falls on a thread of a shared worker, busy with a batch step
+  if ahead % tonumber(ARGV[5]) >= tonumber(ARGV[9]) then wait = wait + tonumber(ARGV[10]) end
   if wait + tonumber(ARGV[7]) > tonumber(ARGV[8]) then return {0, ahead} end
 end
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[2])
@@ -60,9 +62,9 @@ class AdmittedRuns:
     def admit(self, run_id: str, agent: AgentDef, now: float, deadline_s: float, parallel: int,
               step_s: float | None, ready: int = 0, handoff_s: float = 0.0) -> tuple[bool, int]:
         """Add the run unless the steps ahead of it, served ``parallel`` at a time in about
-        ``step_s`` each, leave it no time to finish by its deadline; when ``ready`` or more
-        are ahead, it also waits ``handoff_s`` for a busy worker thread. Returns (admitted,
-        steps ahead)."""
+        ``step_s`` each, leave it no time to finish by its deadline; when its place in a wave
+        is beyond the ``ready`` threads, it also waits ``handoff_s`` for a shared worker's
+        thread busy with a batch step. Returns (admitted, steps ahead)."""
         run_s = (step_s or 0.0) * llm_steps(agent)
         ok, ahead = self._admit(keys=[self.key, self.steps_key], args=[
             now, run_id, llm_steps(agent), now + deadline_s, max(1, parallel), step_s or 0.0, run_s, deadline_s,
