@@ -163,7 +163,7 @@ class Settings(BaseSettings):
         "engine's running and waiting sequences (0: never beyond capacity).",
     )
     preempt_victims: int = Field(
-        2, ge=1, description="With 'preempt': most batch requests an interactive request preempts: the "
+        3, ge=1, description="With 'preempt': most batch requests an interactive request preempts: the "
         "youngest of those sent beyond the replica's capacity, so that at most the pipeline depth minus "
         "this many stay ahead of it (at least one when the replica has no room).",
     )

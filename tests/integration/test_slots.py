@@ -93,7 +93,7 @@ def test_an_interactive_request_at_a_full_pool_takes_the_youngest_batch_slot_and
 
 
 def test_with_requests_beyond_capacity_an_interactive_one_preempts_one_more(pool):
-    slots = pool(capacity=4, pipeline=2, triton_replicas=ONE)
+    slots = pool(capacity=4, pipeline=2, triton_replicas=ONE, preempt_victims=2)
     held = []
     for _ in range(6):  # capacity 4 + pipeline 2
         held += take(slots, "batch", 1)
@@ -107,7 +107,7 @@ def test_with_requests_beyond_capacity_an_interactive_one_preempts_one_more(pool
 
 
 def test_an_interactive_request_with_room_still_preempts_what_would_queue_ahead_of_it(pool):
-    slots = pool(capacity=4, pipeline=2, triton_replicas=ONE)
+    slots = pool(capacity=4, pipeline=2, triton_replicas=ONE, preempt_victims=2)
     held = []
     for _ in range(5):  # one beyond capacity, one slot of the pipeline free
         held += take(slots, "batch", 1)
@@ -117,7 +117,7 @@ def test_an_interactive_request_with_room_still_preempts_what_would_queue_ahead_
     (state,) = ReplicaBoard(slots.settings, slots.redis).states()
     assert state.preempted == 1 and state.inflight == {"interactive": 1, "batch": 4}
     # Within capacity, nothing is preempted: nothing queues ahead of it in the engine.
-    calm = pool(capacity=4, pipeline=2, triton_replicas=ONE)
+    calm = pool(capacity=4, pipeline=2, triton_replicas=ONE, preempt_victims=2)
     take(calm, "batch", 3)
     other = calm.try_acquire("interactive", uuid.uuid4().hex)
     assert isinstance(other, Lease) and other.victim == ""
