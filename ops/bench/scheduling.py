@@ -647,7 +647,7 @@ def _policy_cell(ran: dict) -> str:
     detail = {"static": f"batch cap {ran['batch_inflight_max']} per replica",
               "reserve": f"reserve >= {ran['reserve_min']} + recent interactive peak",
               "preempt": f"pipeline max {ran['pipeline_max']}, up to {ran['preempt_victims']} preempted per "
-                         "arrival at a full replica"}[ran["policy"]]
+                         "interactive arrival"}[ran["policy"]]
     return f"{ran['policy']}: {detail} ({pool})"
 
 
