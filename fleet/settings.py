@@ -133,7 +133,7 @@ class Settings(BaseSettings):
 
     # --- Workers ----------------------------------------------------------------------
     inference_concurrency: int = Field(
-        16, ge=1, description="Threads per inference worker: requests kept in flight at Triton."
+        16, ge=1, description="Threads per inference worker: requests it may keep in flight at the pool (or waiting for a slot)."
     )
     inference_interactive_concurrency: int = Field(
         8, ge=1, description="Threads of the inference worker that takes interactive work only."
