@@ -6,6 +6,7 @@ and reported with a message that names what is wrong.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from fleet.admitted import AdmittedRuns, llm_steps
 from fleet.agent import AgentDef
 from fleet.budget import MAX_BUDGET_COST, MAX_BUDGET_TOKENS
 from fleet.capacity import Capacity
-from fleet.errors import InvalidSubmission, Overloaded
+from fleet.errors import IdempotencyConflict, InvalidSubmission, Overloaded
 from fleet.payload import check_value
 from fleet.plan import build_chain
 from fleet.redis_full import RETRY_AFTER_S, is_redis_full
@@ -31,6 +32,7 @@ from fleet.routing import queue_name
 from fleet.runs import RunRecord, RunStore, new_run_id
 from fleet.sessions import Sessions
 from fleet.settings import PriorityClass, Settings
+from fleet.tenants import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
 
@@ -192,24 +194,28 @@ class Admission:
         self.store = store or RunStore(settings)
         self.shedder = LoadShedder(settings, Capacity(settings, self.store.redis))
 
-    def submit(self, sub: Submission) -> tuple[str, bool]:
-        """Admit a submission. Returns ``(run_id, created)``; created is False for a repeat key.
+    def submit(self, sub: Submission, tenant: str = DEFAULT_TENANT) -> tuple[str, bool]:
+        """Admit a tenant's submission. Returns ``(run_id, created)``; created is False for a
+        repeated idempotency key.
 
         Traced, its span is the run's root (:mod:`fleet.tracing`).
 
         Raises:
             InvalidSubmission: what is wrong with it, naming the field.
-            Overloaded: the fleet sheds load, or its Redis is full; nothing was kept.
+            IdempotencyConflict: its idempotency key names a run of a different submission.
+            Overloaded: the fleet sheds load, or its Redis is full; nothing was kept
+                (:class:`QuotaExceeded`: the tenant is over a quota).
         """
         with tracing.span(f"submit {sub.agent}", kind="producer",
-                          attributes={"fleet.agent": sub.agent, "fleet.priority": sub.priority}) as span:
-            run_id, created = self._admit(sub)
+                          attributes={"fleet.agent": sub.agent, "fleet.priority": sub.priority,
+                                      "fleet.tenant": tenant}) as span:
+            run_id, created = self._admit(sub, tenant)
             span.set_attributes({"fleet.run_id": run_id, "fleet.created": created})
             return run_id, created
 
-    def _admit(self, sub: Submission) -> tuple[str, bool]:
+    def _admit(self, sub: Submission, tenant: str) -> tuple[str, bool]:
         try:
-            return self._submit(sub)
+            return self._submit(sub, tenant)
         except (redis.exceptions.ResponseError, OperationalError) as exc:
             if not is_redis_full(exc):
                 raise
@@ -218,7 +224,7 @@ class Admission:
                 f"the fleet's Redis is full (maxmemory reached): nothing was queued; retry in {RETRY_AFTER_S:.0f}s",
                 retry_after_s=RETRY_AFTER_S) from None
 
-    def _submit(self, sub: Submission) -> tuple[str, bool]:
+    def _submit(self, sub: Submission, tenant: str) -> tuple[str, bool]:
         agent = self.agents.get(sub.agent)
         if agent is None:
             known = ", ".join(sorted(self.agents)) or "none"
@@ -230,23 +236,24 @@ class Admission:
             )
         clean = agent.validate_input(sub.input)
         deadline_s = sub.deadline_s or self.settings.deadline_s(sub.priority)
+        print_ = fingerprint(sub)
         if sub.idempotency_key is not None:
-            existing = self.store.redis.get(self._key(sub.idempotency_key))
+            existing = self.store.redis.get(self._key(tenant, sub.idempotency_key))
             if existing is not None:  # a repeat: answered even under load
-                return existing, False
+                return self._repeat(sub.idempotency_key, existing, print_), False
         run_id = new_run_id()
         if self.settings.scheduling == "fleet":
             self.shedder.check(agent, sub.priority, deadline_s, run_id)
         if sub.idempotency_key is not None:
-            existing = self._claim_key(sub.idempotency_key, run_id)
+            existing = self._claim_key(tenant, sub.idempotency_key, f"{run_id} {print_}")
             if existing is not None:
                 self.shedder.admitted.forget(run_id)
-                return existing, False
+                return self._repeat(sub.idempotency_key, existing, print_), False
         now = time.time()
         deadline = now + deadline_s
-        turns = Sessions(self.settings, self.store.redis).turns(sub.session_id) if sub.session_id else []
+        turns = Sessions(self.settings, self.store.redis).turns(tenant, sub.session_id) if sub.session_id else []
         record = RunRecord(
-            id=run_id, agent=agent.name, priority=sub.priority, status="queued",
+            id=run_id, agent=agent.name, priority=sub.priority, tenant=tenant, status="queued",
             created_at=now, deadline_at=deadline, input=clean,
             idempotency_key=sub.idempotency_key, session_id=sub.session_id, session=turns,
             stream=sub.stream,
@@ -263,22 +270,39 @@ class Admission:
             self.store.delete(run_id)
             self.shedder.admitted.forget(run_id)
             if sub.idempotency_key is not None:
-                self.store.redis.delete(self._key(sub.idempotency_key))
+                self.store.redis.delete(self._key(tenant, sub.idempotency_key))
             raise
-        log.info("run %s: accepted (agent %s, %s, deadline in %.1fs)", run_id, agent.name,
+        log.info("run %s: accepted (tenant %s, agent %s, %s, deadline in %.1fs)", run_id, tenant, agent.name,
                  sub.priority, deadline - now)
         return run_id, True
 
-    def _key(self, idempotency_key: str) -> str:
-        return self.settings.keys.idempotency(idempotency_key)
+    def _key(self, tenant: str, idempotency_key: str) -> str:
+        return self.settings.keys.idempotency(tenant, idempotency_key)
 
-    def _claim_key(self, idempotency_key: str, run_id: str) -> str | None:
-        """Bind the key to ``run_id``; return the run it already names, if any."""
-        key = self._key(idempotency_key)
-        if self.store.redis.set(key, run_id, nx=True, ex=self.settings.run_ttl_s):
+    def _claim_key(self, tenant: str, idempotency_key: str, value: str) -> str | None:
+        """Bind the key to ``value`` (run id and fingerprint); return what it already holds, if any."""
+        key = self._key(tenant, idempotency_key)
+        if self.store.redis.set(key, value, nx=True, ex=self.settings.run_ttl_s):
             return None
         existing = self.store.redis.get(key)
         if existing is None:  # expired between the two calls: claim it again
-            return self._claim_key(idempotency_key, run_id)
+            return self._claim_key(tenant, idempotency_key, value)
         return existing
+
+    @staticmethod
+    def _repeat(idempotency_key: str, held: str, print_: str) -> str:
+        """The run a repeated key names, if the submission is the same as the one that made it."""
+        run_id, _, made_by = held.partition(" ")
+        if made_by and made_by != print_:
+            raise IdempotencyConflict(
+                f"idempotency key '{idempotency_key}' already names run {run_id}, made by a different "
+                "submission (agent, input or options differ): use a new key for a new run")
+        return run_id
+
+
+def fingerprint(sub: Submission) -> str:
+    """What makes two submissions the same run: everything but the idempotency key, hashed."""
+    body = sub.model_dump(exclude={"idempotency_key"})
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 

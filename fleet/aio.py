@@ -20,6 +20,7 @@ calls plus a broker publish, and keeping one implementation of the door keeps it
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +31,7 @@ from fleet.errors import RunNotFound
 from fleet.follow import Event, Follow, Gone, adrive
 from fleet.runs import TERMINAL, RunRecord, decode_record
 from fleet.settings import PriorityClass, Settings
+from fleet.tenants import Caller
 
 
 class AsyncFleetClient:
@@ -46,6 +48,18 @@ class AsyncFleetClient:
         self.sync = sync or FleetClient(self.settings)
         self.keys = self.settings.keys
         self.redis: aioredis.Redis = self.settings.async_redis()
+
+    @property
+    def caller(self) -> Caller:
+        """Who this client acts as: its synchronous client's tenant."""
+        return self.sync.caller
+
+    def scoped(self, caller: Caller) -> "AsyncFleetClient":
+        """The same client (connections shared, not to be closed separately) acting for ``caller``."""
+        view = copy.copy(self)
+        view.sync = self.sync.scoped(caller)
+        view._own_sync = False
+        return view
 
     async def close(self) -> None:
         """Release connections."""
@@ -96,11 +110,15 @@ class AsyncFleetClient:
         raw = await self.redis.hgetall(self.keys.run(run_id))
         if not raw:
             raise RunNotFound(f"no run '{run_id}'")
-        return decode_record(raw)
+        record = decode_record(raw)
+        if not self.caller.sees(record.tenant):
+            raise RunNotFound(f"no run '{run_id}'")
+        return record
 
     async def exists(self, run_id: str) -> bool:
-        """Whether the run has a record."""
-        return bool(await self.redis.exists(self.keys.run(run_id)))
+        """Whether the run has a record this client may see."""
+        status, tenant = await self.redis.hmget(self.keys.run(run_id), ["status", "tenant"])
+        return status is not None and self.caller.sees(tenant)
 
     async def wait(self, run_id: str, timeout: float = 60.0) -> RunRecord:
         """Wait until the run ends (or ``timeout`` seconds pass) and return its record."""
@@ -127,8 +145,10 @@ class AsyncFleetClient:
         id of the last pair seen continues exactly where a reader left off.
 
         Raises:
-            RunNotFound: the run has no record.
+            RunNotFound: the run has no record (or is another tenant's).
         """
+        if not await self.exists(run_id):
+            raise RunNotFound(f"no run '{run_id}'")
         follow = Follow(self.keys)
         async for found in adrive(self.redis, self.keys, follow.until_end(run_id, after, timeout)):
             if isinstance(found, Gone):

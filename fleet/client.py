@@ -4,6 +4,7 @@
 
     from fleet import FleetClient
     client = FleetClient()                       # settings from FLEET_* variables
+                                                 # acts as FLEET_TENANT (or tenant=...)
     run_id = client.submit("calculator", {"question": "What is 6 * 7?"})
     run = client.wait(run_id, timeout=30)
     print(run.status, run.result)
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,15 +28,30 @@ from fleet.follow import Event, Follow, Gone, drive
 from fleet.replay import Replayer
 from fleet.runs import TERMINAL, RunRecord, RunStore
 from fleet.settings import PriorityClass, Settings
+from fleet.tenants import Caller
 from fleet.tools import load_tool_modules
 from fleet.usage import UsageKey, UsageLedger, UsageReport
 
 
 class FleetClient:
-    """Submits and follows agent runs of one fleet."""
+    """Submits and follows agent runs of one fleet, as one tenant.
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    What belongs to another tenant (runs, their events, sessions, dead letters, batch jobs)
+    does not exist for it: reads answer :class:`RunNotFound`. An operator's client
+    (``admin=True``) sees every tenant's and submits as its own.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, tenant: str | None = None, admin: bool = False) -> None:
+        """Args:
+            settings: the fleet's settings; built from ``FLEET_*`` variables when None.
+            tenant: the tenant it acts as; ``FLEET_TENANT`` when None.
+            admin: an operator's client, which sees every tenant.
+
+        Raises:
+            KeyError: ``tenant`` is not one of the fleet's tenants.
+        """
         self.settings = settings or Settings()
+        self.caller = Caller(self.settings.tenant_registry.get(tenant or self.settings.tenant).name, admin)
         tracing.configure(self.settings, "client")
         load_tool_modules(self.settings.tool_modules)
         self.agents: dict[str, AgentDef] = load_agents(self.settings.agents_dir)
@@ -48,6 +65,18 @@ class FleetClient:
         """Release connections."""
         self.store.redis.close()
         self.app.close()
+
+    def scoped(self, caller: Caller) -> "FleetClient":
+        """The same client (connections shared, not to be closed separately) acting for ``caller``."""
+        view = copy.copy(self)
+        view.caller = caller
+        return view
+
+    def check_owner(self, run_id: str) -> None:
+        """Raise :class:`RunNotFound` unless the run exists and this caller may see it."""
+        tenant = self.store.tenant(run_id)
+        if tenant is None or not self.caller.sees(tenant):
+            raise RunNotFound(f"no run '{run_id}'")
 
     def __enter__(self) -> "FleetClient":
         return self
@@ -82,18 +111,22 @@ class FleetClient:
             "deadline_s": deadline_s, "idempotency_key": idempotency_key,
             "session_id": session_id, "stream": stream, "budget_tokens": budget_tokens, "budget_cost": budget_cost,
         })
-        run_id, _ = self._admission.submit(sub)
+        run_id, _ = self._admission.submit(sub, self.caller.tenant)
         return run_id
 
     def get(self, run_id: str) -> RunRecord:
         """The run's record. Raises :class:`RunNotFound`."""
-        return self.store.get(run_id)
+        record = self.store.get(run_id)
+        if not self.caller.sees(record.tenant):
+            raise RunNotFound(f"no run '{run_id}'")
+        return record
 
     def cancel(self, run_id: str) -> bool:
         """Cancel a run: its remaining steps are skipped and an in-flight model call is cancelled.
 
         Returns False when the run had already ended. Raises :class:`RunNotFound`.
         """
+        self.check_owner(run_id)
         cancelled = self.store.end(run_id, "cancelled", error={"type": "RunCancelled", "message": "cancelled by request"})
         if cancelled:
             announce(self.store, run_id)  # workers cancel its model call now
@@ -119,6 +152,7 @@ class FleetClient:
     def entries(self, run_id: str, after: str = "0", timeout: float | None = None) -> Iterator[tuple[str, dict[str, str]]]:
         """``(stream id, event)`` pairs of the run after ``after``, until it ends (see
         :mod:`fleet.follow`) or ``timeout`` seconds pass. Raises :class:`RunNotFound`."""
+        self.check_owner(run_id)
         follow = Follow(self.settings.keys)
         for found in drive(self.store.redis, follow.keys, follow.until_end(run_id, after, timeout)):
             if isinstance(found, Gone):

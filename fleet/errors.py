@@ -5,7 +5,9 @@
     FleetError
      ├── InvalidSubmission     rejected at the door; nothing was queued
      ├── RunNotFound           no run with that id (or its record expired)
+     ├── IdempotencyConflict   an idempotency key repeated with a different submission
      ├── Overloaded            shed at admission; carries retry_after_s
+     │    └── QuotaExceeded    over one of the tenant's quotas; names it
      ├── TransientError        a step attempt failed; retry with backoff within the deadline
      │    └── ReplicaUnavailable   a Triton replica cannot be reached: the request moves to
      │                             another replica of the pool (no attempt spent), or, with
@@ -56,6 +58,23 @@ class Overloaded(FleetError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class IdempotencyConflict(FleetError):
+    """An idempotency key came again with a different submission: the run it names is not
+    what this submission asks for."""
+
+
+class QuotaExceeded(Overloaded):
+    """A tenant is over one of its quotas; nothing was queued.
+
+    Attributes:
+        quota: the quota's name (``max_active_batch``, ``submissions_per_s``, ...).
+    """
+
+    def __init__(self, message: str, retry_after_s: float, quota: str) -> None:
+        super().__init__(message, retry_after_s)
+        self.quota = quota
 
 
 class TransientError(FleetError):

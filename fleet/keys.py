@@ -38,13 +38,14 @@ class Keys:
         """Sorted set: unfinished runs scored by the time of their last progress (reconciler)."""
         return self._k("runs", "active")
 
-    def idempotency(self, key: str) -> str:
-        """String: the run id an idempotency key names."""
-        return self._k("idem", key)
+    def idempotency(self, tenant: str, key: str) -> str:
+        """String: ``<run id> <fingerprint>``, the run a tenant's idempotency key names and
+        the fingerprint of the submission that made it."""
+        return self._k("idem", tenant, key)
 
-    def session(self, session_id: str) -> str:
-        """List: the turns of a session, oldest first."""
-        return self._k("session", session_id)
+    def session(self, tenant: str, session_id: str) -> str:
+        """List: the turns of a tenant's session, oldest first."""
+        return self._k("session", tenant, session_id)
 
     def usage(self, minute: int) -> str:
         """Hash with TTL: what runs used in one minute (epoch minute), fields

@@ -26,6 +26,7 @@ from fleet.errors import RunNotFound
 from fleet.sessions import transcript
 from fleet.settings import PriorityClass, Settings
 from fleet.template import as_text
+from fleet.tenants import DEFAULT_TENANT
 
 if TYPE_CHECKING:  # pragma: no cover
     from fleet.agent import LoopStep
@@ -155,6 +156,7 @@ class RunRecord(BaseModel):
     id: str
     agent: str
     priority: PriorityClass
+    tenant: str = Field(DEFAULT_TENANT, description="The tenant that submitted it.")
     status: RunStatus
     created_at: float
     deadline_at: float
@@ -247,6 +249,10 @@ class RunState:
     @property
     def status(self) -> str:
         return self.fields["status"]
+
+    @property
+    def tenant(self) -> str:
+        return self.fields.get("tenant", DEFAULT_TENANT)
 
     @property
     def deadline_at(self) -> float:
@@ -370,6 +376,7 @@ class RunStore:
             "id": record.id,
             "agent": record.agent,
             "priority": record.priority,
+            "tenant": record.tenant,
             "status": record.status,
             "created_at": repr(record.created_at),
             "deadline_at": repr(record.deadline_at),
@@ -442,6 +449,11 @@ class RunStore:
 
     def exists(self, run_id: str) -> bool:
         return bool(self.redis.exists(self.run_key(run_id)))
+
+    def tenant(self, run_id: str) -> str | None:
+        """The tenant a run belongs to, or None without a record."""
+        status, tenant = self.redis.hmget(self.run_key(run_id), ["status", "tenant"])
+        return None if status is None else tenant or DEFAULT_TENANT
 
     # --- steps ----------------------------------------------------------------------
     def put_step(self, run_id: str, step: StepRecord) -> None:

@@ -1,5 +1,6 @@
 """Sessions: conversation state carried across the runs of one session id.
 
+Sessions belong to a tenant: the same session id of two tenants names two sessions.
 Each finished turn (the run's input and result) is appended to a capped Redis list with a
 TTL. A run snapshots the session's turns when it is admitted, so every step of the run sees
 the same history; its templates read it as ``{session.transcript}``.
@@ -23,16 +24,16 @@ class Sessions:
         self.settings = settings
         self.redis = client
 
-    def key(self, session_id: str) -> str:
-        return self.settings.keys.session(session_id)
+    def key(self, tenant: str, session_id: str) -> str:
+        return self.settings.keys.session(tenant, session_id)
 
-    def turns(self, session_id: str) -> list[dict[str, Any]]:
-        """The session's turns, oldest first (at most ``session_max_turns``)."""
-        return [json.loads(t) for t in self.redis.lrange(self.key(session_id), 0, -1)]
+    def turns(self, tenant: str, session_id: str) -> list[dict[str, Any]]:
+        """The turns of a tenant's session, oldest first (at most ``session_max_turns``)."""
+        return [json.loads(t) for t in self.redis.lrange(self.key(tenant, session_id), 0, -1)]
 
-    def append(self, session_id: str, run_id: str, input: dict[str, Any], result: Any) -> None:
+    def append(self, tenant: str, session_id: str, run_id: str, input: dict[str, Any], result: Any) -> None:
         """Record a finished turn and extend the session's life."""
-        key = self.key(session_id)
+        key = self.key(tenant, session_id)
         pipe = self.redis.pipeline()
         pipe.rpush(key, json.dumps({"run_id": run_id, "input": input, "result": result}))
         pipe.ltrim(key, -self.settings.session_max_turns, -1)

@@ -6,14 +6,16 @@ in the code reads ``os.environ``. Every name carries its unit.
 
 from __future__ import annotations
 
-from pathlib import Path
 import json
+from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fleet.keys import Keys
+from fleet.tenants import DEFAULT_TENANT, TENANT_PATTERN, Tenants, TenantSpec, parse_tenants, read_tenants_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import redis
@@ -238,6 +240,22 @@ class Settings(BaseSettings):
         description="Comma-separated API keys of the HTTP gateway; without keys it serves loopback only.",
         repr=False,
     )
+    admin_keys: str = Field(
+        "", description="Comma-separated API keys of operators: they see and act on every tenant's runs.",
+        repr=False,
+    )
+    tenants: Annotated[list[TenantSpec], NoDecode] = Field(
+        default_factory=list,
+        description="Tenants as a JSON list of {name, weight, keys, quotas} (see README, Tenants); the "
+        "default tenant, which FLEET_API_KEYS belong to, always exists.",
+        repr=False,
+    )
+    tenants_file: Path | None = Field(
+        None, description="A mounted JSON or TOML file of tenants (beside FLEET_TENANTS).")
+    tenant: str = Field(
+        DEFAULT_TENANT, pattern=TENANT_PATTERN,
+        description="The tenant the Python client and the CLI act as.",
+    )
     gateway_port: int = Field(8080, description="Port of the HTTP gateway.")
     gateway_max_body_bytes: int = Field(
         1_048_576, gt=0, description="Largest request body the gateway accepts."
@@ -265,7 +283,24 @@ class Settings(BaseSettings):
                 "FLEET_STALL_AFTER_S must exceed FLEET_VISIBILITY_TIMEOUT_S "
                 f"({self.stall_after_s} <= {self.visibility_timeout_s})"
             )
+        # Fail at load for a bad tenants file or a key given to two tenants.
+        try:
+            self.tenant_registry.get(self.tenant)
+        except KeyError as exc:
+            raise ValueError(f"FLEET_TENANT: {exc.args[0]}") from None
         return self
+
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _tenants_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return []
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not a JSON list of tenants: {exc}") from None
+        return [s.model_dump() if isinstance(s, TenantSpec) else s for s in parse_tenants(value, "FLEET_TENANTS")]
 
     @field_validator("triton_replicas", mode="before")
     @classmethod
@@ -291,8 +326,20 @@ class Settings(BaseSettings):
         return [ReplicaSpec(name="triton", grpc_url=self.triton_grpc_url, metrics_url=self.triton_metrics_url)]
 
     def api_key_list(self) -> list[str]:
-        """The gateway's API keys."""
+        """The default tenant's API keys (FLEET_API_KEYS)."""
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def admin_key_list(self) -> list[str]:
+        """The operators' API keys."""
+        return [k.strip() for k in self.admin_keys.split(",") if k.strip()]
+
+    @cached_property
+    def tenant_registry(self) -> Tenants:
+        """The fleet's tenants (FLEET_TENANTS and FLEET_TENANTS_FILE) and the keys that name them."""
+        specs = list(self.tenants)
+        if self.tenants_file is not None:
+            specs += read_tenants_file(self.tenants_file)
+        return Tenants(specs, self.api_key_list(), self.admin_key_list())
 
     def deadline_s(self, priority: PriorityClass) -> float:
         """Default deadline, in seconds from submission, of a run of this class."""

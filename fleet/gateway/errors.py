@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from fleet.errors import InvalidSubmission, Overloaded, RunNotFound
+from fleet.errors import IdempotencyConflict, InvalidSubmission, Overloaded, QuotaExceeded, RunNotFound
 from fleet.gateway.middleware import error_response
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ class ErrorBody(BaseModel):
     error: str = Field(description="What is wrong, naming the field when one is to blame.")
     field: str | None = Field(None, description="Dotted path of the offending field, e.g. input.question.")
     retry_after_s: float | None = Field(None, description="With 429: when a retry has a fair chance.")
+    quota: str | None = Field(None, description="With 429: the tenant's quota that refused the call, if one did.")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -35,7 +36,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "Invalid request; `field` names what is wrong."},
     503: {"model": ErrorBody, "description": "The fleet's Redis is unreachable; retry after Retry-After."},
 }
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such run."}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such run (or not the caller's tenant's)."}}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "The idempotency key names a run of a different submission."}}
 
 
 def as_json(responses: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
@@ -82,10 +85,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _not_found(request: Request, exc: RunNotFound) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, 404)
 
+    @app.exception_handler(IdempotencyConflict)
+    async def _conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:
+        return JSONResponse({"error": str(exc), "field": "idempotency_key"}, 409)
+
     @app.exception_handler(Overloaded)
     async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
-        return JSONResponse({"error": str(exc), "retry_after_s": exc.retry_after_s}, 429,
-                            headers={"Retry-After": retry_after_header(exc.retry_after_s)})
+        body: dict[str, Any] = {"error": str(exc), "retry_after_s": exc.retry_after_s}
+        if isinstance(exc, QuotaExceeded):
+            body["quota"] = exc.quota
+        return JSONResponse(body, 429, headers={"Retry-After": retry_after_header(exc.retry_after_s)})
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -10,4 +10,4 @@ from fleet.sessions import Sessions
 class SessionTurns(Hook):
     def on_run_end(self, ctx: StepContext, run: RunRecord) -> None:
         if run.status == "succeeded" and run.session_id:
-            Sessions(ctx.rt.settings, ctx.rt.store.redis).append(run.session_id, run.id, run.input, run.result)
+            Sessions(ctx.rt.settings, ctx.rt.store.redis).append(run.tenant, run.session_id, run.id, run.input, run.result)
