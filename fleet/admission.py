@@ -26,6 +26,7 @@ from fleet.capacity import Capacity
 from fleet.errors import IdempotencyConflict, InvalidSubmission, Overloaded
 from fleet.payload import check_value
 from fleet.plan import build_chain
+from fleet.quotas import QuotaGate
 from fleet.redis_full import RETRY_AFTER_S, is_redis_full
 from fleet.replicas import ReplicaBoard
 from fleet.routing import queue_name
@@ -193,6 +194,7 @@ class Admission:
         self.agents = agents
         self.store = store or RunStore(settings)
         self.shedder = LoadShedder(settings, Capacity(settings, self.store.redis))
+        self.quotas = QuotaGate(settings, self.store.redis)
 
     def submit(self, sub: Submission, tenant: str = DEFAULT_TENANT) -> tuple[str, bool]:
         """Admit a tenant's submission. Returns ``(run_id, created)``; created is False for a
@@ -242,13 +244,19 @@ class Admission:
             if existing is not None:  # a repeat: answered even under load
                 return self._repeat(sub.idempotency_key, existing, print_), False
         run_id = new_run_id()
-        if self.settings.scheduling == "fleet":
-            self.shedder.check(agent, sub.priority, deadline_s, run_id)
-        if sub.idempotency_key is not None:
-            existing = self._claim_key(tenant, sub.idempotency_key, f"{run_id} {print_}")
-            if existing is not None:
-                self.shedder.admitted.forget(run_id)
-                return self._repeat(sub.idempotency_key, existing, print_), False
+        self._quota(tenant, sub.priority, 1)
+        try:
+            if self.settings.scheduling == "fleet":
+                self.shedder.check(agent, sub.priority, deadline_s, run_id)
+            if sub.idempotency_key is not None:
+                existing = self._claim_key(tenant, sub.idempotency_key, f"{run_id} {print_}")
+                if existing is not None:
+                    self.shedder.admitted.forget(run_id)
+                    self.quotas.give_back(tenant, sub.priority)
+                    return self._repeat(sub.idempotency_key, existing, print_), False
+        except Overloaded:
+            self.quotas.give_back(tenant, sub.priority)
+            raise
         now = time.time()
         deadline = now + deadline_s
         turns = Sessions(self.settings, self.store.redis).turns(tenant, sub.session_id) if sub.session_id else []
@@ -269,12 +277,17 @@ class Admission:
             # would return it.
             self.store.delete(run_id)
             self.shedder.admitted.forget(run_id)
+            self.quotas.give_back(tenant, sub.priority)
             if sub.idempotency_key is not None:
                 self.store.redis.delete(self._key(tenant, sub.idempotency_key))
             raise
         log.info("run %s: accepted (tenant %s, agent %s, %s, deadline in %.1fs)", run_id, tenant, agent.name,
                  sub.priority, deadline - now)
         return run_id, True
+
+    def _quota(self, tenant: str, priority: PriorityClass, n: int) -> None:
+        """Raise QuotaExceeded when the tenant may not queue n more runs of the class (else count them)."""
+        self.quotas.take(tenant, priority, n)
 
     def _key(self, tenant: str, idempotency_key: str) -> str:
         return self.settings.keys.idempotency(tenant, idempotency_key)

@@ -37,8 +37,24 @@ def _bad_option(option: str, exc: InvalidSubmission) -> str:
 
 
 @click.group()
-def main() -> None:
+@click.option("--tenant", default=None, metavar="NAME",
+              help="Act as this tenant only (its runs, dead letters and batches). Without it the CLI is the "
+              "operator's on the fleet's host: it sees every tenant and submits as FLEET_TENANT.")
+@click.pass_context
+def main(ctx: click.Context, tenant: str | None) -> None:
     """fleet: a worker fleet that runs AI agents on Celery, Redis and Triton."""
+    ctx.obj = {"tenant": tenant}
+
+
+def _client(settings: Settings | None = None):  # noqa: ANN202 - the import stays lazy
+    """A client acting as ``--tenant``, or the operator's (which sees every tenant)."""
+    from fleet.client import FleetClient
+
+    tenant = (click.get_current_context().find_root().obj or {}).get("tenant")
+    try:
+        return FleetClient(settings, tenant=tenant, admin=tenant is None)
+    except KeyError as exc:
+        _fail(f"--tenant: {exc.args[0]}", False, code=2)
 
 
 @main.command()
@@ -120,7 +136,6 @@ def submit(agent: str, input_json: str, priority: str, deadline_s: float | None,
            idempotency_key: str | None, budget_tokens: int | None, budget_cost: float | None, wait_: bool,
            timeout: float, as_json: bool) -> None:
     """Submit a run of AGENT."""
-    from fleet.client import FleetClient
 
     from fleet.payload import parse_json
 
@@ -129,7 +144,7 @@ def submit(agent: str, input_json: str, priority: str, deadline_s: float | None,
     except InvalidSubmission as exc:
         _fail(_bad_option("input", exc), as_json, 2, field=exc.field)
     try:
-        with FleetClient() as client:
+        with _client() as client:
             run_id = client.submit(agent, data, priority=priority, deadline_s=deadline_s,  # type: ignore[arg-type]
                                    idempotency_key=idempotency_key, budget_tokens=budget_tokens,
                                    budget_cost=budget_cost)
@@ -163,11 +178,11 @@ def runs() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def runs_show(run_id: str, as_timeline: bool, as_json: bool) -> None:
     """Show a run: status, steps with timing, tokens and cost, result or error."""
-    from fleet.runs import RunStore
     from fleet.views import run_view
 
     try:
-        run = RunStore(Settings()).get(run_id)
+        with _client() as client:
+            run = client.get(run_id)
     except RunNotFound as exc:
         _fail(str(exc), as_json)
     if as_json:
@@ -181,10 +196,9 @@ def runs_show(run_id: str, as_timeline: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def runs_cancel(run_id: str, as_json: bool) -> None:
     """Cancel a run: remaining steps are skipped, an in-flight model call is cancelled."""
-    from fleet.client import FleetClient
 
     try:
-        with FleetClient() as client:
+        with _client() as client:
             cancelled = client.cancel(run_id)
             status_now = client.get(run_id).status
     except RunNotFound as exc:
@@ -196,25 +210,59 @@ def runs_cancel(run_id: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--by", type=click.Choice(["agent", "class"]), default="agent", show_default=True,
-              help="One row per agent, or per class (interactive, batch).")
+@click.option("--window", "window", default="15m", show_default=True,
+              help="How far back model time (and each tenant's part of batch model time) is read.")
+@click.option("--json", "as_json", is_flag=True)
+def tenants(window: str, as_json: bool) -> None:
+    """Per tenant: runs queued and in flight, backlog, model time and part of batch model time,
+    tokens today and quota use."""
+    from fleet.replay import parse_duration
+
+    try:
+        window_s = parse_duration(window)
+    except ValueError as exc:
+        _fail(f"--window: {exc}", as_json, 2, field="window")
+    with _client() as client:
+        report = client.tenants(window_s)
+    if as_json:
+        _emit(report.model_dump())
+        return
+
+    def of(used: float, limit: float | None) -> str:
+        return f"{used:g}" if limit is None else f"{used:g}/{limit:g}"
+
+    width = max([6, *(len(r.name) for r in report.tenants)])
+    click.echo(f"tenants, model time over the last {window}")
+    click.echo(f"{'tenant':<{width}} {'weight':>6} {'interactive':>12} {'batch':>12} {'backlog':>8} "
+               f"{'model s i/b':>14} {'batch share':>11} {'tokens today':>16} {'submit/s':>8}")
+    for r in report.tenants:
+        q = r.quotas
+        share = "-" if r.batch_share is None else f"{100 * r.batch_share:.1f}%"
+        click.echo(f"{r.name:<{width}} {r.weight:>6g} {of(r.active['interactive'], q.max_active_interactive):>12} "
+                   f"{of(r.active['batch'], q.max_active_batch):>12} {r.backlog:>8} "
+                   f"{r.model_s['interactive']:>6.1f}/{r.model_s['batch']:<7.1f} {share:>11} "
+                   f"{of(r.tokens_today, q.tokens_per_day):>16} {'-' if q.submissions_per_s is None else f'{q.submissions_per_s:g}':>8}")
+
+
+@main.command()
+@click.option("--by", type=click.Choice(["agent", "class", "tenant"]), default="agent", show_default=True,
+              help="One row per agent, per class (interactive, batch) or per tenant.")
 @click.option("--since", "since", default="24h", show_default=True, help="How far back: 30m, 24h, 7d.")
 @click.option("--json", "as_json", is_flag=True)
 def usage(by: str, since: str, as_json: bool) -> None:
     """Tokens, time (queue, model, tool) and estimated cost of recent runs."""
-    from fleet.client import FleetClient
     from fleet.replay import parse_duration
 
     try:
         since_s = parse_duration(since)
     except ValueError as exc:
         _fail(f"--since: {exc}", as_json, 2, field="since")
-    with FleetClient() as client:
+    with _client() as client:
         report = client.usage(by, since_s)  # type: ignore[arg-type]
     if as_json:
         _emit(report.model_dump())
         return
-    head = "agent" if by == "agent" else "class"
+    head = by
     width = max([len(head), 5, *(len(r.key) for r in report.rows)])
     click.echo(f"usage since {time.strftime('%Y-%m-%d %H:%M', time.localtime(report.start))} ({since}), by {by}")
     click.echo(f"{head:<{width}} {'runs':>6} {'steps':>7} {'tokens in':>10} {'tokens out':>10} {'model s':>9} "
@@ -288,9 +336,8 @@ def _entry_line(e) -> str:  # noqa: ANN001
 @click.option("--json", "as_json", is_flag=True)
 def dlq_list(agent: str | None, step: str | None, limit: int, as_json: bool) -> None:
     """Dead-lettered steps, newest first."""
-    from fleet.client import FleetClient
 
-    with FleetClient() as client:
+    with _client() as client:
         entries = client.dlq_list(agent=agent, step=step, limit=limit)
         total = client.dead_letters.count()
     if as_json:
@@ -306,10 +353,9 @@ def dlq_list(agent: str | None, step: str | None, limit: int, as_json: bool) -> 
 @click.option("--json", "as_json", is_flag=True)
 def dlq_show(entry_id: str, as_json: bool) -> None:
     """One dead-letter entry: the state the step received, the error, its replays."""
-    from fleet.client import FleetClient
 
     try:
-        with FleetClient() as client:
+        with _client() as client:
             entry, replays = client.dlq_get(entry_id)
     except RunNotFound as exc:
         _fail(str(exc), as_json)
@@ -337,7 +383,6 @@ def dlq_show(entry_id: str, as_json: bool) -> None:
 def dlq_replay(entry_id: str | None, patch_json: str | None, replay_all: bool, agent: str | None,
                step: str | None, as_json: bool) -> None:
     """Re-run a run from its failed step with the stored state (optionally patched)."""
-    from fleet.client import FleetClient
 
     if (entry_id is None) == (not replay_all):
         _fail("give an ENTRY_ID or --all (with optional --agent/--step)", as_json, 2)
@@ -348,7 +393,7 @@ def dlq_replay(entry_id: str | None, patch_json: str | None, replay_all: bool, a
     except InvalidSubmission as exc:
         _fail(_bad_option("patch", exc), as_json, 2, field=exc.field)
     try:
-        with FleetClient() as client:
+        with _client() as client:
             if replay_all:
                 run_ids = client.dlq_replay_all(agent=agent, step=step, patch=patch)
             else:
@@ -371,7 +416,6 @@ def dlq_replay(entry_id: str | None, patch_json: str | None, replay_all: bool, a
 @click.option("--json", "as_json", is_flag=True)
 def dlq_purge(older_than: str | None, purge_all: bool, as_json: bool) -> None:
     """Delete old dead-letter entries."""
-    from fleet.client import FleetClient
     from fleet.replay import parse_duration
 
     if (older_than is None) == (not purge_all):
@@ -380,7 +424,7 @@ def dlq_purge(older_than: str | None, purge_all: bool, as_json: bool) -> None:
         age = parse_duration(older_than) if older_than else None
     except ValueError as exc:
         _fail(str(exc), as_json, 2)
-    with FleetClient() as client:
+    with _client() as client:
         removed = client.dlq_purge(age)
     _emit({"purged": removed}) if as_json else click.echo(f"{removed} entries purged")
 
@@ -434,7 +478,6 @@ def batch_run(input_path: str, agent: str, out_path: str, max_in_flight: int, de
     import redis
 
     from fleet.batch import run_batch
-    from fleet.client import FleetClient
     from fleet.logs import setup_logging
 
     def _stop(signum: int, frame: object) -> None:
@@ -444,7 +487,7 @@ def batch_run(input_path: str, agent: str, out_path: str, max_in_flight: int, de
     settings = Settings()
     setup_logging("WARNING")
     try:
-        with FleetClient(settings) as client:
+        with _client(settings) as client:
             if agent not in client.agents:
                 _fail(f"unknown agent '{agent}' (known: {', '.join(sorted(client.agents))})", as_json, 2,
                       field="agent")

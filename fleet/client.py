@@ -30,7 +30,10 @@ from fleet.runs import TERMINAL, RunRecord, RunStore
 from fleet.settings import PriorityClass, Settings
 from fleet.tenants import Caller
 from fleet.tools import load_tool_modules
-from fleet.usage import UsageKey, UsageLedger, UsageReport
+from fleet.quotas import QuotaGate
+from fleet.sessions import Sessions
+from fleet.usage import UsageKey, UsageLedger, UsageReport, model_time
+from fleet.views import TenantReport, tenant_rows
 
 
 class FleetClient:
@@ -162,31 +165,69 @@ class FleetClient:
 
     def usage(self, by: UsageKey = "agent", since_s: float = 86400.0) -> UsageReport:
         """Tokens, time and estimated cost of the steps committed in the last ``since_s``
-        seconds, by agent or by class (see :mod:`fleet.usage`)."""
-        return UsageLedger(self.settings, self.store.redis).report(by, since_s)
+        seconds, by agent, class or tenant (see :mod:`fleet.usage`); a tenant's client sees
+        only its own."""
+        return UsageLedger(self.settings, self.store.redis).report(by, since_s, tenant=self._visible())
+
+    def session(self, session_id: str) -> list[dict[str, Any]]:
+        """The turns of one of this tenant's sessions, oldest first. Raises :class:`RunNotFound`
+        when it has none (another tenant's session of the same id is another session)."""
+        turns = Sessions(self.settings, self.store.redis).turns(self.caller.tenant, session_id)
+        if not turns:
+            raise RunNotFound(f"no session '{session_id}'")
+        return turns
+
+    def tenants(self, window_s: float = 900.0) -> TenantReport:
+        """Each tenant's runs queued and in flight, backlog, model time in the last ``window_s``
+        seconds and its part of batch model time, tokens today and quotas; a tenant's client
+        sees only its own row."""
+        registry = self.settings.tenant_registry
+        quotas = QuotaGate(self.settings, self.store.redis)
+        return tenant_rows({n: (registry.weight(n), registry.get(n).quotas) for n in registry.names()},
+                           quotas.active(), self._backlogs(), model_time(UsageLedger(self.settings, self.store.redis),
+                                                                          window_s),
+                           quotas.tokens_today(), window_s, only=self._visible())
+
+    def _backlogs(self) -> dict[str, int]:
+        """tenant -> batch runs waiting in its backlog."""
+        return {}
 
     # --- dead letters ---------------------------------------------------------------
+    def _visible(self) -> str | None:
+        """The tenant whose entries this caller sees (None: an operator sees all)."""
+        return None if self.caller.admin else self.caller.tenant
+
     def dlq_list(self, agent: str | None = None, step: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Dead-letter entries, newest first, optionally filtered by agent and step."""
-        return self.dead_letters.list(limit, agent=agent, step=step)
+        return self.dead_letters.list(limit, agent=agent, step=step, tenant=self._visible())
+
+    def _entry(self, entry_id: str) -> DeadLetter:
+        entry = self.dead_letters.get(entry_id)
+        if entry is None or not self.caller.sees(entry.tenant):
+            raise RunNotFound(f"no dead-letter entry '{entry_id}'")
+        return entry
 
     def dlq_get(self, entry_id: str) -> tuple[DeadLetter, list[dict[str, Any]]]:
         """One entry and its replays (each with the run's current outcome)."""
-        entry = self.dead_letters.get(entry_id)
-        if entry is None:
-            raise RunNotFound(f"no dead-letter entry '{entry_id}'")
-        return entry, self._replayer.replays(entry_id)
+        return self._entry(entry_id), self._replayer.replays(entry_id)
 
     def dlq_replay(self, entry_id: str, patch: dict[str, Any] | None = None) -> str:
         """Re-run the entry's run from its failed step, with the stored state (patched)."""
+        self._entry(entry_id)
         return self._replayer.replay(entry_id, patch)
 
     def dlq_replay_all(self, agent: str | None = None, step: str | None = None,
                        patch: dict[str, Any] | None = None, limit: int = 10_000) -> list[str]:
         """Replay every open entry matching the filter; returns the run ids."""
-        entries = [e for e in self.dead_letters.list(limit, agent=agent, step=step) if self._replayer.is_open(e)]
+        entries = [e for e in self.dlq_list(agent=agent, step=step, limit=limit) if self._replayer.is_open(e)]
         return [self._replayer.replay(e.id, patch) for e in entries]
 
     def dlq_purge(self, older_than_s: float | None = None) -> int:
-        """Delete entries older than ``older_than_s`` seconds (all when None)."""
-        return self._replayer.purge(older_than_s)
+        """Delete entries older than ``older_than_s`` seconds (all when None); a tenant's
+        client deletes only its tenant's."""
+        if self.caller.admin:
+            return self._replayer.purge(older_than_s)
+        cutoff = None if older_than_s is None else time.time() - older_than_s
+        mine = [e.id for e in self.dlq_list(limit=self.settings.dead_letter_maxlen)
+                if cutoff is None or e.last_failure_at < cutoff]
+        return self.dead_letters.delete(mine)

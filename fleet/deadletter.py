@@ -16,6 +16,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from fleet.settings import PriorityClass, Settings
+from fleet.tenants import DEFAULT_TENANT
 
 
 class DeadLetter(BaseModel):
@@ -29,6 +30,7 @@ class DeadLetter(BaseModel):
     iteration: int = 0
     step_index: int
     priority: PriorityClass
+    tenant: str = Field(DEFAULT_TENANT, description="The tenant whose run it is.")
     state: dict[str, Any] = Field(description="The run state the step received.")
     error_type: str
     error_message: str
@@ -57,19 +59,24 @@ class DeadLetters:
         )
 
     def get(self, entry_id: str) -> DeadLetter | None:
-        """The entry with that id, or None."""
+        """The entry with that id, or None (also for what is not a stream id)."""
+        ms, _, seq = entry_id.partition("-")
+        if not (ms.isdigit() and (not seq or seq.isdigit()) and int(ms) < 2**64 and int(seq or 0) < 2**64):
+            return None
         rows = self.redis.xrange(self.stream, entry_id, entry_id)
         return _decode(*rows[0]) if rows else None
 
-    def list(self, count: int = 100, agent: str | None = None, step: str | None = None) -> list[DeadLetter]:
-        """Newest entries first, optionally filtered by agent and step."""
+    def list(self, count: int = 100, agent: str | None = None, step: str | None = None,
+             tenant: str | None = None) -> list[DeadLetter]:
+        """Newest entries first, optionally filtered by agent, step and tenant."""
         out: list[DeadLetter] = []
         upper = "+"
         while len(out) < count:
             rows = self.redis.xrevrange(self.stream, upper, "-", count=500)
             for entry_id, fields in rows:
                 entry = _decode(entry_id, fields)
-                if (agent is None or entry.agent == agent) and (step is None or entry.step == step):
+                if ((agent is None or entry.agent == agent) and (step is None or entry.step == step)
+                        and (tenant is None or entry.tenant == tenant)):
                     out.append(entry)
                     if len(out) >= count:
                         break
@@ -80,6 +87,10 @@ class DeadLetters:
 
     def count(self) -> int:
         return self.redis.xlen(self.stream)
+
+    def delete(self, entry_ids: list[str]) -> int:
+        """Remove entries by id; returns how many were there."""
+        return self.redis.xdel(self.stream, *entry_ids) if entry_ids else 0
 
 
 def _decode(entry_id: str, fields: dict[str, str]) -> DeadLetter:

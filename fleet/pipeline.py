@@ -261,7 +261,7 @@ class StepPipeline:
         entry = DeadLetter(
             run_id=ctx.run_id, agent=ctx.run.agent, step=msg.step, step_key=ctx.key, iteration=msg.iteration,
             step_index=step_index(agent, msg.step) if known else -1,  # type: ignore[arg-type]
-            priority=ctx.run.priority,
+            priority=ctx.run.priority, tenant=ctx.run.tenant,
             state=ctx.run.view(msg.iteration, agent.loop_of(msg.step)) if known else {},  # type: ignore[union-attr]
             error_type=type(exc).__name__, error_message=str(exc),
             traceback="".join(traceback.format_exception(exc)) if exc.__traceback__ else "",

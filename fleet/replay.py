@@ -130,7 +130,7 @@ class Replayer:
                   step_outputs: dict[str, Any]) -> None:
         """A run whose record expired, made again from the entry: the steps before the failed
         one are marked done, each with its latest output (the entry keeps no older ones)."""
-        record = RunRecord(id=entry.run_id, agent=entry.agent, priority=entry.priority,
+        record = RunRecord(id=entry.run_id, agent=entry.agent, priority=entry.priority, tenant=entry.tenant,
                            status="queued", created_at=time.time(), deadline_at=deadline, input=clean)
         later = {step_key(s.name, it) for s, it in remaining_steps(agent, entry.step, entry.iteration)}
         latest = {**entry.state.get("steps", {}), **step_outputs}

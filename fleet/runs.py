@@ -60,9 +60,10 @@ return 1
 """
 
 # Move a run to a status unless it already ended, with its status event; a terminal status
-# also sets the record's TTL and drops the run from the active index and from admission's
-# ledger of admitted interactive runs (fleet.admitted), in the same step.
-# KEYS: run hash, events stream, active index, admitted runs, their steps.
+# also sets the record's TTL, drops the run from the active index and from admission's
+# ledger of admitted interactive runs (fleet.admitted), and gives its tenant's place back
+# (fleet.quotas), in the same step.
+# KEYS: run hash, events stream, active index, admitted runs, their steps, tenants' active counts.
 # ARGV: status, run id, TTL (0: not terminal),
 # events maxlen, n = number of field/value pairs, the pairs, then the event's extra pairs.
 _TRANSITION = """
@@ -82,6 +83,8 @@ if ttl > 0 then
   redis.call('ZREM', KEYS[3], ARGV[2])
   redis.call('ZREM', KEYS[4], ARGV[2])
   redis.call('HDEL', KEYS[5], ARGV[2])
+  local owner = redis.call('HMGET', KEYS[1], 'tenant', 'priority')
+  redis.call('HINCRBY', KEYS[6], (owner[1] or 'default') .. '|' .. (owner[2] or 'batch'), -1)
 end
 return 1
 """
@@ -518,7 +521,8 @@ class RunStore:
         ttl = self.settings.result_ttl_s if status in TERMINAL else 0
         moved = self._transition(
             keys=[self.run_key(run_id), self.events_key(run_id), self.keys.active_runs,
-                  self.keys.admitted("interactive"), self.keys.admitted_steps("interactive")],
+                  self.keys.admitted("interactive"), self.keys.admitted_steps("interactive"),
+                  self.keys.tenant_active],
             args=[status, run_id, ttl, EVENTS_MAXLEN, len(pairs) // 2, *pairs, *event],
         )
         if moved == -1:
@@ -559,6 +563,7 @@ class RunStore:
         pipe.expire(self.run_key(run_id), self.settings.run_ttl_s)
         pipe.expire(self.events_key(run_id), self.settings.run_ttl_s)
         pipe.zadd(self.keys.active_runs, {run_id: time.time()})
+        pipe.hincrby(self.keys.tenant_active, f"{run.tenant}|{run.priority}", 1)  # active again (fleet.quotas)
         pipe.execute()
         self._clear_deliveries(run_id)
         self.emit(run_id, {"type": "status", "status": "queued", "replay": "1"})
@@ -568,6 +573,7 @@ class RunStore:
         """Make a run whose record expired again (for a replay): its earlier ``outputs`` and
         the ``done`` steps, by step key."""
         self.create(record)
+        self.redis.hincrby(self.keys.tenant_active, f"{record.tenant}|{record.priority}", 1)  # (fleet.quotas)
         now = time.time()
         fields = {_OUT + key: json.dumps(value) for key, value in outputs.items()}
         for key in done:

@@ -7,7 +7,7 @@ in the code reads ``os.environ``. Every name carries its unit.
 from __future__ import annotations
 
 import json
-from functools import cached_property
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -333,13 +333,20 @@ class Settings(BaseSettings):
         """The operators' API keys."""
         return [k.strip() for k in self.admin_keys.split(",") if k.strip()]
 
-    @cached_property
+    @property
     def tenant_registry(self) -> Tenants:
         """The fleet's tenants (FLEET_TENANTS and FLEET_TENANTS_FILE) and the keys that name them."""
-        specs = list(self.tenants)
+        # Built once per configuration (a copy of these settings with other keys gets its own),
+        # and again when the mounted file changes.
+        stamp = None
         if self.tenants_file is not None:
-            specs += read_tenants_file(self.tenants_file)
-        return Tenants(specs, self.api_key_list(), self.admin_key_list())
+            try:
+                stamp = self.tenants_file.stat().st_mtime_ns
+            except OSError:
+                stamp = -1
+        specs = json.dumps([t.model_dump(mode="json") | {"keys": [k.get_secret_value() for k in t.keys]}
+                            for t in self.tenants])
+        return _registry(specs, self.tenants_file, stamp, self.api_keys, self.admin_keys)
 
     def deadline_s(self, priority: PriorityClass) -> float:
         """Default deadline, in seconds from submission, of a run of this class."""
@@ -374,6 +381,15 @@ class Settings(BaseSettings):
     def keys(self) -> Keys:
         """The Redis key names of this fleet's namespace."""
         return Keys(self.key_prefix)
+
+
+@lru_cache(maxsize=64)
+def _registry(specs: str, tenants_file: Path | None, _stamp: int | None, api_keys: str, admin_keys: str) -> Tenants:
+    found = parse_tenants(json.loads(specs), "FLEET_TENANTS")
+    if tenants_file is not None:
+        found += read_tenants_file(tenants_file)
+    split = lambda text: [k.strip() for k in text.split(",") if k.strip()]  # noqa: E731
+    return Tenants(found, split(api_keys), split(admin_keys))
 
 
 def redis_options(socket_timeout_s: float = 10.0) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field, create_model
 
 from fleet.agent import AgentDef
+from fleet.tenants import Quotas
 from fleet.runs import RunRecord
 from fleet.timeline import Timeline, timeline
 
@@ -65,3 +66,45 @@ def agent_infos(agents: dict[str, AgentDef]) -> list[AgentInfo]:
         )
         for name, agent in sorted(agents.items())
     ]
+
+
+class TenantRow(BaseModel):
+    """One tenant as operators see it (``fleet tenants``, ``GET /v1/tenants``)."""
+
+    name: str
+    weight: float
+    active: dict[str, int] = Field(description="Runs queued (backlog included) or in flight, by class.")
+    backlog: int = Field(0, description="Batch runs waiting in the backlog to be dispatched.")
+    model_s: dict[str, float] = Field(description="Seconds at the model in the window, by class.")
+    batch_share: float | None = Field(
+        None, description="Its part of all tenants' batch model time in the window (0-1); None without any.")
+    tokens_today: int = Field(description="Model tokens its steps used today (UTC).")
+    quotas: Quotas
+
+
+class TenantReport(BaseModel):
+    window_s: float = Field(description="How far back model time is read.")
+    tenants: list[TenantRow]
+
+
+def tenant_rows(tenants: dict[str, tuple[float, Quotas]], active: dict[tuple[str, str], int],
+                backlog: dict[str, int], model_s: dict[tuple[str, str], float], tokens: dict[str, int],
+                window_s: float, only: str | None = None) -> TenantReport:
+    """The operator's view of tenants from what Redis holds; ``only``: that tenant's row alone.
+    Tenants that are no longer configured but still have runs are shown with weight 1."""
+    names = set(tenants) | {t for t, _ in active} | set(backlog) | {t for t, _ in model_s} | set(tokens)
+    batch_total = sum(v for (_, c), v in model_s.items() if c == "batch")
+    rows = []
+    for name in sorted(names):
+        if only is not None and name != only:
+            continue
+        weight, quotas = tenants.get(name, (1.0, Quotas()))
+        batch_s = model_s.get((name, "batch"), 0.0)
+        rows.append(TenantRow(
+            name=name, weight=weight,
+            active={c: active.get((name, c), 0) for c in ("interactive", "batch")},
+            backlog=backlog.get(name, 0),
+            model_s={c: round(model_s.get((name, c), 0.0), 3) for c in ("interactive", "batch")},
+            batch_share=round(batch_s / batch_total, 4) if batch_total else None,
+            tokens_today=tokens.get(name, 0), quotas=quotas))
+    return TenantReport(window_s=window_s, tenants=rows)

@@ -130,7 +130,8 @@ def new_fleet(redis_url: str, triton: TritonInfo, session_dir: Path, letter: str
     """A fresh fleet namespace (own key and queue prefix, the test agents and tools), no workers."""
     prefix = f"{letter}{uuid.uuid4().hex[:8]}"
     settings, env = make_settings(redis_url, triton, prefix, **{**TEST_AGENTS_AND_TOOLS, **overrides})
-    return Fleet(settings, env, launch.Processes(session_dir / "logs" / prefix), FleetClient(settings))
+    # The operator's client: it sees every tenant's runs (and submits as the default tenant).
+    return Fleet(settings, env, launch.Processes(session_dir / "logs" / prefix), FleetClient(settings, admin=True))
 
 
 def close_fleet(f: Fleet) -> None:

@@ -8,24 +8,26 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Path, Request, Response
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from fleet import tracing
 from fleet.admission import Admission, Submission
 from fleet.aio import AsyncFleetClient
 from fleet.client import FleetClient
+from fleet.deadletter import DeadLetter
 from fleet.errors import RunNotFound
 from fleet.gateway.auth import LoopbackOnly, check_bind, require_key
-from fleet.gateway.errors import ERRORS, NOT_FOUND, ErrorBody, as_json, install_error_handlers
+from fleet.gateway.errors import CONFLICT, ERRORS, NOT_FOUND, ErrorBody, as_json, install_error_handlers
 from fleet.gateway.middleware import BodyLimit, count_requests
 from fleet.runs import RunStatus
 from fleet.settings import Settings
+from fleet.tenants import Caller
 from fleet.triton import TritonClient
-from fleet.views import RUN_ID_PATTERN, AgentList, RunView, agent_infos, run_view
+from fleet.views import RUN_ID_PATTERN, AgentList, RunView, TenantReport, agent_infos, run_view
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 _STREAM_ID = r"^\d{1,20}(-\d{1,20})?$"
 
 RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="A run id (32 hex digits).")]
+EntryId = Annotated[str, Path(pattern=_STREAM_ID, description="A dead-letter entry id (<ms>-<seq>).")]
 
 
 class SubmitResponse(BaseModel):
@@ -50,6 +53,30 @@ class CancelResponse(BaseModel):
     run_id: str
     cancelled: bool = Field(description="False when the run had already ended.")
     status: RunStatus
+
+
+class SessionView(BaseModel):
+    session_id: str
+    turns: list[dict[str, Any]] = Field(description="Each finished run's input and result, oldest first.")
+
+
+class DeadLetterList(BaseModel):
+    entries: list[DeadLetter]
+
+
+class DeadLetterView(BaseModel):
+    entry: DeadLetter
+    replays: list[dict[str, Any]] = Field(description="Each replay with its run's current outcome.")
+
+
+class ReplayRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    patch: dict[str, Any] | None = Field(None, description='{"input": {...}} and/or {"steps": {name: output}}.')
+
+
+class ReplayResponse(BaseModel):
+    run_id: str
 
 
 class Health(BaseModel):
@@ -78,10 +105,35 @@ def _services(request: Request) -> _Services:
 Services = Annotated[_Services, Depends(_services)]
 
 
-async def known_run(run_id: RunId, services: Services) -> str:
-    """The path's run id, once its run is known to exist."""
+@dataclass
+class _Scoped:
+    """The clients of one call, acting for its caller: another tenant's runs, sessions, dead
+    letters and batches do not exist for them. Made when first used (a call refused for a
+    bad path never touches the fleet)."""
+
+    caller: Caller
+    services: _Services
+
+    @property
+    def client(self) -> FleetClient:
+        return self.services.client.scoped(self.caller)
+
+    @property
+    def aio(self) -> AsyncFleetClient:
+        return self.services.aio.scoped(self.caller)
+
+
+def _scoped(services: Services, caller: Annotated[Caller, Depends(require_key)]) -> _Scoped:
+    return _Scoped(caller, services)
+
+
+Scoped = Annotated[_Scoped, Depends(_scoped)]
+
+
+async def known_run(run_id: RunId, scoped: Scoped) -> str:
+    """The path's run id, once its run is known to exist (and to be the caller's to see)."""
     # Checked before an event stream starts: once it has, the status can no longer be 404.
-    if not await services.aio.exists(run_id):
+    if not await scoped.aio.exists(run_id):
         raise RunNotFound(f"no run '{run_id}'")
     return run_id
 
@@ -92,7 +144,7 @@ def create_gateway(settings: Settings) -> FastAPI:
     Connections (Redis, the broker, Triton) are opened when the app starts and closed
     when it stops.
     """
-    keys = settings.api_key_list()
+    keys = settings.tenant_registry.has_keys
     tracing.configure(settings, "gateway")
 
     @asynccontextmanager
@@ -105,8 +157,8 @@ def create_gateway(settings: Settings) -> FastAPI:
             triton=[TritonClient(r.grpc_url) for r in settings.replicas()],
         )
         app.state.services = services
-        log.info("gateway up: %d agents, %s", len(client.agents),
-                 f"{len(keys)} API keys" if keys else "no API keys (loopback only)")
+        log.info("gateway up: %d agents, %d tenants, %s", len(client.agents),
+                 len(settings.tenant_registry.names()), "API keys" if keys else "no API keys (loopback only)")
         try:
             yield
         finally:
@@ -127,7 +179,7 @@ def create_gateway(settings: Settings) -> FastAPI:
         docs_url="/docs" if open_docs else None,
         redoc_url="/redoc" if open_docs else None,
     )
-    app.state.api_keys = keys
+    app.state.tenants = settings.tenant_registry
     # Middleware added later runs earlier: the request counter sees every answer (403 and
     # 413 included), and a client that may not call is refused before its body is read.
     app.add_middleware(BodyLimit, limit=settings.gateway_max_body_bytes)
@@ -139,18 +191,21 @@ def create_gateway(settings: Settings) -> FastAPI:
 
     @app.post("/v1/runs", status_code=201, response_model=SubmitResponse, **v1,
               responses={200: {"model": SubmitResponse, "description": "The run of a repeated idempotency key."},
-                         **ERRORS,
-                         429: {"model": ErrorBody, "description": "Shed: retry after the Retry-After header."}})
-    def submit_run(sub: Submission, request: Request, response: Response, services: Services) -> SubmitResponse:
-        """Submit a run of an agent. A W3C `traceparent` header makes the run's trace part of
-        the caller's."""
+                         **ERRORS, **CONFLICT,
+                         429: {"model": ErrorBody, "description": "Shed, or over one of the tenant's quotas "
+                               "(`quota` names it): retry after the Retry-After header."}})
+    def submit_run(sub: Submission, request: Request, response: Response, services: Services,
+                   scoped: Scoped) -> SubmitResponse:
+        """Submit a run of an agent, as the key's tenant. A W3C `traceparent` header makes the
+        run's trace part of the caller's. A repeated idempotency key answers the run it named
+        (200), or 409 when the submission differs from the one that made it."""
         with tracing.server("POST /v1/runs", request.headers, {"http.request.method": "POST",
                                                                 "http.route": "/v1/runs"}):
-            run_id, created = services.admission.submit(sub)
+            run_id, created = services.admission.submit(sub, scoped.caller.tenant)
         if not created:
             response.status_code = 200
         try:
-            run = services.client.get(run_id)
+            run = scoped.client.get(run_id)
             status, trace_id = run.status, run.trace_id
         except RunNotFound:  # the key outlived the finished run's record
             status = trace_id = None
@@ -159,16 +214,16 @@ def create_gateway(settings: Settings) -> FastAPI:
         return SubmitResponse(run_id=run_id, status=status, created=created, trace_id=trace_id)
 
     @app.get("/v1/runs/{run_id}", response_model=RunView, **v1, responses={**ERRORS, **NOT_FOUND})
-    def get_run(run_id: RunId, services: Services) -> dict[str, Any]:
+    def get_run(run_id: RunId, scoped: Scoped) -> dict[str, Any]:
         """A run: status, per-step timing, tokens and cost, its timeline (queue wait, time to
         first token, generation, tool time, retries, preemptions per step), result or error."""
-        return run_view(services.client.get(run_id))
+        return run_view(scoped.client.get(run_id))
 
     @app.get("/v1/runs/{run_id}/events", response_class=EventSourceResponse, **v1,
              responses=as_json({**ERRORS, **NOT_FOUND}))
     async def run_events(
         run_id: Annotated[str, Depends(known_run)],
-        services: Services,
+        scoped: Scoped,
         last_event_id: Annotated[str | None, Header(
             pattern=_STREAM_ID, description="Resume after this event id (sent back by EventSource).")] = None,
     ) -> AsyncIterator[ServerSentEvent]:
@@ -178,17 +233,51 @@ def create_gateway(settings: Settings) -> FastAPI:
         `data: <JSON of the event's fields>`. The stream ends after the run's terminal status.
         """
         log.debug("run %s: event stream opened after %s", run_id, last_event_id or "the start")
-        async for event_id, fields in services.aio.entries(run_id, after=last_event_id or "0"):
+        async for event_id, fields in scoped.aio.entries(run_id, after=last_event_id or "0"):
             yield ServerSentEvent(id=event_id, event=fields.get("type", "message"), data=fields)
         log.debug("run %s: event stream ended", run_id)
 
     @app.delete("/v1/runs/{run_id}", response_model=CancelResponse, **v1, responses={**ERRORS, **NOT_FOUND})
-    def cancel_run(run_id: RunId, services: Services) -> CancelResponse:
+    def cancel_run(run_id: RunId, scoped: Scoped) -> CancelResponse:
         """Cancel a run: its remaining steps are skipped and an in-flight model call is cancelled."""
-        cancelled = services.client.cancel(run_id)
-        status = services.client.get(run_id).status
+        cancelled = scoped.client.cancel(run_id)
+        status = scoped.client.get(run_id).status
         log.info("run %s: cancel over HTTP (%s)", run_id, "cancelled" if cancelled else f"already {status}")
         return CancelResponse(run_id=run_id, cancelled=cancelled, status=status)
+
+    @app.get("/v1/sessions/{session_id}", response_model=SessionView, **{**v1, "tags": ["sessions"]},
+             responses={**ERRORS, **NOT_FOUND})
+    def get_session(session_id: Annotated[str, Path(min_length=1, max_length=256)], scoped: Scoped) -> SessionView:
+        """The turns of one of the tenant's sessions (input and result of each run), oldest first."""
+        return SessionView(session_id=session_id, turns=scoped.client.session(session_id))
+
+    dl = {**v1, "tags": ["dead letters"]}
+
+    @app.get("/v1/dead-letters", response_model=DeadLetterList, **dl, responses=ERRORS)
+    def list_dead_letters(scoped: Scoped, agent: str | None = None, step: str | None = None,
+                          limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> DeadLetterList:
+        """The tenant's dead-lettered steps (an operator's key: every tenant's), newest first."""
+        return DeadLetterList(entries=scoped.client.dlq_list(agent=agent, step=step, limit=limit))
+
+    @app.get("/v1/dead-letters/{entry_id}", response_model=DeadLetterView, **dl, responses={**ERRORS, **NOT_FOUND})
+    def get_dead_letter(entry_id: EntryId, scoped: Scoped) -> DeadLetterView:
+        """One dead-lettered step: the state it received, its error and traceback, its replays."""
+        entry, replays = scoped.client.dlq_get(entry_id)
+        return DeadLetterView(entry=entry, replays=replays)
+
+    @app.post("/v1/dead-letters/{entry_id}/replay", response_model=ReplayResponse, **dl,
+              responses={**ERRORS, **NOT_FOUND})
+    def replay_dead_letter(entry_id: EntryId, scoped: Scoped, body: ReplayRequest | None = None) -> ReplayResponse:
+        """Re-run the entry's run from its failed step with the stored state; `patch` merges
+        into the input (`{"input": {...}}`) or replaces earlier steps' outputs (`{"steps": {...}}`)."""
+        run_id = scoped.client.dlq_replay(entry_id, body.patch if body is not None else None)
+        return ReplayResponse(run_id=run_id)
+
+    @app.get("/v1/tenants", response_model=TenantReport, **{**v1, "tags": ["tenants"]}, responses=ERRORS)
+    def list_tenants(scoped: Scoped, window_s: Annotated[float, Query(gt=0, le=8 * 86400)] = 900.0) -> TenantReport:
+        """Per tenant: runs queued and in flight, its backlog, model time and part of batch model
+        time in the window, tokens today and quotas. A tenant's key sees its own row only."""
+        return scoped.client.tenants(window_s)
 
     @app.get("/v1/agents", response_model=AgentList, **{**v1, "tags": ["agents"]}, responses=ERRORS)
     def list_agents(services: Services) -> AgentList:

@@ -1,15 +1,16 @@
-"""Who may call the gateway.
+"""Who may call the gateway, and as which tenant.
 
-With API keys (``FLEET_API_KEYS``) every route but the health probes needs ``Authorization:
+With API keys (a tenant's in ``FLEET_TENANTS``, the default tenant's ``FLEET_API_KEYS``, the
+operators' ``FLEET_ADMIN_KEYS``) every route but the health probes needs ``Authorization:
 Bearer <key>`` or ``X-API-Key: <key>``: the ``/v1`` API, ``/metrics`` and the OpenAPI
-schema alike. Without keys the gateway is for this machine only: :func:`check_bind`
-refuses to listen beyond loopback and :class:`LoopbackOnly` answers 403 to any client that
-is not on loopback.
+schema alike; the key names the caller (:class:`fleet.tenants.Caller`). Without keys the
+gateway is for this machine only: :func:`check_bind` refuses to listen beyond loopback,
+:class:`LoopbackOnly` answers 403 to any client that is not on loopback, and a caller is
+the operator of the one default tenant.
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import logging
 from typing import Annotated
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fleet.settings import Settings
+from fleet.tenants import OPERATOR, Caller, Tenants
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +46,16 @@ def is_loopback(host: str | None) -> bool:
     return addr.is_loopback
 
 
-def key_matches(given: str | None, keys: list[str]) -> bool:
-    """Whether ``given`` is one of ``keys``, in time that does not depend on where they differ."""
-    if not given:
-        return False
-    found = False
-    for key in keys:  # no early exit: every key is compared
-        found |= hmac.compare_digest(given.encode(), key.encode())
-    return found
-
-
 def check_bind(settings: Settings, host: str) -> None:
     """Refuse to listen beyond loopback without API keys.
 
     Raises:
         InsecureBind: ``host`` is not loopback and ``FLEET_API_KEYS`` is empty.
     """
-    if not settings.api_key_list() and not is_loopback(host):
+    if not settings.tenant_registry.has_keys and not is_loopback(host):
         raise InsecureBind(
-            f"refusing to listen on {host} without API keys: set FLEET_API_KEYS "
-            "(comma-separated) or listen on 127.0.0.1"
+            f"refusing to listen on {host} without API keys: set FLEET_API_KEYS (comma-separated), "
+            "tenants' keys (FLEET_TENANTS) or FLEET_ADMIN_KEYS, or listen on 127.0.0.1"
         )
 
 
@@ -75,15 +67,17 @@ def require_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     x_api_key: Annotated[str | None, Security(_api_key)],
-) -> None:
-    """The call carries one of the API keys (when the gateway has any)."""
-    keys: list[str] = request.app.state.api_keys
-    if not keys:
-        return  # loopback only, enforced by LoopbackOnly
+) -> Caller:
+    """The caller the call's API key names (any loopback caller when the gateway has none)."""
+    tenants: Tenants = request.app.state.tenants
+    if not tenants.has_keys:
+        return OPERATOR  # loopback only, enforced by LoopbackOnly
     given = credentials.credentials if credentials is not None else x_api_key
-    if not key_matches(given, keys):
+    caller = tenants.caller(given)
+    if caller is None:
         raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key> or X-API-Key)",
                             headers={"WWW-Authenticate": "Bearer"})
+    return caller
 
 
 class LoopbackOnly:

@@ -39,13 +39,13 @@ class Usage(Hook):
         record, step = ctx.record, ctx.step
         if record is None or step is None or record.status == "skipped":
             return []
-        return self._ledger_of(ctx).step_commands(ctx.rt.store.run_key(ctx.run_id), record, ctx.run.agent,
-                                                  ctx.run.priority, step.kind)
+        return self._ledger_of(ctx).step_commands(ctx.rt.store.run_key(ctx.run_id), record, ctx.run.tenant,
+                                                  ctx.run.agent, ctx.run.priority, step.kind)
 
     def after_commit(self, ctx: StepContext) -> None:
         record, step = ctx.record, ctx.step
         if record is not None and step is not None and record.status != "skipped":
-            metrics.usage_added(ctx.run.agent, ctx.run.priority, step_figures(record, step.kind))
+            metrics.usage_added(ctx.run.tenant, ctx.run.agent, ctx.run.priority, step_figures(record, step.kind))
 
     def on_run_end(self, ctx: StepContext, run: RunRecord) -> None:
         figures: dict[str, float] = {"runs": 1}
@@ -53,5 +53,5 @@ class Usage(Hook):
             if record.status == "failed" and record.model_s is not None:  # never committed, yet paid for
                 for name, value in step_figures(record, "llm").items():
                     figures[name] = figures.get(name, 0) + value
-        self._ledger_of(ctx).add(run.agent, run.priority, figures)
-        metrics.usage_added(run.agent, run.priority, figures)
+        self._ledger_of(ctx).add(run.tenant, run.agent, run.priority, figures)
+        metrics.usage_added(run.tenant, run.agent, run.priority, figures)

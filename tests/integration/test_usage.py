@@ -89,7 +89,7 @@ def _scrape(urls: list[str]) -> dict[tuple[str, frozenset], float]:
 
 def test_usage_and_its_counters_equal_the_sums_over_the_run_records(pfleet):
     client = pfleet.client
-    before = {by: client.usage(by, 3600) for by in ("agent", "class")}
+    before = {by: client.usage(by, 3600) for by in ("agent", "class", "tenant")}
     scraped_before = _scrape(pfleet.metrics_urls)
     ids = [client.submit("calculator", {"question": q}) for q in ("What is 6 * 7?", "What is 12 * 7 + 3?")]
     ids += [client.submit("writer", {"topic": t}, priority="batch") for t in ("queues", "deadlines")]
@@ -107,7 +107,7 @@ def test_usage_and_its_counters_equal_the_sums_over_the_run_records(pfleet):
                 assert s.cost == pytest.approx(prices.cost(s.tokens_in, s.tokens_out, s.model_s), rel=1e-9)
         assert run.cost == pytest.approx(sum(s.cost for s in run.steps)) and run.cost > 0
 
-    for by, key in (("agent", lambda r: r.agent), ("class", lambda r: r.priority)):
+    for by, key in (("agent", lambda r: r.agent), ("class", lambda r: r.priority), ("tenant", lambda r: r.tenant)):
         after = client.usage(by, 3600)
         for name, sums in _expected(runs, key).items():
             got, was = _row(after, name), _row(before[by], name)
@@ -123,7 +123,8 @@ def test_usage_and_its_counters_equal_the_sums_over_the_run_records(pfleet):
              "cost": "fleet_usage_cost_total"}
 
     def counted(samples: dict, figure: str, agent: str, priority: str) -> float:
-        return samples.get((names[figure], frozenset({("agent", agent), ("priority", priority)})), 0.0)
+        key = frozenset({("tenant", "default"), ("agent", agent), ("priority", priority)})
+        return samples.get((names[figure], key), 0.0)
 
     found: list[dict] = []
     launch.wait_until(lambda: found.append(_scrape(pfleet.metrics_urls)) or all(

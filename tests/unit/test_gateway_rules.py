@@ -12,7 +12,6 @@ from fleet.gateway import (
     check_bind,
     create_gateway,
     is_loopback,
-    key_matches,
     retry_after_header,
     serve,
     validation_error_body,
@@ -66,11 +65,11 @@ def test_serve_refuses_to_listen_beyond_loopback_without_keys():
     check_bind(_settings(api_keys="k1"), "0.0.0.0")
 
 
-def test_key_matches():
-    keys = ["alpha-key", "beta-key"]
-    assert key_matches("beta-key", keys) and key_matches("alpha-key", keys)
-    assert not key_matches("beta-ke", keys) and not key_matches("", keys) and not key_matches(None, keys)
-    assert not key_matches("anything", [])
+def test_tenant_and_admin_keys_count_as_keys():
+    check_bind(_settings(admin_keys="ops"), "0.0.0.0")
+    check_bind(_settings(tenants='[{"name": "acme", "keys": ["acme-key"]}]'), "0.0.0.0")
+    app = create_gateway(_settings(tenants='[{"name": "acme", "keys": ["acme-key"]}]'))
+    assert _get(app, "/v1/agents", "203.0.113.7").status_code == 401
 
 
 @pytest.mark.parametrize("seconds, header", [(0.0, "1"), (0.2, "1"), (1.0, "1"), (1.01, "2"), (30, "30")])
