@@ -47,7 +47,6 @@ class FleetCollector(Collector):
         self.settings = settings
         self.redis = settings.redis(socket_timeout=2, socket_connect_timeout=2)
         self.board = ReplicaBoard(settings, self.redis)
-        self.quotas = QuotaGate(settings, self.redis)
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         depth = GaugeMetricFamily("fleet_queue_depth", "Messages waiting in a queue.", labels=["queue"])
@@ -81,7 +80,8 @@ class FleetCollector(Collector):
                                      labels=["tenant"])
         try:
             now = time.time()
-            active, tokens = self.quotas.active(), self.quotas.tokens_today(now)
+            quotas = QuotaGate(self.settings, self.redis)
+            active, tokens = quotas.active(), quotas.tokens_today(now)
             backlog = self.backlogs()
             for queue in all_queues(self.settings):
                 depth.add_metric([queue], self.redis.llen(queue))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fleet.errors import InvalidSubmission, QuotaExceeded
 from fleet.tenants import Quotas
@@ -79,7 +79,7 @@ class QuotaGate:
         self.settings = settings
         self.keys = settings.keys
         self.redis = client
-        self._take = client.register_script(_TAKE)
+        self._script: Any = None
 
     def take(self, tenant: str, priority: "PriorityClass", n: int = 1, now: float | None = None) -> None:
         """Count ``n`` new runs of a class as the tenant's, or raise :class:`QuotaExceeded`
@@ -95,7 +95,9 @@ class QuotaGate:
                 f"{n} runs at once is over tenant '{tenant}''s burst of {quotas.burst()} submissions: "
                 f"submit at most {quotas.burst()} at a time", "runs")
         limit = quotas.active_limit(priority)
-        res = self._take(
+        if self._script is None:
+            self._script = self.redis.register_script(_TAKE)
+        res = self._script(
             keys=[self.keys.tenant_active, self.keys.tenant_bucket(tenant), self.keys.tenant_tokens(utc_day(now))],
             args=[active_field(tenant, priority), n, -1 if limit is None else limit,
                   -1 if quotas.submissions_per_s is None else quotas.submissions_per_s, quotas.burst(), repr(now),

@@ -519,11 +519,14 @@ def _fleet_metric_names() -> set[str]:
         def lindex(self, key: str, index: int) -> None:
             return None
 
+        def hgetall(self, key: str) -> dict[str, str]:
+            return {}
+
     class _Board:
         def states(self) -> list[ReplicaState]:
             return [ReplicaState(name="triton-0", grpc_url="triton-0:8001", up=True, capacity=64)]
 
-    collector = FleetCollector(Settings(_env_file=None))
+    collector = FleetCollector(Settings(_env_file=None, tenants='[{"name": "a", "quotas": {"tokens_per_day": 9}}]'))
     collector.redis, collector.board = _Redis(), _Board()  # type: ignore[assignment]
     for family in collector.collect():
         names |= {sample.name for sample in family.samples}
@@ -532,7 +535,7 @@ def _fleet_metric_names() -> set[str]:
 
 KNOWN_METRICS = _fleet_metric_names() | TRITON_METRICS
 
-_PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset"}
+_PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "group_left", "group_right"}
 
 
 def _metric_names(expr: str) -> set[str]:
@@ -808,7 +811,7 @@ def test_k8s_model_repository_is_the_configmap_of_triton_models_medium() -> None
     assert annotation == digest, f"ops/k8s/triton.yaml: set fleet/model-config-sha256 to {digest}"
 
 
-def test_k8s_pool_lists_every_triton_pod() -> None:
+def test_k8s_pool_lists_every_triton_pod(tmp_path: Path) -> None:
     """FLEET_TRITON_REPLICAS names each pod of the StatefulSet by its stable DNS name."""
     sts = _triton_statefulset()
     spec = sts["spec"]
@@ -826,7 +829,30 @@ def test_k8s_pool_lists_every_triton_pod() -> None:
     assert not {"FLEET_TRITON_GRPC_URL", "FLEET_TRITON_HTTP_URL", "FLEET_TRITON_METRICS_URL"} & set(config)
     # The workers' Settings accept what they are given.
     values = {k[len("FLEET_"):].lower(): v for k, v in config.items() if k.startswith("FLEET_")}
-    assert Settings(_env_file=None, **values).triton_model == "medium"
+    tenants = tmp_path / "tenants.json"  # the mounted fleet-tenants Secret
+    tenants.write_text('{"tenants": [{"name": "search", "weight": 3, "keys": ["k"]}]}')
+    values["tenants_file"] = str(tenants)
+    settings = Settings(_env_file=None, **values)
+    assert settings.triton_model == "medium" and settings.tenant_registry.weight("search") == 3
+
+
+def test_k8s_every_pod_of_the_fleets_settings_mounts_the_tenants_file() -> None:
+    """Workers need the weights (fair share), the gateway the keys and quotas, Flower and the
+    batch job their settings: every pod that reads fleet-config reads the file it names."""
+    path = Path(_k8s("ConfigMap")["fleet-config"]["data"]["FLEET_TENANTS_FILE"])
+    cronjob = yaml.safe_load_all((ROOT / "ops" / "batch" / "cronjob.yaml").read_text())
+    pods = {name: d["spec"]["template"]["spec"] for name, d in _k8s("Deployment").items()}
+    pods |= {d["metadata"]["name"]: d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+             for d in cronjob if d["kind"] == "CronJob"}
+    readers = {name: pod for name, pod in pods.items()
+               if any(ref.get("configMapRef", {}).get("name") == "fleet-config"
+                      for c in pod["containers"] for ref in c.get("envFrom", []))}
+    assert {"gateway", "inference-interactive", "inference-shared", "tools", "flower", "nightly-writer"} <= set(readers)
+    for name, pod in readers.items():
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        mounts = {m["name"]: m for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        assert volumes["tenants"]["secret"]["secretName"] == "fleet-tenants", name
+        assert Path(mounts["tenants"]["mountPath"]) == path.parent and mounts["tenants"]["readOnly"], name
 
 
 def test_triton_podmonitor_scrapes_every_replica_as_job_triton() -> None:
