@@ -12,16 +12,19 @@ tokens is refused new runs; runs already admitted finish.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from typing import TYPE_CHECKING, Any
+
+import redis
 
 from fleet.errors import InvalidSubmission, QuotaExceeded
 from fleet.tenants import Quotas
 
 if TYPE_CHECKING:  # pragma: no cover
-    import redis
-
     from fleet.settings import PriorityClass, Settings
+
+log = logging.getLogger(__name__)
 
 DAY_S = 86400
 
@@ -124,7 +127,12 @@ class QuotaGate:
 
     def give_back(self, tenant: str, priority: "PriorityClass", n: int = 1) -> None:
         """Uncount runs that were taken but never queued."""
-        self.redis.hincrby(self.keys.tenant_active, active_field(tenant, priority), -n)
+        try:
+            self.redis.hincrby(self.keys.tenant_active, active_field(tenant, priority), -n)
+        except redis.RedisError as exc:
+            # Called while another failure is raised: that one is the caller's to see; the
+            # count stays n too high, the tenant's quota that much tighter.
+            log.warning("tenant %s: could not give back %d %s places: %s", tenant, n, priority, exc)
 
     def _step_s(self, priority: str) -> float:
         times = self.redis.lrange(self.keys.step_times("llm", priority), 0, -1)

@@ -66,7 +66,7 @@ def _run_records(fleet) -> int:
 
 def _batch_keys(fleet, agent: str) -> int:
     r = fleet.client.store.redis
-    return sum(1 for _ in r.scan_iter(fleet.settings.key("idem", f"batch:{agent}:*"), count=1000))
+    return sum(1 for _ in r.scan_iter(fleet.settings.key("idem", "default", f"batch:{agent}:*"), count=1000))
 
 
 def test_interrupted_batch_resumes_without_running_anything_twice(batch_fleet, tmp_path):
