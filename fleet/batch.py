@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fleet.admission import parse_submission
+from fleet.admission import Admitted
 from fleet.client import FleetClient
 from fleet.errors import IdempotencyConflict, InvalidSubmission, Overloaded
 from fleet.payload import parse_json
@@ -387,12 +387,16 @@ class BatchRunner:
                 "idempotency_key": idempotency_key(self.agent, item.id, item.input, self.batch_id),
             })
         try:
+            # The call and the bookkeeping of its answer: an interrupt waits for both.
             with self._interrupts.critical():
                 results = self.client.submit_many(subs, batch_id=self.job_id)
+                return self._admitted(items, results)
         except Overloaded as exc:
             self._summary.shed += 1
             log.info("batch: %d lines shed by admission; retrying in %.1fs: %s", len(items), exc.retry_after_s, exc)
             return items, exc.retry_after_s
+
+    def _admitted(self, items: list[BatchLine], results: list[Admitted]) -> tuple[list[BatchLine], float]:
         again: list[BatchLine] = []
         retry_after_s = 0.0
         for item, result in zip(items, results):
