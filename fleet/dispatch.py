@@ -131,9 +131,10 @@ class Dispatcher:
         log.debug("run %s: dispatched from tenant %s's backlog", record.id, record.tenant,
                   extra={"run_id": record.id})
 
-    def recover(self) -> int:
-        """Send the runs a dispatcher that died popped and did not create; how many."""
-        stranded = self.backlog.stranded(STRANDED_AFTER_S)
+    def recover(self, older_than_s: float = STRANDED_AFTER_S) -> int:
+        """Send the runs a dispatcher that died popped and did not create (popped more than
+        ``older_than_s`` ago); how many."""
+        stranded = self.backlog.stranded(older_than_s)
         if not stranded:
             return 0
         tenants = self.backlog.in_flight()
