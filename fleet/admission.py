@@ -172,8 +172,8 @@ class LoadShedder:
         step_s, parallel = st["step_p99_s"] or 0.0, max(1, st["parallel"])
         retry = max(5.0, (queued - limit + 1) / parallel * step_s)
         raise Overloaded(
-            f"batch work queued: {st['depth']} steps in {st['queue']} and {queued - int(depth)} runs in the "
-            f"backlog (limit {limit}); retry in {retry:.0f}s", retry_after_s=retry)
+            f"batch queue {st['queue']} holds {st['depth']} steps and the backlog {queued - int(depth)} runs "
+            f"(limit {limit}); retry in {retry:.0f}s", retry_after_s=retry)
 
     def check(self, agent: AgentDef, priority: PriorityClass, deadline_s: float, run_id: str) -> None:
         """Admit ``run_id`` (an interactive one joins the ledger of admitted runs) or raise
