@@ -253,7 +253,8 @@ class Admission:
         with tracing.span(f"submit {sub.agent}", kind="producer",
                           attributes={"fleet.agent": sub.agent, "fleet.priority": sub.priority,
                                       "fleet.tenant": tenant}) as span:
-            run_id, created = self._full_redis(lambda: self._submit(sub, tenant), sub.agent)
+            what = f"a {sub.priority} run of {sub.agent}"
+            run_id, created = self._full_redis(lambda: self._submit(sub, tenant), what)
             span.set_attributes({"fleet.run_id": run_id, "fleet.created": created})
             return run_id, created
 
@@ -289,7 +290,16 @@ class Admission:
                     "retry later", retry_after_s=5.0))
             for start in range(0, room, _CHUNK):
                 chunk = backlogged[start:min(room, start + _CHUNK)]
-                for c, result in zip(chunk, self._full_redis(lambda: self._queue(chunk, tenant, batch), "a batch")):
+                try:
+                    queued = self._full_redis(lambda: self._queue(chunk, tenant, batch), "a chunk of batch runs")
+                except Overloaded as exc:
+                    if start == 0:
+                        raise
+                    # Earlier chunks are queued: their items keep their runs, the rest are told.
+                    for c in backlogged[start:room]:
+                        results[c.index] = Admitted(error=exc)
+                    break
+                for c, result in zip(chunk, queued):
                     results[c.index] = result
         for c in direct:
             try:
@@ -308,13 +318,13 @@ class Admission:
         build_chain(self.app, self.settings, agent, record.id, record.priority).apply_async()
 
     def _full_redis(self, admit: Any, what: str) -> Any:
+        """``admit()``, with a full Redis turned into :class:`Overloaded` (nothing was kept)."""
         try:
             return admit()
         except (redis.exceptions.ResponseError, OperationalError) as exc:
             if not is_redis_full(exc):
                 raise
-            log.warning("refused %s run(s) of %s: Redis is full (%s)", "batch" if what == "a batch" else "a",
-                        what, exc)
+            log.warning("refused %s: Redis is full (%s)", what, exc)
             raise Overloaded(
                 f"the fleet's Redis is full (maxmemory reached): nothing was queued; retry in {RETRY_AFTER_S:.0f}s",
                 retry_after_s=RETRY_AFTER_S) from None

@@ -256,6 +256,10 @@ def status(as_json: bool) -> None:
     for q in report["queues"]:
         age = f"{q['oldest_age_s']:.1f}s" if q.get("oldest_age_s") is not None else "-"
         click.echo(f"  {q['name']:<24} depth {q['depth']:>6}  oldest {age}")
+    if "backlog" in report:
+        b = report["backlog"]
+        queued = ", ".join(f"{t} {n}" for t, n in b["queued"].items()) or "empty"
+        click.echo(f"backlog {queued}; {b['dispatched']} batch runs dispatched and unfinished")
     if "admission" in report:
         click.echo("admission")
         for cls, st in report["admission"].items():

@@ -249,8 +249,9 @@ def create_gateway(settings: Settings) -> FastAPI:
 
     batches: dict[str, Any] = {**v1, "tags": ["batches"]}
 
-    @app.post("/v1/batches", status_code=201, response_model=BatchResponse, **batches,
-              responses={**ERRORS, 429: {"model": ErrorBody, "description": "Shed: retry after the Retry-After header."}})
+    shed = {429: {"model": ErrorBody, "description": "Shed: retry after the Retry-After header."}}
+
+    @app.post("/v1/batches", status_code=201, response_model=BatchResponse, **batches, responses={**ERRORS, **shed})
     def submit_batch(body: BatchRequest, services: Services) -> BatchResponse:
         """Submit a batch of runs of one agent at batch priority. They wait in the tenant's
         backlog and reach the model by fair share between tenants; items that cannot be
@@ -270,8 +271,9 @@ def create_gateway(settings: Settings) -> FastAPI:
         return BatchResponse(batch_id=batch_id, run_ids=[r.run_id for r in results],
                              created=sum(r.created for r in results), errors=errors)
 
-    @app.get("/v1/batches/{batch_id}", response_model=BatchStatus, **batches,
-             responses={**ERRORS, 404: {"model": ErrorBody, "description": "No such batch (or not the caller's tenant's)."}})
+    no_batch = {404: {"model": ErrorBody, "description": "No such batch (or not the caller's tenant's)."}}
+
+    @app.get("/v1/batches/{batch_id}", response_model=BatchStatus, **batches, responses={**ERRORS, **no_batch})
     def get_batch(batch_id: Annotated[str, Path(pattern=BATCH_ID_PATTERN)], services: Services) -> BatchStatus:
         """A batch's runs counted by status."""
         return services.client.batch_status(batch_id)
