@@ -1,5 +1,5 @@
 """Fleet-wide gauges read from Redis at scrape time: queue depth, oldest message age,
-requests in flight at Triton, and each replica of the inference pool.
+requests in flight at Triton, the batch backlog, and each replica of the inference pool.
 
 Every worker's and the gateway's ``/metrics`` expose them, so Prometheus gets one copy per
 process: dashboards and alerts take ``max by`` (queue or priority), never a sum. That keeps
@@ -64,6 +64,10 @@ class FleetCollector(Collector):
         r_wait = GaugeMetricFamily("fleet_replica_engine_waiting_requests",
                                    "Requests waiting inside the replica's engine for a sequence slot.",
                                    labels=["replica"])
+        backlog = GaugeMetricFamily("fleet_batch_backlog_runs",
+                                    "Batch runs waiting in a tenant's backlog.", labels=["tenant"])
+        dispatched = GaugeMetricFamily("fleet_batch_dispatched_runs",
+                                       "Batch runs dispatched from the backlogs and not yet ended.")
         r_pre = CounterMetricFamily("fleet_replica_preemptions",
                                     "Batch requests whose slot an interactive request took.", labels=["replica"])
         try:
@@ -72,6 +76,10 @@ class FleetCollector(Collector):
                 depth.add_metric([queue], self.redis.llen(queue))
                 age.add_metric([queue], oldest_age_s(self.redis, queue, now) or 0.0)
             states = self.board.states()
+            keys = self.settings.keys
+            for tenant in sorted(self.redis.smembers(keys.backlogged)):
+                backlog.add_metric([tenant], self.redis.llen(keys.backlog(tenant)))
+            dispatched.add_metric([], self.redis.hlen(keys.dispatched))
         except redis.RedisError as exc:
             # A scrape must still answer (a process's own series matter most when Redis is
             # down); missing gauges show the outage on the dashboard.
@@ -87,4 +95,4 @@ class FleetCollector(Collector):
             r_pre.add_metric([st.name], st.preempted)
             for priority in PRIORITY_CLASSES:
                 r_in.add_metric([st.name, priority], st.inflight[priority])
-        yield from (depth, age, inflight, r_up, r_cap, r_pipe, r_in, r_wait, r_pre)
+        yield from (depth, age, inflight, backlog, dispatched, r_up, r_cap, r_pipe, r_in, r_wait, r_pre)

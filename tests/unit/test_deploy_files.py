@@ -519,6 +519,12 @@ def _fleet_metric_names() -> set[str]:
         def lindex(self, key: str, index: int) -> None:
             return None
 
+        def smembers(self, key: str) -> set[str]:
+            return {"default"}
+
+        def hlen(self, key: str) -> int:
+            return 0
+
     class _Board:
         def states(self) -> list[ReplicaState]:
             return [ReplicaState(name="triton-0", grpc_url="triton-0:8001", up=True, capacity=64)]
