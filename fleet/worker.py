@@ -54,7 +54,9 @@ def _on_ready(sender, **_: object) -> None:  # noqa: ANN001
     Presence(rt.capacity, sender.hostname, queues, sender.controller.concurrency).start()
     Reconciler(settings, app, rt.agents, rt.store).start()
     if settings.scheduling == "fleet":
-        Dispatcher(settings, app, rt.agents, rt.store).start()
+        # Its own app, so its own broker connections: the dispatcher publishes from its own
+        # thread, away from the connections of the worker's consumer and its tasks.
+        Dispatcher(settings, create_app(settings), rt.agents, rt.store).start()
     if settings.scheduling == "fleet" and set(queues) & set(worker_queues(settings, "llm")):
         PoolMonitor(settings, rt.store.redis, rt.pool.client).start()
     try:
