@@ -237,6 +237,7 @@ class Summary:
     statuses: dict[str, int] = field(default_factory=dict)  # over the whole results file
     elapsed_s: float = 0.0
     interrupted: bool = False
+    batch_id: str = ""          # the batch job the runs belong to (fleet batch status)
 
     @property
     def complete(self) -> bool:
@@ -248,13 +249,13 @@ class Summary:
         return {"total": self.total, "done": self.skipped + self.written, **counts,
                 "skipped": self.skipped, "written": self.written, "created": self.created,
                 "resumed": self.resumed, "shed": self.shed, "elapsed_s": round(self.elapsed_s, 3),
-                "interrupted": self.interrupted, "complete": self.complete}
+                "interrupted": self.interrupted, "complete": self.complete, "batch_id": self.batch_id}
 
     def text(self) -> str:
         d = self.as_dict()
         counts = ", ".join(f"{d[s]} {s}" for s in d if s in self.statuses or s in SUMMARY_STATUSES)
         state = "interrupted" if self.interrupted else ("complete" if self.complete else "incomplete")
-        return (f"batch {state}: {d['done']}/{self.total} lines: {counts}; "
+        return (f"batch {self.batch_id} {state}: {d['done']}/{self.total} lines: {counts}; "
                 f"this time {self.written} written ({self.created} new runs, {self.resumed} picked up, "
                 f"{self.shed} times shed), "
                 f"{self.skipped} already done; elapsed {format_eta(self.elapsed_s)}")
@@ -335,7 +336,7 @@ class BatchRunner:
         done = read_results(self.out)
         s = self._summary
         s.total = len(lines)
-        self.job_id = self.batch_id or job_id(self.agent, lines)
+        self.job_id = s.batch_id = self.batch_id or job_id(self.agent, lines)
         for status in done.values():
             self._statuses[status] = self._statuses.get(status, 0) + 1
         pending = [(n, text) for n, text in lines if n not in done]
