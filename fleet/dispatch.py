@@ -155,16 +155,20 @@ class Dispatcher:
     # --- the loop -------------------------------------------------------------------
     def run_forever(self) -> None:
         interval = self.settings.batch_dispatch_interval_s
-        leader = Leadership(self.store.redis, self.settings.keys.dispatch_lock, max(3 * interval, 2.0))
+        ttl_s = max(3 * interval, 2.0)
+        leader = Leadership(self.store.redis, self.settings.keys.dispatch_lock, ttl_s)
         while not self._stop.is_set():
-            busy = False
+            pause = interval
             try:
                 if leader.hold():
-                    busy = self.tick() > 0
-            except Exception:  # noqa: BLE001 - Redis or the broker away: try again next time
+                    pause = 0.0 if self.tick() > 0 else interval
+                else:
+                    pause = ttl_s / 2  # another worker dispatches: look again before its lock can lapse
+            except Exception:  # noqa: BLE001 - Redis or the broker away: try again in a while
                 log.warning("backlog dispatch pass failed", exc_info=True)
-            if not busy:
-                self._stop.wait(interval)
+                pause = ttl_s / 2
+            if pause:
+                self._stop.wait(pause)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, name="fleet-dispatcher", daemon=True)

@@ -237,3 +237,27 @@ def test_batch_model_time_is_shared_by_weight(namespace, weights, share):
     assert abs(timed - share) <= 0.10, (timed, a_s, b_s)
     # And acme was not starved: it had runs dispatched while globex was backlogged.
     assert len(a_runs) >= 3
+
+
+def test_a_batch_job_submits_every_line_up_front_and_collects_by_status(namespace, tmp_path):
+    from fleet.batch import BatchRunner
+
+    f, c = namespace()
+    acme = c["acme"]
+    src, out = tmp_path / "in.jsonl", tmp_path / "results.jsonl"
+    lines = [json.dumps({"topic": f"up front {i}"}) for i in range(30)]
+    lines[11] = json.dumps({"topic": 11})  # the agent's schema rejects it
+    src.write_text("\n".join(lines) + "\n")
+    runner = BatchRunner(acme, "oneshot", out, progress_stream=open(tmp_path / "progress", "w"))
+    f.start_worker("inference", "llm", "threads", 4)
+    summary = runner.run(src)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["line"] for r in rows) == list(range(1, 31))
+    by_line = {r["line"]: r for r in rows}
+    assert by_line[12]["status"] == "rejected" and "input.topic" in by_line[12]["error"]
+    assert summary.created == 29 and summary.statuses == {"succeeded": 29, "rejected": 1}
+    status = acme.batch_status(summary.batch_id)
+    assert (status.runs, status.counts, status.done) == (29, {"succeeded": 29}, True)
+    assert all(acme.get(r["run_id"]).batch == summary.batch_id for r in rows if r["run_id"])
+    with pytest.raises(RunNotFound):
+        c["globex"].batch_status(summary.batch_id)
