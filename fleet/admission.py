@@ -2,6 +2,12 @@
 
 Everything that can be wrong with a submission is found here, before anything is queued,
 and reported with a message that names what is wrong.
+
+An interactive run is created and its chain sent at once. A batch run (with the fleet's own
+scheduling) goes into its tenant's backlog as a compact record (:mod:`fleet.backlog`); the
+dispatcher (:mod:`fleet.dispatch`) later creates it and sends its chain through
+:meth:`Admission.send`, as a direct submission does. :meth:`Admission.submit_many` admits
+many at once: each is validated on its own, and the good ones are written in pipelined chunks.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -21,9 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fleet import tracing
 from fleet.admitted import AdmittedRuns, llm_steps
 from fleet.agent import AgentDef
+from fleet.backlog import Backlog
 from fleet.budget import MAX_BUDGET_COST, MAX_BUDGET_TOKENS
 from fleet.capacity import Capacity
-from fleet.errors import IdempotencyConflict, InvalidSubmission, Overloaded
+from fleet.errors import FleetError, IdempotencyConflict, InvalidSubmission, Overloaded
 from fleet.payload import check_value
 from fleet.plan import build_chain
 from fleet.quotas import QuotaGate
@@ -148,20 +156,31 @@ class LoadShedder:
                 "replicas_probed": sum(st.known for st in replicas), "threads": threads, "threads_free": ready,
                 "parallel": parallel, "step_p99_s": step_s, "handoff_s": handoff_s, "predicted_wait_s": wait}
 
+    def batch_room(self, n: int) -> int:
+        """How many of ``n`` batch runs may be queued now (at least one), or :class:`Overloaded`.
+
+        Every batch submission passes here: only the depth decides (the batch queue's steps
+        and the backlog's runs), so read only that unless it is over its bound."""
+        limit = self.settings.admission_batch_max_queued
+        pipe = self.capacity.redis.pipeline(transaction=False)
+        pipe.llen(queue_name(self.settings, "llm", "batch"))
+        pipe.get(self.settings.keys.backlog_size)
+        depth, backlog = pipe.execute()
+        queued = int(depth) + max(0, int(backlog or 0))
+        if queued < limit:
+            return min(n, limit - queued)
+        st = self.state("batch")
+        step_s, parallel = st["step_p99_s"] or 0.0, max(1, st["parallel"])
+        retry = max(5.0, (queued - limit + 1) / parallel * step_s)
+        raise Overloaded(
+            f"batch queue {st['queue']} holds {st['depth']} steps and the backlog {queued - int(depth)} runs "
+            f"(limit {limit}); retry in {retry:.0f}s", retry_after_s=retry)
+
     def check(self, agent: AgentDef, priority: PriorityClass, deadline_s: float, run_id: str) -> None:
         """Admit ``run_id`` (an interactive one joins the ledger of admitted runs) or raise
         :class:`Overloaded`."""
         if priority == "batch":
-            # Every batch submission passes here: only the depth decides, so read only that
-            # unless the queue is over its bound.
-            limit = self.settings.admission_batch_max_queued
-            if self.capacity.redis.llen(queue_name(self.settings, "llm", "batch")) >= limit:
-                st = self.state(priority)
-                step_s, parallel = st["step_p99_s"] or 0.0, max(1, st["parallel"])
-                retry = max(5.0, (st["depth"] - limit + 1) / parallel * step_s)
-                raise Overloaded(
-                    f"batch queue {st['queue']} holds {st['depth']} steps (limit {limit}); "
-                    f"retry in {retry:.0f}s", retry_after_s=retry)
+            self.batch_room(1)
             return
         st = self.state(priority)
         if st["replicas_up"] == 0 and st["replicas_probed"] == st["replicas"]:
@@ -184,6 +203,30 @@ class LoadShedder:
             f"{deadline_s:g}s deadline; retry in {retry:.0f}s", retry_after_s=retry)
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """One item of :meth:`Admission.submit_many`: its run, or why it was not admitted."""
+
+    run_id: str | None = None
+    created: bool = False
+    error: FleetError | None = None
+
+
+@dataclass
+class _Checked:
+    """A submission that passed validation, ready to be stored."""
+
+    index: int
+    sub: Submission
+    agent: AgentDef
+    input: dict[str, Any]
+    deadline_s: float
+    print_: str
+
+
+_CHUNK = 1000  # submissions written per round trip
+
+
 class Admission:
     """Admits submissions into one fleet."""
 
@@ -194,6 +237,7 @@ class Admission:
         self.agents = agents
         self.store = store or RunStore(settings)
         self.shedder = LoadShedder(settings, Capacity(settings, self.store.redis))
+        self.backlog = Backlog(settings, self.store.redis)
         self.quotas = QuotaGate(settings, self.store.redis)
 
     def submit(self, sub: Submission, tenant: str = DEFAULT_TENANT) -> tuple[str, bool]:
@@ -211,22 +255,98 @@ class Admission:
         with tracing.span(f"submit {sub.agent}", kind="producer",
                           attributes={"fleet.agent": sub.agent, "fleet.priority": sub.priority,
                                       "fleet.tenant": tenant}) as span:
-            run_id, created = self._admit(sub, tenant)
+            what = f"a {sub.priority} run of {sub.agent}"
+            run_id, created = self._full_redis(lambda: self._submit(sub, tenant), what)
             span.set_attributes({"fleet.run_id": run_id, "fleet.created": created})
             return run_id, created
 
-    def _admit(self, sub: Submission, tenant: str) -> tuple[str, bool]:
+    def submit_many(self, subs: list[Submission | dict[str, Any]], tenant: str = DEFAULT_TENANT,
+                    batch: str | None = None) -> list[Admitted]:
+        """Admit many submissions of a tenant at once: one :class:`Admitted` per item, in order.
+
+        Each item is validated on its own: a bad one gets its error (InvalidSubmission naming
+        the field, IdempotencyConflict), the good ones are admitted. Batch runs go into the
+        tenant's backlog in pipelined chunks; ``batch`` names the batch job they belong to.
+        When the batch depth leaves room for only some, the rest get :class:`Overloaded`.
+
+        Raises:
+            Overloaded: nothing could be queued (the fleet sheds batch work, the tenant is over
+                a quota, or Redis is full); nothing was kept.
+        """
+        results: list[Admitted | None] = [None] * len(subs)
+        checked: list[_Checked] = []
+        for i, item in enumerate(subs):
+            try:
+                sub = item if isinstance(item, Submission) else parse_submission(item)
+                checked.append(self._check(i, sub))
+            except InvalidSubmission as exc:
+                results[i] = Admitted(error=exc)
+        backlogged = [c for c in checked if self._backlogged(c.sub)]
+        direct = [c for c in checked if not self._backlogged(c.sub)]
+        if backlogged:
+            self._quota(tenant, "batch", len(backlogged))
+            try:
+                room = self.shedder.batch_room(len(backlogged))
+            except Overloaded:
+                self.quotas.give_back(tenant, "batch", len(backlogged))
+                raise
+            for c in backlogged[room:]:
+                results[c.index] = Admitted(error=Overloaded(
+                    f"batch work queued is at its limit ({self.settings.admission_batch_max_queued}); "
+                    "retry later", retry_after_s=5.0))
+            for start in range(0, room, _CHUNK):
+                chunk = backlogged[start:min(room, start + _CHUNK)]
+                try:
+                    queued = self._full_redis(lambda: self._queue(chunk, tenant, batch), "a chunk of batch runs")
+                except Overloaded as exc:
+                    if start == 0:
+                        self.quotas.give_back(tenant, "batch", len(backlogged))
+                        raise
+                    # Earlier chunks are queued: their items keep their runs, the rest are told.
+                    for c in backlogged[start:room]:
+                        results[c.index] = Admitted(error=exc)
+                    break
+                for c, result in zip(chunk, queued):
+                    results[c.index] = result
+            # Places were taken for every backlogged item: give back those of the items that
+            # made no new run (repeats, conflicts, no room).
+            unused = sum(1 for c in backlogged if not (results[c.index] and results[c.index].created))
+            if unused:
+                self.quotas.give_back(tenant, "batch", unused)
+        for c in direct:
+            try:
+                run_id, created = self.submit(c.sub, tenant)
+                results[c.index] = Admitted(run_id, created)
+            except FleetError as exc:
+                results[c.index] = Admitted(error=exc)
+        return [r if r is not None else Admitted(error=FleetError("not admitted")) for r in results]
+
+    def _quota(self, tenant: str, priority: PriorityClass, n: int) -> None:
+        """Raise QuotaExceeded when the tenant may not queue n more runs of the class (else count them)."""
+        self.quotas.take(tenant, priority, n)
+
+    def send(self, record: RunRecord, agent: AgentDef) -> None:
+        """Send the chain of a run whose record is stored (a new run, or one dispatched from
+        the backlog)."""
+        build_chain(self.app, self.settings, agent, record.id, record.priority).apply_async()
+
+    def _full_redis(self, admit: Any, what: str) -> Any:
+        """``admit()``, with a full Redis turned into :class:`Overloaded` (nothing was kept)."""
         try:
-            return self._submit(sub, tenant)
+            return admit()
         except (redis.exceptions.ResponseError, OperationalError) as exc:
             if not is_redis_full(exc):
                 raise
-            log.warning("refused a %s run of %s: Redis is full (%s)", sub.priority, sub.agent, exc)
+            log.warning("refused %s: Redis is full (%s)", what, exc)
             raise Overloaded(
                 f"the fleet's Redis is full (maxmemory reached): nothing was queued; retry in {RETRY_AFTER_S:.0f}s",
                 retry_after_s=RETRY_AFTER_S) from None
 
-    def _submit(self, sub: Submission, tenant: str) -> tuple[str, bool]:
+    def _backlogged(self, sub: Submission) -> bool:
+        """Whether a submission waits in the backlog: batch work, with the fleet's scheduling."""
+        return sub.priority == "batch" and self.settings.scheduling == "fleet"
+
+    def _check(self, index: int, sub: Submission) -> _Checked:
         agent = self.agents.get(sub.agent)
         if agent is None:
             known = ", ".join(sorted(self.agents)) or "none"
@@ -238,40 +358,65 @@ class Admission:
             )
         clean = agent.validate_input(sub.input)
         deadline_s = sub.deadline_s or self.settings.deadline_s(sub.priority)
-        print_ = fingerprint(sub)
-        if sub.idempotency_key is not None:
-            existing = self.store.redis.get(self._key(tenant, sub.idempotency_key))
-            if existing is not None:  # a repeat: answered even under load
-                return self._repeat(sub.idempotency_key, existing, print_), False
-        run_id = new_run_id()
-        self._quota(tenant, sub.priority, 1)
-        try:
-            if self.settings.scheduling == "fleet":
-                self.shedder.check(agent, sub.priority, deadline_s, run_id)
-            if sub.idempotency_key is not None:
-                existing = self._claim_key(tenant, sub.idempotency_key, f"{run_id} {print_}")
-                if existing is not None:
-                    self.shedder.admitted.forget(run_id)
-                    self.quotas.give_back(tenant, sub.priority)
-                    return self._repeat(sub.idempotency_key, existing, print_), False
-        except Overloaded:
-            self.quotas.give_back(tenant, sub.priority)
-            raise
-        now = time.time()
-        deadline = now + deadline_s
-        turns = Sessions(self.settings, self.store.redis).turns(tenant, sub.session_id) if sub.session_id else []
-        record = RunRecord(
+        return _Checked(index, sub, agent, clean, deadline_s, fingerprint(sub))
+
+    def _record(self, c: _Checked, tenant: str, run_id: str, now: float, batch: str | None = None,
+                turns: list[dict[str, Any]] | None = None) -> RunRecord:
+        sub, agent = c.sub, c.agent
+        return RunRecord(
             id=run_id, agent=agent.name, priority=sub.priority, tenant=tenant, status="queued",
-            created_at=now, deadline_at=deadline, input=clean,
-            idempotency_key=sub.idempotency_key, session_id=sub.session_id, session=turns,
+            created_at=now, deadline_at=now + c.deadline_s, input=c.input,
+            idempotency_key=sub.idempotency_key, batch=batch, session_id=sub.session_id, session=turns or [],
             stream=sub.stream,
             budget_tokens=sub.budget_tokens if sub.budget_tokens is not None else agent.budget.tokens,
             budget_cost=sub.budget_cost if sub.budget_cost is not None else agent.budget.cost,
             traceparent=tracing.traceparent(),
         )
+
+    def _submit(self, sub: Submission, tenant: str) -> tuple[str, bool]:
+        c = self._check(0, sub)
+        if self._backlogged(sub):
+            if sub.idempotency_key is not None:
+                existing = self.store.redis.get(self._key(tenant, sub.idempotency_key))
+                if existing is not None:  # a repeat: answered even under load
+                    return self._repeat(sub.idempotency_key, existing, c.print_), False
+            self._quota(tenant, "batch", 1)
+            try:
+                self.shedder.batch_room(1)
+                [result] = self._queue([c], tenant, None)
+            except Exception:
+                self.quotas.give_back(tenant, "batch")
+                raise
+            if not result.created:
+                self.quotas.give_back(tenant, "batch")
+            if result.error is not None:
+                raise result.error
+            assert result.run_id is not None  # noqa: S101 - set whenever there is no error
+            return result.run_id, result.created
+        if sub.idempotency_key is not None:
+            existing = self.store.redis.get(self._key(tenant, sub.idempotency_key))
+            if existing is not None:  # a repeat: answered even under load
+                return self._repeat(sub.idempotency_key, existing, c.print_), False
+        run_id = new_run_id()
+        self._quota(tenant, sub.priority, 1)
+        try:
+            if self.settings.scheduling == "fleet":
+                self.shedder.check(c.agent, sub.priority, c.deadline_s, run_id)
+            if sub.idempotency_key is not None:
+                existing = self._claim_key(tenant, sub.idempotency_key, f"{run_id} {c.print_}")
+                if existing is not None:
+                    self.shedder.admitted.forget(run_id)
+                    self.quotas.give_back(tenant, sub.priority)
+                    return self._repeat(sub.idempotency_key, existing, c.print_), False
+        except Overloaded:
+            self.quotas.give_back(tenant, sub.priority)
+            raise
+        now = time.time()
+        turns = Sessions(self.settings, self.store.redis).turns(tenant, sub.session_id) if sub.session_id else []
+        record = self._record(c, tenant, run_id, now, turns=turns)
         try:
             self.store.create(record)
-            build_chain(self.app, self.settings, agent, run_id, sub.priority).apply_async()
+            self.send(record, c.agent)
         except Exception:
             # Nothing was queued: do not leave a run that looks accepted, nor a key that
             # would return it.
@@ -281,13 +426,70 @@ class Admission:
             if sub.idempotency_key is not None:
                 self.store.redis.delete(self._key(tenant, sub.idempotency_key))
             raise
-        log.info("run %s: accepted (tenant %s, agent %s, %s, deadline in %.1fs)", run_id, tenant, agent.name,
-                 sub.priority, deadline - now)
+        log.info("run %s: accepted (tenant %s, agent %s, %s, deadline in %.1fs)", run_id, tenant, c.agent.name,
+                 sub.priority, c.deadline_s)
         return run_id, True
 
-    def _quota(self, tenant: str, priority: PriorityClass, n: int) -> None:
-        """Raise QuotaExceeded when the tenant may not queue n more runs of the class (else count them)."""
-        self.quotas.take(tenant, priority, n)
+    def _queue(self, chunk: list[_Checked], tenant: str, batch: str | None) -> list[Admitted]:
+        """Put checked batch submissions into the tenant's backlog: claim their idempotency keys
+        (one round trip), then write the new runs' compact records, their backlog entries and
+        the batch job's run list (one transaction: all or nothing)."""
+        r, now = self.store.redis, time.time()
+        ids = [new_run_id() for _ in chunk]
+        pipe = r.pipeline(transaction=False)
+        keyed = [(c, run_id) for c, run_id in zip(chunk, ids) if c.sub.idempotency_key is not None]
+        for c, run_id in keyed:
+            pipe.set(self._key(tenant, c.sub.idempotency_key), f"{run_id} {c.print_}", nx=True,
+                     ex=self.settings.run_ttl_s)
+        replies = pipe.execute(raise_on_error=False)
+        failed = [x for x in replies if isinstance(x, Exception)]
+        if failed:  # Redis full, say: the keys claimed must not name runs that will not exist
+            taken = [self._key(tenant, c.sub.idempotency_key) for (c, _), ok in zip(keyed, replies) if ok is True]
+            if taken:
+                r.delete(*taken)
+            raise failed[0]
+        claimed = dict(zip((run_id for _, run_id in keyed), replies))
+        held = [(c, run_id) for c, run_id in keyed if not claimed[run_id]]
+        for c, _ in held:
+            pipe.get(self._key(tenant, c.sub.idempotency_key))
+        repeats = dict(zip((run_id for _, run_id in held), pipe.execute()))
+        out: list[Admitted] = []
+        new: list[RunRecord] = []
+        for c, run_id in zip(chunk, ids):
+            if run_id in repeats:
+                try:
+                    existing = repeats[run_id]
+                    if existing is None:  # expired between the two calls: a new run after all
+                        raise KeyError(run_id)
+                    out.append(Admitted(self._repeat(c.sub.idempotency_key, existing, c.print_), False))
+                except IdempotencyConflict as exc:
+                    out.append(Admitted(error=exc))
+                except KeyError:
+                    out.append(Admitted(error=Overloaded("idempotency key changed while admitting; retry",
+                                                         retry_after_s=1.0)))
+                continue
+            new.append(self._record(c, tenant, run_id, now, batch=batch))
+            out.append(Admitted(run_id, True))
+        if not new:
+            return out
+        write = r.pipeline(transaction=True)
+        for record in new:
+            self.store.queue_compact(write, record)
+        self.backlog.queue_push(write, tenant, [rec.id for rec in new])
+        if batch is not None:
+            write.rpush(self.settings.keys.batch_runs(tenant, batch), *[rec.id for rec in new])
+            write.expire(self.settings.keys.batch_runs(tenant, batch), self.settings.run_ttl_s)
+        try:
+            write.execute()
+        except Exception:
+            # Nothing was queued: the keys must not name runs that do not exist.
+            keys = [self._key(tenant, rec.idempotency_key) for rec in new if rec.idempotency_key]
+            if keys:
+                r.delete(*keys)
+            raise
+        log.info("%d batch run(s) of tenant %s queued in its backlog%s", len(new), tenant,
+                 f" (batch {batch})" if batch else "")
+        return out
 
     def _key(self, tenant: str, idempotency_key: str) -> str:
         return self.settings.keys.idempotency(tenant, idempotency_key)

@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
 
 from fleet.budget import Budget
 from fleet.errors import FleetError, InvalidSubmission
@@ -147,6 +147,7 @@ class AgentDef(BaseModel):
     steps: list[Step] = Field(min_length=1)
     result: str
     budget: Budget = Field(default_factory=Budget, description="A run's default budget (fleet.budget).")
+    _input_model: type[BaseModel] | None = PrivateAttr(None)
 
     def iter_steps(self) -> Iterator[tuple[LlmStep | ToolStep, LoopStep | None]]:
         """Every executable step in order, with the loop it belongs to (or None)."""
@@ -172,7 +173,13 @@ class AgentDef(BaseModel):
         raise KeyError(name)
 
     def input_model(self) -> type[BaseModel]:
-        """A pydantic model of this agent's input, for validation at the door."""
+        """A pydantic model of this agent's input, for validation at the door (built once:
+        building it costs far more than a validation)."""
+        if self._input_model is None:
+            self._input_model = self._build_input_model()
+        return self._input_model
+
+    def _build_input_model(self) -> type[BaseModel]:
         types = {"string": str, "integer": int, "number": float, "boolean": bool}
         fields: dict[str, Any] = {}
         for name, spec in self.inputs.items():

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from fleet.client import FleetClient
 from fleet.errors import RunNotFound
 from fleet.follow import Event, Follow, Gone, adrive
-from fleet.runs import TERMINAL, RunRecord, decode_record
+from fleet.runs import TERMINAL, RunRecord, decode_record, read_commands, read_reply
 from fleet.settings import PriorityClass, Settings
 from fleet.tenants import Caller
 
@@ -107,8 +107,10 @@ class AsyncFleetClient:
     # --- reads ----------------------------------------------------------------------
     async def get(self, run_id: str) -> RunRecord:
         """The run's record. Raises :class:`RunNotFound`."""
-        raw = await self.redis.hgetall(self.keys.run(run_id))
-        if not raw:
+        pipe = self.redis.pipeline(transaction=False)
+        read_commands(pipe, self.keys, run_id)
+        raw = read_reply(run_id, *await pipe.execute())
+        if raw is None:
             raise RunNotFound(f"no run '{run_id}'")
         record = decode_record(raw)
         if not self.caller.sees(record.tenant):
@@ -117,7 +119,12 @@ class AsyncFleetClient:
 
     async def exists(self, run_id: str) -> bool:
         """Whether the run has a record this client may see."""
-        status, tenant = await self.redis.hmget(self.keys.run(run_id), ["status", "tenant"])
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.keys.queued_run(run_id))
+        pipe.hmget(self.keys.run(run_id), ["status", "tenant"])
+        queued, (status, tenant) = await pipe.execute()
+        if queued is not None:
+            return self.caller.sees(decode_record(read_reply(run_id, queued, {})).tenant)
         return status is not None and self.caller.sees(tenant)
 
     async def wait(self, run_id: str, timeout: float = 60.0) -> RunRecord:

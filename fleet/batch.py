@@ -24,11 +24,19 @@ Never twice
     job stopped gets the same run back from admission and waits for it: stopping and
     starting again never creates a second run. The same input file is expected on a rerun.
 
-Backpressure
-    At most ``max_in_flight`` runs are unfinished at once: the next line is submitted when
-    one finishes. When admission sheds load (:class:`~fleet.errors.Overloaded`) the job waits
-    ``retry_after_s`` and tries again. One ``XREAD`` on one connection follows every run in
-    flight.
+Submitting and collecting
+    Lines are submitted in chunks through ``FleetClient.submit_many``: with the fleet's own
+    scheduling the runs wait in the tenant's backlog, and the fleet's dispatcher feeds them to
+    the model by fair share between tenants. By default every line is submitted up front;
+    with ``max_in_flight`` at most that many runs are unfinished at once. When admission sheds
+    load (:class:`~fleet.errors.Overloaded`) the job waits ``retry_after_s`` and tries again.
+    Results are collected by reading, in one pipelined round trip, the statuses of the oldest
+    unfinished runs (and of a rotating slice of the others).
+
+Batch job
+    The runs carry the job's id (``--batch-id``, or one made from the agent and the input
+    file's content, so a rerun of the same file is the same job): ``fleet batch status`` and
+    ``GET /v1/batches/{id}`` count its runs by status.
 """
 
 from __future__ import annotations
@@ -41,16 +49,17 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
+from itertools import islice
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fleet.admission import Admission, parse_submission
+from fleet.admission import Admitted
 from fleet.client import FleetClient
-from fleet.errors import InvalidSubmission, Overloaded, RunNotFound
-from fleet.follow import Ended, Follow, Gone, drive
+from fleet.errors import IdempotencyConflict, InvalidSubmission, Overloaded
 from fleet.payload import parse_json
 from fleet.runs import TERMINAL, RunRecord
 
@@ -59,7 +68,10 @@ log = logging.getLogger(__name__)
 MAX_KEY_LENGTH = 256  # admission's limit on idempotency keys
 # Statuses the summary always names, in this order (others follow when they occur).
 SUMMARY_STATUSES = ("succeeded", "failed", "dead_lettered", "rejected", "expired", "budget_exceeded")
-_BLOCK_S = 1.0
+SUBMIT_CHUNK = 1000  # lines per submit_many call
+_POLL_HEAD = 1000  # oldest unfinished runs read each round
+_POLL_SPREAD = 1000  # and a rotating slice of the others
+_POLL_S = 0.2  # pause when a round found nothing ended
 
 
 # --- pure logic --------------------------------------------------------------------------
@@ -225,6 +237,7 @@ class Summary:
     statuses: dict[str, int] = field(default_factory=dict)  # over the whole results file
     elapsed_s: float = 0.0
     interrupted: bool = False
+    batch_id: str = ""          # the batch job the runs belong to (fleet batch status)
 
     @property
     def complete(self) -> bool:
@@ -236,13 +249,13 @@ class Summary:
         return {"total": self.total, "done": self.skipped + self.written, **counts,
                 "skipped": self.skipped, "written": self.written, "created": self.created,
                 "resumed": self.resumed, "shed": self.shed, "elapsed_s": round(self.elapsed_s, 3),
-                "interrupted": self.interrupted, "complete": self.complete}
+                "interrupted": self.interrupted, "complete": self.complete, "batch_id": self.batch_id}
 
     def text(self) -> str:
         d = self.as_dict()
         counts = ", ".join(f"{d[s]} {s}" for s in d if s in self.statuses or s in SUMMARY_STATUSES)
         state = "interrupted" if self.interrupted else ("complete" if self.complete else "incomplete")
-        return (f"batch {state}: {d['done']}/{self.total} lines: {counts}; "
+        return (f"batch {self.batch_id} {state}: {d['done']}/{self.total} lines: {counts}; "
                 f"this time {self.written} written ({self.created} new runs, {self.resumed} picked up, "
                 f"{self.shed} times shed), "
                 f"{self.skipped} already done; elapsed {format_eta(self.elapsed_s)}")
@@ -293,10 +306,10 @@ class _Interrupts:
 class BatchRunner:
     """Runs one input file through the fleet into one results file."""
 
-    def __init__(self, client: FleetClient, agent: str, out: Path, *, max_in_flight: int = 32,
+    def __init__(self, client: FleetClient, agent: str, out: Path, *, max_in_flight: int | None = None,
                  deadline_s: float | None = None, batch_id: str = "",
                  progress_stream: IO[str] | None = None) -> None:
-        if max_in_flight < 1:
+        if max_in_flight is not None and max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.client = client
         self.agent = agent
@@ -304,11 +317,11 @@ class BatchRunner:
         self.max_in_flight = max_in_flight
         self.deadline_s = deadline_s
         self.batch_id = batch_id
+        self.job_id = batch_id or ""
         self.progress_stream = progress_stream if progress_stream is not None else sys.stderr
         self.store = client.store
-        self.admission = Admission(client.settings, client.app, client.agents, client.store)
-        self._in_flight: dict[str, list[BatchLine]] = {}  # run id -> the lines it answers
-        self._follow = Follow(client.settings.keys)
+        self._in_flight: dict[str, list[BatchLine]] = {}  # run id -> the lines it answers, oldest first
+        self._cursor = 0
         self._statuses: dict[str, int] = {}
         self._summary = Summary()
         self._progress: Progress | None = None
@@ -323,6 +336,7 @@ class BatchRunner:
         done = read_results(self.out)
         s = self._summary
         s.total = len(lines)
+        self.job_id = s.batch_id = self.batch_id or job_id(self.agent, lines)
         for status in done.values():
             self._statuses[status] = self._statuses.get(status, 0) + 1
         pending = [(n, text) for n, text in lines if n not in done]
@@ -333,16 +347,23 @@ class BatchRunner:
         self._interrupts.install()
         try:
             with open(self.out, "a", encoding="utf-8") as self._file:
+                todo: deque[BatchLine] = deque()
                 for n, text in pending:
                     item = parse_line(n, text)
                     if item.error is not None:
                         self._write_rejected(item, item.error)
+                    else:
+                        todo.append(item)
+                while todo or self._in_flight:
+                    room = len(todo) if self.max_in_flight is None else self.max_in_flight - len(self._in_flight)
+                    if todo and room > 0:
+                        chunk = [todo.popleft() for _ in range(min(room, SUBMIT_CHUNK, len(todo)))]
+                        again, retry_after_s = self._submit(chunk)
+                        if again:
+                            todo.extendleft(reversed(again))
+                            self._hold(retry_after_s)
                         continue
-                    while len(self._in_flight) >= self.max_in_flight:
-                        self._pump(_BLOCK_S)
-                    self._submit(item)
-                while self._in_flight:
-                    self._pump(_BLOCK_S)
+                    self._collect()
         except KeyboardInterrupt:
             s.interrupted = True
             log.info("batch %s: interrupted with %d runs in flight; a rerun picks them up",
@@ -357,89 +378,86 @@ class BatchRunner:
         return s
 
     # --- submitting -----------------------------------------------------------------
-    def _submit(self, item: BatchLine) -> None:
-        assert item.input is not None
-        try:
-            sub = parse_submission({
-                "agent": self.agent, "input": item.input, "priority": "batch",
-                "deadline_s": self.deadline_s,
+    def _submit(self, items: list[BatchLine]) -> tuple[list[BatchLine], float]:
+        """Submit a chunk of lines in one call; the lines to submit again (shed) and when."""
+        subs: list[dict[str, Any]] = []
+        for item in items:
+            assert item.input is not None  # noqa: S101 - rejected lines never get here
+            subs.append({
+                "agent": self.agent, "input": item.input, "priority": "batch", "deadline_s": self.deadline_s,
                 "idempotency_key": idempotency_key(self.agent, item.id, item.input, self.batch_id),
             })
-        except InvalidSubmission as exc:
-            self._write_rejected(item, str(exc))
-            return
-        while True:
-            try:
-                with self._interrupts.critical():
-                    run_id, created = self.admission.submit(sub)
-                    if created:
-                        self._summary.created += 1
-                    else:
-                        self._summary.resumed += 1
-                break
-            except InvalidSubmission as exc:
-                self._write_rejected(item, str(exc))
-                return
-            except Overloaded as exc:
-                self._summary.shed += 1
-                log.info("batch: line %d shed by admission; retrying in %.1fs: %s",
-                         item.line, exc.retry_after_s, exc)
-                self._hold(exc.retry_after_s)
-        log.debug("run %s: line %d submitted (%s)", run_id, item.line, "new" if created else "existing")
-        self._track(run_id, item)
+        try:
+            # The call and the bookkeeping of its answer: an interrupt waits for both.
+            with self._interrupts.critical():
+                results = self.client.submit_many(subs, batch_id=self.job_id)
+                return self._admitted(items, results)
+        except Overloaded as exc:
+            self._summary.shed += 1
+            log.info("batch: %d lines shed by admission; retrying in %.1fs: %s", len(items), exc.retry_after_s, exc)
+            return items, exc.retry_after_s
+
+    def _admitted(self, items: list[BatchLine], results: list[Admitted]) -> tuple[list[BatchLine], float]:
+        again: list[BatchLine] = []
+        retry_after_s = 0.0
+        for item, result in zip(items, results):
+            if result.run_id is not None:
+                if result.created:
+                    self._summary.created += 1
+                else:
+                    self._summary.resumed += 1
+                self._track(result.run_id, item)
+            elif isinstance(result.error, (InvalidSubmission, IdempotencyConflict)):
+                self._write_rejected(item, str(result.error))
+            else:
+                again.append(item)
+                retry_after_s = max(retry_after_s, getattr(result.error, "retry_after_s", 1.0))
+        if again:  # counted after the admitted ones: a reader of the summary sees them first
+            self._summary.shed += 1
+            log.info("batch: %d lines shed by admission; retrying in %.1fs", len(again), retry_after_s)
+        return again, retry_after_s
 
     def _hold(self, seconds: float) -> None:
         """Wait ``seconds`` while still collecting finished runs."""
         until = time.monotonic() + seconds
-        while (left := until - time.monotonic()) > 0:
+        while time.monotonic() < until:
             if self._in_flight:
-                self._pump(min(left, _BLOCK_S))
+                self._collect()
             else:
-                time.sleep(min(left, _BLOCK_S))
+                time.sleep(max(0.0, min(until - time.monotonic(), _POLL_S)))
 
     def _track(self, run_id: str, item: BatchLine) -> None:
         if run_id in self._in_flight:  # two lines with the same input and no ids: one run
             self._in_flight[run_id].append(item)
             return
-        # Only events after the newest one seen before reading the record can end the run:
-        # an older terminal event belongs to an earlier life of a replayed run.
-        after = self.store.newest_event_id(run_id)
-        try:
-            record = self.store.get(run_id)
-        except RunNotFound:
-            self._write_missing(run_id, [item])
-            return
-        if record.status in TERMINAL:
-            self._write_run(record, [item])
-            return
         self._in_flight[run_id] = [item]
-        self._follow.add(run_id, after)
 
     # --- collecting -----------------------------------------------------------------
-    def _pump(self, block_s: float) -> None:
-        """Wait up to ``block_s`` for the runs in flight (one XREAD for all); write those that ended."""
-        protocol = self._follow.round(max(1, int(block_s * 1000)))
-        for found in drive(self.store.redis, self._follow.keys, protocol):
-            if isinstance(found, Ended):
-                self._settle(found.run_id)
-            elif isinstance(found, Gone):
-                self._write_missing(found.run_id, self._in_flight.pop(found.run_id, []))
-
-    def _settle(self, run_id: str) -> None:
-        """Write the run's result."""
-        lines = self._in_flight.pop(run_id, None)
-        if lines is None:
+    def _collect(self) -> None:
+        """Read the statuses of the oldest runs in flight and of a rotating slice of the others
+        (one round trip); write those that ended, or pause a moment when none did."""
+        head = list(islice(self._in_flight, _POLL_HEAD))
+        rest = len(self._in_flight) - len(head)
+        spread: list[str] = []
+        if rest > 0:
+            self._cursor = self._cursor % rest
+            spread = list(islice(self._in_flight, _POLL_HEAD + self._cursor,
+                                 _POLL_HEAD + self._cursor + _POLL_SPREAD))
+            self._cursor += _POLL_SPREAD
+        ids = head + spread
+        statuses = self.store.statuses(ids)
+        ended = [r for r, status in zip(ids, statuses) if status is None or status in TERMINAL]
+        if not ended:
+            time.sleep(_POLL_S)
             return
-        try:
-            record = self.store.get(run_id)
-        except RunNotFound:
-            self._write_missing(run_id, lines)
-            return
-        if record.status not in TERMINAL:  # a replay reopened it since
-            self._in_flight[run_id] = lines
-            self._follow.add(run_id, self.store.newest_event_id(run_id))
-            return
-        self._write_run(record, lines)
+        for run_id, record in zip(ended, self.store.get_many(ended)):
+            lines = self._in_flight.get(run_id)
+            if lines is None:
+                continue
+            if record is None:
+                self._write_missing(run_id, self._in_flight.pop(run_id))
+            elif record.status in TERMINAL:  # not reopened by a replay since
+                self._write_run(record, self._in_flight.pop(run_id))
 
     # --- writing --------------------------------------------------------------------
     def _write(self, row: dict[str, Any]) -> None:
@@ -478,7 +496,16 @@ class BatchRunner:
                                   "run the line again under a new --batch-id"})
 
 
-def run_batch(client: FleetClient, input_path: Path, agent: str, out: Path, *, max_in_flight: int = 32,
+def job_id(agent: str, lines: list[tuple[int, str]]) -> str:
+    """The batch job id of an input file run without ``--batch-id``: from the agent and the
+    file's lines, so the same file is the same job on a rerun."""
+    digest = hashlib.sha256(agent.encode())
+    for n, text in lines:
+        digest.update(f"{n}:{text.strip()}\n".encode())
+    return f"{agent}-{digest.hexdigest()[:16]}"
+
+
+def run_batch(client: FleetClient, input_path: Path, agent: str, out: Path, *, max_in_flight: int | None = None,
               deadline_s: float | None = None, batch_id: str = "",
               progress_stream: IO[str] | None = None) -> Summary:
     """Run a JSONL file of inputs of ``agent`` through the fleet into ``out``; see the module doc."""

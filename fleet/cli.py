@@ -304,6 +304,10 @@ def status(as_json: bool) -> None:
     for q in report["queues"]:
         age = f"{q['oldest_age_s']:.1f}s" if q.get("oldest_age_s") is not None else "-"
         click.echo(f"  {q['name']:<24} depth {q['depth']:>6}  oldest {age}")
+    if "backlog" in report:
+        b = report["backlog"]
+        queued = ", ".join(f"{t} {n}" for t, n in b["queued"].items()) or "empty"
+        click.echo(f"backlog {queued}; {b['dispatched']} batch runs dispatched and unfinished")
     if "admission" in report:
         click.echo("admission")
         for cls, st in report["admission"].items():
@@ -457,14 +461,15 @@ def batch() -> None:
 @click.option("--agent", required=True, help="The agent every line is an input of.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Results file (JSONL); lines already in it are skipped, so a rerun resumes.")
-@click.option("--max-in-flight", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Most runs unfinished at once.")
+@click.option("--max-in-flight", type=click.IntRange(min=1), default=None,
+              help="Most runs unfinished at once (default: every line is submitted up front into the backlog).")
 @click.option("--deadline", "deadline_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Deadline of each run, in seconds from its submission (default: FLEET_BATCH_DEADLINE_S).")
 @click.option("--batch-id", default="", envvar="FLEET_BATCH_ID",
-              help="Mixed into every idempotency key: the same inputs under another id run again.")
+              help="The batch job's id, mixed into every idempotency key: the same inputs under another id "
+                   "run again (default: an id made from the agent and the file's content).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def batch_run(input_path: str, agent: str, out_path: str, max_in_flight: int, deadline_s: float | None,
+def batch_run(input_path: str, agent: str, out_path: str, max_in_flight: int | None, deadline_s: float | None,
               batch_id: str, as_json: bool) -> None:
     """Submit every line of INPUT_PATH (JSONL) as a run of AGENT; write one result line per line.
 
@@ -502,6 +507,26 @@ def batch_run(input_path: str, agent: str, out_path: str, max_in_flight: int, de
         if summary.interrupted:
             click.echo("interrupted: run the same command again to resume", err=True)
     sys.exit(130 if summary.interrupted else 0)
+
+
+@batch.command("status")
+@click.argument("batch_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+def batch_status(batch_id: str, as_json: bool) -> None:
+    """Where the runs of batch job BATCH_ID stand, counted by status."""
+    from fleet.client import FleetClient
+
+    settings = Settings()
+    try:
+        with FleetClient(settings) as client:
+            st = client.batch_status(batch_id)
+    except FleetError as exc:
+        _fail(f"{type(exc).__name__}: {exc}", as_json)
+    if as_json:
+        _emit(st.model_dump())
+    else:
+        counts = ", ".join(f"{n} {s}" for s, n in st.counts.items()) or "no runs"
+        click.echo(f"batch {st.batch_id} ({st.tenant}): {st.runs} runs: {counts}; {'done' if st.done else 'running'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

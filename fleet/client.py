@@ -18,13 +18,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from fleet import tracing
-from fleet.admission import Admission, parse_submission
+from fleet.admission import Admission, Admitted, parse_submission
 from fleet.agent import AgentDef, load_agents
+from fleet.backlog import Backlog
 from fleet.cancel import announce
 from fleet.celery_app import create_app
 from fleet.deadletter import DeadLetter, DeadLetters
 from fleet.errors import RunNotFound
 from fleet.follow import Event, Follow, Gone, drive
+from fleet.jobs import BatchJobs, BatchStatus
 from fleet.replay import Replayer
 from fleet.runs import TERMINAL, RunRecord, RunStore
 from fleet.settings import PriorityClass, Settings
@@ -63,6 +65,7 @@ class FleetClient:
         self._admission = Admission(self.settings, self.app, self.agents, self.store)
         self.dead_letters = DeadLetters(self.settings, self.store.redis)
         self._replayer = Replayer(self.settings, self.app, self.agents, self.store, self.dead_letters)
+        self.batch_jobs = BatchJobs(self.settings, self.store)
 
     def close(self) -> None:
         """Release connections."""
@@ -116,6 +119,28 @@ class FleetClient:
         })
         run_id, _ = self._admission.submit(sub, self.caller.tenant)
         return run_id
+
+    def submit_many(self, subs: list[dict[str, Any]], batch_id: str | None = None) -> list[Admitted]:
+        """Submit many runs at once (each a dict of :meth:`submit`'s arguments: ``agent``,
+        ``input``, ``priority``, ...); one :class:`~fleet.admission.Admitted` per item, in order.
+
+        A bad item gets its error (``InvalidSubmission`` naming the field, ``IdempotencyConflict``,
+        ``Overloaded`` for those the batch depth had no room for); the good ones are admitted.
+        Batch runs wait in the tenant's backlog. ``batch_id`` names the batch job they join
+        (:meth:`batch_status`).
+
+        Raises:
+            InvalidSubmission: ``batch_id`` is not a valid id.
+            Overloaded: nothing could be queued; retry after ``retry_after_s``.
+        """
+        if batch_id is not None:
+            self.batch_jobs.open(self.caller.tenant, batch_id)
+        return self._admission.submit_many(subs, self.caller.tenant, batch=batch_id)
+
+    def batch_status(self, batch_id: str) -> BatchStatus:
+        """A batch job's runs counted by status. Raises :class:`RunNotFound` for an unknown id
+        or another tenant's job."""
+        return self.batch_jobs.status(self.caller, batch_id)
 
     def get(self, run_id: str) -> RunRecord:
         """The run's record. Raises :class:`RunNotFound`."""
@@ -190,7 +215,7 @@ class FleetClient:
 
     def _backlogs(self) -> dict[str, int]:
         """tenant -> batch runs waiting in its backlog."""
-        return {}
+        return Backlog(self.settings, self.store.redis).sizes()
 
     # --- dead letters ---------------------------------------------------------------
     def _visible(self) -> str | None:

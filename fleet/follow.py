@@ -9,7 +9,8 @@ the gateway's server-sent events) and the batch runner all follow runs with
 - a terminal status event ends a run only if the run's status is still terminal when read:
   a replay reopens a finished run, so its history may hold an earlier end;
 - when nothing arrives (and every ``sweep_s`` in any case) each run's status is read: a run
-  without a record is gone, and a run whose status is terminal has its last events drained
+  without a record is gone (a batch run still in the backlog has no events yet, but its
+  compact record says ``queued``), and a run whose status is terminal has its last events drained
   without blocking and ends. A reader resuming after the end, or one whose stream was
   trimmed or expired under it, would otherwise wait forever.
 
@@ -29,7 +30,7 @@ import redis
 import redis.asyncio as aioredis
 
 from fleet.keys import Keys
-from fleet.runs import TERMINAL
+from fleet.runs import TERMINAL, status_commands, status_reply
 
 _BLOCK_MS = 1000
 _COUNT = 500
@@ -161,8 +162,12 @@ class Follow:
 
 def _statuses(pipe: Any, keys: Keys, op: Statuses) -> Any:
     for run_id in op.run_ids:
-        pipe.hget(keys.run(run_id), "status")
+        status_commands(pipe, keys, run_id)
     return pipe.execute()
+
+
+def _pairs(replies: list[Any]) -> list[str | None]:
+    return [status_reply(replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
 
 
 def drive(client: redis.Redis, keys: Keys, protocol: Protocol) -> Iterator[Found]:
@@ -172,7 +177,7 @@ def drive(client: redis.Redis, keys: Keys, protocol: Protocol) -> Iterator[Found
         if isinstance(item, Read):
             reply = client.xread(item.streams, block=item.block_ms, count=_COUNT)
         elif isinstance(item, Statuses):
-            reply = _statuses(client.pipeline(transaction=False), keys, item)
+            reply = _pairs(_statuses(client.pipeline(transaction=False), keys, item))
         else:
             reply = None
             yield item
@@ -189,7 +194,7 @@ async def adrive(client: aioredis.Redis, keys: Keys, protocol: Protocol) -> Asyn
         if isinstance(item, Read):
             reply = await client.xread(item.streams, block=item.block_ms, count=_COUNT)
         elif isinstance(item, Statuses):
-            reply = await _statuses(client.pipeline(transaction=False), keys, item)
+            reply = _pairs(await _statuses(client.pipeline(transaction=False), keys, item))
         else:
             reply = None
             yield item

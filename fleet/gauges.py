@@ -1,6 +1,6 @@
 """Fleet-wide gauges read from Redis at scrape time: queue depth, oldest message age,
-requests in flight at Triton, each replica of the inference pool, and each tenant's runs,
-backlog, tokens today and quotas.
+requests in flight at Triton, the batch backlog, each replica of the inference pool, and each
+tenant's runs, tokens today and quotas.
 
 Every worker's and the gateway's ``/metrics`` expose them, so Prometheus gets one copy per
 process: dashboards and alerts take ``max by`` (queue or priority), never a sum. That keeps
@@ -66,12 +66,14 @@ class FleetCollector(Collector):
         r_wait = GaugeMetricFamily("fleet_replica_engine_waiting_requests",
                                    "Requests waiting inside the replica's engine for a sequence slot.",
                                    labels=["replica"])
+        backlog = GaugeMetricFamily("fleet_batch_backlog_runs",
+                                    "Batch runs waiting in a tenant's backlog.", labels=["tenant"])
+        dispatched = GaugeMetricFamily("fleet_batch_dispatched_runs",
+                                       "Batch runs dispatched from the backlogs and not yet ended.")
         r_pre = CounterMetricFamily("fleet_replica_preemptions",
                                     "Batch requests whose slot an interactive request took.", labels=["replica"])
         t_active = GaugeMetricFamily("fleet_tenant_active_runs", "A tenant's runs queued (backlog included) or "
                                      "in flight.", labels=["tenant", "priority"])
-        t_backlog = GaugeMetricFamily("fleet_tenant_backlog_runs", "A tenant's batch runs waiting in the backlog.",
-                                      labels=["tenant"])
         t_tokens = GaugeMetricFamily("fleet_tenant_tokens_today", "Model tokens a tenant's steps used today (UTC).",
                                      labels=["tenant"])
         t_quota = GaugeMetricFamily("fleet_tenant_quota", "A tenant's quota (absent: no limit).",
@@ -82,11 +84,14 @@ class FleetCollector(Collector):
             now = time.time()
             quotas = QuotaGate(self.settings, self.redis)
             active, tokens = quotas.active(), quotas.tokens_today(now)
-            backlog = self.backlogs()
             for queue in all_queues(self.settings):
                 depth.add_metric([queue], self.redis.llen(queue))
                 age.add_metric([queue], oldest_age_s(self.redis, queue, now) or 0.0)
             states = self.board.states()
+            keys = self.settings.keys
+            for tenant in sorted(self.redis.smembers(keys.backlogged)):
+                backlog.add_metric([tenant], self.redis.llen(keys.backlog(tenant)))
+            dispatched.add_metric([], self.redis.hlen(keys.dispatched))
         except redis.RedisError as exc:
             # A scrape must still answer (a process's own series matter most when Redis is
             # down); missing gauges show the outage on the dashboard.
@@ -106,16 +111,11 @@ class FleetCollector(Collector):
         for name in sorted(set(registry.names()) | {t for t, _ in active}):
             for priority in PRIORITY_CLASSES:
                 t_active.add_metric([name, priority], active.get((name, priority), 0))
-            t_backlog.add_metric([name], backlog.get(name, 0))
             t_tokens.add_metric([name], tokens.get(name, 0))
             t_weight.add_metric([name], registry.weight(name))
             if name in registry.by_name:
                 for quota, limit in registry.get(name).quotas.model_dump().items():
                     if limit is not None:
                         t_quota.add_metric([name, quota], limit)
-        yield from (depth, age, inflight, r_up, r_cap, r_pipe, r_in, r_wait, r_pre,
-                    t_active, t_backlog, t_tokens, t_quota, t_weight)
-
-    def backlogs(self) -> dict[str, int]:
-        """tenant -> batch runs waiting in its backlog."""
-        return {}
+        yield from (depth, age, inflight, backlog, dispatched, r_up, r_cap, r_pipe, r_in, r_wait, r_pre,
+                    t_active, t_tokens, t_quota, t_weight)

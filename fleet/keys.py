@@ -65,6 +65,64 @@ class Keys:
     def tenant_tokens(self, day: str) -> str:
         """Hash with TTL: tenant -> model tokens its steps used on a UTC day ``YYYYMMDD``."""
         return self._k("tenants", "tokens", day)
+    # --- the batch backlog and its fair share -------------------------------------------
+    def queued_run(self, run_id: str) -> str:
+        """String with TTL: the compact record of a batch run still in the backlog (fleet.runs);
+        it becomes the run hash when the run is dispatched."""
+        return self._k("queued", run_id)
+
+    def backlog(self, tenant: str) -> str:
+        """List: ids of a tenant's batch runs waiting to be dispatched, oldest first."""
+        return self._k("backlog", "runs", tenant)
+
+    @property
+    def backlogged(self) -> str:
+        """Set: tenants whose backlog is not empty."""
+        return self._k("backlog", "tenants")
+
+    @property
+    def backlog_size(self) -> str:
+        """Counter: entries in every tenant's backlog together."""
+        return self._k("backlog", "size")
+
+    @property
+    def fair_vtime(self) -> str:
+        """Sorted set: tenant -> virtual time, the batch model seconds it was charged over its weight."""
+        return self._k("backlog", "vtime")
+
+    @property
+    def fair_clock(self) -> str:
+        """String: the virtual time of the tenant dispatched last (where a lone newcomer starts)."""
+        return self._k("backlog", "clock")
+
+    @property
+    def fair_estimate(self) -> str:
+        """Hash: ``run_model_s``, the recent model seconds of a batch run (in-flight runs' charge)."""
+        return self._k("backlog", "estimate")
+
+    @property
+    def dispatched(self) -> str:
+        """Hash: run id -> tenant, batch runs dispatched from the backlog that have not ended."""
+        return self._k("backlog", "dispatched")
+
+    @property
+    def dispatching(self) -> str:
+        """Sorted set: runs popped from a backlog and not yet created, scored by the pop's time
+        (a dispatcher that died in between leaves them here; the next one sends them)."""
+        return self._k("backlog", "dispatching")
+
+    @property
+    def dispatch_lock(self) -> str:
+        """String with TTL: held by the one worker that dispatches the backlog."""
+        return self._k("backlog", "lock")
+
+    def batch_job(self, tenant: str, batch_id: str) -> str:
+        """Hash: a tenant's batch job (agent, created_at)."""
+        return self._k("batch", tenant, batch_id)
+
+    def batch_runs(self, tenant: str, batch_id: str) -> str:
+        """List: ids of the runs a batch job created, in submission order."""
+        return self._k("batch", tenant, batch_id, "runs")
 
     # --- dead letters -----------------------------------------------------------------
     @property

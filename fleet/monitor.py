@@ -20,11 +20,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 
 import redis
 
+from fleet.leader import Leadership
 from fleet.replicas import ReplicaBoard, ReplicaState, check, engine_state
 from fleet.settings import ReplicaSpec, Settings
 from fleet.triton import TritonClient
@@ -35,21 +35,6 @@ log = logging.getLogger(__name__)
 #: the next free slot from idling, and an interactive request that arrives preempts the
 #: youngest batch requests ahead of it (measured: ops/bench/results/scheduling-saturated.md).
 WAITING_TOLERATED = 1
-
-# KEYS[1] the lock; ARGV: owner, ttl ms. Take the lock, or keep it when we hold it.
-_LEAD = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
 
 def next_pipeline(state: ReplicaState, running: int, waiting: int, limit: int) -> int:
     """The pipeline depth after one look at the engine (see the module docstring)."""
@@ -69,8 +54,7 @@ class PoolMonitor:
         self.settings = settings
         self.board = ReplicaBoard(settings, client)
         self.triton = triton
-        self._lead = client.register_script(_LEAD)
-        self._owner = uuid.uuid4().hex
+        self._client = client
         self._probed: dict[str, float] = {}
         self._stop = threading.Event()
 
@@ -91,10 +75,10 @@ class PoolMonitor:
 
     def run_forever(self) -> None:
         interval = self.settings.engine_poll_interval_s
-        ttl_ms = int(max(3 * interval, 2.0) * 1000)
+        leader = Leadership(self._client, self.settings.keys.pool_monitor_lock, max(3 * interval, 2.0))
         while not self._stop.wait(interval):
             try:
-                if self._lead(keys=[self.settings.keys.pool_monitor_lock], args=[self._owner, ttl_ms]):
+                if leader.hold():
                     self.tick()
             except Exception:  # noqa: BLE001 - Redis or a replica away: look again next time
                 log.debug("pool monitor pass failed", exc_info=True)

@@ -10,6 +10,12 @@ Readers get the hash typed: :class:`RunState` (what a step works from: outputs b
 iteration, ``is_done``, the view its templates render) and :class:`RunRecord` (what clients,
 the gateway and the CLI show). Events (status changes, step changes, model tokens) go to a
 capped stream per run that :mod:`fleet.follow` reads.
+
+A batch run waiting in the backlog (:mod:`fleet.backlog`) has no hash and no events yet,
+only a compact record (:func:`compact`, a short JSON list under
+:meth:`fleet.keys.Keys.queued_run`). Every read here finds it as a run with status
+``queued``; dispatching it (:meth:`RunStore.promote`) replaces it with the run hash and the
+first event in one atomic step, so a reader sees one or the other, never neither.
 """
 
 from __future__ import annotations
@@ -60,10 +66,11 @@ return 1
 """
 
 # Move a run to a status unless it already ended, with its status event; a terminal status
-# also sets the record's TTL, drops the run from the active index and from admission's
-# ledger of admitted interactive runs (fleet.admitted), and gives its tenant's place back
-# (fleet.quotas), in the same step.
-# KEYS: run hash, events stream, active index, admitted runs, their steps, tenants' active counts.
+# also sets the record's TTL, drops the run from the active index, from admission's ledger
+# of admitted interactive runs (fleet.admitted) and from the dispatched backlog runs, and
+# gives its tenant's place back (fleet.quotas), in the same step.
+# KEYS: run hash, events stream, active index, admitted runs, their steps, dispatched backlog
+# runs, tenants' active counts.
 # ARGV: status, run id, TTL (0: not terminal),
 # events maxlen, n = number of field/value pairs, the pairs, then the event's extra pairs.
 _TRANSITION = """
@@ -83,13 +90,46 @@ if ttl > 0 then
   redis.call('ZREM', KEYS[3], ARGV[2])
   redis.call('ZREM', KEYS[4], ARGV[2])
   redis.call('HDEL', KEYS[5], ARGV[2])
+  redis.call('HDEL', KEYS[6], ARGV[2])
   local owner = redis.call('HMGET', KEYS[1], 'tenant', 'priority')
-  redis.call('HINCRBY', KEYS[6], (owner[1] or 'default') .. '|' .. (owner[2] or 'batch'), -1)
+  redis.call('HINCRBY', KEYS[7], (owner[1] or 'default') .. '|' .. (owner[2] or 'batch'), -1)
 end
 return 1
 """
 
-_TRANSITION = "local TERMINAL = {" + ", ".join(f"{s} = true" for s in sorted(TERMINAL)) + "}\n" + _TRANSITION
+# Turn a backlog run's compact record into its run hash, once: with its status event, in
+# the active index unless the status is terminal (a run cancelled in the backlog), out of the
+# dispatching set; a terminal one gives its tenant's place back (fleet.quotas). Returns 0 when the
+# compact record is gone (dispatched or ended already).
+# KEYS: compact record, run hash, events stream, active index, dispatching set, dispatched hash,
+# tenants' active counts.
+# ARGV: run id, status, TTL, events maxlen, now, n = number of field/value pairs, the pairs,
+# then the event's extra pairs.
+_PROMOTE = """
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+local n = tonumber(ARGV[6])
+local fields = {}
+for i = 7, 6 + 2 * n do table.insert(fields, ARGV[i]) end
+redis.call('HSET', KEYS[2], unpack(fields))
+local event = {'type', 'status', 'status', ARGV[2]}
+for i = 7 + 2 * n, #ARGV do table.insert(event, ARGV[i]) end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(event))
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('ZREM', KEYS[5], ARGV[1])
+if TERMINAL[ARGV[2]] then
+  redis.call('HDEL', KEYS[6], ARGV[1])
+  local owner = redis.call('HMGET', KEYS[2], 'tenant', 'priority')
+  redis.call('HINCRBY', KEYS[7], (owner[1] or 'default') .. '|' .. (owner[2] or 'batch'), -1)
+else
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+end
+return 1
+"""
+
+_LUA_TERMINAL = "local TERMINAL = {" + ", ".join(f"{s} = true" for s in sorted(TERMINAL)) + "}\n"
+_TRANSITION = _LUA_TERMINAL + _TRANSITION
+_PROMOTE = _LUA_TERMINAL + _PROMOTE
 
 # Reopen a finished run for a replay. KEYS[1] run hash; ARGV[1] = number of fields to
 # delete, then those fields, then field/value pairs to set. Returns 0 if it had not ended.
@@ -169,6 +209,7 @@ class RunRecord(BaseModel):
     result: Any = None
     error: dict[str, Any] | None = None
     idempotency_key: str | None = None
+    batch: str | None = Field(None, description="The batch job that submitted it, if any.")
     session_id: str | None = None
     session: list[dict[str, Any]] = Field(default_factory=list, description="Turns seen by this run.")
     stream: bool = False
@@ -349,6 +390,97 @@ def decode_record(raw: dict[str, str]) -> RunRecord:
     return RunState(raw).to_record()
 
 
+# The compact record of a backlog run: these fields' values as one JSON list, in this order,
+# trailing nulls left out. No names and no defaults: it is what a queued run costs in Redis.
+_COMPACT = ("agent", "tenant", "created_at", "deadline_at", "input", "batch", "idempotency_key",
+            "stream", "budget_tokens", "budget_cost", "session_id", "traceparent")
+
+
+def compact(record: RunRecord) -> str:
+    """The compact record of a batch run for the backlog (its session turns are read when
+    it is dispatched)."""
+    values: list[Any] = [record.agent, record.tenant, round(record.created_at, 3), round(record.deadline_at, 3),
+                         record.input, record.batch, record.idempotency_key, 1 if record.stream else 0,
+                         record.budget_tokens, record.budget_cost, record.session_id, record.traceparent]
+    while values and values[-1] is None:
+        values.pop()
+    return json.dumps(values, separators=(",", ":"), ensure_ascii=False)
+
+
+def from_compact(run_id: str, text: str) -> dict[str, str]:
+    """The run hash's fields of a backlog run (status queued) from its compact record."""
+    raw = {"id": run_id, "status": "queued", "priority": "batch"}
+    for name, value in zip(_COMPACT, json.loads(text)):
+        if value is None:
+            continue
+        if name == "input":
+            raw[name] = json.dumps(value)
+        elif name == "stream":
+            raw[name] = "1" if value else "0"
+        elif isinstance(value, float):
+            raw[name] = repr(value)
+        else:
+            raw[name] = str(value)
+    return raw
+
+
+def hash_fields(record: RunRecord) -> dict[str, str]:
+    """The run hash's fields of a new run (what :meth:`RunStore.create` stores)."""
+    fields = {
+        "id": record.id,
+        "agent": record.agent,
+        "priority": record.priority,
+        "tenant": record.tenant,
+        "status": record.status,
+        "created_at": repr(record.created_at),
+        "deadline_at": repr(record.deadline_at),
+        "input": json.dumps(record.input),
+        "stream": "1" if record.stream else "0",
+    }
+    if record.idempotency_key:
+        fields["idempotency_key"] = record.idempotency_key
+    if record.batch:
+        fields["batch"] = record.batch
+    if record.session_id:
+        fields["session_id"] = record.session_id
+        fields["session"] = json.dumps(record.session)
+    if record.budget_tokens is not None:
+        fields["budget_tokens"] = str(record.budget_tokens)
+    if record.budget_cost is not None:
+        fields["budget_cost"] = repr(record.budget_cost)
+    if record.traceparent:
+        fields["traceparent"] = record.traceparent
+    return fields
+
+
+def read_commands(pipe: Any, keys: Any, run_id: str) -> None:
+    """Queue the reads of a run (compact record first, then hash) on a sync or asyncio pipeline;
+    :func:`read_reply` makes their two replies the run's hash fields."""
+    pipe.get(keys.queued_run(run_id))
+    pipe.hgetall(keys.run(run_id))
+
+
+def read_reply(run_id: str, queued: str | None, raw: dict[str, str]) -> dict[str, str] | None:
+    """The run's hash fields from :func:`read_commands`' replies, or None without a run.
+
+    The compact record is read first: dispatching deletes it and writes the hash in one
+    step, so a run that was in the backlog at the first read has its hash at the second."""
+    if queued is not None:
+        return from_compact(run_id, queued)
+    return raw or None
+
+
+def status_commands(pipe: Any, keys: Any, run_id: str) -> None:
+    """Queue the reads of a run's status (see :func:`status_reply`)."""
+    pipe.exists(keys.queued_run(run_id))
+    pipe.hget(keys.run(run_id), "status")
+
+
+def status_reply(queued: int, status: str | None) -> str | None:
+    """The run's status from :func:`status_commands`' replies (None without a run)."""
+    return "queued" if queued else status
+
+
 def new_run_id() -> str:
     """A fresh run id."""
     return uuid.uuid4().hex
@@ -364,6 +496,7 @@ class RunStore:
         self._commit = self.redis.register_script(_COMMIT_STEP)
         self._transition = self.redis.register_script(_TRANSITION)
         self._reopen = self.redis.register_script(_REOPEN)
+        self._promote = self.redis.register_script(_PROMOTE)
 
     # --- keys -----------------------------------------------------------------------
     def run_key(self, run_id: str) -> str:
@@ -375,28 +508,7 @@ class RunStore:
     # --- records --------------------------------------------------------------------
     def create(self, record: RunRecord) -> None:
         """Store a new run record (status queued) and its first event."""
-        fields = {
-            "id": record.id,
-            "agent": record.agent,
-            "priority": record.priority,
-            "tenant": record.tenant,
-            "status": record.status,
-            "created_at": repr(record.created_at),
-            "deadline_at": repr(record.deadline_at),
-            "input": json.dumps(record.input),
-            "stream": "1" if record.stream else "0",
-        }
-        if record.idempotency_key:
-            fields["idempotency_key"] = record.idempotency_key
-        if record.session_id:
-            fields["session_id"] = record.session_id
-            fields["session"] = json.dumps(record.session)
-        if record.budget_tokens is not None:
-            fields["budget_tokens"] = str(record.budget_tokens)
-        if record.budget_cost is not None:
-            fields["budget_cost"] = repr(record.budget_cost)
-        if record.traceparent:
-            fields["traceparent"] = record.traceparent
+        fields = hash_fields(record)
         key = self.run_key(record.id)
         pipe = self.redis.pipeline()
         pipe.hset(key, mapping=fields)
@@ -433,30 +545,97 @@ class RunStore:
         return self.load(run_id).to_record()
 
     def load(self, run_id: str) -> RunState:
-        """The run's state; :class:`RunNotFound` when there is none."""
-        raw = self.redis.hgetall(self.run_key(run_id))
-        if not raw:
+        """The run's state (a backlog run's too); :class:`RunNotFound` when there is none."""
+        pipe = self.redis.pipeline(transaction=False)
+        read_commands(pipe, self.keys, run_id)
+        raw = read_reply(run_id, *pipe.execute())
+        if raw is None:
             raise RunNotFound(f"no run '{run_id}'")
         return RunState(raw)
 
+    def get_many(self, run_ids: list[str]) -> list[RunRecord | None]:
+        """The records of several runs (None for those without one), one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            read_commands(pipe, self.keys, run_id)
+        replies = pipe.execute()
+        out: list[RunRecord | None] = []
+        for i, run_id in enumerate(run_ids):
+            raw = read_reply(run_id, replies[2 * i], replies[2 * i + 1])
+            out.append(None if raw is None else decode_record(raw))
+        return out
+
     def status(self, run_id: str) -> str | None:
         """The run's status, or None without a record."""
-        return self.redis.hget(self.run_key(run_id), "status")
+        return self.statuses([run_id])[0]
 
     def statuses(self, run_ids: list[str]) -> list[str | None]:
         """The statuses of several runs (None for those without a record), one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for run_id in run_ids:
-            pipe.hget(self.run_key(run_id), "status")
-        return pipe.execute()
+            status_commands(pipe, self.keys, run_id)
+        replies = pipe.execute()
+        return [status_reply(replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
 
     def exists(self, run_id: str) -> bool:
-        return bool(self.redis.exists(self.run_key(run_id)))
+        return self.status(run_id) is not None
 
     def tenant(self, run_id: str) -> str | None:
         """The tenant a run belongs to, or None without a record."""
-        status, tenant = self.redis.hmget(self.run_key(run_id), ["status", "tenant"])
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.keys.queued_run(run_id))
+        pipe.hmget(self.run_key(run_id), ["status", "tenant"])
+        queued, (status, tenant) = pipe.execute()
+        if queued is not None:
+            return from_compact(run_id, queued).get("tenant", DEFAULT_TENANT)
         return None if status is None else tenant or DEFAULT_TENANT
+
+    # --- the backlog ------------------------------------------------------------------
+    def queue_compact(self, pipe: Any, record: RunRecord) -> None:
+        """Queue the write of a batch run's compact record on ``pipe`` (it joins a backlog
+        in the same round trip, see :class:`fleet.backlog.Backlog`)."""
+        pipe.set(self.keys.queued_run(record.id), compact(record), ex=self.settings.run_ttl_s)
+
+    def compact_records(self, run_ids: list[str]) -> list[RunRecord | None]:
+        """The records of backlog runs from their compact records (None where it is gone)."""
+        texts = self.redis.mget([self.keys.queued_run(r) for r in run_ids]) if run_ids else []
+        return [None if t is None else decode_record(from_compact(r, t)) for r, t in zip(run_ids, texts)]
+
+    def promote(self, records: list[RunRecord], now: float | None = None) -> list[bool]:
+        """Make backlog runs full runs, each at its record's status (queued: dispatched, in the
+        active index; terminal: ended in the backlog), in one round trip. False for a run
+        whose compact record was gone (dispatched or ended already): it is left alone."""
+        now = time.time() if now is None else now
+        pipe = self.redis.pipeline(transaction=False)
+        for record in records:
+            fields = hash_fields(record)
+            event: list[str] = []
+            if record.status in TERMINAL:
+                fields["finished_at"] = repr(record.finished_at or now)
+                if record.error is not None:
+                    fields["error"] = json.dumps(record.error)
+                    event = ["error", fields["error"]]
+            ttl = self.settings.result_ttl_s if record.status in TERMINAL else self.settings.run_ttl_s
+            pairs = [x for kv in fields.items() for x in kv]
+            self._promote(
+                keys=[self.keys.queued_run(record.id), self.run_key(record.id), self.events_key(record.id),
+                      self.keys.active_runs, self.keys.dispatching, self.keys.dispatched,
+                      self.keys.tenant_active],
+                args=[record.id, record.status, ttl, EVENTS_MAXLEN, now, len(pairs) // 2, *pairs, *event],
+                client=pipe,
+            )
+        return [bool(x) for x in pipe.execute()]
+
+    def _end_queued(self, run_id: str, status: RunStatus, fields: dict[str, Any]) -> bool | None:
+        """End a run still in the backlog; None when it is not there (anymore)."""
+        [record] = self.compact_records([run_id])
+        if record is None:
+            return None
+        record.status = status
+        record.error = fields.get("error")
+        if self.promote([record])[0]:
+            return True
+        return None  # dispatched meanwhile: it ends the usual way
 
     # --- steps ----------------------------------------------------------------------
     def put_step(self, run_id: str, step: StepRecord) -> None:
@@ -519,15 +698,21 @@ class RunStore:
             pairs += [name, value if raw else json.dumps(value)]
         event = ["error", json.dumps(fields["error"])] if "error" in fields else []
         ttl = self.settings.result_ttl_s if status in TERMINAL else 0
-        moved = self._transition(
-            keys=[self.run_key(run_id), self.events_key(run_id), self.keys.active_runs,
-                  self.keys.admitted("interactive"), self.keys.admitted_steps("interactive"),
-                  self.keys.tenant_active],
-            args=[status, run_id, ttl, EVENTS_MAXLEN, len(pairs) // 2, *pairs, *event],
-        )
-        if moved == -1:
-            raise RunNotFound(f"no run '{run_id}'")
-        return moved == 1
+        for _ in range(3):  # a backlog run may be dispatched between the two tries
+            moved = self._transition(
+                keys=[self.run_key(run_id), self.events_key(run_id), self.keys.active_runs,
+                      self.keys.admitted("interactive"), self.keys.admitted_steps("interactive"),
+                      self.keys.dispatched, self.keys.tenant_active],
+                args=[status, run_id, ttl, EVENTS_MAXLEN, len(pairs) // 2, *pairs, *event],
+            )
+            if moved != -1:
+                return moved == 1
+            if status not in TERMINAL:
+                break
+            ended = self._end_queued(run_id, status, fields)
+            if ended is not None:
+                return ended
+        raise RunNotFound(f"no run '{run_id}'")
 
     def end(self, run_id: str, status: RunStatus, **fields: Any) -> bool:
         """Move the run to a terminal ``status`` now (``finished_at`` set); True if moved."""

@@ -183,7 +183,17 @@ class Settings(BaseSettings):
         0.1, gt=0, description="How often each replica's engine state (running, waiting) is read from its metrics.",
     )
     admission_batch_max_queued: int = Field(
-        200_000, gt=0, description="Batch submissions are refused while the batch queue is this deep."
+        2_000_000, gt=0,
+        description="Batch submissions are refused while this much batch work is queued (runs in the backlog "
+        "and steps in the batch queue together).",
+    )
+    batch_dispatch_window: int | None = Field(
+        None, gt=0,
+        description="Batch runs dispatched from the backlog and unfinished at once; unset: twice the threads "
+        "of the live workers that take batch model steps (each keeps a run in hand and one ready).",
+    )
+    batch_dispatch_interval_s: float = Field(
+        0.05, gt=0, description="How often the dispatcher looks for room in the window when it found none.",
     )
     scheduling: Literal["fleet", "vanilla"] = Field(
         "fleet",

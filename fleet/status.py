@@ -1,4 +1,5 @@
-"""What ``fleet status`` reports: Redis, Triton readiness, Flower, queue depths, workers."""
+"""What ``fleet status`` reports: Redis, Triton readiness, Flower, queue depths, the batch
+backlog, workers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import redis
 
 from fleet.admission import LoadShedder
+from fleet.backlog import Backlog
 from fleet.capacity import Capacity
 from fleet.gauges import oldest_age_s
 from fleet.replicas import ReplicaBoard
@@ -41,6 +43,9 @@ def collect(settings: Settings) -> dict[str, Any]:
         states = ReplicaBoard(settings, client).states()
         report["pool"]["replicas"] = [st.as_dict() for st in states]
         report["inflight"] = {p: sum(st.inflight[p] for st in states) for p in PRIORITY_CLASSES}
+        backlog = Backlog(settings, client)
+        report["backlog"] = {"queued": backlog.sizes(), "dispatched": backlog.in_flight_count(),
+                             "virtual_time_s": backlog.virtual_times()}
         shedder = LoadShedder(settings, Capacity(settings, client))
         report["admission"] = {p: shedder.state(p) for p in PRIORITY_CLASSES}
     except redis.RedisError as exc:

@@ -38,10 +38,12 @@ def _on_init(sender, **_: object) -> None:  # noqa: ANN001, ARG001
 
 @worker_ready.connect
 def _on_ready(sender, **_: object) -> None:  # noqa: ANN001
-    """Announce this worker's capacity, serve its metrics, sweep for stalled runs, and (an
-    inference worker) take its turn watching the inference pool's replicas."""
+    """Announce this worker's capacity, serve its metrics, sweep for stalled runs, take its
+    turn dispatching the batch backlog, and (an inference worker) take its turn watching the
+    inference pool's replicas."""
     from fleet import metrics
     from fleet.capacity import Presence
+    from fleet.dispatch import Dispatcher
     from fleet.monitor import PoolMonitor
     from fleet.reconcile import Reconciler
     from fleet.routing import worker_queues
@@ -51,6 +53,10 @@ def _on_ready(sender, **_: object) -> None:  # noqa: ANN001
     queues = [q.name for q in sender.task_consumer.queues]
     Presence(rt.capacity, sender.hostname, queues, sender.controller.concurrency).start()
     Reconciler(settings, app, rt.agents, rt.store).start()
+    if settings.scheduling == "fleet":
+        # Its own app, so its own broker connections: the dispatcher publishes from its own
+        # thread, away from the connections of the worker's consumer and its tasks.
+        Dispatcher(settings, create_app(settings), rt.agents, rt.store).start()
     if settings.scheduling == "fleet" and set(queues) & set(worker_queues(settings, "llm")):
         PoolMonitor(settings, rt.store.redis, rt.pool.client).start()
     try:

@@ -12,17 +12,19 @@ from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fleet import tracing
 from fleet.admission import Admission, Submission
+from fleet.batch import idempotency_key
 from fleet.aio import AsyncFleetClient
 from fleet.client import FleetClient
 from fleet.deadletter import DeadLetter
-from fleet.errors import RunNotFound
+from fleet.errors import FleetError, RunNotFound
 from fleet.gateway.auth import LoopbackOnly, check_bind, require_key
 from fleet.gateway.errors import CONFLICT, ERRORS, NOT_FOUND, ErrorBody, as_json, install_error_handlers
 from fleet.gateway.middleware import BodyLimit, count_requests
+from fleet.jobs import BATCH_ID_PATTERN, BatchStatus, new_batch_id
 from fleet.runs import RunStatus
 from fleet.settings import Settings
 from fleet.tenants import Caller
@@ -77,6 +79,59 @@ class ReplayRequest(BaseModel):
 
 class ReplayResponse(BaseModel):
     run_id: str
+MAX_BATCH_ITEMS = 10_000
+
+
+class BatchItem(BaseModel):
+    """One input of a batch, with the caller's id for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | int | None = Field(None, description="The caller's id of the item (makes its run unique in the batch).")
+    input: dict[str, Any]
+
+
+class BatchRequest(BaseModel):
+    """A batch of runs of one agent, at batch priority: ``inputs``, or ``items`` with ids."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent: str = Field(min_length=1, max_length=128)
+    inputs: list[dict[str, Any]] | None = Field(None, max_length=MAX_BATCH_ITEMS)
+    items: list[BatchItem] | None = Field(None, max_length=MAX_BATCH_ITEMS)
+    batch_id: str | None = Field(
+        None, pattern=BATCH_ID_PATTERN,
+        description="Submitting again under the same id returns the same runs; a fresh id when unset.")
+    deadline_s: float | None = Field(None, gt=0, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _one_list(self) -> "BatchRequest":
+        if (self.inputs is None) == (self.items is None):
+            raise ValueError("give either inputs or items")
+        return self
+
+    def entries(self) -> list[BatchItem]:
+        if self.items is not None:
+            return self.items
+        return [BatchItem(input=value) for value in self.inputs or []]
+
+
+class BatchItemError(BaseModel):
+    """An item that was not admitted, and why."""
+
+    index: int
+    id: str | int | None = None
+    error: str
+    field: str | None = None
+
+
+class BatchResponse(BaseModel):
+    """The runs of a batch, in the order of its items (null where an item was not admitted)."""
+
+    batch_id: str
+    run_ids: list[str | None]
+    created: int = Field(description="Runs created by this request (the others already existed).")
+    errors: list[BatchItemError]
 
 
 class Health(BaseModel):
@@ -278,6 +333,36 @@ def create_gateway(settings: Settings) -> FastAPI:
         """Per tenant: runs queued and in flight, its backlog, model time and part of batch model
         time in the window, tokens today and quotas. A tenant's key sees its own row only."""
         return scoped.client.tenants(window_s)
+    batches: dict[str, Any] = {**v1, "tags": ["batches"]}
+
+    shed = {429: {"model": ErrorBody, "description": "Shed, or over one of the tenant's quotas (`quota` names "
+                  "it): retry after the Retry-After header."}}
+
+    @app.post("/v1/batches", status_code=201, response_model=BatchResponse, **batches, responses={**ERRORS, **shed})
+    def submit_batch(body: BatchRequest, scoped: Scoped) -> BatchResponse:
+        """Submit a batch of runs of one agent at batch priority. They wait in the tenant's
+        backlog and reach the model by fair share between tenants; items that cannot be
+        admitted are listed in `errors`, the others are queued."""
+        client = scoped.client
+        batch_id = body.batch_id or new_batch_id()
+        entries = body.entries()
+        subs = [{"agent": body.agent, "input": e.input, "priority": "batch", "deadline_s": body.deadline_s,
+                 "idempotency_key": idempotency_key(body.agent, None if e.id is None else str(e.id), e.input,
+                                                    batch_id)}
+                for e in entries]
+        results = client.submit_many(subs, batch_id=batch_id)
+        errors = [BatchItemError(index=i, id=e.id, error=str(r.error), field=getattr(r.error, "field", None))
+                  for i, (e, r) in enumerate(zip(entries, results)) if isinstance(r.error, FleetError)]
+        log.info("batch %s: %d items over HTTP, %d not admitted", batch_id, len(entries), len(errors))
+        return BatchResponse(batch_id=batch_id, run_ids=[r.run_id for r in results],
+                             created=sum(r.created for r in results), errors=errors)
+
+    no_batch = {404: {"model": ErrorBody, "description": "No such batch (or not the caller's tenant's)."}}
+
+    @app.get("/v1/batches/{batch_id}", response_model=BatchStatus, **batches, responses={**ERRORS, **no_batch})
+    def get_batch(batch_id: Annotated[str, Path(pattern=BATCH_ID_PATTERN)], scoped: Scoped) -> BatchStatus:
+        """A batch's runs counted by status."""
+        return scoped.client.batch_status(batch_id)
 
     @app.get("/v1/agents", response_model=AgentList, **{**v1, "tags": ["agents"]}, responses=ERRORS)
     def list_agents(services: Services) -> AgentList:

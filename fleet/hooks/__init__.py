@@ -8,7 +8,8 @@ point              what a hook may do there                                    h
 ``check_started``  stop the step once its delivery is counted (raise)          poison guard
 ``on_start``       observe a step about to run its body                        Sentry tags, spans
 ``around_body``    a context the body runs in, left whatever its outcome       spans, usage
-``commit_with``    add Redis commands to the step's one commit round trip      step times, usage
+``commit_with``    add Redis commands to the step's one commit round trip      step times, usage,
+                                                                               fair share
 ``after_commit``   observe a committed step                                    metrics, usage
 ``on_retry``       observe an attempt that failed and goes back to its queue   metrics, spans
 ``on_dead_letter`` observe a step written to the dead-letter store             metrics, Sentry
@@ -115,6 +116,7 @@ def default_hooks() -> list[Hook]:
     process traces: tracing off costs the step nothing)."""
     from fleet import tracing
     from fleet.hooks.budget import BudgetGuard
+    from fleet.hooks.fair_share import FairShare
     from fleet.hooks.guards import DeadlineGuard, KnownStepGuard, PoisonGuard, TerminalGuard
     from fleet.hooks.metrics import Metrics
     from fleet.hooks.sentry import SentryReports
@@ -126,4 +128,4 @@ def default_hooks() -> list[Hook]:
 
     spans: list[Hook] = [StepSpans()] if tracing.enabled() else []
     return [*spans, TerminalGuard(), KnownStepGuard(), DeadlineGuard(), BudgetGuard(), PoisonGuard(), StepTimes(),
-            Usage(), Metrics(), SentryReports(), SessionTurns(), RunSummary()]
+            Usage(), FairShare(), Metrics(), SentryReports(), SessionTurns(), RunSummary()]

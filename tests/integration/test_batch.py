@@ -60,13 +60,20 @@ def _count_lines(path: Path) -> int:
 
 def _run_records(fleet) -> int:
     r, prefix = fleet.client.store.redis, fleet.settings.key("run", "")
-    # Records only: <prefix>:run:<id>, not its events stream or delivery counters.
-    return sum(1 for k in r.scan_iter(prefix + "*", count=1000) if ":" not in k[len(prefix):])
+    # Records only: <prefix>:run:<id>, not its events stream or delivery counters; and the
+    # compact records of runs still waiting in the backlog.
+    # compact records of runs still waiting in the backlog. Those first: a run dispatched
+    # between the two scans is then seen twice (and counted once), never missed.
+    queued = fleet.settings.keys.queued_run("")
+    ids = {k[len(queued):] for k in r.scan_iter(queued + "*", count=1000)}
+    ids |= {k[len(prefix):] for k in r.scan_iter(prefix + "*", count=1000) if ":" not in k[len(prefix):]}
+    return len(ids)
 
 
 def _batch_keys(fleet, agent: str) -> int:
     r = fleet.client.store.redis
-    return sum(1 for _ in r.scan_iter(fleet.settings.key("idem", "default", f"batch:{agent}:*"), count=1000))
+    pattern = fleet.settings.keys.idempotency(fleet.client.caller.tenant, f"batch:{agent}:*")
+    return sum(1 for _ in r.scan_iter(pattern, count=1000))
 
 
 def test_interrupted_batch_resumes_without_running_anything_twice(batch_fleet, tmp_path):

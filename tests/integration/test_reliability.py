@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from fleet import launch
+
 from fleet.simulator import generate
 from fleet.template import render
 
@@ -168,12 +170,15 @@ def test_a_run_whose_message_vanished_is_sent_again(redis_url, triton, session_d
         waiting = f.client.submit("writer", {"topic": "a message waiting in its queue"}, priority="batch")
         queue = f"{prefix}.llm.batch"
         r = f.client.store.redis
-        assert r.llen(queue) == 2
+        # Batch runs wait in the backlog until a worker's dispatcher sends them: the tool
+        # worker's sends both (it takes no model steps, so their messages stay queued).
+        f.start_worker("tools", "tool", "prefork", 1)
+        launch.wait_until(lambda: r.llen(queue) == 2, 30, "both runs dispatched")
         r.rpop(queue)  # the oldest message (the first run's) disappears, as in a crash mid-delivery
         # The sweeper must not resend a run whose message is still queued: only `lost` goes again.
         f.start_worker("inference", "llm", "threads", 4)
         counts = tally(f.client, [lost, waiting], timeout=30)
-        log = (f.procs.log_dir / "inference.log").read_text()
+        log = "".join((f.procs.log_dir / f"{name}.log").read_text() for name in ("tools", "inference"))
         resent = log.count("no step message in flight")
         reliability_report("message vanished (reconciler)", **counts, note=f"{resent} run sent again")
         assert counts == {"submitted": 2, "completed": 2, "dead_lettered": 0, "lost": 0}

@@ -521,6 +521,11 @@ def _fleet_metric_names() -> set[str]:
 
         def hgetall(self, key: str) -> dict[str, str]:
             return {}
+        def smembers(self, key: str) -> set[str]:
+            return {"default"}
+
+        def hlen(self, key: str) -> int:
+            return 0
 
     class _Board:
         def states(self) -> list[ReplicaState]:
