@@ -293,3 +293,16 @@ def test_a_tenants_cli_does_not_show_another_tenants_run(tenant_fleet, http):
     assert hidden.exit_code == 1 and json.loads(hidden.output) == {"error": f"no run '{run_id}'"}
     shown = runner.invoke(cli, ["--tenant", "acme", "runs", "show", run_id, "--json"], env=tenant_fleet.env)
     assert shown.exit_code == 0 and json.loads(shown.output)["tenant"] == "acme"
+
+
+def test_another_tenants_batch_is_not_found(tenant_fleet, http, as_tenant):
+    made = http["acme"].post("/v1/batches", json={"agent": "calculator", "inputs": [{"question": "1 + 1"}] * 3})
+    assert made.status_code == 201, made.text
+    batch_id = made.json()["batch_id"]
+    assert http["acme"].get(f"/v1/batches/{batch_id}").status_code == 200
+    _not_found_body(http["globex"].get(f"/v1/batches/{batch_id}"), f"batch '{batch_id}'")
+    with pytest.raises(RunNotFound):
+        as_tenant["globex"].batch_status(batch_id)
+    for run_id in made.json()["run_ids"]:
+        _not_found_body(http["globex"].get(f"/v1/runs/{run_id}"), f"run '{run_id}'")
+        assert tenant_fleet.client.wait(run_id, timeout=60).status == "succeeded"
