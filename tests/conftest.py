@@ -10,6 +10,10 @@ Each test module gets its own key and queue prefix, and its own worker processes
 from __future__ import annotations
 
 import os
+
+# Tests start workers (fork, then exec) while gRPC channels of the test process may be busy;
+# gRPC's fork handlers then run in a child that only goes on to exec, and can crash it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import socket
 import time
 import uuid

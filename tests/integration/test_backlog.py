@@ -112,11 +112,13 @@ def test_a_backlog_run_reads_cancels_and_repeats_like_any_run(namespace):
         assert cancel.status_code == 200 and cancel.json() == {"run_id": gone, "cancelled": True,
                                                                "status": "cancelled"}
 
-        # Followed from the backlog through its dispatch to its end.
-        followed: list[dict] = []
-        follower = threading.Thread(target=lambda: followed.extend(acme.events(kept, timeout=120)))
-        follower.start()
-        f.start_worker("inference", "llm", "threads", 4)
+    # Followed from the backlog through its dispatch to its end. The worker is started with
+    # no gateway open: a fork while gRPC threads are busy can crash the child before it execs.
+    followed: list[dict] = []
+    follower = threading.Thread(target=lambda: followed.extend(acme.events(kept, timeout=120)))
+    follower.start()
+    f.start_worker("inference", "llm", "threads", 4)
+    with TestClient(create_gateway(f.settings), headers={"X-API-Key": GATEWAY_KEY}) as http:
         with http.stream("GET", f"/v1/runs/{own}/events", timeout=120) as sse:
             lines = [line for line in sse.iter_lines() if line.startswith("data:")]
         follower.join(timeout=120)
