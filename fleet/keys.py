@@ -1,8 +1,8 @@
 """Every Redis key and channel the fleet writes, side by side.
 
 All of them live under ``FLEET_KEY_PREFIX`` (queues have their own prefix, see
-:mod:`fleet.routing`), so several fleets can share one Redis. What a key holds is written
-next to it; only :mod:`fleet.runs` knows the fields inside a run hash.
+:mod:`fleet.broker.queues`), so several fleets can share one Redis. What a key holds is written
+next to it; only :mod:`fleet.run.records` knows the fields inside a run hash.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class Keys:
 
     # --- runs -------------------------------------------------------------------------
     def run(self, run_id: str) -> str:
-        """Hash: the run's fields, step outputs and step records (see fleet.runs)."""
+        """Hash: the run's fields, step outputs and step records (see fleet.run.records)."""
         return self._k("run", run_id)
 
     def events(self, run_id: str) -> str:
@@ -49,17 +49,17 @@ class Keys:
 
     def usage(self, minute: int) -> str:
         """Hash with TTL: what runs used in one minute (epoch minute), fields
-        ``<agent>|<class>|<figure>`` (see fleet.usage)."""
+        ``<agent>|<class>|<figure>`` (see fleet.run.usage)."""
         return self._k("usage", str(minute))
 
     # --- tenants ----------------------------------------------------------------------
     @property
     def tenant_active(self) -> str:
-        """Hash: ``<tenant>|<class>`` -> runs queued (backlog included) or in flight (fleet.quotas)."""
+        """Hash: ``<tenant>|<class>`` -> runs queued (backlog included) or in flight (fleet.scheduling.quotas)."""
         return self._k("tenants", "active")
 
     def tenant_bucket(self, tenant: str) -> str:
-        """Hash with TTL: a tenant's submission token bucket, ``level`` and ``at`` (fleet.quotas)."""
+        """Hash with TTL: a tenant's submission token bucket, ``level`` and ``at`` (fleet.scheduling.quotas)."""
         return self._k("tenants", "bucket", tenant)
 
     def tenant_tokens(self, day: str) -> str:
@@ -67,7 +67,7 @@ class Keys:
         return self._k("tenants", "tokens", day)
     # --- the batch backlog and its fair share -------------------------------------------
     def queued_run(self, run_id: str) -> str:
-        """String with TTL: the compact record of a batch run still in the backlog (fleet.runs);
+        """String with TTL: the compact record of a batch run still in the backlog (fleet.run.records);
         it becomes the run hash when the run is dispatched."""
         return self._k("queued", run_id)
 
@@ -138,7 +138,7 @@ class Keys:
     # --- the inference pool -------------------------------------------------------------
     def replica(self, name: str) -> str:
         """Hash: a replica's state (up or down, since, why), its sequence capacity, the pipeline
-        depth in use, its engine's last running/waiting counts, peaks and preemptions (fleet.replicas)."""
+        depth in use, its engine's last running/waiting counts, peaks and preemptions (fleet.inference.replicas)."""
         return self._k("pool", "replica", name)
 
     def leases(self, replica: str, priority: str) -> str:
@@ -163,7 +163,7 @@ class Keys:
 
     def admitted(self, priority: str) -> str:
         """Sorted set: admitted runs of a class that have not ended, scored by deadline
-        (fleet.admitted)."""
+        (fleet.scheduling.admitted)."""
         return self._k("pool", "admitted", priority)
 
     def admitted_steps(self, priority: str) -> str:

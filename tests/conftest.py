@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet import launch
-from fleet.client import FleetClient
-from fleet.routing import worker_queues
+from fleet.ops import launch
+from fleet.surfaces.client import FleetClient
+from fleet.broker.queues import worker_queues
 from fleet.settings import Settings
 
 # Timing of the dev model in tests: a small medium model, so that suites stay fast while

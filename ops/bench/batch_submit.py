@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fleet import launch
+from fleet.ops import launch
 from fleet.settings import Settings
 
 
@@ -37,7 +37,7 @@ def main() -> None:
         src.write_text("".join(json.dumps({"id": i, "input": {"topic": f"document {i}: " + "x" * 100}}) + "\n"
                                for i in range(args.lines)))
         r = settings.redis()
-        cmd = [sys.executable, "-m", "fleet.cli", "batch", "run", str(src), "--agent", "writer",
+        cmd = [sys.executable, "-m", "fleet.surfaces.cli", "batch", "run", str(src), "--agent", "writer",
                "--out", str(root / "out.jsonl"), "--json"]
         t0 = time.perf_counter()
         job = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -12,7 +12,7 @@ trace (``OTEL_EXPORTER_OTLP_ENDPOINT`` set), one whose workers do not. Every run
 - per step, many runs at once: wall time / steps;
 - worker CPU per step: CPU seconds of the worker processes (and their pool children) / steps,
   and Triton's (its server and python backend) likewise;
-- in process: the tracing calls one step makes (fleet.tracing, as the task, the hooks,
+- in process: the tracing calls one step makes (fleet.core.tracing, as the task, the hooks,
   the model call and the next publish make them), off and on, sending the spans included.
 
     python ops/bench/tracing.py --out ops/bench/results/tracing.md
@@ -40,12 +40,14 @@ import psutil
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from fleet import launch, tracing  # noqa: E402
-from fleet.client import FleetClient  # noqa: E402
-from fleet.replicas import ReplicaBoard  # noqa: E402
-from fleet.routing import worker_queues  # noqa: E402
+from fleet.ops import launch  # noqa: E402
+
+from fleet.core import tracing  # noqa: E402
+from fleet.surfaces.client import FleetClient  # noqa: E402
+from fleet.inference.replicas import ReplicaBoard  # noqa: E402
+from fleet.broker.queues import worker_queues  # noqa: E402
 from fleet.settings import Settings  # noqa: E402
-from fleet.triton import Generation  # noqa: E402
+from fleet.inference.triton import Generation  # noqa: E402
 
 ZERO = {"ttft_ms": 0, "prefill_ms_per_token": 0, "tpot_ms": 0, "load_factor": 0, "max_num_seqs": 256}
 STEPS = 10

@@ -12,13 +12,13 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from fleet.backlog import Backlog
-from fleet.client import FleetClient
-from fleet.dispatch import Dispatcher
+from fleet.scheduling.backlog import Backlog
+from fleet.surfaces.client import FleetClient
+from fleet.scheduling.dispatch import Dispatcher
 from fleet.errors import IdempotencyConflict, InvalidSubmission, RunNotFound
-from fleet.gateway import create_gateway
-from fleet.reconcile import Reconciler
-from fleet.routing import queue_name
+from fleet.surfaces.gateway import create_gateway
+from fleet.scheduling.reconcile import Reconciler
+from fleet.broker.queues import queue_name
 
 from ..conftest import Fleet, close_fleet, new_fleet
 
@@ -242,7 +242,7 @@ def test_batch_model_time_is_shared_by_weight(namespace, weights, share):
 
 
 def test_a_batch_job_submits_every_line_up_front_and_collects_by_status(namespace, tmp_path):
-    from fleet.batch import BatchRunner
+    from fleet.surfaces.batch import BatchRunner
 
     f, c = namespace()
     acme = c["acme"]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet import launch
-from fleet.batch import BatchRunner
+from fleet.ops import launch
+from fleet.surfaces.batch import BatchRunner
 
 from ..conftest import close_fleet, new_fleet
 
@@ -83,7 +83,7 @@ def test_interrupted_batch_resumes_without_running_anything_twice(batch_fleet, t
     valid = LINES - len(BAD_LINES)
     runs_before = _run_records(fleet)
     env = {**os.environ, **fleet.env}
-    cmd = [sys.executable, "-m", "fleet.cli", "batch", "run", str(src), "--agent", "writer",
+    cmd = [sys.executable, "-m", "fleet.surfaces.cli", "batch", "run", str(src), "--agent", "writer",
            "--out", str(out), "--max-in-flight", "24", "--json"]
     # cwd away from the repository: no .fleet/stack.env of a local stack leaks in.
     first = subprocess.Popen(cmd, env=env,

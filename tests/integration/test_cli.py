@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 pytestmark = pytest.mark.integration
-CLI = [sys.executable, "-m", "fleet.cli"]
+CLI = [sys.executable, "-m", "fleet.surfaces.cli"]
 
 
 def run_cli(fleet, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """The HTTP gateway end to end: uvicorn serving the app against this module's fleet.
 
-The gateway streams events through :class:`fleet.aio.AsyncFleetClient`; that client's own
+The gateway streams events through :class:`fleet.surfaces.aio.AsyncFleetClient`; that client's own
 API is checked here too, against the same fleet.
 """
 
@@ -18,12 +18,12 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from fleet import launch
-from fleet.aio import AsyncFleetClient
-from fleet.backlog import Backlog
+from fleet.ops import launch
+from fleet.surfaces.aio import AsyncFleetClient
+from fleet.scheduling.backlog import Backlog
 from fleet.errors import InvalidSubmission, RunNotFound
-from fleet.gateway import create_gateway
-from fleet.routing import all_queues
+from fleet.surfaces.gateway import create_gateway
+from fleet.broker.queues import all_queues
 
 from ..conftest import close_fleet, new_fleet
 

@@ -19,9 +19,9 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleet import launch
-from fleet.client import FleetClient
-from fleet.routing import all_queues
+from fleet.ops import launch
+from fleet.surfaces.client import FleetClient
+from fleet.broker.queues import all_queues
 
 from ..conftest import TEST_AGENTS_AND_TOOLS, Fleet, make_settings
 from ..support.sentry_server import SentryRecorder, sentry_server, tags_of

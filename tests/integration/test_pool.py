@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from fleet import launch
-from fleet.admission import LoadShedder
-from fleet.capacity import Capacity
+from fleet.ops import launch
+from fleet.scheduling.admission import LoadShedder
+from fleet.scheduling.capacity import Capacity
 from fleet.errors import Overloaded
-from fleet.replicas import ReplicaBoard
+from fleet.inference.replicas import ReplicaBoard
 
 from ..conftest import TEST_AGENTS_AND_TOOLS, Fleet, TritonInfo, close_fleet, make_settings, tally
 
@@ -91,7 +91,7 @@ def pool_fleet(redis_url: str, pair: Replicas, session_dir: Path, n: int = 2, **
     first = pair.endpoints[0]
     settings, env = make_settings(redis_url, TritonInfo(first.grpc_url, first.http_url), prefix,
                                   triton_replicas=pair.setting(n), **{**TEST_AGENTS_AND_TOOLS, **overrides})
-    from fleet.client import FleetClient
+    from fleet.surfaces.client import FleetClient
 
     f = Fleet(settings, env, launch.Processes(session_dir / "logs" / prefix), FleetClient(settings))
     f.start_worker("interactive", "llm", "threads", CAPACITY, classes=("interactive",))

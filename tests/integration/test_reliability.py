@@ -14,10 +14,12 @@ import sys
 
 import pytest
 
-from fleet import launch
+from fleet.ops import launch
 
-from fleet.simulator import generate
-from fleet.template import render
+from tests.support.dev_engine import engine
+
+generate = engine.generate
+from fleet.run.template import render
 
 from ..conftest import Fleet, close_fleet, new_fleet, running_fleet, tally
 
@@ -110,7 +112,7 @@ def test_bulk_replay_and_the_dlq_cli(rfleet, reliability_report):
     ids = [rfleet.client.submit("strict", {"value": v}) for v in ("a", "b")]
     assert [rfleet.client.wait(r, timeout=30).status for r in ids] == ["dead_lettered"] * 2
     env = {**os.environ, **rfleet.env}
-    cli = [sys.executable, "-m", "fleet.cli"]
+    cli = [sys.executable, "-m", "fleet.surfaces.cli"]
     listed = json.loads(subprocess.run([*cli, "dlq", "list", "--agent", "strict", "--json"], env=env,
                                        capture_output=True, text=True, check=True).stdout)
     assert {e["run_id"] for e in listed["entries"]} >= set(ids)

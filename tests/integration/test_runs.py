@@ -9,10 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from fleet.errors import InvalidSubmission, RunNotFound
-from fleet.routing import all_queues
-from fleet.simulator import generate
-from fleet.template import render
-from fleet.triton import TritonClient
+from fleet.broker.queues import all_queues
+from tests.support.dev_engine import engine
+
+generate = engine.generate
+from fleet.run.template import render
+from fleet.inference.triton import TritonClient
 
 from ..conftest import model_metrics
 

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from fleet.errors import Overloaded
-from fleet.replicas import ReplicaBoard
+from fleet.inference.replicas import ReplicaBoard
 
 from ..conftest import Fleet, close_fleet, new_fleet
 

@@ -14,8 +14,8 @@ import uuid
 import pytest
 
 from fleet.errors import DeadlineExceeded
-from fleet.replicas import ReplicaBoard
-from fleet.slots import LEASE_TTL_S, Lease, Slots
+from fleet.inference.replicas import ReplicaBoard
+from fleet.inference.slots import LEASE_TTL_S, Lease, Slots
 
 from ..conftest import TritonInfo, make_settings
 

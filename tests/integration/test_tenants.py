@@ -18,13 +18,13 @@ import pytest
 import uvicorn
 from click.testing import CliRunner
 
-from fleet import launch
-from fleet.aio import AsyncFleetClient
-from fleet.cli import main as cli
-from fleet.client import FleetClient
+from fleet.ops import launch
+from fleet.surfaces.aio import AsyncFleetClient
+from fleet.surfaces.cli import main as cli
+from fleet.surfaces.client import FleetClient
 from fleet.errors import IdempotencyConflict, QuotaExceeded, RunNotFound
-from fleet.gateway import create_gateway
-from fleet.quotas import DAY_S, QuotaGate
+from fleet.surfaces.gateway import create_gateway
+from fleet.scheduling.quotas import DAY_S, QuotaGate
 
 from ..conftest import REPO, close_fleet, new_fleet
 

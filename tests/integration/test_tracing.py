@@ -13,8 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleet import launch, tracing
-from fleet.client import FleetClient
+from fleet.ops import launch
+
+from fleet.core import tracing
+from fleet.surfaces.client import FleetClient
 
 from ..conftest import TEST_AGENTS_AND_TOOLS, TEST_SIM_PARAMS, Fleet, TritonInfo, make_settings
 from ..support.otlp import OtlpReceiver, Span, otlp_receiver
@@ -174,7 +176,7 @@ def test_retries_are_visible_and_sentry_events_carry_the_trace_id(tfleet, receiv
 def test_a_callers_traceparent_makes_a_run_submitted_over_http_part_of_its_trace(tfleet, receiver):
     from fastapi.testclient import TestClient
 
-    from fleet.gateway import create_gateway
+    from fleet.surfaces.gateway import create_gateway
 
     caller_trace, caller_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     with TestClient(create_gateway(tfleet.settings)) as http:

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleet import launch
-from fleet.cost import Prices
+from fleet.ops import launch
+from fleet.run.cost import Prices
 from fleet.errors import InvalidSubmission
-from fleet.routing import all_queues
-from fleet.runs import RunRecord
-from fleet.usage import UsageReport, UsageRow
+from fleet.broker.queues import all_queues
+from fleet.run.records import RunRecord
+from fleet.run.usage import UsageReport, UsageRow
 
 from ..conftest import Fleet, close_fleet, new_fleet
 
@@ -183,7 +183,7 @@ def test_a_model_call_is_clipped_to_what_its_budget_leaves(pfleet):
 
 
 def _cli(fleet: Fleet, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fleet.cli", *args], env={**os.environ, **fleet.env},
+    return subprocess.run([sys.executable, "-m", "fleet.surfaces.cli", *args], env={**os.environ, **fleet.env},
                           capture_output=True, text=True, timeout=120, check=check)
 
 

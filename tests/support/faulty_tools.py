@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from fleet.errors import PermanentError
-from fleet.tools import tool
+from fleet.run.tools import tool
 
 
 @tool("always_fails")

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 
-from fleet.agent import AgentDefinitionError, load_agents, parse_agent
+from fleet.run.agent import AgentDefinitionError, load_agents, parse_agent
 from fleet.errors import InvalidSubmission
-from fleet.tools import TOOLS
+from fleet.run.tools import TOOLS
 
 BASE = {
     "name": "demo",

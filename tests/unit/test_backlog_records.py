@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from fleet.batch import job_id
-from fleet.runs import RunRecord, compact, decode_record, from_compact, hash_fields
+from fleet.surfaces.batch import job_id
+from fleet.run.records import RunRecord, compact, decode_record, from_compact, hash_fields
 
 
 def _record(**extra) -> RunRecord:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fleet.batch import (
+from fleet.surfaces.batch import (
     MAX_KEY_LENGTH,
     Progress,
     Summary,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fleet.agent import load_agents
-from fleet.batch import parse_line
+from fleet.run.agent import load_agents
+from fleet.surfaces.batch import parse_line
 from fleet.errors import InvalidSubmission
 
 OPS = Path(__file__).resolve().parents[2] / "ops" / "batch"

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fleet.routing import all_queues
+from fleet.broker.queues import all_queues
 from fleet.settings import ReplicaSpec, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -406,7 +406,7 @@ def test_worker_queues_match_routing() -> None:
         assert queues and set(queues) <= set(expected), f"{name}: {queues}"
         # Interactive first: the Redis transport drains queues in the order given.
         assert queues == sorted(queues, key=expected.index), f"{name}: {queues} out of order"
-        assert args[:4] == ["celery", "-A", "fleet.worker:app", "worker"], name
+        assert args[:4] == ["celery", "-A", "fleet.steps.worker:app", "worker"], name
         consumed |= set(queues)
     assert consumed == set(expected)
     assert _queues_of(_command(services["inference-interactive"])) == ["llm.interactive"]
@@ -501,9 +501,9 @@ def _fleet_metric_names() -> set[str]:
     gauges (collected once over a stand-in Redis)."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from fleet import metrics
-    from fleet.gauges import FleetCollector
-    from fleet.replicas import ReplicaState
+    from fleet.ops import metrics
+    from fleet.ops.gauges import FleetCollector
+    from fleet.inference.replicas import ReplicaState
 
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     names = set()

@@ -14,7 +14,7 @@ from fleet.errors import (
     from_triton_status,
     is_retryable,
 )
-from fleet.routing import all_queues, queue_name, worker_queues
+from fleet.broker.queues import all_queues, queue_name, worker_queues
 from fleet.settings import Settings
 
 

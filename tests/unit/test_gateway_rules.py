@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from fleet.gateway import (
+from fleet.surfaces.gateway import (
     InsecureBind,
     check_bind,
     create_gateway,

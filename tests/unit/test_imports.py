@@ -14,8 +14,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "fleet"
 
 # What only a worker process loads.
-WORKER_ONLY = ["fleet.tasks", "fleet.pipeline", "fleet.runtime", "fleet.steps", "fleet.hooks", "fleet.metrics",
-               "fleet.sentry", "sentry_sdk", "fleet.simulator"]
+WORKER_ONLY = ["fleet.steps.tasks", "fleet.steps.pipeline", "fleet.steps.runtime", "fleet.steps.bodies", "fleet.steps.hooks", "fleet.ops.metrics",
+               "fleet.ops.sentry", "sentry_sdk", "fleet.simulator"]
 
 
 def _module_name(path: Path) -> str:
@@ -50,7 +50,7 @@ def _imports(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> s
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)  # ``from fleet.hooks import guards``
+            found.update(f"{base}.{a.name}" for a in node.names)  # ``from fleet.steps.hooks import guards``
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -73,7 +73,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         stack.append(node)
         for nxt in sorted(graph[node]):
-            # A package importing its own submodules (``fleet.hooks`` -> ``fleet.hooks.guards``)
+            # A package importing its own submodules (``fleet.steps.hooks`` -> ``fleet.steps.hooks.guards``)
             # is how it assembles itself; the submodule importing the package's names is not a cycle.
             if nxt.startswith(node + "."):
                 continue
@@ -93,7 +93,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_function_local_imports():
     graph = import_graph()
-    assert "fleet.tasks" in graph["fleet.worker"] or any("fleet.tasks" in deps for deps in graph.values())
+    assert "fleet.steps.tasks" in graph["fleet.steps.worker"] or any("fleet.steps.tasks" in deps for deps in graph.values())
     assert len(graph) > 30
 
 
@@ -107,7 +107,7 @@ def test_a_cycle_is_found_when_there_is_one():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("entry", ["fleet", "fleet.client", "fleet.aio", "fleet.cli", "fleet.gateway", "fleet.batch"])
+@pytest.mark.parametrize("entry", ["fleet", "fleet.surfaces.client", "fleet.surfaces.aio", "fleet.surfaces.cli", "fleet.surfaces.gateway", "fleet.surfaces.batch"])
 def test_clients_do_not_load_the_step_runtime(entry):
     code = (f"import sys, json, {entry}\n"
             f"print(json.dumps(sorted(m for m in {WORKER_ONLY!r} if m in sys.modules)))")

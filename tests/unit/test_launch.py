@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from fleet import launch
+from fleet.ops import launch
 
 # A leader that starts a member of its group which ignores SIGTERM (as a Triton python stub
 # or a prefork child can outlive its parent), prints the member's pid, and exits on SIGTERM.

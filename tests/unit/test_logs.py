@@ -9,7 +9,7 @@ from fleet.logs import FORMAT, JsonFormatter, setup_logging
 
 
 def _record(**extra: object) -> logging.LogRecord:
-    record = logging.LogRecord("fleet.tasks", logging.INFO, __file__, 1, "run %s: step %s done", ("r1", "plan"), None)
+    record = logging.LogRecord("fleet.steps.tasks", logging.INFO, __file__, 1, "run %s: step %s done", ("r1", "plan"), None)
     record.__dict__.update(extra)
     return record
 
@@ -19,7 +19,7 @@ def test_a_line_about_a_step_carries_its_run_fields():
     assert "\n" not in line
     out = json.loads(line)
     assert out["message"] == "run r1: step plan done"
-    assert (out["level"], out["logger"]) == ("INFO", "fleet.tasks")
+    assert (out["level"], out["logger"]) == ("INFO", "fleet.steps.tasks")
     assert (out["run_id"], out["agent"], out["step"], out["status"]) == ("r1", "calculator", "plan", "done")
     assert out["ts"].endswith("+00:00")
 

@@ -6,9 +6,9 @@ import urllib.request
 
 from prometheus_client import REGISTRY
 
-from fleet import launch, metrics
-from fleet.agent import LlmStep, ToolStep
-from fleet.runs import StepRecord
+from fleet.ops import launch, metrics
+from fleet.run.agent import LlmStep, ToolStep
+from fleet.run.records import StepRecord
 from fleet.settings import Settings
 
 

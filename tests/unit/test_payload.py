@@ -9,12 +9,12 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from fleet.admission import parse_submission
-from fleet.batch import parse_line
-from fleet.cli import main
+from fleet.scheduling.admission import parse_submission
+from fleet.surfaces.batch import parse_line
+from fleet.surfaces.cli import main
 from fleet.errors import InvalidSubmission
-from fleet.gateway import create_gateway
-from fleet.payload import MAX_DEPTH, check_value, parse_json
+from fleet.surfaces.gateway import create_gateway
+from fleet.core.payload import MAX_DEPTH, check_value, parse_json
 from fleet.settings import Settings
 
 DEEP = '{"q": ' + "[" * 5000 + "]" * 5000 + "}"

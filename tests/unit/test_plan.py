@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from fleet.agent import load_agents
-from fleet.celery_app import create_app
+from fleet.run.agent import load_agents
+from fleet.broker.app import create_app
 from fleet.errors import PermanentError
-from fleet.plan import build_chain, parse_tool_call, remaining_steps
-from fleet.runs import RunState
+from fleet.run.plan import build_chain, parse_tool_call, remaining_steps
+from fleet.run.records import RunState
 from fleet.settings import Settings
-from fleet.template import render
+from fleet.run.template import render
 
 AGENTS = load_agents()
 SETTINGS = Settings(_env_file=None, queue_prefix="x.")

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from pydantic import ValidationError
 
-from fleet.monitor import WAITING_TOLERATED, next_pipeline
-from fleet.replicas import ReplicaState, engine_state
+from fleet.inference.monitor import WAITING_TOLERATED, next_pipeline
+from fleet.inference.replicas import ReplicaState, engine_state
 from fleet.settings import Settings
 
 

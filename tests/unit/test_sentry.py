@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery.exceptions import Retry
 
 from fleet.errors import PermanentError, TransientError
-from fleet.sentry import _before_send
+from fleet.ops.sentry import _before_send
 
 
 def _hint(exc: BaseException) -> dict:

@@ -8,21 +8,11 @@ import time
 
 import pytest
 
-from fleet.simulator import (
-    DEFAULT_MAX_TOKENS,
-    INVALID_ARG,
-    UNAVAILABLE,
-    VOCABULARY,
-    Engine,
-    SimConfig,
-    count_tokens,
-    decide_fault,
-    find_arithmetic,
-    generate,
-    parse_sampling_parameters,
-    step_time_s,
-    tokenize,
-)
+from tests.support.dev_engine import engine
+
+(DEFAULT_MAX_TOKENS, INVALID_ARG, UNAVAILABLE, VOCABULARY, Engine, SimConfig, count_tokens, decide_fault, find_arithmetic, generate, parse_sampling_parameters, step_time_s, tokenize,) = (getattr(engine, name) for name in (
+    'DEFAULT_MAX_TOKENS', 'INVALID_ARG', 'UNAVAILABLE', 'VOCABULARY', 'Engine', 'SimConfig', 'count_tokens', 'decide_fault', 'find_arithmetic', 'generate', 'parse_sampling_parameters', 'step_time_s', 'tokenize',
+))
 
 WAIT_S = 10.0
 ZERO = SimConfig(ttft_ms=0, prefill_ms_per_token=0, tpot_ms=0, load_factor=0)

@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from fleet.agent import load_agents
+from fleet.run.agent import load_agents
 from fleet.errors import DeadlineExceeded, PermanentError, TransientError
-from fleet.follow import Ended, Event, Follow, Gone, Read, Statuses, is_end
-from fleet.hooks import Delivery, StepContext, StopStep
-from fleet.hooks.guards import POISON_MAX_DELIVERIES, DeadlineGuard, KnownStepGuard, PoisonGuard, TerminalGuard
+from fleet.run.follow import Ended, Event, Follow, Gone, Read, Statuses, is_end
+from fleet.steps.hooks import Delivery, StepContext, StopStep
+from fleet.steps.hooks.guards import POISON_MAX_DELIVERIES, DeadlineGuard, KnownStepGuard, PoisonGuard, TerminalGuard
 from fleet.keys import Keys
-from fleet.plan import Exhausted, Finished, StepPos, is_skipped, next_step
-from fleet.retries import RetryPolicy
-from fleet.runs import StepRecord, RunState
+from fleet.run.plan import Exhausted, Finished, StepPos, is_skipped, next_step
+from fleet.steps.retries import RetryPolicy
+from fleet.run.records import StepRecord, RunState
 
 AGENTS = load_agents()
 

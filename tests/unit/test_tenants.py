@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from fleet.admission import Submission, fingerprint
-from fleet.quotas import seconds_to_day_end, utc_day
+from fleet.scheduling.admission import Submission, fingerprint
+from fleet.scheduling.quotas import seconds_to_day_end, utc_day
 from fleet.settings import Settings
 from fleet.tenants import DEFAULT_TENANT, OPERATOR, Caller, Quotas
-from fleet.views import tenant_rows
+from fleet.surfaces.views import tenant_rows
 
 TENANTS = ('[{"name": "acme", "weight": 3, "keys": ["acme-1", "acme-2"], "quotas": {"max_active_batch": 10,'
            ' "submissions_per_s": 5}}, {"name": "globex", "keys": ["globex-1"]}]')

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fleet.runs import RunRecord, StepRecord
-from fleet.timeline import GENERATION, QUEUE, TOOL, TTFT, timeline, waterfall
+from fleet.run.records import RunRecord, StepRecord
+from fleet.surfaces.timeline import GENERATION, QUEUE, TOOL, TTFT, timeline, waterfall
 
 T0 = 1_000.0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fleet.errors import PermanentError
-from fleet.tools import calculator, run_tool, word_count
+from fleet.run.tools import calculator, run_tool, word_count
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleet import tracing
+from fleet.core import tracing
 from fleet.settings import Settings
 
 
@@ -38,10 +38,10 @@ def test_the_traces_url_follows_the_otel_variables():
 def test_off_nothing_is_imported_and_every_call_returns_at_once():
     code = """
 import json, sys
-from fleet import tracing
-from fleet.hooks import default_hooks
+from fleet.core import tracing
+from fleet.steps.hooks import default_hooks
 from fleet.settings import Settings
-import fleet.client, fleet.gateway, fleet.worker, fleet.steps, fleet.triton
+import fleet.surfaces.client, fleet.surfaces.gateway, fleet.steps.worker, fleet.steps.bodies, fleet.inference.triton
 on = tracing.configure(Settings(_env_file=None), "probe", environ={})
 headers = {}
 tracing.inject_message(headers)
@@ -128,7 +128,7 @@ def test_a_step_without_a_traced_submission_becomes_the_runs_root(memory):
 
 
 def test_triton_is_told_to_trace_every_request_to_the_same_endpoint():
-    from fleet import launch
+    from fleet.ops import launch
 
     args = launch.triton_trace_args(tracing.traces_url({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}),
                                     export_delay_ms=100)

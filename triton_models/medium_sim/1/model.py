@@ -1,8 +1,9 @@
 """Triton python model of ``medium_sim``, the simulator of the medium model.
 
 A thin adapter: it reads tensors the way Triton's vLLM backend does, hands each request
-to a ``fleet.simulator.Engine`` and turns what the engine produces back into decoupled
-responses. All behaviour (text, timing, faults) lives in ``fleet/simulator.py``.
+to the dev engine (``dev_engine.Engine``, beside this file) and turns what the engine produces
+back into decoupled responses. All behaviour (text, timing, faults) lives in ``dev_engine.py``,
+which unit tests import without Triton.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-# The python backend stub embeds an interpreter that ignores PYTHONPATH; honour it so
-# a source checkout works without installing the fleet package into the environment.
-for _entry in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
-    if _entry and _entry not in sys.path:
-        sys.path.insert(0, _entry)
+# The engine sits beside this file; the python backend stub does not put this folder on
+# sys.path itself.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
-from fleet.simulator import (  # noqa: E402
+from dev_engine import (  # noqa: E402
     INVALID_ARG,
     UNAVAILABLE,
     Engine,

@@ -1,0 +1,92 @@
+"""The pool monitor: brings replicas back, and keeps each engine full without a queue.
+
+One worker of the fleet runs it at a time (a Redis lock that its holder renews). Every
+``FLEET_ENGINE_POLL_INTERVAL_S`` it
+
+- probes each replica that is down (every ``FLEET_REPLICA_PROBE_INTERVAL_S``): when it
+  answers and serves the model, it is up again and waiting requests are woken;
+- under the ``preempt`` policy, reads each engine's running and waiting sequences (Triton's
+  metrics, as the vLLM backend reports vLLM's) and sizes the replica's pipeline depth: the
+  requests sent beyond its sequence capacity so that a new one is on its way whenever a
+  sequence finishes (a request spends its first moments in transfer and tokenization,
+  outside the engine's batch). The depth grows while the engine has a free slot although
+  the fleet sends all it may, and shrinks as soon as requests wait inside the engine, where
+  its first-come-first-served queue would put them ahead of an interactive request
+  (beyond :data:`WAITING_TOLERATED`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from fleet.core.loops import Leadership
+from fleet.inference.replicas import ReplicaBoard, ReplicaState, check, engine_state
+from fleet.settings import ReplicaSpec, Settings
+from fleet.inference.triton import TritonClient
+
+log = logging.getLogger(__name__)
+
+#: Requests waiting inside an engine that do not shrink the pipeline: one ready request keeps
+#: the next free slot from idling, and an interactive request that arrives preempts the
+#: youngest batch requests ahead of it (measured: ops/bench/results/scheduling-saturated.md).
+WAITING_TOLERATED = 1
+
+def next_pipeline(state: ReplicaState, running: int, waiting: int, limit: int) -> int:
+    """The pipeline depth after one look at the engine (see the module docstring)."""
+    depth = state.pipeline
+    if waiting > WAITING_TOLERATED:
+        return max(0, depth - 1)
+    held = sum(state.inflight.values())
+    if state.capacity is not None and running < state.capacity and held >= state.capacity + depth:
+        return min(limit, depth + 1)
+    return depth
+
+
+class PoolMonitor:
+    """Probes replicas and sizes pipelines while it holds the fleet's monitor lock."""
+
+    def __init__(self, settings: Settings, client: redis.Redis, triton: Callable[[str], TritonClient]) -> None:
+        self.settings = settings
+        self.board = ReplicaBoard(settings, client)
+        self.triton = triton
+        self._client = client
+        self._probed: dict[str, float] = {}
+        self._stop = threading.Event()
+
+    def tick(self) -> None:
+        """One look at every replica (the lock holder's work)."""
+        now = time.monotonic()
+        for state in self.board.states():
+            spec: ReplicaSpec = self.board.specs[state.name]
+            if not state.up or state.capacity is None:
+                if now - self._probed.get(state.name, float("-inf")) >= self.settings.replica_probe_interval_s:
+                    self._probed[state.name] = now
+                    check(self.settings, self.board, spec, self.triton(state.name))
+            elif self.settings.batch_policy == "preempt":
+                engine = engine_state(spec.metrics_url, self.settings.triton_model)
+                if engine is not None:
+                    depth = next_pipeline(state, *engine, limit=self.settings.pipeline_max)
+                    self.board.set_engine(state.name, *engine, depth)
+
+    def run_forever(self) -> None:
+        interval = self.settings.engine_poll_interval_s
+        leader = Leadership(self._client, self.settings.keys.pool_monitor_lock, max(3 * interval, 2.0))
+        while not self._stop.wait(interval):
+            try:
+                if leader.hold():
+                    self.tick()
+            except Exception:  # noqa: BLE001 - Redis or a replica away: look again next time
+                log.debug("pool monitor pass failed", exc_info=True)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run_forever, name="fleet-pool-monitor", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()

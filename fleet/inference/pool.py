@@ -1,0 +1,181 @@
+"""The inference pool: the Triton replicas llm steps run on, and how a model call uses them.
+
+A step body asks the pool for a generation. The pool takes a slot on the replica with the
+most room (:mod:`fleet.inference.slots`), calls Triton there with the run's remaining budget, its
+class's priority and its cancel scope, and gives the slot back. Two things may happen in
+between, and neither costs the step an attempt:
+
+- **preempted**: an interactive request found the pool full and took this batch request's
+  slot. The call is cancelled at Triton (the engine frees the sequence at its next step),
+  and the request waits for a slot again and is sent from the start: its partial output is
+  dropped, so what it finally returns is exactly what an unpreempted call returns (the
+  youngest batch request is the one preempted, so little work is lost).
+- **replica lost**: the replica cannot be reached. It is marked down for the whole fleet,
+  and the request goes to another replica; the pool monitor brings it back when it answers.
+
+With ``FLEET_SCHEDULING=vanilla`` (benchmarks only) there are no slots: calls go to the
+replicas in turn.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from fleet.run.cancel import CancelScope
+from fleet.errors import ReplicaUnavailable
+from fleet.core.listener import Listener
+from fleet.inference.replicas import ReplicaBoard, check
+from fleet.settings import PriorityClass, Settings
+from fleet.inference.slots import Slots
+from fleet.inference.triton import Generation, TritonClient
+
+log = logging.getLogger(__name__)
+
+
+class _Call:
+    """One request's link to its gRPC call, so that a preemption can cancel it."""
+
+    def __init__(self) -> None:
+        self.preempted = False
+        self._call: Any = None
+        self._lock = threading.Lock()
+
+    def bind(self, call: Any) -> None:
+        with self._lock:
+            self._call = call
+            preempted = self.preempted
+        if preempted:
+            call.cancel()
+
+    def preempt(self) -> None:
+        with self._lock:
+            self.preempted = True
+            call = self._call
+        if call is not None:
+            call.cancel()
+
+
+class InferencePool:
+    """Model calls of one worker process over the pool's replicas."""
+
+    def __init__(self, settings: Settings, client: redis.Redis, listener: Listener) -> None:
+        self.settings = settings
+        self.specs = {r.name: r for r in settings.replicas()}
+        self.slots = Slots(settings, client)
+        self.board = ReplicaBoard(settings, client)
+        self._listener = listener
+        self._clients: dict[str, TritonClient] = {}
+        self._calls: dict[str, _Call] = {}
+        self._lock = threading.Lock()
+        self._checked = False
+        self._turn = itertools.count()
+        listener.on(settings.keys.preempt_channel, self._preempt)
+        listener.on(settings.keys.slot_channel, self._slot_news)
+
+    def client(self, replica: str) -> TritonClient:
+        """The channel to one replica (created on first use: tool workers never open one)."""
+        with self._lock:
+            found = self._clients.get(replica)
+            if found is None:
+                found = TritonClient(self.specs[replica].grpc_url, self.settings.triton_connect_wait_s)
+                self._clients[replica] = found
+            return found
+
+    def generate(self, prompt: str, sampling: dict[str, Any], *, model: str | None, priority: PriorityClass,
+                 deadline_at: float, request_id: str, cancel: CancelScope,
+                 on_token: Callable[[str], None] | None = None) -> Generation:
+        """One generation, within the run's deadline; raises per :mod:`fleet.errors`."""
+        # Interactive runs stream (time to first token, prompt cancellation); batch runs take
+        # one response per request unless their tokens are wanted, which saves a message per
+        # token in the worker and at Triton.
+        stream = priority == "interactive" or on_token is not None
+
+        def call(replica: str, bind: Callable[[Any], None],
+                 first_token: Callable[[], None] | None = None) -> Generation:
+            tokens = on_token
+            if first_token is not None:
+                seen = [False]
+
+                def tokens(text: str) -> None:
+                    if not seen[0]:
+                        seen[0] = True
+                        first_token()
+                    if on_token is not None:
+                        on_token(text)
+
+            return self.client(replica).generate(
+                prompt, sampling, stream=stream, model=model or self.settings.triton_model,
+                priority=self.settings.triton_priority(priority), timeout_s=deadline_at - time.time(),
+                request_id=request_id, on_token=tokens, cancelled=cancel.cancelled, bind=bind,
+            )
+
+        if self.settings.scheduling == "vanilla":
+            names = list(self.specs)
+            return call(names[next(self._turn) % len(names)], cancel.bind)
+        self._listener.start()
+        self._check_unknown()
+        # A batch call whose tokens stream to the app is never preempted: its tokens are out.
+        preemptible = on_token is None
+        preemptions = failovers = 0
+        waited = 0.0
+        while True:
+            token, link = uuid.uuid4().hex, _Call()
+            with self._lock:
+                self._calls[token] = link
+            try:
+                started = time.monotonic()
+                lease = self.slots.acquire(priority, deadline_at, cancel.cancelled, preemptible, token=token)
+                waited += time.monotonic() - started
+                try:
+                    gen = call(lease.replica, lambda c: (cancel.bind(c), link.bind(c)),
+                               (lambda: self.slots.started(lease)) if priority == "interactive" else None)
+                except Exception as exc:
+                    if link.preempted:
+                        preemptions += 1
+                        log.info("request %s preempted at %s for an interactive request; sending it again",
+                                 request_id, lease.replica)
+                        continue
+                    if isinstance(exc, ReplicaUnavailable) and failovers < 2 * len(self.specs):
+                        failovers += 1
+                        self.board.mark_down(lease.replica, str(exc))
+                        log.warning("request %s: replica %s lost (%s); sending it to another replica",
+                                    request_id, lease.replica, exc)
+                        continue
+                    raise
+                finally:
+                    self.slots.release(lease)
+            finally:
+                with self._lock:
+                    self._calls.pop(token, None)
+            gen.replica, gen.preemptions, gen.failovers, gen.slot_wait_s = (
+                lease.replica, preemptions, failovers, waited)
+            return gen
+
+    # --- what the listener hears ----------------------------------------------------------
+    def _preempt(self, token: str) -> None:
+        with self._lock:
+            link = self._calls.get(token)
+        if link is not None:
+            link.preempt()
+
+    def _slot_news(self, message: str) -> None:
+        # "<replica>": a slot freed there; "up:<replica>": it came back, everyone may try.
+        self.slots.signal.wake(everyone=message.startswith("up:"))
+
+    def _check_unknown(self) -> None:
+        """Probe, once per process, the replicas nobody has probed yet (a new fleet), so the
+        first call does not wait for the monitor."""
+        if self._checked:
+            return
+        for state in self.board.states():
+            if not state.known:
+                check(self.settings, self.board, self.specs[state.name], self.client(state.name))
+        self._checked = True

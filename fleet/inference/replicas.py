@@ -1,0 +1,176 @@
+"""The replicas of the inference pool as the fleet sees them: up or down, capacity, engine state.
+
+Each replica has a hash in Redis (:meth:`fleet.keys.Keys.replica`) that the slot script
+(:mod:`fleet.inference.slots`) reads on every acquire, and admission, ``fleet status`` and the
+gauges read too. Workers write it: a model call that cannot reach a replica marks it down
+at once (its requests go to the others); the pool monitor (:mod:`fleet.inference.monitor`) probes
+replicas that are down and brings them back when they answer, and reads each engine's
+running and waiting sequences.
+
+A replica's capacity (most sequences its engine runs at once) comes from its entry in
+``FLEET_TRITON_REPLICAS``, else the model's ``max_num_seqs`` config parameter, else
+``FLEET_MODEL_MAX_SEQUENCES``; a replica whose capacity is unknown is not used.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import redis
+
+from fleet.errors import ReplicaUnavailable
+from fleet.settings import PRIORITY_CLASSES, ReplicaSpec, Settings
+from fleet.inference.slots import LEASE_TTL_S
+from fleet.inference.triton import TritonClient
+
+log = logging.getLogger(__name__)
+
+_METRIC_LINE = re.compile(r'^(vllm:num_requests_(?:running|waiting))\{([^}]*)\}\s+([0-9.eE+-]+)$', re.MULTILINE)
+
+
+@dataclass
+class ReplicaState:
+    """One replica, as the fleet last saw it."""
+
+    name: str
+    grpc_url: str
+    up: bool = False
+    known: bool = False  # probed at least once
+    since: float | None = None
+    reason: str = ""
+    capacity: int | None = None
+    pipeline: int = 0
+    running: int | None = None
+    waiting: int | None = None
+    inflight: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PRIORITY_CLASSES})
+    peak: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PRIORITY_CLASSES})
+    preempted: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"name": self.name, "grpc_url": self.grpc_url, "state": "up" if self.up else "down",
+                "since": self.since, "reason": self.reason or None, "capacity": self.capacity,
+                "pipeline": self.pipeline, "engine_running": self.running, "engine_waiting": self.waiting,
+                "inflight": self.inflight, "inflight_peak": self.peak, "preempted": self.preempted}
+
+
+class ReplicaBoard:
+    """Reads and writes the replicas' state in Redis."""
+
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.redis = client
+        self.specs = {r.name: r for r in settings.replicas()}
+
+    def states(self) -> list[ReplicaState]:
+        """Every replica's state and its requests in flight, in one round trip."""
+        keys, now = self.settings.keys, time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for name in self.specs:
+            pipe.hgetall(keys.replica(name))
+            for p in PRIORITY_CLASSES:
+                pipe.zcount(keys.leases(name, p), now - LEASE_TTL_S, "+inf")
+        replies = pipe.execute()
+        out = []
+        step = 1 + len(PRIORITY_CLASSES)
+        for i, (name, spec) in enumerate(self.specs.items()):
+            h, counts = replies[i * step], replies[i * step + 1:(i + 1) * step]
+            st = ReplicaState(name=name, grpc_url=spec.grpc_url, known=bool(h), up=h.get("state") == "up",
+                              since=_float(h.get("since")), reason=h.get("reason", ""),
+                              capacity=_int(h.get("capacity")), pipeline=_int(h.get("pipeline")) or 0,
+                              running=_int(h.get("running")), waiting=_int(h.get("waiting")),
+                              preempted=_int(h.get("preempted")) or 0)
+            st.inflight = dict(zip(PRIORITY_CLASSES, counts))
+            st.peak = {p: _int(h.get(f"peak_{p}")) or 0 for p in PRIORITY_CLASSES}
+            out.append(st)
+        return out
+
+    def healthy_capacity(self) -> int:
+        """Sequences the replicas that are up can run at once."""
+        return sum(s.capacity or 0 for s in self.states() if s.up)
+
+    def mark_up(self, name: str, capacity: int) -> bool:
+        """The replica answers and runs ``capacity`` sequences; True when it was not up."""
+        key = self.settings.keys.replica(name)
+        was = self.redis.hget(key, "state")
+        self.redis.hset(key, mapping={"state": "up", "capacity": capacity, "reason": "",
+                                      **({} if was == "up" else {"since": time.time()})})
+        if was != "up":
+            log.info("replica %s is up (capacity %d sequences)", name, capacity)
+            self.redis.publish(self.settings.keys.slot_channel, f"up:{name}")
+        return was != "up"
+
+    def mark_down(self, name: str, reason: str) -> bool:
+        """The replica cannot serve; True when it was up (or never seen) before."""
+        key = self.settings.keys.replica(name)
+        was = self.redis.hget(key, "state")
+        if was == "down":
+            return False
+        self.redis.hset(key, mapping={"state": "down", "since": time.time(), "reason": reason[:500]})
+        log.warning("replica %s is down: %s", name, reason)
+        return True
+
+    def set_engine(self, name: str, running: int, waiting: int, pipeline: int) -> None:
+        """What the replica's engine runs and queues now, and the pipeline depth to use."""
+        self.redis.hset(self.settings.keys.replica(name),
+                        mapping={"running": running, "waiting": waiting, "pipeline": pipeline})
+
+
+def probe(settings: Settings, spec: ReplicaSpec, client: TritonClient) -> int:
+    """Check that a replica serves the model and find its capacity.
+
+    Raises:
+        ReplicaUnavailable: it does not answer, or the model is not ready there.
+        ValueError: its capacity is known from nowhere.
+    """
+    model = settings.triton_model
+    if not client.server_ready() or not client.model_ready(model):
+        raise ReplicaUnavailable(f"triton at {spec.grpc_url} is not ready to serve {model}")
+    capacity = spec.max_sequences or client.model_capacity(model) or settings.model_max_sequences
+    if capacity is None:
+        raise ValueError(
+            f"replica {spec.name}: capacity unknown: give it max_sequences in FLEET_TRITON_REPLICAS, "
+            f"declare a max_num_seqs parameter in {model}'s config.pbtxt, or set FLEET_MODEL_MAX_SEQUENCES")
+    return capacity
+
+
+def check(settings: Settings, board: ReplicaBoard, spec: ReplicaSpec, client: TritonClient) -> bool:
+    """Probe a replica and record what was found; True when it is up."""
+    try:
+        board.mark_up(spec.name, probe(settings, spec, client))
+        return True
+    except ReplicaUnavailable as exc:
+        board.mark_down(spec.name, str(exc))
+    except ValueError as exc:
+        if board.mark_down(spec.name, str(exc)):
+            log.error("%s", exc)  # a configuration to fix, not an outage
+    return False
+
+
+def engine_state(metrics_url: str, model: str, timeout_s: float = 1.0) -> tuple[int, int] | None:
+    """The engine's running and waiting sequences for ``model``, from its Triton metrics
+    (``vllm:num_requests_running`` / ``vllm:num_requests_waiting``, as Triton's vLLM backend
+    reports them with REPORT_CUSTOM_METRICS); None when they cannot be read."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout_s) as resp:
+            text = resp.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    found: dict[str, float] = {}
+    for name, labels, value in _METRIC_LINE.findall(text):
+        if f'model="{model}"' in labels or f'model_name="{model}"' in labels:
+            found[name] = found.get(name, 0.0) + float(value)
+    if len(found) < 2:
+        return None
+    return int(found["vllm:num_requests_running"]), int(found["vllm:num_requests_waiting"])
+
+
+def _int(value: str | None) -> int | None:
+    return int(float(value)) if value not in (None, "") else None
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None

@@ -1,0 +1,86 @@
+"""What ``fleet status`` reports: Redis, Triton readiness, Flower, queue depths, the batch
+backlog, workers."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from fleet.scheduling.admission import LoadShedder
+from fleet.scheduling.backlog import Backlog
+from fleet.scheduling.capacity import Capacity
+from fleet.ops.gauges import oldest_age_s
+from fleet.inference.replicas import ReplicaBoard
+from fleet.broker.queues import all_queues
+from fleet.settings import PRIORITY_CLASSES, Settings
+from fleet.inference.triton import TritonClient
+
+
+def collect(settings: Settings) -> dict[str, Any]:
+    """A snapshot of the fleet, as one JSON-serializable object."""
+    report: dict[str, Any] = {
+        "redis": {"url": _redact(settings.redis_url), "up": False},
+        # Any replica ready is enough to serve; "pool" says which are.
+        "triton": {"model": settings.triton_model, "server_ready": False, "model_ready": False},
+        "pool": {"policy": settings.batch_policy, "replicas": []},
+        "flower_url": f"http://{settings.bind_address}:{settings.flower_port}",
+        "gateway_url": f"http://{settings.bind_address}:{settings.gateway_port}",
+        "queues": [],
+        "workers": [],
+    }
+    client = settings.redis(socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+        report["redis"]["up"] = True
+        now = time.time()
+        report["queues"] = [
+            {"name": q, "depth": client.llen(q), "oldest_age_s": oldest_age_s(client, q, now)}
+            for q in all_queues(settings)
+        ]
+        states = ReplicaBoard(settings, client).states()
+        report["pool"]["replicas"] = [st.as_dict() for st in states]
+        report["inflight"] = {p: sum(st.inflight[p] for st in states) for p in PRIORITY_CLASSES}
+        backlog = Backlog(settings, client)
+        report["backlog"] = {"queued": backlog.sizes(), "dispatched": backlog.in_flight_count(),
+                             "virtual_time_s": backlog.virtual_times()}
+        shedder = LoadShedder(settings, Capacity(settings, client))
+        report["admission"] = {p: shedder.state(p) for p in PRIORITY_CLASSES}
+    except redis.RedisError as exc:
+        report["redis"]["error"] = str(exc)
+    by_name = {r["name"]: r for r in report["pool"]["replicas"]}
+    for spec in settings.replicas():
+        entry = by_name.get(spec.name)
+        if entry is None:
+            entry = {"name": spec.name, "grpc_url": spec.grpc_url, "state": "unknown"}
+            report["pool"]["replicas"].append(entry)
+        triton = TritonClient(spec.grpc_url)
+        try:
+            entry["server_ready"] = triton.server_ready()
+            entry["model_ready"] = entry["server_ready"] and triton.model_ready(settings.triton_model)
+        finally:
+            triton.close()
+        report["triton"]["server_ready"] |= entry["server_ready"]
+        report["triton"]["model_ready"] |= entry["model_ready"]
+    if report["redis"]["up"]:
+        from fleet.broker.app import create_app
+
+        app = create_app(settings)
+        try:
+            replies = app.control.ping(timeout=1.0)
+            report["workers"] = sorted(name for reply in replies for name in reply)
+        finally:
+            app.close()
+    return report
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

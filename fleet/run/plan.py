@@ -1,0 +1,175 @@
+"""How an agent definition becomes Celery chains, and the one rule of what a run does next.
+
+A run is one chain of immutable step signatures. A loop contributes one iteration of its
+body; the iteration's last step replaces itself with the next iteration (Celery's
+``Task.replace`` carries the rest of the chain along), so chains stay as short as the
+definition however many times a loop goes round.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from celery.canvas import Signature, chain
+
+from fleet.run.agent import AgentDef, LlmStep, LoopStep, ToolStep
+from fleet.broker.queues import queue_name
+from fleet.run.records import RunState, step_key
+from fleet.settings import PriorityClass, Settings
+from fleet.run.template import as_text, lookup
+
+TASK_FOR_KIND = {"llm": "fleet.llm", "tool": "fleet.tool"}
+
+
+def signature(
+    app: Celery, settings: Settings, agent: AgentDef, run_id: str, priority: PriorityClass,
+    step: LlmStep | ToolStep, iteration: int,
+) -> Signature:
+    """The immutable signature of one step of one run, on its kind's and class's queue."""
+    return app.signature(
+        TASK_FOR_KIND[step.kind],
+        kwargs={"run_id": run_id, "step": step.name, "iteration": iteration},
+        immutable=True,
+        queue=queue_name(settings, step.kind, priority),
+        # Flower and logs show "agent.step" instead of the generic task name.
+        shadow=f"{agent.name}.{step.name}",
+    )
+
+
+def remaining_steps(
+    agent: AgentDef, start: str | None = None, iteration: int = 0
+) -> list[tuple[LlmStep | ToolStep, int]]:
+    """The steps (with iteration) that a chain starting at ``start`` runs, loops unrolled once."""
+    out: list[tuple[LlmStep | ToolStep, int]] = []
+    started = start is None
+    for top in agent.steps:
+        if isinstance(top, LoopStep):
+            names = [s.name for s in top.body]
+            if not started and start in names:
+                started = True
+                out += [(s, iteration or 1) for s in top.body[names.index(start):]]
+            elif started:
+                out += [(s, 1) for s in top.body]
+        else:
+            if not started and top.name == start:
+                started = True
+            if started:
+                out.append((top, 0))
+    if not started:
+        raise KeyError(start)
+    return out
+
+
+def build_chain(
+    app: Celery, settings: Settings, agent: AgentDef, run_id: str, priority: PriorityClass,
+    start: str | None = None, iteration: int = 0,
+) -> chain:
+    """The chain of a run, or of its rest from ``start`` (for replays)."""
+    sigs = [
+        signature(app, settings, agent, run_id, priority, s, it)
+        for s, it in remaining_steps(agent, start, iteration)
+    ]
+    return chain(*sigs)
+
+
+def next_iteration_chain(
+    app: Celery, settings: Settings, agent: AgentDef, run_id: str, priority: PriorityClass,
+    loop: LoopStep, iteration: int,
+) -> chain:
+    """The body of ``loop`` for ``iteration``, as a chain."""
+    return chain(*[signature(app, settings, agent, run_id, priority, s, iteration) for s in loop.body])
+
+
+@dataclass(frozen=True)
+class StepPos:
+    """A step of a run: its name and loop iteration (0 outside loops)."""
+
+    name: str
+    iteration: int = 0
+
+    @property
+    def key(self) -> str:
+        return step_key(self.name, self.iteration)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Every step of the run is done: it succeeds with its result."""
+
+
+@dataclass(frozen=True)
+class Exhausted:
+    """A loop went round ``max_iterations`` times without a final answer: the run fails."""
+
+    loop: LoopStep
+
+    @property
+    def message(self) -> str:
+        return (f"loop '{self.loop.name}' reached max_iterations={self.loop.max_iterations} "
+                "without a final answer")
+
+
+def _is_final(output: Any) -> bool:
+    return isinstance(output, dict) and "final" in output
+
+
+def next_step(agent: AgentDef, run: RunState) -> StepPos | Finished | Exhausted:
+    """What a run does next, from what it has done: the one next-step rule.
+
+    The first step whose output is not committed, in definition order. A loop is at its
+    latest iteration with a record; once every body step of it is done, the loop ends if its
+    ``until`` step gave a final answer, goes round again below ``max_iterations``, and is
+    exhausted otherwise. The pipeline (after each step), the reconciler (for a run whose
+    message vanished) and replays all ask this.
+    """
+    for top in agent.steps:
+        if isinstance(top, LoopStep):
+            last = max(run.iterations({s.name for s in top.body}), default=1)
+            for inner in top.body:
+                if not run.is_done(step_key(inner.name, last)):
+                    return StepPos(inner.name, last)
+            if not _is_final(run.output(top.until, last)):
+                if last < top.max_iterations:
+                    return StepPos(top.body[0].name, last + 1)
+                return Exhausted(top)
+        elif not run.is_done(top.name):
+            return StepPos(top.name)
+    return Finished()
+
+
+def is_skipped(agent: AgentDef, run: RunState, pos: StepPos) -> bool:
+    """Inside a loop, the body steps after the one that gave the final answer do not run."""
+    loop = agent.loop_of(pos.name)
+    if loop is None or pos.name == loop.until:
+        return False
+    names = [s.name for s in loop.body]
+    return names.index(pos.name) > names.index(loop.until) and _is_final(run.output(loop.until, pos.iteration))
+
+
+def result_of(agent: AgentDef, run: RunState) -> Any:
+    """The run's result: the output the agent's ``result`` names (None when absent)."""
+    try:
+        return lookup(run.view(), "steps." + agent.result)
+    except KeyError:
+        return None
+
+
+def step_index(agent: AgentDef, name: str) -> int:
+    """Position of a step among the agent's executable steps."""
+    return [s.name for s, _ in agent.iter_steps()].index(name)
+
+
+def parse_tool_call(text: str) -> dict[str, Any]:
+    """A model output as a tool call ``{tool, input}``, or ``{final}`` when it is not one."""
+    start, end = text.find("{"), text.rfind("}")
+    if start != -1 and end > start:
+        try:
+            call = json.loads(text[start : end + 1])
+        except ValueError:
+            call = None
+        if isinstance(call, dict) and isinstance(call.get("tool"), str) and "input" in call:
+            return {"tool": call["tool"], "input": as_text(call["input"])}
+    return {"final": text.strip()}

@@ -1,0 +1,119 @@
+"""The run reconciler: no accepted run is ever silently lost.
+
+Celery's Redis transport moves a message from its queue to the unacked set in two
+commands; a Redis crash between them, or a publish that never reached Redis, leaves a run
+with no message anywhere. Every unfinished run is indexed by the time of its last
+progress. A worker process periodically (one at a time, under a Redis lock) looks at runs
+that made no progress for ``FLEET_STALL_AFTER_S``; a run whose step message is neither in a
+queue nor unacknowledged is sent again from its first unfinished step. A message that does
+exist (a long batch backlog) just refreshes the run's index entry.
+
+A re-dispatch can at worst duplicate a step message; steps commit once, so it is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+
+from celery import Celery
+
+from fleet.core import tracing
+from fleet.run.agent import AgentDef
+from fleet.errors import RunNotFound
+from fleet.run.plan import StepPos, build_chain, next_step, remaining_steps
+from fleet.broker.queues import all_queues
+from fleet.run.records import RunState, RunStore
+from fleet.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_RUN_ID_IN_MESSAGE = re.compile(r"run_id['\"]?:\s*['\"]([0-9a-f]{32})")
+_CHUNK = 1000
+
+
+def resume_point(agent: AgentDef, run: RunState) -> StepPos:
+    """Where a run whose message vanished starts again: the next-step rule's answer, or, for
+    a run whose steps are all done but which never ended, its first step (a done step only
+    advances, which ends the run)."""
+    nxt = next_step(agent, run)
+    if isinstance(nxt, StepPos):
+        return nxt
+    first, iteration = remaining_steps(agent)[0]
+    return StepPos(first.name, iteration)
+
+
+class Reconciler:
+    """Finds runs with no message in flight and sends them again."""
+
+    def __init__(self, settings: Settings, app: Celery, agents: dict[str, AgentDef], store: RunStore) -> None:
+        self.settings, self.app, self.agents, self.store = settings, app, agents, store
+        self._lock = settings.keys.reconcile_lock
+        self._stop = threading.Event()
+
+    def messages_in_flight(self) -> set[str]:
+        """Run ids that have a step message in a queue or unacknowledged."""
+        found: set[str] = set()
+        r = self.store.redis
+        for queue in all_queues(self.settings):
+            start = 0
+            while True:
+                chunk = r.lrange(queue, start, start + _CHUNK - 1)
+                for message in chunk:
+                    found.update(_RUN_ID_IN_MESSAGE.findall(message))
+                if len(chunk) < _CHUNK:
+                    break
+                start += _CHUNK
+        for _, message in r.hscan_iter("unacked", count=_CHUNK):
+            found.update(_RUN_ID_IN_MESSAGE.findall(message))
+        return found
+
+    def sweep(self) -> list[str]:
+        """One pass; returns the ids of the runs sent again."""
+        stalled = self.store.stalled(time.time() - self.settings.stall_after_s)
+        if not stalled:
+            return []
+        present = self.messages_in_flight()
+        resent: list[str] = []
+        for run_id in stalled:
+            if run_id in present:
+                self.store.touch(run_id)
+                continue
+            try:
+                run = self.store.load(run_id)
+            except RunNotFound:  # the record expired: nothing to resume
+                self.store.forget(run_id)
+                continue
+            agent = self.agents.get(run.agent)
+            if run.ended or agent is None:
+                self.store.forget(run_id)
+                continue
+            pos = resume_point(agent, run)
+            with tracing.resumed(run.traceparent, f"resend {run.agent}", {"fleet.run_id": run_id}):
+                build_chain(self.app, self.settings, agent, run_id, run.priority,
+                            start=pos.name, iteration=pos.iteration).apply_async()
+            self.store.touch(run_id)
+            log.warning("run %s: no step message in flight for %.0fs; sent again from step %s",
+                        run_id, self.settings.stall_after_s, pos.key, extra={"run_id": run_id})
+            resent.append(run_id)
+        return resent
+
+    def run_forever(self) -> None:
+        """Sweep every ``reconcile_interval_s`` while holding the fleet-wide lock."""
+        interval = self.settings.reconcile_interval_s
+        while not self._stop.wait(interval):
+            try:
+                if self.store.redis.set(self._lock, "1", nx=True, px=int(interval * 1000)):
+                    self.sweep()
+            except Exception:  # noqa: BLE001 - Redis away: try again next interval
+                log.debug("reconcile sweep failed", exc_info=True)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run_forever, name="fleet-reconciler", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()

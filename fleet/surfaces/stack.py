@@ -1,0 +1,224 @@
+"""The local stack behind ``fleet up``: Redis, Triton with the dev model, workers, Flower, a demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleet.ops import launch
+
+from fleet.core import tracing
+from fleet.broker.app import create_app
+from fleet.broker.queues import worker_queues
+from fleet.settings import Settings
+from fleet.inference.triton import TritonClient
+
+log = logging.getLogger(__name__)
+
+STACK_ENV = Path(".fleet/stack.env")
+
+
+@dataclass
+class Stack:
+    """The running local stack."""
+
+    settings: Settings
+    procs: launch.Processes
+    flower_url: str
+
+    def stop(self) -> None:
+        self.procs.stop()
+        STACK_ENV.unlink(missing_ok=True)
+
+
+def _flower_answers(url: str, auth: str | None) -> bool:
+    req = urllib.request.Request(url + "/healthcheck")
+    if auth:
+        import base64
+
+        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    with urllib.request.urlopen(req, timeout=1) as resp:
+        return resp.status == 200
+
+
+def _port_or_free(address: str, port: int) -> int:
+    """``port`` if nothing listens on it, else a free one (also for port 0)."""
+    if port == 0:
+        return launch.free_port()
+    try:
+        with socket.socket() as sock:
+            sock.bind((address, port))
+        return port
+    except OSError:
+        return launch.free_port()
+
+
+def _is_loopback(address: str) -> bool:
+    return address in ("127.0.0.1", "localhost", "::1")
+
+
+def start_stack(settings: Settings, say=print) -> Stack:  # noqa: ANN001
+    """Start every component the fleet needs here, reusing Redis/Triton the environment names."""
+    data = settings.data_dir
+    procs = launch.Processes(data / "logs")
+    try:
+        return _start(settings, procs, data, say)
+    except BaseException:
+        procs.stop()
+        raise
+
+
+def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stack:  # noqa: ANN001
+    if not _is_loopback(settings.bind_address) and (settings.flower_basic_auth is None or not settings.api_key_list()):
+        raise SystemExit(
+            f"refusing to listen on {settings.bind_address} without authentication: "
+            "set FLEET_FLOWER_BASIC_AUTH and FLEET_API_KEYS"
+        )
+    env: dict[str, str] = {}
+    if "FLEET_REDIS_URL" in os.environ and launch.redis_answers(settings.redis_url):
+        say(f"redis      reusing {settings.redis_url}")
+        redis_url = settings.redis_url
+    else:
+        # A password even on loopback: every local process can reach a loopback port.
+        redis_url = launch.start_redis(procs, data / "redis", password=launch.new_secret())
+        say(f"redis      started on {redis_url.rpartition('@')[2]} with a generated password "
+            f"(AOF in {data / 'redis'}; the URL is in {STACK_ENV})")
+    env["FLEET_REDIS_URL"] = redis_url
+
+    if "FLEET_TRITON_GRPC_URL" in os.environ and TritonClient(settings.triton_grpc_url).model_ready(settings.triton_model):
+        say(f"triton     reusing {settings.triton_grpc_url} (model {settings.triton_model} ready)")
+    else:
+        say("triton     starting tritonserver with the dev model ...")
+        # With tracing on, Triton's own spans (queue, compute) join each run's trace.
+        trace = (launch.triton_trace_args(tracing.traces_url(os.environ))
+                 if tracing.wanted(settings.tracing, os.environ) else None)
+        ep = launch.start_triton(procs, data / "triton", [settings.triton_model], address=settings.bind_address,
+                                 trace=trace)
+        env.update(FLEET_TRITON_GRPC_URL=ep.grpc_url, FLEET_TRITON_HTTP_URL=ep.http_url,
+                   FLEET_TRITON_METRICS_URL=ep.metrics_url)
+        say(f"triton     ready: grpc {ep.grpc_url}, http {ep.http_url}, model {settings.triton_model}"
+            + (f", traces to {tracing.traces_url(os.environ)}" if trace else ""))
+
+    # Flower's login: the operator's, or one made for this stack (shown below, kept in
+    # stack.env for the CLI beside it).
+    flower_auth = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else None
+    if flower_auth is None:
+        flower_auth = f"fleet:{launch.new_secret(12)}"
+        env["FLEET_FLOWER_BASIC_AUTH"] = flower_auth
+    # Secrets inside (the Redis password, Flower's login): readable by its owner only.
+    launch.write_private(STACK_ENV, "".join(f"{k}={v}\n" for k, v in env.items()))
+    os.environ.update(env)
+    stack_settings = Settings()
+    host = socket.gethostname()
+    # Workers share this host: each serves its /metrics on a port of its own.
+    metrics_ports = {name: launch.free_port() for name in ("inference-interactive", "inference-shared", "tools")}
+
+    def worker_env(name: str) -> dict[str, str]:
+        return {**env, "FLEET_METRICS_PORT": str(metrics_ports[name])}
+
+    nodes = [
+        # Capacity only interactive work can use: however deep the batch backlog, these
+        # threads are free for the next interactive step.
+        launch.start_worker(procs, "inference-interactive", worker_queues(stack_settings, "llm", ("interactive",)),
+                            "threads", stack_settings.inference_interactive_concurrency,
+                            worker_env("inference-interactive"), node=f"inference-interactive@{host}"),
+        # Shared capacity: takes interactive first (queue order), batch otherwise.
+        launch.start_worker(procs, "inference-shared", worker_queues(stack_settings, "llm"), "threads",
+                            stack_settings.inference_concurrency, worker_env("inference-shared"),
+                            node=f"inference-shared@{host}"),
+        launch.start_worker(procs, "tools", worker_queues(stack_settings, "tool"), "prefork",
+                            stack_settings.tool_concurrency, worker_env("tools"), node=f"tools@{host}"),
+    ]
+    port = _port_or_free(settings.bind_address, stack_settings.flower_port)
+    flower = launch.start_flower(procs, port, settings.bind_address, flower_auth, env=env)
+    flower_url = f"http://{settings.bind_address}:{port}"
+    gateway_port = _port_or_free(settings.bind_address, stack_settings.gateway_port)
+    gateway = procs.start("gateway", [sys.executable, "-m", "fleet.surfaces.cli", "gateway", "--host", settings.bind_address,
+                                      "--port", str(gateway_port)],
+                         # Here its /metrics stays on the API port (loopback, no keys).
+                         env={k: v for k, v in env.items() if k != "FLEET_METRICS_PORT"})
+    gateway_url = f"http://{settings.bind_address}:{gateway_port}"
+    # CLI commands beside the stack find Flower and the gateway where they really listen.
+    launch.write_private(STACK_ENV, STACK_ENV.read_text() + f"FLEET_FLOWER_PORT={port}\nFLEET_GATEWAY_PORT={gateway_port}\n")
+    app = create_app(stack_settings)
+    for node in nodes:
+        launch.wait_until(lambda n=node: launch.worker_answers(app, n), 60, f"worker {node}",
+                          procs.children[node.split("@")[0]], 0.5)
+    launch.wait_until(lambda: _flower_answers(flower_url, flower_auth), 60, "flower", flower, 0.3)
+    launch.wait_until(lambda: launch.http_json(gateway_url + "/healthz", timeout_s=1) is not None, 60,
+                      "gateway", gateway, 0.3)
+    say(f"workers    {', '.join(nodes)} answering")
+    say(f"flower     {flower_url}  (login {flower_auth})")
+    say(f"gateway    {gateway_url}  (OpenAPI at {gateway_url}/docs)")
+    say(f"metrics    triton {stack_settings.triton_metrics_url}")
+    for name, metrics_port in metrics_ports.items():
+        say(f"metrics    {name} http://{settings.bind_address}:{metrics_port}/metrics")
+    say(f"logs       {procs.log_dir}/")
+    return Stack(stack_settings, procs, flower_url)
+
+
+def run_demo(settings: Settings, say=print) -> int:  # noqa: ANN001
+    """Submit interactive and batch runs of the built-in agents; print one line per run."""
+    from fleet.surfaces.client import FleetClient
+
+    plan = [
+        ("calculator", {"question": "What is 12 * 7 + 3?"}, "interactive"),
+        ("solver", {"question": "What is (17 + 4) * 3?"}, "interactive"),
+        ("calculator", {"question": "How many words are in this question?"}, "interactive"),
+        ("writer", {"topic": "why queues need deadlines"}, "batch"),
+        ("writer", {"topic": "interactive work ahead of batch work"}, "batch"),
+        ("solver", {"question": "What is 2 ^ 10 - 24?"}, "batch"),
+    ]
+    failures = 0
+    with FleetClient(settings) as client:
+        ids = [(client.submit(agent, inp, priority=prio), agent, prio) for agent, inp, prio in plan]
+        say(f"demo       submitted {len(ids)} runs; waiting ...")
+        for run_id, agent, prio in ids:
+            run = client.wait(run_id, timeout=120)
+            failures += run.status != "succeeded"
+            result = str(run.result if run.status == "succeeded" else run.error)
+            latency = f"{run.latency_s:.2f}s" if run.latency_s is not None else "-"
+            say(f"  {agent:<11} {prio:<12} {run.status:<10} {latency:>7}  tokens {run.tokens_in:>4} in "
+                f"{run.tokens_out:>4} out  {run_id[:8]}  {result[:60]}")
+    return failures
+
+
+def up(settings: Settings, demo: bool = False, exit_after_demo: bool = False, say=print) -> int:  # noqa: ANN001
+    """Start the stack in the foreground until Ctrl-C (or after the demo, if asked)."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ANN001, ARG001
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    stack = start_stack(settings, say)
+    code = 0
+    try:
+        if demo:
+            failed = run_demo(stack.settings, say)
+            say(f"demo       {'all runs succeeded' if not failed else f'{failed} runs did not succeed'}")
+            code = 1 if failed else 0
+        if not exit_after_demo:
+            say("fleet is up. Ctrl-C stops every process it started.")
+            say("in another shell here: fleet status / fleet agents / "
+                "fleet submit calculator --input '{\"question\": \"What is 6*7?\"}' --wait")
+            while not stop.wait(1.0):
+                dead = [n for n, p in stack.procs.children.items() if p.poll() is not None]
+                if dead:
+                    say(f"stopping: {', '.join(dead)} exited (see {stack.procs.log_dir})")
+                    code = 1
+                    break
+    finally:
+        say("stopping the stack ...")
+        stack.stop()
+        say("stopped.")
+    return code
+

@@ -1,0 +1,110 @@
+"""What a run and an agent look like from outside: the views the HTTP gateway answers and
+the CLI prints with ``--json``, built in one place so the two never drift."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, create_model
+
+from fleet.run.agent import AgentDef
+from fleet.tenants import Quotas
+from fleet.run.records import RunRecord
+from fleet.surfaces.timeline import Timeline, timeline
+
+# A run id as :func:`fleet.run.records.new_run_id` makes them: anything else names no run.
+RUN_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+# The run record as stored, plus what is derived from it (kept in step with RunRecord).
+RunView = create_model(
+    "RunView",
+    __doc__="A run: its record, its latency once finished, its token counts and cost, and its timeline.",
+    **{name: (f.annotation, f) for name, f in RunRecord.model_fields.items()},
+    latency_s=(float | None, Field(None, description="Submission to finish, once finished.")),
+    tokens_in=(int, Field(0, description="Prompt tokens over all steps.")),
+    tokens_out=(int, Field(0, description="Generated tokens over all steps.")),
+    cost=(float, Field(0.0, description="Estimated cost of the run's model calls (FLEET_PRICE_*).")),
+    trace_id=(str | None, Field(None, description="The run's trace id, when traced.")),
+    timeline=(Timeline, Field(description="Where the run's time went, step by step (fleet.surfaces.timeline).")),
+)
+
+
+def run_view(run: RunRecord) -> dict[str, Any]:
+    """A run as ``GET /v1/runs/{id}`` and ``fleet runs show --json`` give it."""
+    return {**run.model_dump(), "latency_s": run.latency_s, "tokens_in": run.tokens_in, "tokens_out": run.tokens_out,
+            "cost": run.cost, "trace_id": run.trace_id, "timeline": timeline(run).model_dump()}
+
+
+class AgentStepInfo(BaseModel):
+    name: str
+    kind: str
+    loop: str | None = Field(None, description="The loop step this step repeats in, if any.")
+
+
+class AgentInfo(BaseModel):
+    name: str
+    description: str
+    steps: list[AgentStepInfo]
+    input_schema: dict[str, Any]
+    example: dict[str, Any]
+
+
+class AgentList(BaseModel):
+    agents: list[AgentInfo]
+
+
+def agent_infos(agents: dict[str, AgentDef]) -> list[AgentInfo]:
+    """Agents as ``GET /v1/agents`` and ``fleet agents --json`` list them, by name."""
+    return [
+        AgentInfo(
+            name=name,
+            description=agent.description,
+            steps=[AgentStepInfo(name=s.name, kind=s.kind, loop=loop.name if loop else None)
+                   for s, loop in agent.iter_steps()],
+            input_schema=agent.json_schema(),
+            example=agent.example,
+        )
+        for name, agent in sorted(agents.items())
+    ]
+
+
+class TenantRow(BaseModel):
+    """One tenant as operators see it (``fleet tenants``, ``GET /v1/tenants``)."""
+
+    name: str
+    weight: float
+    active: dict[str, int] = Field(description="Runs queued (backlog included) or in flight, by class.")
+    backlog: int = Field(0, description="Batch runs waiting in the backlog to be dispatched.")
+    model_s: dict[str, float] = Field(description="Seconds at the model in the window, by class.")
+    batch_share: float | None = Field(
+        None, description="Its part of all tenants' batch model time in the window (0-1); None without any.")
+    tokens_today: int = Field(description="Model tokens its steps used today (UTC).")
+    quotas: Quotas
+
+
+class TenantReport(BaseModel):
+    window_s: float = Field(description="How far back model time is read.")
+    tenants: list[TenantRow]
+
+
+def tenant_rows(tenants: dict[str, tuple[float, Quotas]], active: dict[tuple[str, str], int],
+                backlog: dict[str, int], model_s: dict[tuple[str, str], float], tokens: dict[str, int],
+                window_s: float, only: str | None = None) -> TenantReport:
+    """The operator's view of tenants from what Redis holds; ``only``: that tenant's row alone.
+    Tenants that are no longer configured but still have runs are shown with weight 1."""
+    names = set(tenants) | {t for t, _ in active} | set(backlog) | {t for t, _ in model_s} | set(tokens)
+    batch_total = sum(v for (_, c), v in model_s.items() if c == "batch")
+    rows = []
+    for name in sorted(names):
+        if only is not None and name != only:
+            continue
+        weight, quotas = tenants.get(name, (1.0, Quotas()))
+        batch_s = model_s.get((name, "batch"), 0.0)
+        rows.append(TenantRow(
+            name=name, weight=weight,
+            active={c: active.get((name, c), 0) for c in ("interactive", "batch")},
+            backlog=backlog.get(name, 0),
+            model_s={c: round(model_s.get((name, c), 0.0), 3) for c in ("interactive", "batch")},
+            batch_share=round(batch_s / batch_total, 4) if batch_total else None,
+            tokens_today=tokens.get(name, 0), quotas=quotas))
+    return TenantReport(window_s=window_s, tenants=rows)
