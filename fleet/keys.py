@@ -8,6 +8,12 @@ next to it; only :mod:`fleet.run.records` knows the fields inside a run hash.
 from __future__ import annotations
 
 
+def active_field(tenant: str, priority: str) -> str:
+    """The field of a tenant's runs of a class in :attr:`Keys.tenant_active` (Lua scripts build
+    it with ``fleet/core/lua_fragments/active_field.lua``)."""
+    return f"{tenant}|{priority}"
+
+
 class Keys:
     """The key names of one fleet namespace."""
 

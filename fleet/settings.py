@@ -9,17 +9,13 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fleet.keys import Keys
 from fleet.tenants import DEFAULT_TENANT, TENANT_PATTERN, Tenants, TenantSpec, parse_tenants, read_tenants_file
-
-if TYPE_CHECKING:  # pragma: no cover
-    import redis
-    import redis.asyncio as aioredis
 
 PriorityClass = Literal["interactive", "batch"]
 PRIORITY_CLASSES: tuple[PriorityClass, ...] = ("interactive", "batch")
@@ -368,20 +364,6 @@ class Settings(BaseSettings):
             return self.triton_priority_interactive
         return self.triton_priority_batch
 
-    def redis_options(self) -> dict[str, object]:
-        """Connection options of every Redis client of the fleet (sync and asyncio)."""
-        return redis_options(self.redis_socket_timeout_s)
-
-    def redis(self, **overrides: Any) -> "redis.Redis":
-        """A Redis client of this fleet: the one way fleet code connects (see :func:`redis_client`)."""
-        return redis_client(self.redis_url, **{"socket_timeout": self.redis_socket_timeout_s, **overrides})
-
-    def async_redis(self, **overrides: Any) -> "aioredis.Redis":
-        """An asyncio Redis client of this fleet, with the same options as :meth:`redis`."""
-        import redis.asyncio as aioredis
-
-        return aioredis.Redis.from_url(self.redis_url, **{**self.redis_options(), **overrides})
-
     def key(self, *parts: str) -> str:
         """A Redis key under this fleet's prefix (for scanning the namespace; the fleet's own
         keys are named in :class:`fleet.keys.Keys`)."""
@@ -400,27 +382,3 @@ def _registry(specs: str, tenants_file: Path | None, _stamp: int | None, api_key
         found += read_tenants_file(tenants_file)
     split = lambda text: [k.strip() for k in text.split(",") if k.strip()]  # noqa: E731
     return Tenants(found, split(api_keys), split(admin_keys))
-
-
-def redis_options(socket_timeout_s: float = 10.0) -> dict[str, Any]:
-    """Options every fleet Redis connection uses: decoded replies, connect and read timeouts,
-    keepalive and a health check, so a connection to a Redis that went away fails and
-    reconnects instead of hanging."""
-    return {
-        "decode_responses": True,
-        "socket_timeout": socket_timeout_s,
-        "socket_connect_timeout": 5,
-        "socket_keepalive": True,
-        "health_check_interval": 15,
-    }
-
-
-def redis_client(url: str, **overrides: Any) -> "redis.Redis":
-    """A Redis client for ``url`` with the fleet's connection options (``overrides`` win).
-
-    Every fleet process connects through here (or :meth:`Settings.redis`), including
-    probes of a server that no settings name yet (the local stack's launcher).
-    """
-    import redis
-
-    return redis.Redis.from_url(url, **{**redis_options(), **overrides})

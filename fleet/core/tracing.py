@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # pragma: no cover
     from fleet.settings import Settings
-    from fleet.inference.triton import Generation
 
 log = logging.getLogger(__name__)
 
@@ -364,14 +363,15 @@ def model_call(model: str, max_tokens: int | None) -> AbstractContextManager[Any
                 attributes={"gen_ai.request.model": model, "gen_ai.request.max_tokens": max_tokens or 0})
 
 
-def model_result(span_: Any, gen: "Generation") -> None:
+def model_result(span_: Any, tokens_in: int, tokens_out: int, finish_reason: str | None,
+                 ttft_s: float | None) -> None:
     """What a model call used, on its span (its duration is the span's)."""
     if _on is None or not span_.is_recording():
         return
     span_.set_attributes({
-        "gen_ai.usage.input_tokens": gen.tokens_in, "gen_ai.usage.output_tokens": gen.tokens_out,
-        "gen_ai.response.finish_reasons": [gen.finish_reason or ""],
-        "fleet.ttft_s": gen.ttft_s if gen.ttft_s is not None else -1.0})
+        "gen_ai.usage.input_tokens": tokens_in, "gen_ai.usage.output_tokens": tokens_out,
+        "gen_ai.response.finish_reasons": [finish_reason or ""],
+        "fleet.ttft_s": ttft_s if ttft_s is not None else -1.0})
 
 
 def tool_call(name: str) -> AbstractContextManager[Any]:

@@ -18,13 +18,12 @@ One worker of the fleet runs it at a time (a Redis lock that its holder renews).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 import redis
 
-from fleet.core.loops import Leadership
+from fleet.core.loops import BackgroundLoop, Leadership
 from fleet.inference.replicas import ReplicaBoard, ReplicaState, check, engine_state
 from fleet.settings import ReplicaSpec, Settings
 from fleet.inference.triton import TritonClient
@@ -56,9 +55,8 @@ class PoolMonitor:
         self.triton = triton
         self._client = client
         self._probed: dict[str, float] = {}
-        self._stop = threading.Event()
 
-    def tick(self) -> None:
+    def tick(self) -> bool:
         """One look at every replica (the lock holder's work)."""
         now = time.monotonic()
         for state in self.board.states():
@@ -72,21 +70,12 @@ class PoolMonitor:
                 if engine is not None:
                     depth = next_pipeline(state, *engine, limit=self.settings.pipeline_max)
                     self.board.set_engine(state.name, *engine, depth)
+        return False
 
-    def run_forever(self) -> None:
+    def loop(self) -> BackgroundLoop:
+        """The monitor's loop: a look at every replica each FLEET_ENGINE_POLL_INTERVAL_S, by one
+        worker of the fleet at a time."""
         interval = self.settings.engine_poll_interval_s
         leader = Leadership(self._client, self.settings.keys.pool_monitor_lock, max(3 * interval, 2.0))
-        while not self._stop.wait(interval):
-            try:
-                if leader.hold():
-                    self.tick()
-            except Exception:  # noqa: BLE001 - Redis or a replica away: look again next time
-                log.debug("pool monitor pass failed", exc_info=True)
-
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run_forever, name="fleet-pool-monitor", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
+        # Redis or a replica away: looked at again next time, quietly (it happens in every outage).
+        return BackgroundLoop("fleet-pool-monitor", self.tick, interval, leader=leader, failure_level=logging.DEBUG)

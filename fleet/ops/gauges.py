@@ -23,6 +23,7 @@ from fleet.scheduling.quotas import QuotaGate
 from fleet.inference.replicas import ReplicaBoard
 from fleet.broker.queues import all_queues
 from fleet.settings import PRIORITY_CLASSES, Settings
+from fleet.connections import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class FleetCollector(Collector):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = settings.redis(socket_timeout=2, socket_connect_timeout=2)
+        self.redis = redis_client(settings, socket_timeout=2, socket_connect_timeout=2)
         self.board = ReplicaBoard(settings, self.redis)
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import IO
 
 import redis
+from fleet.connections import redis_at
 
-from fleet.settings import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class Processes:
 def redis_answers(url: str) -> bool:
     """Whether a Redis server answers PING at ``url``."""
     try:
-        return bool(redis_client(url, socket_connect_timeout=1, socket_timeout=1).ping())
+        return bool(redis_at(url, socket_connect_timeout=1, socket_timeout=1).ping())
     except redis.RedisError:
         return False
 

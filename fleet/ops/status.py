@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from fleet.scheduling.admission import LoadShedder
+from fleet.scheduling.forecast import Forecaster
 from fleet.scheduling.backlog import Backlog
 from fleet.scheduling.capacity import Capacity
 from fleet.ops.gauges import oldest_age_s
@@ -17,6 +17,7 @@ from fleet.inference.replicas import ReplicaBoard
 from fleet.broker.queues import all_queues
 from fleet.settings import PRIORITY_CLASSES, Settings
 from fleet.inference.triton import TritonClient
+from fleet.connections import redis_client
 
 
 def collect(settings: Settings) -> dict[str, Any]:
@@ -31,7 +32,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         "queues": [],
         "workers": [],
     }
-    client = settings.redis(socket_timeout=2, socket_connect_timeout=2)
+    client = redis_client(settings, socket_timeout=2, socket_connect_timeout=2)
     try:
         client.ping()
         report["redis"]["up"] = True
@@ -46,8 +47,8 @@ def collect(settings: Settings) -> dict[str, Any]:
         backlog = Backlog(settings, client)
         report["backlog"] = {"queued": backlog.sizes(), "dispatched": backlog.in_flight_count(),
                              "virtual_time_s": backlog.virtual_times()}
-        shedder = LoadShedder(settings, Capacity(settings, client))
-        report["admission"] = {p: shedder.state(p) for p in PRIORITY_CLASSES}
+        forecaster = Forecaster(settings, Capacity(settings, client))
+        report["admission"] = {p: forecaster.forecast(p).as_dict() for p in PRIORITY_CLASSES}
     except redis.RedisError as exc:
         report["redis"]["error"] = str(exc)
     by_name = {r["name"]: r for r in report["pool"]["replicas"]}

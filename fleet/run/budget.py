@@ -31,7 +31,7 @@ from fleet.errors import BudgetExceeded
 
 if TYPE_CHECKING:  # pragma: no cover
     from fleet.run.cost import Prices
-    from fleet.run.records import RunState
+    from fleet.run.state import RunState
 
 #: The largest token budget accepted: far above any run, low enough to stay an exact integer.
 MAX_BUDGET_TOKENS = 1_000_000_000

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from fleet.core.listener import Listener
-from fleet.run.records import RunStore
+from fleet.run.store import RunStore
 
 log = logging.getLogger(__name__)
 

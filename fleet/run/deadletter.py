@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from fleet.settings import PriorityClass, Settings
 from fleet.tenants import DEFAULT_TENANT
+from fleet.connections import redis_client
 
 
 class DeadLetter(BaseModel):
@@ -47,7 +48,7 @@ class DeadLetters:
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
-        self.redis = client or settings.redis()
+        self.redis = client or redis_client(settings)
         self.stream = settings.keys.dead_letters
 
     def add(self, entry: DeadLetter) -> str:

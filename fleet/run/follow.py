@@ -30,7 +30,8 @@ import redis
 import redis.asyncio as aioredis
 
 from fleet.keys import Keys
-from fleet.run.records import TERMINAL, status_commands, status_reply
+from fleet.run.codec import status_commands, status_reply
+from fleet.run.records import TERMINAL
 
 _BLOCK_MS = 1000
 _COUNT = 500

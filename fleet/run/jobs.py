@@ -15,7 +15,8 @@ import uuid
 from pydantic import BaseModel, Field
 
 from fleet.errors import InvalidSubmission, RunNotFound
-from fleet.run.records import TERMINAL, RunStore
+from fleet.run.records import TERMINAL
+from fleet.run.store import RunStore
 from fleet.settings import Settings
 from fleet.tenants import Caller
 

@@ -1,9 +1,8 @@
-"""How an agent definition becomes Celery chains, and the one rule of what a run does next.
+"""What a run does next: the one next-step rule, and the steps that remain from a point.
 
-A run is one chain of immutable step signatures. A loop contributes one iteration of its
-body; the iteration's last step replaces itself with the next iteration (Celery's
-``Task.replace`` carries the rest of the chain along), so chains stay as short as the
-definition however many times a loop goes round.
+The pipeline (after each step), the reconciler (for a run whose message vanished) and replays
+all ask :func:`next_step`. How the remaining steps travel as Celery chains is
+:mod:`fleet.broker.chains`'.
 """
 
 from __future__ import annotations
@@ -12,31 +11,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery
-from celery.canvas import Signature, chain
-
 from fleet.run.agent import AgentDef, LlmStep, LoopStep, ToolStep
-from fleet.broker.queues import queue_name
-from fleet.run.records import RunState, step_key
-from fleet.settings import PriorityClass, Settings
+from fleet.run.records import step_key
+from fleet.run.state import RunState
 from fleet.run.template import as_text, lookup
-
-TASK_FOR_KIND = {"llm": "fleet.llm", "tool": "fleet.tool"}
-
-
-def signature(
-    app: Celery, settings: Settings, agent: AgentDef, run_id: str, priority: PriorityClass,
-    step: LlmStep | ToolStep, iteration: int,
-) -> Signature:
-    """The immutable signature of one step of one run, on its kind's and class's queue."""
-    return app.signature(
-        TASK_FOR_KIND[step.kind],
-        kwargs={"run_id": run_id, "step": step.name, "iteration": iteration},
-        immutable=True,
-        queue=queue_name(settings, step.kind, priority),
-        # Flower and logs show "agent.step" instead of the generic task name.
-        shadow=f"{agent.name}.{step.name}",
-    )
+from fleet.run.view import template_view
 
 
 def remaining_steps(
@@ -61,26 +40,6 @@ def remaining_steps(
     if not started:
         raise KeyError(start)
     return out
-
-
-def build_chain(
-    app: Celery, settings: Settings, agent: AgentDef, run_id: str, priority: PriorityClass,
-    start: str | None = None, iteration: int = 0,
-) -> chain:
-    """The chain of a run, or of its rest from ``start`` (for replays)."""
-    sigs = [
-        signature(app, settings, agent, run_id, priority, s, it)
-        for s, it in remaining_steps(agent, start, iteration)
-    ]
-    return chain(*sigs)
-
-
-def next_iteration_chain(
-    app: Celery, settings: Settings, agent: AgentDef, run_id: str, priority: PriorityClass,
-    loop: LoopStep, iteration: int,
-) -> chain:
-    """The body of ``loop`` for ``iteration``, as a chain."""
-    return chain(*[signature(app, settings, agent, run_id, priority, s, iteration) for s in loop.body])
 
 
 @dataclass(frozen=True)
@@ -152,7 +111,7 @@ def is_skipped(agent: AgentDef, run: RunState, pos: StepPos) -> bool:
 def result_of(agent: AgentDef, run: RunState) -> Any:
     """The run's result: the output the agent's ``result`` names (None when absent)."""
     try:
-        return lookup(run.view(), "steps." + agent.result)
+        return lookup(template_view(run), "steps." + agent.result)
     except KeyError:
         return None
 

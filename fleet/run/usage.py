@@ -14,20 +14,23 @@ the model), ``queue_s`` (time waiting in a queue), ``tool_s`` (time in tools) an
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from fleet.scheduling.quotas import utc_day
-from fleet.run.records import step_field
+from fleet.core import lua
+from fleet.run.codec import step_field
 from fleet.tenants import DEFAULT_TENANT
+from fleet.connections import redis_client
 
 if TYPE_CHECKING:  # pragma: no cover
     import redis
 
-    from fleet.run.records import StepRecord
+    from fleet.run.records import RunRecord, StepRecord
     from fleet.settings import Settings
 
 FIGURES = ("runs", "steps", "tokens_in", "tokens_out", "model_s", "queue_s", "tool_s", "cost")
@@ -35,25 +38,19 @@ UsageKey = Literal["agent", "class", "tenant"]
 _BUCKET_S = 60
 _READ_CHUNK = 500
 
-# Add a committed step's figures to its minute, and its tokens to its tenant's day (the
-# tokens quota, fleet.scheduling.quotas), if the commit that stored the step's record is this
-# delivery's (same worker, attempt and start). KEYS: run hash, minute hash, the day's tokens.
-# ARGV: the step record's field, worker, attempts, started_at, TTL, tenant, tokens,
-# then field/increment pairs.
-_ADD_IF_COMMITTED = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return 0 end
-local rec = cjson.decode(raw)
-if rec['worker'] ~= ARGV[2] or tonumber(rec['attempts']) ~= tonumber(ARGV[3])
-   or tonumber(rec['started_at']) ~= tonumber(ARGV[4]) then return 0 end
-for i = 8, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-if tonumber(ARGV[7]) > 0 then
-  redis.call('HINCRBY', KEYS[3], ARGV[6], ARGV[7])
-  redis.call('EXPIRE', KEYS[3], 2 * 86400)
-end
-return 1
-"""
+_ADD_USAGE = lua.load(__file__, "add_usage-3.lua")
+#: Seconds in a day (the tokens quota's period).
+DAY_S = 86400
+
+
+def utc_day(at: float) -> str:
+    """The UTC day of an epoch time, ``YYYYMMDD`` (the tokens quota's period)."""
+    return dt.datetime.fromtimestamp(at, dt.timezone.utc).strftime("%Y%m%d")
+
+
+def seconds_to_day_end(at: float) -> float:
+    """Seconds from ``at`` to the end of its UTC day."""
+    return DAY_S - at % DAY_S
 
 
 def step_figures(record: "StepRecord", kind: str) -> dict[str, float]:
@@ -63,6 +60,17 @@ def step_figures(record: "StepRecord", kind: str) -> dict[str, float]:
         "model_s": record.model_s or 0.0, "queue_s": record.queue_wait_s or 0.0,
         "tool_s": (record.duration_s or 0.0) if kind == "tool" else 0.0, "cost": record.cost,
     }
+
+
+def run_end_figures(run: "RunRecord") -> dict[str, float]:
+    """What a run adds to usage when it ends: itself, and its step records that failed after a
+    model call (never committed, yet paid for)."""
+    figures: dict[str, float] = {"runs": 1}
+    for record in run.steps:
+        if record.status == "failed" and record.model_s is not None:
+            for name, value in step_figures(record, "llm").items():
+                figures[name] = figures.get(name, 0) + value
+    return figures
 
 
 class UsageRow(BaseModel):
@@ -102,7 +110,7 @@ class UsageLedger:
     def __init__(self, settings: "Settings", client: "redis.Redis | None" = None) -> None:
         self.keys = settings.keys
         self.ttl_s = settings.usage_retention_s
-        self.redis = client or settings.redis()
+        self.redis = client or redis_client(settings)
 
     def _bucket(self, at: float) -> str:
         return self.keys.usage(int(at // _BUCKET_S))
@@ -115,15 +123,15 @@ class UsageLedger:
                 out += [f"{tenant}|{agent}|{priority}|{figure}", repr(float(value))]
         return out
 
-    def step_commands(self, run_key: str, record: "StepRecord", tenant: str, agent: str, priority: str, kind: str,
-                      now: float | None = None) -> list[tuple[str, tuple]]:
-        """Redis commands, for the step's commit round trip, that add its figures once."""
+    def step_command(self, run_id: str, record: "StepRecord", tenant: str, agent: str, priority: str, kind: str,
+                     now: float | None = None) -> Callable[[Any], Any]:
+        """A command, for the step's commit round trip, that adds its figures once."""
         now = time.time() if now is None else now
         fields = self._fields(tenant, agent, priority, step_figures(record, kind))
+        keys = [self.keys.run(run_id), self._bucket(now), self.keys.tenant_tokens(utc_day(now))]
         args = [step_field(record.key), record.worker or "", record.attempts, repr(record.started_at or 0.0),
                 self.ttl_s, tenant, record.tokens_in + record.tokens_out, *fields]
-        return [("eval", (_ADD_IF_COMMITTED, 3, run_key, self._bucket(now), self.keys.tenant_tokens(utc_day(now)),
-                          *args))]
+        return lambda pipe: _ADD_USAGE(pipe, keys, args)
 
     def add(self, tenant: str, agent: str, priority: str, figures: dict[str, float], now: float | None = None) -> None:
         """Add figures now (a run that ended, with its failed step records)."""

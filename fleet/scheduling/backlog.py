@@ -30,11 +30,16 @@ them (:meth:`fleet.scheduling.dispatch.Dispatcher.recover`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
-from fleet.run.records import StepRecord, step_field
+from fleet.core import lua
+from fleet.run.codec import step_field
+
+from fleet.run.records import StepRecord
 from fleet.settings import Settings
 
 #: The estimate of a batch run's model seconds before any batch run ended.
@@ -42,95 +47,12 @@ DEFAULT_RUN_MODEL_S = 1.0
 #: Weight of a run that ends in the estimate (an exponential moving average).
 ESTIMATE_ALPHA = 0.05
 
-# Append run ids to a tenant's backlog; a tenant that was not backlogged starts at the
-# smallest virtual time of those that are (the clock when none is).
-# KEYS: the tenant's backlog, backlogged set, virtual times, backlog size, clock.
-# ARGV: tenant, then run ids.
-_PUSH = """
-local ids = {}
-for i = 2, #ARGV do table.insert(ids, ARGV[i]) end
-redis.call('RPUSH', KEYS[1], unpack(ids))
-redis.call('INCRBY', KEYS[4], #ids)
-if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
-  local low = nil
-  for _, t in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-    if t ~= ARGV[1] then
-      local v = tonumber(redis.call('ZSCORE', KEYS[3], t) or '0')
-      if low == nil or v < low then low = v end
-    end
-  end
-  if low == nil then low = tonumber(redis.call('GET', KEYS[5]) or '0') end
-  redis.call('ZADD', KEYS[3], 'GT', low, ARGV[1])
-end
-return #ids
-"""
 
-# Pop up to n runs, each from the backlogged tenant with the smallest effective time.
-# KEYS: backlogged set, virtual times, dispatched hash, dispatching set, backlog size, clock,
-# then one backlog per candidate tenant.
-# ARGV: now, n, estimate (model seconds of a run), then name and weight per candidate.
-# Returns run id, tenant, run id, tenant, ...
-_POP = """
-local n = tonumber(ARGV[2])
-local e = tonumber(ARGV[3])
-local inflight = {}
-for _, t in ipairs(redis.call('HVALS', KEYS[3])) do inflight[t] = (inflight[t] or 0) + 1 end
-local tenants = {}
-for i = 7, #KEYS do
-  local name = ARGV[4 + 2 * (i - 7)]
-  local w = tonumber(ARGV[5 + 2 * (i - 7)])
-  if redis.call('SISMEMBER', KEYS[1], name) == 1 then
-    local v = tonumber(redis.call('ZSCORE', KEYS[2], name) or '0')
-    table.insert(tenants, {name = name, w = w, key = KEYS[i], v = v, eff = v + (inflight[name] or 0) * e / w})
-  end
-end
-local out = {}
-while #out < 2 * n and #tenants > 0 do
-  local best = 1
-  for i = 2, #tenants do
-    if tenants[i].eff < tenants[best].eff then best = i end
-  end
-  local t = tenants[best]
-  local id = redis.call('LPOP', t.key)
-  if id then
-    redis.call('DECR', KEYS[5])
-    redis.call('HSET', KEYS[3], id, t.name)
-    redis.call('ZADD', KEYS[4], ARGV[1], id)
-    redis.call('SET', KEYS[6], tostring(t.v))
-    table.insert(out, id)
-    table.insert(out, t.name)
-    t.eff = t.eff + e / t.w
-  end
-  if redis.call('LLEN', t.key) == 0 then
-    redis.call('SREM', KEYS[1], t.name)
-    table.remove(tenants, best)
-  end
-end
-return out
-"""
 
-# Charge a committed step's model seconds over the weight to its tenant, if the commit that
-# stored the step's record is this delivery's (same worker, attempt and start).
-# KEYS: run hash, virtual times. ARGV: the step record's field, worker, attempts, started_at,
-# tenant, charge.
-_CHARGE = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return 0 end
-local rec = cjson.decode(raw)
-if rec['worker'] ~= ARGV[2] or tonumber(rec['attempts']) ~= tonumber(ARGV[3])
-   or tonumber(rec['started_at']) ~= tonumber(ARGV[4]) then return 0 end
-redis.call('ZINCRBY', KEYS[2], ARGV[6], ARGV[5])
-return 1
-"""
-
-# Fold one ended run's model seconds into the estimate. KEYS: estimate hash.
-# ARGV: the run's model seconds, alpha, the default.
-_ESTIMATE = """
-local old = tonumber(redis.call('HGET', KEYS[1], 'run_model_s') or ARGV[3])
-local new = old + tonumber(ARGV[2]) * (tonumber(ARGV[1]) - old)
-redis.call('HSET', KEYS[1], 'run_model_s', tostring(new))
-return tostring(new)
-"""
+_PUSH = lua.load(__file__, "push-5.lua")
+_POP = lua.load(__file__, "pop.lua")
+_CHARGE = lua.load(__file__, "charge-2.lua")
+_ESTIMATE = lua.load(__file__, "estimate-1.lua")
 
 
 @dataclass(frozen=True)
@@ -148,17 +70,14 @@ class Backlog:
         self.settings = settings
         self.keys = settings.keys
         self.redis = client
-        self._push = client.register_script(_PUSH)
-        self._pop = client.register_script(_POP)
-        self._estimate = client.register_script(_ESTIMATE)
 
     def queue_push(self, pipe: redis.client.Pipeline, tenant: str, run_ids: list[str]) -> None:
         """Queue the append of ``run_ids`` to ``tenant``'s backlog on ``pipe`` (after their
         compact records, :meth:`fleet.run.records.RunStore.queue_compact`)."""
         if run_ids:
             k = self.keys
-            self._push(keys=[k.backlog(tenant), k.backlogged, k.fair_vtime, k.backlog_size, k.fair_clock],
-                       args=[tenant, *run_ids], client=pipe)
+            _PUSH(pipe, keys=[k.backlog(tenant), k.backlogged, k.fair_vtime, k.backlog_size, k.fair_clock],
+                  args=[tenant, *run_ids])
 
     def pop(self, n: int, tenants: list[str] | None = None) -> list[Popped]:
         """Take up to ``n`` runs by fair share (see the module docstring)."""
@@ -168,7 +87,7 @@ class Backlog:
         args: list[object] = [repr(_now()), n, repr(self.estimate_s())]
         for name in names:
             args += [name, repr(registry.weight(name))]
-        flat = self._pop(keys=[k.backlogged, k.fair_vtime, k.dispatched, k.dispatching, k.backlog_size,
+        flat = _POP(self.redis, keys=[k.backlogged, k.fair_vtime, k.dispatched, k.dispatching, k.backlog_size,
                                k.fair_clock, *[k.backlog(t) for t in names]], args=args)
         return [Popped(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
@@ -211,16 +130,17 @@ class Backlog:
 
     def record_run(self, model_s: float) -> float:
         """A batch run ended having used ``model_s``: fold it into the estimate; the new one."""
-        return float(self._estimate(keys=[self.keys.fair_estimate],
+        return float(_ESTIMATE(self.redis, keys=[self.keys.fair_estimate],
                                     args=[repr(model_s), ESTIMATE_ALPHA, DEFAULT_RUN_MODEL_S]))
 
-    def charge_commands(self, run_key: str, record: StepRecord, tenant: str) -> list[tuple[str, tuple]]:
-        """Redis commands, for a batch llm step's commit round trip, that charge its model
-        seconds over the tenant's weight to the tenant's virtual time, once."""
+    def charge_command(self, run_id: str, record: StepRecord, tenant: str) -> Callable[[Any], Any]:
+        """A command, for a batch llm step's commit round trip, that charges its model seconds
+        over the tenant's weight to the tenant's virtual time, once."""
         charge = (record.model_s or 0.0) / self.settings.tenant_registry.weight(tenant)
+        keys = [self.keys.run(run_id), self.keys.fair_vtime]
         args = [step_field(record.key), record.worker or "", record.attempts, repr(record.started_at or 0.0),
                 tenant, repr(charge)]
-        return [("eval", (_CHARGE, 2, run_key, self.keys.fair_vtime, *args))]
+        return lambda pipe: _CHARGE(pipe, keys, args)
 
     def stranded(self, older_than_s: float) -> list[str]:
         """Runs popped more than ``older_than_s`` ago and still not created."""

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
+from fleet.core.loops import BackgroundLoop
 from fleet.settings import PriorityClass, Settings
 
 log = logging.getLogger(__name__)
@@ -29,10 +31,15 @@ class Capacity:
         return self.settings.keys.step_times(kind, priority)
 
     # --- step times -------------------------------------------------------------------
-    def step_time_commands(self, kind: str, priority: PriorityClass, seconds: float) -> list[tuple[str, tuple]]:
-        """Redis commands that record a step time (to run on the caller's pipeline)."""
+    def step_time_command(self, kind: str, priority: PriorityClass, seconds: float) -> Callable[[Any], Any]:
+        """A command that records a step time (to run on the caller's pipeline)."""
         key = self.step_times_key(kind, priority)
-        return [("lpush", (key, f"{seconds:.4f}")), ("ltrim", (key, 0, _STEP_TIMES_KEPT - 1))]
+
+        def record(pipe: Any) -> None:
+            pipe.lpush(key, f"{seconds:.4f}")
+            pipe.ltrim(key, 0, _STEP_TIMES_KEPT - 1)
+
+        return record
 
     def step_times(self, kind: str, priority: PriorityClass) -> list[float]:
         """The recent step times of this kind and class (newest first)."""
@@ -74,24 +81,19 @@ class Presence:
                  every_s: float = 5.0) -> None:
         self.capacity, self.node, self.queues, self.concurrency = capacity, node, queues, concurrency
         self.every_s = every_s
-        self._stop = threading.Event()
+        self._loop = BackgroundLoop("fleet-presence", self._announce, every_s, jitter=0.0,
+                                    failure_level=logging.DEBUG)
 
-    def _loop(self) -> None:
-        while True:
-            try:
-                self.capacity.announce(self.node, self.queues, self.concurrency, ttl_s=self.every_s * 3)
-            except redis.RedisError:
-                log.debug("could not announce worker %s", self.node, exc_info=True)
-            if self._stop.wait(self.every_s):
-                return
+    def _announce(self) -> bool:
+        self.capacity.announce(self.node, self.queues, self.concurrency, ttl_s=self.every_s * 3)
+        return False
 
     def start(self) -> None:
-        threading.Thread(target=self._loop, name="fleet-presence", daemon=True).start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._loop.stop()
         try:
             self.capacity.redis.delete(self.capacity.workers_key(self.node))
         except redis.RedisError:
             pass
-

@@ -22,7 +22,6 @@ the active index with no message, which the reconciler (:mod:`fleet.scheduling.r
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from celery import Celery
@@ -32,9 +31,10 @@ from fleet.scheduling.admission import Admission
 from fleet.run.agent import AgentDef
 from fleet.scheduling.backlog import Backlog, Popped
 from fleet.scheduling.capacity import Capacity
-from fleet.core.loops import Leadership
+from fleet.core.loops import BackgroundLoop, Leadership
 from fleet.broker.queues import queue_name
-from fleet.run.records import TERMINAL, RunRecord, RunStore
+from fleet.run.records import TERMINAL, RunRecord
+from fleet.run.store import RunStore
 from fleet.run.sessions import Sessions
 from fleet.settings import Settings
 
@@ -60,7 +60,6 @@ class Dispatcher:
         self.backlog = Backlog(settings, store.redis)
         self.admission = Admission(settings, app, agents, store)
         self.capacity = Capacity(settings, store.redis)
-        self._stop = threading.Event()
         self._window: tuple[float, int] | None = None
         self._audited = 0.0
         self.dispatched = 0
@@ -153,27 +152,9 @@ class Dispatcher:
         return len(stale)
 
     # --- the loop -------------------------------------------------------------------
-    def run_forever(self) -> None:
+    def loop(self) -> BackgroundLoop:
+        """The dispatcher's loop: a pass every FLEET_BATCH_DISPATCH_INTERVAL_S, at once again
+        while it finds work, by one worker of the fleet at a time."""
         interval = self.settings.batch_dispatch_interval_s
-        ttl_s = max(3 * interval, 2.0)
-        leader = Leadership(self.store.redis, self.settings.keys.dispatch_lock, ttl_s)
-        while not self._stop.is_set():
-            pause = interval
-            try:
-                if leader.hold():
-                    pause = 0.0 if self.tick() > 0 else interval
-                else:
-                    pause = ttl_s / 2  # another worker dispatches: look again before its lock can lapse
-            except Exception:  # noqa: BLE001 - Redis or the broker away: try again in a while
-                log.warning("backlog dispatch pass failed", exc_info=True)
-                pause = ttl_s / 2
-            if pause:
-                self._stop.wait(pause)
-
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run_forever, name="fleet-dispatcher", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
+        leader = Leadership(self.store.redis, self.settings.keys.dispatch_lock, max(3 * interval, 2.0))
+        return BackgroundLoop("fleet-dispatcher", lambda: self.tick() > 0, interval, leader=leader)

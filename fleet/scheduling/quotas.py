@@ -11,14 +11,16 @@ tokens is refused new runs; runs already admitted finish.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 import redis
 
+from fleet.core import lua
 from fleet.errors import InvalidSubmission, QuotaExceeded
+from fleet.keys import active_field
+from fleet.run.usage import seconds_to_day_end, utc_day
 from fleet.tenants import Quotas
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,53 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-DAY_S = 86400
-
-# Take n places for a tenant's runs of a class, or say which quota refuses.
-# KEYS: active counts (hash), the tenant's submission bucket (hash), the day's tokens (hash).
-# ARGV: count field, n, active limit (-1: none), rate (-1: none), burst, now, tokens limit (-1),
-# tenant, seconds to the day's end.
-# Returns {1} when taken, or {0, quota, retry after (s), detail}.
-_TAKE = """
-local n = tonumber(ARGV[2])
-local tokens_limit = tonumber(ARGV[7])
-if tokens_limit >= 0 then
-  local used = tonumber(redis.call('HGET', KEYS[3], ARGV[8]) or '0')
-  if used >= tokens_limit then return {0, 'tokens_per_day', ARGV[9], tostring(used)} end
-end
-local limit = tonumber(ARGV[3])
-local active = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if active < 0 then active = 0 end
-if limit >= 0 and active + n > limit then return {0, 'active', '-1', tostring(active)} end
-local rate = tonumber(ARGV[4])
-if rate > 0 then
-  local burst, now = tonumber(ARGV[5]), tonumber(ARGV[6])
-  local level = tonumber(redis.call('HGET', KEYS[2], 'level') or ARGV[5])
-  local at = tonumber(redis.call('HGET', KEYS[2], 'at') or ARGV[6])
-  level = math.min(burst, level + math.max(0, now - at) * rate)
-  if level < n then
-    return {0, 'submissions_per_s', tostring((n - level) / rate), tostring(level)}
-  end
-  redis.call('HSET', KEYS[2], 'level', tostring(level - n), 'at', ARGV[6])
-  redis.call('EXPIRE', KEYS[2], math.ceil(burst / rate) + 60)
-end
-redis.call('HINCRBY', KEYS[1], ARGV[1], n)
-return {1}
-"""
-
-
-def active_field(tenant: str, priority: str) -> str:
-    """The field of a tenant's active runs of a class in :meth:`fleet.keys.Keys.tenant_active`."""
-    return f"{tenant}|{priority}"
-
-
-def utc_day(at: float) -> str:
-    """The UTC day of an epoch time, ``YYYYMMDD`` (the tokens quota's period)."""
-    return dt.datetime.fromtimestamp(at, dt.timezone.utc).strftime("%Y%m%d")
-
-
-def seconds_to_day_end(at: float) -> float:
-    return DAY_S - at % DAY_S
+_TAKE = lua.load(__file__, "take_places-3.lua")
 
 
 class QuotaGate:
@@ -82,7 +38,6 @@ class QuotaGate:
         self.settings = settings
         self.keys = settings.keys
         self.redis = client
-        self._script: Any = None
 
     def take(self, tenant: str, priority: "PriorityClass", n: int = 1, now: float | None = None) -> None:
         """Count ``n`` new runs of a class as the tenant's, or raise :class:`QuotaExceeded`
@@ -98,10 +53,8 @@ class QuotaGate:
                 f"{n} runs at once is over tenant '{tenant}''s burst of {quotas.burst()} submissions: "
                 f"submit at most {quotas.burst()} at a time", "runs")
         limit = quotas.active_limit(priority)
-        if self._script is None:
-            self._script = self.redis.register_script(_TAKE)
-        res = self._script(
-            keys=[self.keys.tenant_active, self.keys.tenant_bucket(tenant), self.keys.tenant_tokens(utc_day(now))],
+        res = _TAKE(
+            self.redis, keys=[self.keys.tenant_active, self.keys.tenant_bucket(tenant), self.keys.tenant_tokens(utc_day(now))],
             args=[active_field(tenant, priority), n, -1 if limit is None else limit,
                   -1 if quotas.submissions_per_s is None else quotas.submissions_per_s, quotas.burst(), repr(now),
                   -1 if quotas.tokens_per_day is None else quotas.tokens_per_day, tenant,

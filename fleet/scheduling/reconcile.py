@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 
 from celery import Celery
 
 from fleet.core import tracing
+from fleet.core.loops import BackgroundLoop, Leadership
 from fleet.run.agent import AgentDef
 from fleet.errors import RunNotFound
-from fleet.run.plan import StepPos, build_chain, next_step, remaining_steps
+from fleet.broker.chains import build_chain
+from fleet.run.plan import StepPos, next_step, remaining_steps
 from fleet.broker.queues import all_queues
-from fleet.run.records import RunState, RunStore
+from fleet.run.state import RunState
+from fleet.run.store import RunStore
 from fleet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,6 @@ class Reconciler:
 
     def __init__(self, settings: Settings, app: Celery, agents: dict[str, AgentDef], store: RunStore) -> None:
         self.settings, self.app, self.agents, self.store = settings, app, agents, store
-        self._lock = settings.keys.reconcile_lock
-        self._stop = threading.Event()
 
     def messages_in_flight(self) -> set[str]:
         """Run ids that have a step message in a queue or unacknowledged."""
@@ -100,20 +100,13 @@ class Reconciler:
             resent.append(run_id)
         return resent
 
-    def run_forever(self) -> None:
-        """Sweep every ``reconcile_interval_s`` while holding the fleet-wide lock."""
+    def loop(self) -> BackgroundLoop:
+        """The reconciler's loop: a sweep every FLEET_RECONCILE_INTERVAL_S, by one worker of the
+        fleet at a time."""
         interval = self.settings.reconcile_interval_s
-        while not self._stop.wait(interval):
-            try:
-                if self.store.redis.set(self._lock, "1", nx=True, px=int(interval * 1000)):
-                    self.sweep()
-            except Exception:  # noqa: BLE001 - Redis away: try again next interval
-                log.debug("reconcile sweep failed", exc_info=True)
+        leader = Leadership(self.store.redis, self.settings.keys.reconcile_lock, 3 * interval)
+        return BackgroundLoop("fleet-reconciler", self._pass, interval, leader=leader, failure_level=logging.DEBUG)
 
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run_forever, name="fleet-reconciler", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
+    def _pass(self) -> bool:
+        self.sweep()
+        return False  # the next sweep comes after the interval, whatever this one found

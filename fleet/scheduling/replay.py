@@ -22,8 +22,10 @@ from fleet.core import tracing
 from fleet.run.agent import AgentDef
 from fleet.run.deadletter import DeadLetter, DeadLetters
 from fleet.errors import InvalidSubmission, RunNotFound
-from fleet.run.plan import StepPos, build_chain, next_step, remaining_steps
-from fleet.run.records import RunRecord, RunStore, step_key
+from fleet.broker.chains import build_chain
+from fleet.run.plan import StepPos, next_step, remaining_steps
+from fleet.run.records import RunRecord, step_key
+from fleet.run.store import RunStore
 from fleet.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -35,13 +35,14 @@ import redis
 from fleet.run.agent import AgentDef
 from fleet.run.deadletter import DeadLetter
 from fleet.errors import BudgetExceeded, DeadlineExceeded, FleetError, RunCancelled, RunNotFound
-from fleet.steps.hooks import Delivery, Hook, StepContext, StopStep
+from fleet.steps.context import Delivery, StepContext, StopStep
+from fleet.steps.hooks import Hook
 from fleet.run.plan import Exhausted, Finished, StepPos, is_skipped, next_step, result_of, step_index
 from fleet.core.redis_full import is_redis_full, wait_for_room
 from fleet.run.records import RunStatus, StepRecord, step_key
 from fleet.steps.runtime import Runtime
 from fleet.settings import PriorityClass
-from fleet.steps.bodies import BODIES
+from fleet.run.view import template_view
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class StepPipeline:
                         extra={"run_id": msg.run_id})
             return None
         agent = self.rt.agents.get(run.agent)
-        ctx = StepContext(rt=self.rt, delivery=msg, run=run, agent=agent, key=step_key(msg.step, msg.iteration))
+        ctx = StepContext(delivery=msg, run=run, agent=agent, key=step_key(msg.step, msg.iteration))
         if agent is not None:
             try:
                 ctx.step = agent.step(msg.step)
@@ -161,12 +162,12 @@ class StepPipeline:
         if is_skipped(ctx.agent, ctx.run, pos):
             ctx.record.status = "skipped"
             return None
-        view = ctx.run.view(pos.iteration, ctx.agent.loop_of(pos.name))
+        view = template_view(ctx.run, pos.iteration, ctx.agent.loop_of(pos.name))
         with self.rt.cancellation.scope(ctx.run_id) as cancel, ExitStack() as around:
             for hook in self._around:
                 around.enter_context(hook.around_body(ctx))
             ctx.cancel = cancel
-            return BODIES[ctx.step.kind](ctx, ctx.step, view)
+            return self.rt.bodies.run(ctx, view)
 
     def _commit(self, ctx: StepContext) -> None:
         record = ctx.record
@@ -262,7 +263,7 @@ class StepPipeline:
             run_id=ctx.run_id, agent=ctx.run.agent, step=msg.step, step_key=ctx.key, iteration=msg.iteration,
             step_index=step_index(agent, msg.step) if known else -1,  # type: ignore[arg-type]
             priority=ctx.run.priority, tenant=ctx.run.tenant,
-            state=ctx.run.view(msg.iteration, agent.loop_of(msg.step)) if known else {},  # type: ignore[union-attr]
+            state=template_view(ctx.run, msg.iteration, agent.loop_of(msg.step)) if known else {},  # type: ignore[union-attr]
             error_type=type(exc).__name__, error_message=str(exc),
             traceback="".join(traceback.format_exception(exc)) if exc.__traceback__ else "",
             attempts=attempts, first_failure_at=(ctx.record.started_at if ctx.record else None) or now,

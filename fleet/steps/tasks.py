@@ -10,6 +10,7 @@ Losing Redis mid-step hands the message back.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -21,12 +22,13 @@ from kombu.exceptions import OperationalError
 
 from fleet.core import tracing
 from fleet.broker.app import SENT_AT_HEADER
-from fleet.steps.hooks import Delivery
+from fleet.steps.context import Delivery
 from fleet.steps.pipeline import Advance, Outcome, RetryLater, StepPipeline
-from fleet.run.plan import StepPos, build_chain, next_iteration_chain
+from fleet.broker.chains import build_chain, next_iteration_chain
+from fleet.run.plan import StepPos
 from fleet.core.redis_full import is_redis_full, wait_for_room
 from fleet.run.records import step_key
-from fleet.steps.runtime import Runtime
+from fleet.steps.runtime import runtime_for
 from fleet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ def _sent_at(request: Any) -> float | None:
 
 def register_tasks(app: Celery, settings: Settings) -> None:
     """Register ``fleet.llm`` and ``fleet.tool`` on ``app`` (workers only)."""
-    built: dict[str, StepPipeline] = {}
+    built: dict[int, StepPipeline] = {}
     lock = threading.Lock()
 
     class _Base(StepTask):
@@ -135,12 +137,14 @@ def register_tasks(app: Celery, settings: Settings) -> None:
 
         @property
         def pipeline(self) -> StepPipeline:  # type: ignore[override]
-            # Built on first use in the worker process (after fork), then shared by its threads.
-            if "p" not in built:
+            # On the process's runtime, built on first use (a pool child after the fork builds
+            # its own), then shared by the process's threads.
+            pid = os.getpid()
+            if pid not in built:
                 with lock:
-                    if "p" not in built:
-                        built["p"] = StepPipeline(Runtime(settings))
-            return built["p"]
+                    if pid not in built:
+                        built[pid] = StepPipeline(runtime_for(settings))
+            return built[pid]
 
     class LlmTask(_Base):
         name = "fleet.llm"

@@ -48,18 +48,18 @@ def _on_ready(sender, **_: object) -> None:  # noqa: ANN001
     from fleet.inference.monitor import PoolMonitor
     from fleet.scheduling.reconcile import Reconciler
     from fleet.broker.queues import worker_queues
-    from fleet.steps.runtime import Runtime
+    from fleet.steps.runtime import runtime_for
 
-    rt = Runtime(settings)
+    rt = runtime_for(settings)
     queues = [q.name for q in sender.task_consumer.queues]
     Presence(rt.capacity, sender.hostname, queues, sender.controller.concurrency).start()
-    Reconciler(settings, app, rt.agents, rt.store).start()
+    Reconciler(settings, app, rt.agents, rt.store).loop().start()
     if settings.scheduling == "fleet":
         # Its own app, so its own broker connections: the dispatcher publishes from its own
         # thread, away from the connections of the worker's consumer and its tasks.
-        Dispatcher(settings, create_app(settings), rt.agents, rt.store).start()
+        Dispatcher(settings, create_app(settings), rt.agents, rt.store).loop().start()
     if settings.scheduling == "fleet" and set(queues) & set(worker_queues(settings, "llm")):
-        PoolMonitor(settings, rt.store.redis, rt.pool.client).start()
+        PoolMonitor(settings, rt.store.redis, rt.pool.client).loop().start()
     try:
         metrics.serve(settings)
     except OSError as exc:

@@ -1,8 +1,9 @@
-"""The client for asyncio apps: submit a run, read it, wait for it, follow its events.
+"""The client for asyncio apps: every method of :class:`~fleet.surfaces.client.FleetClient`,
+awaitable (``events`` and ``entries`` are async iterators).
 
 ::
 
-    from fleet.surfaces.aio import AsyncFleetClient
+    from fleet import AsyncFleetClient
 
     async with AsyncFleetClient() as client:         # settings from FLEET_* variables
         run_id = await client.submit("writer", {"topic": "queues"}, stream=True)
@@ -10,11 +11,12 @@
             ...
         run = await client.wait(run_id, timeout=60)
 
-Reads (records, waits, event streams) go to Redis through ``redis.asyncio``, so one event
-loop can follow thousands of runs. Submitting and cancelling run the synchronous
-:class:`~fleet.surfaces.client.FleetClient` in a thread: admission is a handful of quick Redis
-calls plus a broker publish, and keeping one implementation of the door keeps its rules
-(validation, idempotency, load shedding) in one place.
+Reads of runs (records, waits, event streams) go to Redis through ``redis.asyncio``, so one
+event loop can follow thousands of runs. Everything else (submitting, cancelling, dead
+letters, reports) runs the synchronous client in a thread: each is a handful of quick Redis
+calls (plus a broker publish), and one implementation keeps their rules (validation,
+idempotency, load shedding, tenancy) in one place. A unit test checks that the two clients
+have the same public methods with the same parameters.
 """
 
 from __future__ import annotations
@@ -26,28 +28,39 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from fleet.surfaces.client import FleetClient
+from fleet.connections import async_redis_client
 from fleet.errors import RunNotFound
+from fleet.run.codec import read_commands, read_reply
+from fleet.run.deadletter import DeadLetter
 from fleet.run.follow import Event, Follow, Gone, adrive
-from fleet.run.records import TERMINAL, RunRecord, decode_record, read_commands, read_reply
-from fleet.settings import PriorityClass, Settings
+from fleet.run.jobs import BatchStatus
+from fleet.run.records import TERMINAL, RunRecord
+from fleet.run.state import decode_record
+from fleet.run.usage import UsageKey, UsageReport
+from fleet.scheduling.submission import Admitted
+from fleet.settings import Settings
+from fleet.surfaces.client import FleetClient
+from fleet.surfaces.views import TenantReport
 from fleet.tenants import Caller
 
 
 class AsyncFleetClient:
-    """Submits and follows agent runs of one fleet from asyncio code."""
+    """Submits and follows agent runs of one fleet from asyncio code, as one tenant."""
 
-    def __init__(self, settings: Settings | None = None, *, sync: FleetClient | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, tenant: str | None = None, admin: bool = False,
+                 sync: FleetClient | None = None) -> None:
         """Args:
             settings: the fleet's settings; built from ``FLEET_*`` variables when None.
-            sync: a synchronous client to submit and cancel through (one is made when None;
-                it is closed by :meth:`close` only if it was made here).
+            tenant: the tenant it acts as; ``FLEET_TENANT`` when None.
+            admin: an operator's client, which sees every tenant.
+            sync: a synchronous client to act through (one is made when None, with ``tenant``
+                and ``admin``; it is closed by :meth:`close` only if it was made here).
         """
         self.settings = settings or (sync.settings if sync is not None else Settings())
         self._own_sync = sync is None
-        self.sync = sync or FleetClient(self.settings)
+        self.sync = sync or FleetClient(self.settings, tenant=tenant, admin=admin)
         self.keys = self.settings.keys
-        self.redis: aioredis.Redis = self.settings.async_redis()
+        self.redis: aioredis.Redis = async_redis_client(self.settings)
 
     @property
     def caller(self) -> Caller:
@@ -73,38 +86,57 @@ class AsyncFleetClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # --- writes (through the synchronous door) --------------------------------------
-    async def submit(
-        self,
-        agent: str,
-        input: dict[str, Any] | None = None,
-        *,
-        priority: PriorityClass = "interactive",
-        deadline_s: float | None = None,
-        idempotency_key: str | None = None,
-        session_id: str | None = None,
-        stream: bool = False,
-        budget_tokens: int | None = None,
-        budget_cost: float | None = None,
-    ) -> str:
-        """Submit a run; returns its id (the existing run's id for a repeated idempotency key).
-        ``budget_tokens`` and ``budget_cost`` override the agent's budget.
+    # --- through the synchronous client ------------------------------------------------
+    async def submit(self, agent: str, input: dict[str, Any] | None = None, **options: Any) -> str:
+        """Submit a run (see :meth:`FleetClient.submit`); returns its id."""
+        return await asyncio.to_thread(self.sync.submit, agent, input, **options)
 
-        Raises:
-            InvalidSubmission: the agent, the input or an option is invalid (nothing queued).
-            Overloaded: the fleet sheds load; retry after ``retry_after_s``.
-        """
-        return await asyncio.to_thread(
-            self.sync.submit, agent, input, priority=priority, deadline_s=deadline_s,
-            idempotency_key=idempotency_key, session_id=session_id, stream=stream,
-            budget_tokens=budget_tokens, budget_cost=budget_cost,
-        )
+    async def submit_many(self, subs: list[dict[str, Any]], batch_id: str | None = None) -> list[Admitted]:
+        """Submit many runs at once (see :meth:`FleetClient.submit_many`)."""
+        return await asyncio.to_thread(self.sync.submit_many, subs, batch_id)
+
+    async def batch_status(self, batch_id: str) -> BatchStatus:
+        """A batch job's runs counted by status. Raises :class:`RunNotFound`."""
+        return await asyncio.to_thread(self.sync.batch_status, batch_id)
 
     async def cancel(self, run_id: str) -> bool:
         """Cancel a run; False when it had already ended. Raises :class:`RunNotFound`."""
         return await asyncio.to_thread(self.sync.cancel, run_id)
 
-    # --- reads ----------------------------------------------------------------------
+    async def usage(self, by: UsageKey = "agent", since_s: float = 86400.0) -> UsageReport:
+        """Tokens, time and estimated cost (see :meth:`FleetClient.usage`)."""
+        return await asyncio.to_thread(self.sync.usage, by, since_s)
+
+    async def session(self, session_id: str) -> list[dict[str, Any]]:
+        """The turns of one of this tenant's sessions. Raises :class:`RunNotFound`."""
+        return await asyncio.to_thread(self.sync.session, session_id)
+
+    async def tenants(self, window_s: float = 900.0) -> TenantReport:
+        """The tenants' view (see :meth:`FleetClient.tenants`)."""
+        return await asyncio.to_thread(self.sync.tenants, window_s)
+
+    async def dlq_list(self, agent: str | None = None, step: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Dead-letter entries, newest first."""
+        return await asyncio.to_thread(self.sync.dlq_list, agent, step, limit)
+
+    async def dlq_get(self, entry_id: str) -> tuple[DeadLetter, list[dict[str, Any]]]:
+        """One entry and its replays."""
+        return await asyncio.to_thread(self.sync.dlq_get, entry_id)
+
+    async def dlq_replay(self, entry_id: str, patch: dict[str, Any] | None = None) -> str:
+        """Re-run the entry's run from its failed step."""
+        return await asyncio.to_thread(self.sync.dlq_replay, entry_id, patch)
+
+    async def dlq_replay_all(self, agent: str | None = None, step: str | None = None,
+                             patch: dict[str, Any] | None = None, limit: int = 10_000) -> list[str]:
+        """Replay every open entry matching the filter; returns the run ids."""
+        return await asyncio.to_thread(self.sync.dlq_replay_all, agent, step, patch, limit)
+
+    async def dlq_purge(self, older_than_s: float | None = None) -> int:
+        """Delete entries older than ``older_than_s`` seconds (all when None)."""
+        return await asyncio.to_thread(self.sync.dlq_purge, older_than_s)
+
+    # --- reads of runs, on the event loop ------------------------------------------------
     async def get(self, run_id: str) -> RunRecord:
         """The run's record. Raises :class:`RunNotFound`."""
         pipe = self.redis.pipeline(transaction=False)
@@ -124,7 +156,7 @@ class AsyncFleetClient:
         pipe.hmget(self.keys.run(run_id), ["status", "tenant"])
         queued, (status, tenant) = await pipe.execute()
         if queued is not None:
-            return self.caller.sees(decode_record(read_reply(run_id, queued, {})).tenant)
+            return self.caller.sees(decode_record(read_reply(run_id, queued, {}) or {}).tenant)
         return status is not None and self.caller.sees(tenant)
 
     async def wait(self, run_id: str, timeout: float = 60.0) -> RunRecord:

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fleet.scheduling.admission import Admitted
+from fleet.scheduling.submission import Admitted
 from fleet.surfaces.client import FleetClient
 from fleet.errors import IdempotencyConflict, InvalidSubmission, Overloaded
 from fleet.core.payload import parse_json

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from fleet.core import tracing
-from fleet.scheduling.admission import Admission, Admitted, parse_submission
+from fleet.scheduling.admission import Admission
+from fleet.scheduling.submission import Admitted, submission
 from fleet.run.agent import AgentDef, load_agents
 from fleet.scheduling.backlog import Backlog
 from fleet.run.cancel import announce
@@ -28,7 +29,8 @@ from fleet.errors import RunNotFound
 from fleet.run.follow import Event, Follow, Gone, drive
 from fleet.run.jobs import BatchJobs, BatchStatus
 from fleet.scheduling.replay import Replayer
-from fleet.run.records import TERMINAL, RunRecord, RunStore
+from fleet.run.records import TERMINAL, RunRecord
+from fleet.run.store import RunStore
 from fleet.settings import PriorityClass, Settings
 from fleet.tenants import Caller
 from fleet.run.tools import load_tool_modules
@@ -78,10 +80,14 @@ class FleetClient:
         view.caller = caller
         return view
 
-    def check_owner(self, run_id: str) -> None:
-        """Raise :class:`RunNotFound` unless the run exists and this caller may see it."""
+    def exists(self, run_id: str) -> bool:
+        """Whether the run has a record this client may see."""
         tenant = self.store.tenant(run_id)
-        if tenant is None or not self.caller.sees(tenant):
+        return tenant is not None and self.caller.sees(tenant)
+
+    def _check_owner(self, run_id: str) -> None:
+        """Raise :class:`RunNotFound` unless the run exists and this caller may see it."""
+        if not self.exists(run_id):
             raise RunNotFound(f"no run '{run_id}'")
 
     def __enter__(self) -> "FleetClient":
@@ -90,39 +96,25 @@ class FleetClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(
-        self,
-        agent: str,
-        input: dict[str, Any] | None = None,
-        *,
-        priority: PriorityClass = "interactive",
-        deadline_s: float | None = None,
-        idempotency_key: str | None = None,
-        session_id: str | None = None,
-        stream: bool = False,
-        budget_tokens: int | None = None,
-        budget_cost: float | None = None,
-    ) -> str:
-        """Submit a run; returns its id (the existing run's id for a repeated idempotency key).
+    def submit(self, agent: str, input: dict[str, Any] | None = None, **options: Any) -> str:
+        """Submit a run of ``agent``; returns its id (the existing run's id for a repeated
+        idempotency key).
 
-        ``budget_tokens`` and ``budget_cost`` override the agent's budget: the run ends
-        ``budget_exceeded`` before a model call its budget leaves nothing for.
+        ``options`` are those of :class:`~fleet.scheduling.submission.Submission`: ``priority``
+        (interactive or batch), ``deadline_s``, ``idempotency_key``, ``session_id``, ``stream``,
+        ``budget_tokens`` and ``budget_cost`` (which override the agent's budget: the run ends
+        ``budget_exceeded`` before a model call its budget leaves nothing for).
 
         Raises:
             InvalidSubmission: the agent, the input or an option is invalid (nothing queued).
             Overloaded: the fleet sheds load; retry after ``retry_after_s``.
         """
-        sub = parse_submission({
-            "agent": agent, "input": input if input is not None else {}, "priority": priority,
-            "deadline_s": deadline_s, "idempotency_key": idempotency_key,
-            "session_id": session_id, "stream": stream, "budget_tokens": budget_tokens, "budget_cost": budget_cost,
-        })
-        run_id, _ = self._admission.submit(sub, self.caller.tenant)
+        run_id, _ = self._admission.submit(submission(agent, input, **options), self.caller.tenant)
         return run_id
 
     def submit_many(self, subs: list[dict[str, Any]], batch_id: str | None = None) -> list[Admitted]:
         """Submit many runs at once (each a dict of :meth:`submit`'s arguments: ``agent``,
-        ``input``, ``priority``, ...); one :class:`~fleet.scheduling.admission.Admitted` per item, in order.
+        ``input``, ``priority``, ...); one :class:`~fleet.scheduling.submission.Admitted` per item, in order.
 
         A bad item gets its error (``InvalidSubmission`` naming the field, ``IdempotencyConflict``,
         ``Overloaded`` for those the batch depth had no room for); the good ones are admitted.
@@ -154,7 +146,7 @@ class FleetClient:
 
         Returns False when the run had already ended. Raises :class:`RunNotFound`.
         """
-        self.check_owner(run_id)
+        self._check_owner(run_id)
         cancelled = self.store.end(run_id, "cancelled", error={"type": "RunCancelled", "message": "cancelled by request"})
         if cancelled:
             announce(self.store, run_id)  # workers cancel its model call now
@@ -180,7 +172,7 @@ class FleetClient:
     def entries(self, run_id: str, after: str = "0", timeout: float | None = None) -> Iterator[tuple[str, dict[str, str]]]:
         """``(stream id, event)`` pairs of the run after ``after``, until it ends (see
         :mod:`fleet.run.follow`) or ``timeout`` seconds pass. Raises :class:`RunNotFound`."""
-        self.check_owner(run_id)
+        self._check_owner(run_id)
         follow = Follow(self.settings.keys)
         for found in drive(self.store.redis, follow.keys, follow.until_end(run_id, after, timeout)):
             if isinstance(found, Gone):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fleet.ops import launch
 from fleet.settings import Settings
+from fleet.connections import redis_client
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
         src = root / "in.jsonl"
         src.write_text("".join(json.dumps({"id": i, "input": {"topic": f"document {i}: " + "x" * 100}}) + "\n"
                                for i in range(args.lines)))
-        r = settings.redis()
+        r = redis_client(settings)
         cmd = [sys.executable, "-m", "fleet.surfaces.cli", "batch", "run", str(src), "--agent", "writer",
                "--out", str(root / "out.jsonl"), "--json"]
         t0 = time.perf_counter()

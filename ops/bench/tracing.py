@@ -194,7 +194,7 @@ def _step_calls(n: int) -> float:
                                                    "fleet.attempt": 1})
             with tracing.model_call("medium_zero", 1) as span:
                 tracing.grpc_metadata()
-                tracing.model_result(span, gen)
+                tracing.model_result(span, gen.tokens_in, gen.tokens_out, gen.finish_reason, gen.ttft_s)
             nxt: dict = {}
             tracing.inject_message(nxt)
         headers = nxt

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fleet.ops import launch
-from fleet.scheduling.admission import LoadShedder
+from fleet.scheduling.forecast import Forecaster
 from fleet.scheduling.capacity import Capacity
 from fleet.errors import Overloaded
 from fleet.inference.replicas import ReplicaBoard
@@ -200,8 +200,8 @@ def test_a_replica_lost_under_load_loses_no_run_tightens_admission_and_rejoins(
         at_kill = board(f)["r1"].inflight
         replicas.kill(1)
         wait_for(lambda: not board(f)["r1"].up, "the fleet seeing the replica down")
-        shedder = LoadShedder(f.settings, Capacity(f.settings, f.client.store.redis))
-        capacity_down = shedder.state("interactive")["pool_capacity"]
+        forecaster = Forecaster(f.settings, Capacity(f.settings, f.client.store.redis))
+        capacity_down = forecaster.forecast("interactive").pool_capacity
         counts = tally(f.client, ids, timeout=180)
         moved = sum(s.failovers for r in ids for s in f.client.get(r).steps)
         reliability_report("Triton replica killed (1 of 2)", **counts,
@@ -216,7 +216,7 @@ def test_a_replica_lost_under_load_loses_no_run_tightens_admission_and_rejoins(
         runs = [f.client.wait(r, timeout=120) for r in later]
         assert all(r.status == "succeeded" for r in runs)
         assert {r.steps[0].replica for r in runs} == {"r0", "r1"}  # it serves again
-        assert shedder.state("interactive")["pool_capacity"] == 2 * CAPACITY
+        assert forecaster.forecast("interactive").pool_capacity == 2 * CAPACITY
     finally:
         close_fleet(f)
 
@@ -240,7 +240,7 @@ def test_a_burst_beyond_what_the_pool_can_serve_in_time_is_refused_at_once_with_
             msg = str(exc)
             assert "interactive queue" in msg and "1 of 1 replicas up" in msg and "retry in" in msg
         assert all(r.status in ("succeeded", "expired") for r in runs)
-        ledger = LoadShedder(f.settings, Capacity(f.settings, f.client.store.redis)).admitted
-        assert ledger.ahead(time.time()) == 0  # every admitted run left the ledger when it ended
+        ledger = Forecaster(f.settings, Capacity(f.settings, f.client.store.redis)).admitted
+        assert ledger.forecast(time.time(), 1, None).ahead == 0  # every admitted run left the ledger when it ended
     finally:
         close_fleet(f)

@@ -15,6 +15,7 @@ from tests.support.dev_engine import engine
 generate = engine.generate
 from fleet.run.template import render
 from fleet.inference.triton import TritonClient
+from fleet.run.view import template_view
 
 from ..conftest import model_metrics
 
@@ -167,7 +168,7 @@ def test_state_view_matches_what_steps_saw(fleet):
     run_id = fleet.client.submit("calculator", {"question": "What is 6 * 7?"})
     run = fleet.client.wait(run_id, timeout=60)
     state = fleet.client.store.load(run_id)
-    view = state.view(0, fleet.client.agents["calculator"].loop_of("answer"))
+    view = template_view(state, 0, fleet.client.agents["calculator"].loop_of("answer"))
     assert view["steps"]["act"] == 42
     assert state.input == {"question": "What is 6 * 7?"}
     assert run.result == "The answer is 42."

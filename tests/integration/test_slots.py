@@ -16,6 +16,7 @@ import pytest
 from fleet.errors import DeadlineExceeded
 from fleet.inference.replicas import ReplicaBoard
 from fleet.inference.slots import LEASE_TTL_S, Lease, Slots
+from fleet.connections import redis_client
 
 from ..conftest import TritonInfo, make_settings
 
@@ -34,7 +35,7 @@ def pool(redis_url):
         overrides.setdefault("triton_replicas", TWO)
         settings, _ = make_settings(redis_url, TritonInfo("127.0.0.1:1", "127.0.0.1:2"), f"p{uuid.uuid4().hex[:8]}",
                                     **overrides)
-        slots = Slots(settings, settings.redis())
+        slots = Slots(settings, redis_client(settings))
         board = ReplicaBoard(settings, slots.redis)
         for name in slots.replicas:
             board.mark_up(name, capacity)

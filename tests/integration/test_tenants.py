@@ -24,7 +24,8 @@ from fleet.surfaces.cli import main as cli
 from fleet.surfaces.client import FleetClient
 from fleet.errors import IdempotencyConflict, QuotaExceeded, RunNotFound
 from fleet.surfaces.gateway import create_gateway
-from fleet.scheduling.quotas import DAY_S, QuotaGate
+from fleet.run.usage import DAY_S
+from fleet.scheduling.quotas import QuotaGate
 
 from ..conftest import REPO, close_fleet, new_fleet
 

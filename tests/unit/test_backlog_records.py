@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 from fleet.surfaces.batch import job_id
-from fleet.run.records import RunRecord, compact, decode_record, from_compact, hash_fields
+from fleet.run.codec import compact, from_compact, hash_fields
+from fleet.run.records import RunRecord
+from fleet.run.state import decode_record
 
 
 def _record(**extra) -> RunRecord:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from fleet.scheduling.admission import parse_submission
+from fleet.scheduling.submission import parse_submission
 from fleet.surfaces.batch import parse_line
 from fleet.surfaces.cli import main
 from fleet.errors import InvalidSubmission

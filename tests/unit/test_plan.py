@@ -9,10 +9,12 @@ import pytest
 from fleet.run.agent import load_agents
 from fleet.broker.app import create_app
 from fleet.errors import PermanentError
-from fleet.run.plan import build_chain, parse_tool_call, remaining_steps
-from fleet.run.records import RunState
+from fleet.broker.chains import build_chain
+from fleet.run.plan import parse_tool_call, remaining_steps
+from fleet.run.state import RunState
 from fleet.settings import Settings
 from fleet.run.template import render
+from fleet.run.view import template_view
 
 AGENTS = load_agents()
 SETTINGS = Settings(_env_file=None, queue_prefix="x.")
@@ -63,10 +65,10 @@ def test_state_view_builds_the_loop_transcript():
         "out:solve_act#1": json.dumps(2),
     }
     run = RunState(raw)
-    view = run.view(2, solver.loop_of("solve_think"))
+    view = template_view(run, 2, solver.loop_of("solve_think"))
     assert view["loop"]["transcript"] == 'Action: {"input": "1+1", "tool": "calculator"}\nObservation: 2'
     assert view["steps"]["solve_act"] == 2
-    first = run.view(1, solver.loop_of("solve_think"))
+    first = template_view(run, 1, solver.loop_of("solve_think"))
     assert first["loop"]["transcript"] == ""
 
 

@@ -12,12 +12,13 @@ import pytest
 from fleet.run.agent import load_agents
 from fleet.errors import DeadlineExceeded, PermanentError, TransientError
 from fleet.run.follow import Ended, Event, Follow, Gone, Read, Statuses, is_end
-from fleet.steps.hooks import Delivery, StepContext, StopStep
+from fleet.steps.context import Delivery, StepContext, StopStep
 from fleet.steps.hooks.guards import POISON_MAX_DELIVERIES, DeadlineGuard, KnownStepGuard, PoisonGuard, TerminalGuard
 from fleet.keys import Keys
 from fleet.run.plan import Exhausted, Finished, StepPos, is_skipped, next_step
 from fleet.steps.retries import RetryPolicy
-from fleet.run.records import StepRecord, RunState
+from fleet.run.records import StepRecord
+from fleet.run.state import RunState
 
 AGENTS = load_agents()
 
@@ -38,7 +39,7 @@ def _state(agent: str, status: str = "running", deadline_in_s: float = 60.0, **o
 
 def _ctx(run: RunState, step: str = "plan", deliveries: int = 1) -> StepContext:
     agent = AGENTS.get(run.agent)
-    ctx = StepContext(rt=None, delivery=Delivery(run.id, step, 0), run=run, agent=agent, key=step,  # type: ignore[arg-type]
+    ctx = StepContext(delivery=Delivery(run.id, step, 0), run=run, agent=agent, key=step,
                       deliveries=deliveries)
     if agent is not None:
         try:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from fleet.scheduling.admission import Submission, fingerprint
-from fleet.scheduling.quotas import seconds_to_day_end, utc_day
+from fleet.scheduling.submission import Submission, fingerprint
+from fleet.run.usage import seconds_to_day_end, utc_day
 from fleet.settings import Settings
 from fleet.tenants import DEFAULT_TENANT, OPERATOR, Caller, Quotas
 from fleet.surfaces.views import tenant_rows

@@ -39,7 +39,7 @@ def test_off_nothing_is_imported_and_every_call_returns_at_once():
     code = """
 import json, sys
 from fleet.core import tracing
-from fleet.steps.hooks import default_hooks
+from fleet.steps.runtime import build_runtime
 from fleet.settings import Settings
 import fleet.surfaces.client, fleet.surfaces.gateway, fleet.steps.worker, fleet.steps.bodies, fleet.inference.triton
 on = tracing.configure(Settings(_env_file=None), "probe", environ={})
@@ -52,7 +52,7 @@ tracing_modules = [m for m in sys.modules if m.startswith("opentelemetry")
                    and any(part in m for part in ("trace", "exporter", "propagat"))]
 print(json.dumps({"on": on, "otel": sorted(tracing_modules),
                   "headers": headers, "metadata": tracing.grpc_metadata(), "same": same,
-                  "hooks": [type(h).__name__ for h in default_hooks()]}))
+                  "hooks": [type(h).__name__ for h in build_runtime(Settings(_env_file=None)).hooks]}))
 """
     env = {"PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, env=env)

@@ -4,30 +4,27 @@ estimate that in-flight runs count with (see :mod:`fleet.scheduling.backlog`).""
 
 from __future__ import annotations
 
-from fleet.scheduling.backlog import Backlog
-from fleet.steps.hooks import Hook, StepContext
 from fleet.run.records import RunRecord
+from fleet.run.store import PipeCommand
+from fleet.scheduling.backlog import Backlog
+from fleet.steps.context import StepContext
+from fleet.steps.hooks import Hook
 
 
 class FairShare(Hook):
-    def __init__(self) -> None:
-        self._backlog: Backlog | None = None
+    def __init__(self, backlog: Backlog) -> None:
+        self.backlog = backlog
 
-    def _backlog_of(self, ctx: StepContext) -> Backlog:
-        if self._backlog is None:  # one per worker process, on its store's connection
-            self._backlog = Backlog(ctx.rt.settings, ctx.rt.store.redis)
-        return self._backlog
-
-    def commit_with(self, ctx: StepContext) -> list[tuple[str, tuple]]:
+    def commit_with(self, ctx: StepContext) -> list[PipeCommand]:
         record, step = ctx.record, ctx.step
         if (record is None or step is None or step.kind != "llm" or ctx.run.priority != "batch"
                 or record.status == "skipped" or not record.model_s):
             return []
-        return self._backlog_of(ctx).charge_commands(ctx.rt.store.run_key(ctx.run_id), record, ctx.run.tenant)
+        return [self.backlog.charge_command(ctx.run_id, record, ctx.run.tenant)]
 
     def on_run_end(self, ctx: StepContext, run: RunRecord) -> None:
         if run.priority != "batch":
             return
         model_s = sum(s.model_s or 0.0 for s in run.steps)
         if model_s > 0:
-            self._backlog_of(ctx).record_run(model_s)
+            self.backlog.record_run(model_s)

@@ -6,8 +6,8 @@
   a permanent error (dead-lettered), never a loop.
 - :class:`DeadlineGuard`: the run is past its deadline: the step is not executed and the
   run expires; no model call is made for an answer nobody waits for.
-- :class:`PoisonGuard`: the step's message was delivered :data:`POISON_MAX_DELIVERIES`
-  times without finishing (it keeps killing its worker): dead-lettered instead of looping.
+- :class:`PoisonGuard`: the step's message was delivered ``max_deliveries`` times without
+  finishing (it keeps killing its worker): dead-lettered instead of looping.
 
 A redelivered step whose output is already committed is not stopped by the deadline or
 poison guards: the pipeline goes straight on to what follows it.
@@ -18,7 +18,8 @@ from __future__ import annotations
 import time
 
 from fleet.errors import DeadlineExceeded, PermanentError
-from fleet.steps.hooks import Hook, StepContext, StopStep
+from fleet.steps.context import StepContext, StopStep
+from fleet.steps.hooks import Hook
 
 # How many times one message may be delivered without finishing (its worker died each
 # time) before it is dead-lettered instead of being handed out again.
@@ -46,9 +47,12 @@ class DeadlineGuard(Hook):
 
 
 class PoisonGuard(Hook):
+    def __init__(self, max_deliveries: int = POISON_MAX_DELIVERIES) -> None:
+        self.max_deliveries = max_deliveries
+
     def check_started(self, ctx: StepContext) -> None:
-        if ctx.deliveries > POISON_MAX_DELIVERIES:
+        if ctx.deliveries > self.max_deliveries:
             raise PermanentError(
-                f"step was delivered {POISON_MAX_DELIVERIES} times without finishing "
+                f"step was delivered {self.max_deliveries} times without finishing "
                 "(it keeps killing its worker)"
             )

@@ -7,7 +7,8 @@ import sentry_sdk
 
 from fleet.core import tracing
 from fleet.run.deadletter import DeadLetter
-from fleet.steps.hooks import Hook, StepContext
+from fleet.steps.context import StepContext
+from fleet.steps.hooks import Hook
 from fleet.ops.sentry import report_dead_letter
 
 

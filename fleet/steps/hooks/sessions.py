@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from fleet.steps.hooks import Hook, StepContext
 from fleet.run.records import RunRecord
 from fleet.run.sessions import Sessions
+from fleet.steps.context import StepContext
+from fleet.steps.hooks import Hook
 
 
 class SessionTurns(Hook):
+    def __init__(self, sessions: Sessions) -> None:
+        self.sessions = sessions
+
     def on_run_end(self, ctx: StepContext, run: RunRecord) -> None:
         if run.status == "succeeded" and run.session_id:
-            Sessions(ctx.rt.settings, ctx.rt.store.redis).append(run.tenant, run.session_id, run.id, run.input, run.result)
+            self.sessions.append(run.tenant, run.session_id, run.id, run.input, run.result)

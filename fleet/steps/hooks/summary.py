@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from fleet.steps.hooks import Hook, StepContext
+from fleet.steps.context import StepContext
+from fleet.steps.hooks import Hook
 from fleet.run.records import RunRecord
 
 log = logging.getLogger(__name__)

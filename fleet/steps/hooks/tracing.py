@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from fleet.core import tracing
 from fleet.run.deadletter import DeadLetter
-from fleet.steps.hooks import Hook, StepContext
+from fleet.steps.context import StepContext
+from fleet.steps.hooks import Hook
 from fleet.run.records import RunRecord
 
 

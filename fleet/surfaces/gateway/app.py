@@ -15,7 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_s
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fleet.core import tracing
-from fleet.scheduling.admission import Admission, Submission
+from fleet.scheduling.admission import Admission
+from fleet.scheduling.submission import Submission
 from fleet.surfaces.batch import idempotency_key
 from fleet.surfaces.aio import AsyncFleetClient
 from fleet.surfaces.client import FleetClient
