@@ -147,6 +147,24 @@ _PERMANENT_MESSAGE = re.compile(
 )
 
 
+def from_rpc_error(code: str, details: str, *, where: str, budget_s: float, cancelled: bool = False) -> FleetError:
+    """Map a failed gRPC call to a Triton replica (``where``) onto a fleet error.
+
+    A call past its deadline is :class:`DeadlineExceeded` (``budget_s`` was its budget); one
+    cancelled because its run was cancelled is :class:`RunCancelled`; a replica that cannot be
+    reached is :class:`ReplicaUnavailable` (another replica can serve the call); the rest as
+    :func:`from_triton_status` says.
+    """
+    name = code.rsplit(".", 1)[-1].upper()
+    if name == "DEADLINE_EXCEEDED":
+        return DeadlineExceeded(f"model call exceeded its {budget_s:.1f}s budget")
+    if name == "CANCELLED" and cancelled:
+        return RunCancelled("run cancelled during generation")
+    if name == "UNAVAILABLE":
+        return ReplicaUnavailable(f"triton at {where}: {details or name}")
+    return from_triton_status(name, details)
+
+
 def from_triton_message(message: str) -> FleetError:
     """Map an in-band Triton stream error (text without a code) to a fleet error."""
     if _PERMANENT_MESSAGE.search(message):

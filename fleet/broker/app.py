@@ -9,10 +9,9 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import before_task_publish
-from kombu import Queue
 
 from fleet.core import tracing
-from fleet.broker.queues import all_queues
+from fleet.broker.queues import all_queues, declared_queues
 from fleet.settings import Settings
 
 
@@ -72,7 +71,8 @@ def create_app(settings: Settings) -> Celery:
         # off: they would cost a publish per step on the hot path and Flower does not need them.
         worker_send_task_events=True,
         task_send_sent_event=False,
-        task_queues=[Queue(name) for name in all_queues(settings)],
+        # Each queue with its own exchange and routing key (fleet.broker.queues).
+        task_queues=declared_queues(settings),
         task_default_queue=all_queues(settings)[0],
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,

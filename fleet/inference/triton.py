@@ -21,7 +21,9 @@ import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
-from fleet.errors import DeadlineExceeded, ReplicaUnavailable, RunCancelled, from_triton_message, from_triton_status
+from fleet.core import tracing
+from fleet.errors import (DeadlineExceeded, ReplicaUnavailable, RunCancelled, from_rpc_error, from_triton_message,
+                          from_triton_status)
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +220,30 @@ class TritonClient:
         if timeout_s <= 0:
             raise DeadlineExceeded("no time left for the model call")
         self._await_connection(timeout_s)
+        req = self._request(prompt, sampling, model=model, priority=priority, timeout_s=timeout_s,
+                            request_id=request_id, stream=stream)
+        if metadata is None:
+            metadata = tracing.grpc_metadata()  # None while tracing is off
+        started = time.monotonic()
+        call = self._stub.ModelStreamInfer(iter([req]), timeout=timeout_s, metadata=metadata)
+        if bind is not None:
+            bind(call)
+        try:
+            return self._read(call, prompt, started, stream=stream, on_token=on_token, cancelled=cancelled,
+                              traced=bool(metadata))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc.code().name, exc.details() or "", where=self.url, budget_s=timeout_s,
+                                 cancelled=cancelled is not None and cancelled()) from None
+        finally:
+            call.cancel()  # no-op when complete; frees the stream when we stop early
+
+    def _request(self, prompt: str, sampling: dict[str, Any], *, model: str, priority: int, timeout_s: float,
+                 request_id: str, stream: bool) -> service_pb2.ModelInferRequest:
+        """The request, in the vLLM backend's tensors (its optional flags only where declared)."""
         declared = self._model_inputs(model)
         req = service_pb2.ModelInferRequest(model_name=model, id=request_id)
         req.parameters["priority"].uint64_param = priority
-        # Triton's own queue timeout, in microseconds; the gRPC deadline below bounds the rest.
+        # Triton's own queue timeout, in microseconds; the gRPC deadline bounds the rest.
         req.parameters["timeout"].int64_param = int(timeout_s * 1_000_000)
         _bytes_input(req, "text_input", prompt)
         _bool_input(req, "stream", stream)
@@ -230,63 +252,45 @@ class TritonClient:
         for flag in _OPTIONAL_FLAGS:
             if flag in declared:
                 _bool_input(req, flag, True)
+        return req
 
-        if metadata is None:
-            from fleet.core.tracing import grpc_metadata  # None while tracing is off
-
-            metadata = grpc_metadata()
-        started = time.monotonic()
-        call = self._stub.ModelStreamInfer(iter([req]), timeout=timeout_s, metadata=metadata)
-        if bind is not None:
-            bind(call)
+    def _read(self, call: Any, prompt: str, started: float, *, stream: bool,
+              on_token: Callable[[str], None] | None, cancelled: Callable[[], bool] | None,
+              traced: bool) -> Generation:
+        """The generation, read from the call's responses as they come."""
         pieces: list[str] = []
         ttft: float | None = None
         tokens_in = tokens_out = 0
         finish: str | None = None
-        try:
-            for response in call:
-                if response.error_message:
-                    raise from_triton_message(response.error_message)
-                result = InferResult(response.infer_response)
-                text = _first(result, "text_output")
-                if text:
-                    if ttft is None and stream:
-                        ttft = time.monotonic() - started
-                    pieces.append(text)
-                    if on_token is not None:
-                        on_token(text)
-                n_in, n_out = _first(result, "num_input_tokens"), _first(result, "num_output_tokens")
-                tokens_in = int(n_in) if n_in is not None else tokens_in
-                if n_out is not None:
-                    tokens_out += int(n_out)
-                elif text:  # a backend without token counts: one token per streamed piece
-                    tokens_out += 1 if stream else len(text.split())
-                finish = _first(result, "finish_reason") or finish
-                final = response.infer_response.parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
-                    if metadata:  # traced: Triton's spans of this request are wanted
-                        _let_end(call)
-                    break
-                if cancelled is not None and cancelled():
-                    call.cancel()
-                    raise RunCancelled("run cancelled during generation")
-        except grpc.RpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded(f"model call exceeded its {timeout_s:.1f}s budget") from None
-            if code == grpc.StatusCode.CANCELLED and cancelled is not None and cancelled():
-                raise RunCancelled("run cancelled during generation") from None
-            if code == grpc.StatusCode.UNAVAILABLE:
-                # The connection to this replica failed or broke: another replica can serve it.
-                raise ReplicaUnavailable(f"triton at {self.url}: {exc.details() or code.name}") from None
-            raise from_triton_status(code.name, exc.details() or "") from None
-        finally:
-            call.cancel()  # no-op when complete; frees the stream when we stop early
-        if not tokens_in:
-            tokens_in = len(prompt.split())
+        for response in call:
+            if response.error_message:
+                raise from_triton_message(response.error_message)
+            result = InferResult(response.infer_response)
+            text = _first(result, "text_output")
+            if text:
+                if ttft is None and stream:
+                    ttft = time.monotonic() - started
+                pieces.append(text)
+                if on_token is not None:
+                    on_token(text)
+            n_in, n_out = _first(result, "num_input_tokens"), _first(result, "num_output_tokens")
+            tokens_in = int(n_in) if n_in is not None else tokens_in
+            if n_out is not None:
+                tokens_out += int(n_out)
+            elif text:  # a backend without token counts: one token per streamed piece
+                tokens_out += 1 if stream else len(text.split())
+            finish = _first(result, "finish_reason") or finish
+            final = response.infer_response.parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                if traced:  # Triton's spans of this request are wanted
+                    _let_end(call)
+                break
+            if cancelled is not None and cancelled():
+                call.cancel()
+                raise RunCancelled("run cancelled during generation")
         return Generation(
             text="".join(pieces),
-            tokens_in=tokens_in,
+            tokens_in=tokens_in or len(prompt.split()),
             tokens_out=tokens_out,
             finish_reason=finish,
             ttft_s=ttft,

@@ -40,6 +40,7 @@ from fleet.steps.hooks import Hook
 from fleet.run.plan import Exhausted, Finished, StepPos, is_skipped, next_step, result_of, step_index
 from fleet.core.redis_full import is_redis_full, wait_for_room
 from fleet.run.records import RunStatus, StepRecord, step_key
+from fleet.run.store import PipeCommand
 from fleet.steps.runtime import Runtime
 from fleet.settings import PriorityClass
 from fleet.run.view import template_view
@@ -174,7 +175,8 @@ class StepPipeline:
         assert record is not None  # noqa: S101
         record.finished_at = time.time()
         record.duration_s = record.finished_at - (record.started_at or record.finished_at)
-        extra = [("delete", (self._deliveries_key(ctx),))]
+        deliveries = self._deliveries_key(ctx)
+        extra: list[PipeCommand] = [lambda pipe: pipe.delete(deliveries)]  # this delivery finished
         for hook in self.hooks:
             extra += hook.commit_with(ctx)
         if self._holding(ctx, lambda: self.store.finish_step(ctx.run_id, record, ctx.output, *extra)):

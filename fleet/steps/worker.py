@@ -47,10 +47,14 @@ def _on_ready(sender, **_: object) -> None:  # noqa: ANN001
     from fleet.scheduling.dispatch import Dispatcher
     from fleet.inference.monitor import PoolMonitor
     from fleet.scheduling.reconcile import Reconciler
-    from fleet.broker.queues import worker_queues
+    from fleet.broker.queues import drop_stale_bindings, worker_queues
     from fleet.steps.runtime import runtime_for
 
     rt = runtime_for(settings)
+    dropped = drop_stale_bindings(settings, rt.store.redis)
+    if dropped:
+        log.warning("dropped %d binding(s) of the fleet's exchanges to other queues (left by an older "
+                    "declaration: a publish by exchange would have copied messages into every queue)", dropped)
     queues = [q.name for q in sender.task_consumer.queues]
     Presence(rt.capacity, sender.hostname, queues, sender.controller.concurrency).start()
     Reconciler(settings, app, rt.agents, rt.store).loop().start()

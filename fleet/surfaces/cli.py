@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import click
 
@@ -119,22 +120,44 @@ def _print_ending(run) -> None:  # noqa: ANN001
         click.echo(f"error: {run.error.get('type')}: {run.error.get('message')}")
 
 
+# Flags whose name is not the Submission field's (spelled with dashes).
+_FLAGS = {"deadline_s": "--deadline"}
+
+
+def _click_type(annotation: Any) -> Any:
+    """The click type of a Submission field: its non-None type, a choice for a Literal."""
+    kind = annotation
+    if get_origin(annotation) in (Union, UnionType):
+        kind = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(kind) is Literal:
+        return click.Choice(list(get_args(kind)))
+    return kind
+
+
+def submission_options(func: Any) -> Any:
+    """The options of a submission, from :class:`~fleet.scheduling.submission.Submission` (its
+    fields, types and descriptions): one model for the clients, the gateway and the CLI."""
+    from fleet.scheduling.submission import OPTIONS, Submission
+
+    for name in reversed(OPTIONS):
+        field = Submission.model_fields[name]
+        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+        kind = _click_type(field.annotation)
+        if kind is bool:
+            func = click.option(flag, name, is_flag=True, default=None, help=field.description)(func)
+        else:
+            func = click.option(flag, name, type=kind, default=None, help=field.description)(func)
+    return func
+
+
 @main.command()
 @click.argument("agent")
 @click.option("--input", "input_json", default="{}", help="The run input, a JSON object.")
-@click.option("--priority", type=click.Choice(["interactive", "batch"]), default="interactive")
-@click.option("--deadline", "deadline_s", type=float, default=None, help="Seconds from now.")
-@click.option("--idempotency-key", default=None)
-@click.option("--budget-tokens", type=int, default=None,
-              help="Most tokens (in + out) the run's model calls may use (overrides the agent's budget).")
-@click.option("--budget-cost", type=float, default=None,
-              help="Most estimated cost the run's model calls may use (overrides the agent's budget).")
+@submission_options
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the run to end and print it.")
 @click.option("--timeout", type=float, default=120.0, help="How long --wait waits, in seconds.")
 @click.option("--json", "as_json", is_flag=True)
-def submit(agent: str, input_json: str, priority: str, deadline_s: float | None,
-           idempotency_key: str | None, budget_tokens: int | None, budget_cost: float | None, wait_: bool,
-           timeout: float, as_json: bool) -> None:
+def submit(agent: str, input_json: str, wait_: bool, timeout: float, as_json: bool, **options: Any) -> None:
     """Submit a run of AGENT."""
 
     from fleet.core.payload import parse_json
@@ -143,11 +166,10 @@ def submit(agent: str, input_json: str, priority: str, deadline_s: float | None,
         data = parse_json(input_json, "input")
     except InvalidSubmission as exc:
         _fail(_bad_option("input", exc), as_json, 2, field=exc.field)
+    given = {name: value for name, value in options.items() if value is not None}
     try:
         with _client() as client:
-            run_id = client.submit(agent, data, priority=priority, deadline_s=deadline_s,  # type: ignore[arg-type]
-                                   idempotency_key=idempotency_key, budget_tokens=budget_tokens,
-                                   budget_cost=budget_cost)
+            run_id = client.submit(agent, data, **given)
             if not wait_:
                 _emit({"run_id": run_id}) if as_json else click.echo(run_id)
                 return

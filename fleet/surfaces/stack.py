@@ -81,72 +81,28 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
             f"refusing to listen on {settings.bind_address} without authentication: "
             "set FLEET_FLOWER_BASIC_AUTH and FLEET_API_KEYS"
         )
-    env: dict[str, str] = {}
-    if "FLEET_REDIS_URL" in os.environ and launch.redis_answers(settings.redis_url):
-        say(f"redis      reusing {settings.redis_url}")
-        redis_url = settings.redis_url
-    else:
-        # A password even on loopback: every local process can reach a loopback port.
-        redis_url = launch.start_redis(procs, data / "redis", password=launch.new_secret())
-        say(f"redis      started on {redis_url.rpartition('@')[2]} with a generated password "
-            f"(AOF in {data / 'redis'}; the URL is in {STACK_ENV})")
-    env["FLEET_REDIS_URL"] = redis_url
-
-    if "FLEET_TRITON_GRPC_URL" in os.environ and TritonClient(settings.triton_grpc_url).model_ready(settings.triton_model):
-        say(f"triton     reusing {settings.triton_grpc_url} (model {settings.triton_model} ready)")
-    else:
-        say("triton     starting tritonserver with the dev model ...")
-        # With tracing on, Triton's own spans (queue, compute) join each run's trace.
-        trace = (launch.triton_trace_args(tracing.traces_url(os.environ))
-                 if tracing.wanted(settings.tracing, os.environ) else None)
-        ep = launch.start_triton(procs, data / "triton", [settings.triton_model], address=settings.bind_address,
-                                 trace=trace)
-        env.update(FLEET_TRITON_GRPC_URL=ep.grpc_url, FLEET_TRITON_HTTP_URL=ep.http_url,
-                   FLEET_TRITON_METRICS_URL=ep.metrics_url)
-        say(f"triton     ready: grpc {ep.grpc_url}, http {ep.http_url}, model {settings.triton_model}"
-            + (f", traces to {tracing.traces_url(os.environ)}" if trace else ""))
-
+    # What the stack's processes (and CLI commands beside it) are told, on top of the environment.
+    env = {"FLEET_REDIS_URL": _redis(settings, procs, data, say), **_triton(settings, procs, data, say)}
     # Flower's login: the operator's, or one made for this stack (shown below, kept in
     # stack.env for the CLI beside it).
     flower_auth = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else None
     if flower_auth is None:
         flower_auth = f"fleet:{launch.new_secret(12)}"
         env["FLEET_FLOWER_BASIC_AUTH"] = flower_auth
-    # Secrets inside (the Redis password, Flower's login): readable by its owner only.
-    launch.write_private(STACK_ENV, "".join(f"{k}={v}\n" for k, v in env.items()))
-    os.environ.update(env)
-    stack_settings = Settings()
-    host = socket.gethostname()
-    # Workers share this host: each serves its /metrics on a port of its own.
-    metrics_ports = {name: launch.free_port() for name in ("inference-interactive", "inference-shared", "tools")}
-
-    def worker_env(name: str) -> dict[str, str]:
-        return {**env, "FLEET_METRICS_PORT": str(metrics_ports[name])}
-
-    nodes = [
-        # Capacity only interactive work can use: however deep the batch backlog, these
-        # threads are free for the next interactive step.
-        launch.start_worker(procs, "inference-interactive", worker_queues(stack_settings, "llm", ("interactive",)),
-                            "threads", stack_settings.inference_interactive_concurrency,
-                            worker_env("inference-interactive"), node=f"inference-interactive@{host}"),
-        # Shared capacity: takes interactive first (queue order), batch otherwise.
-        launch.start_worker(procs, "inference-shared", worker_queues(stack_settings, "llm"), "threads",
-                            stack_settings.inference_concurrency, worker_env("inference-shared"),
-                            node=f"inference-shared@{host}"),
-        launch.start_worker(procs, "tools", worker_queues(stack_settings, "tool"), "prefork",
-                            stack_settings.tool_concurrency, worker_env("tools"), node=f"tools@{host}"),
-    ]
+    stack_settings = Settings(**{**_as_init(env), "_env_file": None})
+    nodes, metrics_ports = _workers(stack_settings, procs, env)
     port = _port_or_free(settings.bind_address, stack_settings.flower_port)
     flower = launch.start_flower(procs, port, settings.bind_address, flower_auth, env=env)
     flower_url = f"http://{settings.bind_address}:{port}"
     gateway_port = _port_or_free(settings.bind_address, stack_settings.gateway_port)
-    gateway = procs.start("gateway", [sys.executable, "-m", "fleet.surfaces.cli", "gateway", "--host", settings.bind_address,
-                                      "--port", str(gateway_port)],
-                         # Here its /metrics stays on the API port (loopback, no keys).
-                         env={k: v for k, v in env.items() if k != "FLEET_METRICS_PORT"})
+    gateway = procs.start("gateway", [sys.executable, "-m", "fleet.surfaces.cli", "gateway", "--host",
+                                      settings.bind_address, "--port", str(gateway_port)], env=env)
     gateway_url = f"http://{settings.bind_address}:{gateway_port}"
-    # CLI commands beside the stack find Flower and the gateway where they really listen.
-    launch.write_private(STACK_ENV, STACK_ENV.read_text() + f"FLEET_FLOWER_PORT={port}\nFLEET_GATEWAY_PORT={gateway_port}\n")
+    # Secrets inside (the Redis password, Flower's login): readable by its owner only. CLI
+    # commands beside the stack find it, Flower and the gateway where they really listen.
+    env.update(FLEET_FLOWER_PORT=str(port), FLEET_GATEWAY_PORT=str(gateway_port))
+    launch.write_private(STACK_ENV, "".join(f"{k}={v}\n" for k, v in env.items()))
+    stack_settings = Settings(**{**_as_init(env), "_env_file": None})
     app = create_app(stack_settings)
     for node in nodes:
         launch.wait_until(lambda n=node: launch.worker_answers(app, n), 60, f"worker {node}",
@@ -162,6 +118,66 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
         say(f"metrics    {name} http://{settings.bind_address}:{metrics_port}/metrics")
     say(f"logs       {procs.log_dir}/")
     return Stack(stack_settings, procs, flower_url)
+
+
+def _as_init(env: dict[str, str]) -> dict[str, str]:
+    """``FLEET_*`` variables as settings' field names (the environment supplies the rest)."""
+    return {k.removeprefix("FLEET_").lower(): v for k, v in env.items() if k.startswith("FLEET_")}
+
+
+def _redis(settings: Settings, procs: launch.Processes, data: Path, say) -> str:  # noqa: ANN001
+    """The stack's Redis: the one ``FLEET_REDIS_URL`` names if it answers, else one started here."""
+    if "FLEET_REDIS_URL" in os.environ and launch.redis_answers(settings.redis_url):
+        say(f"redis      reusing {settings.redis_url}")
+        return settings.redis_url
+    # A password even on loopback: every local process can reach a loopback port.
+    url = launch.start_redis(procs, data / "redis", password=launch.new_secret())
+    say(f"redis      started on {url.rpartition('@')[2]} with a generated password "
+        f"(AOF in {data / 'redis'}; the URL is in {STACK_ENV})")
+    return url
+
+
+def _triton(settings: Settings, procs: launch.Processes, data: Path, say) -> dict[str, str]:  # noqa: ANN001
+    """The stack's Triton: the one ``FLEET_TRITON_GRPC_URL`` names if its model is ready, else
+    one started here with the dev model (its endpoints, as variables)."""
+    if "FLEET_TRITON_GRPC_URL" in os.environ and TritonClient(settings.triton_grpc_url).model_ready(settings.triton_model):
+        say(f"triton     reusing {settings.triton_grpc_url} (model {settings.triton_model} ready)")
+        return {}
+    say("triton     starting tritonserver with the dev model ...")
+    # With tracing on, Triton's own spans (queue, compute) join each run's trace.
+    trace = (launch.triton_trace_args(tracing.traces_url(os.environ))
+             if tracing.wanted(settings.tracing, os.environ) else None)
+    ep = launch.start_triton(procs, data / "triton", [settings.triton_model], address=settings.bind_address,
+                             trace=trace)
+    say(f"triton     ready: grpc {ep.grpc_url}, http {ep.http_url}, model {settings.triton_model}"
+        + (f", traces to {tracing.traces_url(os.environ)}" if trace else ""))
+    return {"FLEET_TRITON_GRPC_URL": ep.grpc_url, "FLEET_TRITON_HTTP_URL": ep.http_url,
+            "FLEET_TRITON_METRICS_URL": ep.metrics_url}
+
+
+def _workers(settings: Settings, procs: launch.Processes, env: dict[str, str]) -> tuple[list[str], dict[str, int]]:
+    """The stack's workers (their node names) and the ports their metrics are served on."""
+    host = socket.gethostname()
+    # Workers share this host: each serves its /metrics on a port of its own.
+    ports = {name: launch.free_port() for name in ("inference-interactive", "inference-shared", "tools")}
+
+    def worker_env(name: str) -> dict[str, str]:
+        return {**env, "FLEET_METRICS_PORT": str(ports[name])}
+
+    nodes = [
+        # Capacity only interactive work can use: however deep the batch backlog, these
+        # threads are free for the next interactive step.
+        launch.start_worker(procs, "inference-interactive", worker_queues(settings, "llm", ("interactive",)),
+                            "threads", settings.inference_interactive_concurrency,
+                            worker_env("inference-interactive"), node=f"inference-interactive@{host}"),
+        # Shared capacity: takes interactive first (queue order), batch otherwise.
+        launch.start_worker(procs, "inference-shared", worker_queues(settings, "llm"), "threads",
+                            settings.inference_concurrency, worker_env("inference-shared"),
+                            node=f"inference-shared@{host}"),
+        launch.start_worker(procs, "tools", worker_queues(settings, "tool"), "prefork",
+                            settings.tool_concurrency, worker_env("tools"), node=f"tools@{host}"),
+    ]
+    return nodes, ports
 
 
 def run_demo(settings: Settings, say=print) -> int:  # noqa: ANN001

@@ -20,7 +20,7 @@ from fleet.surfaces.gateway import create_gateway
 from fleet.scheduling.reconcile import Reconciler
 from fleet.broker.queues import queue_name
 
-from ..conftest import Fleet, close_fleet, new_fleet
+from .conftest import Fleet, close_fleet, new_fleet
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ import pytest
 from fleet.ops import launch
 from fleet.surfaces.batch import BatchRunner
 
-from ..conftest import close_fleet, new_fleet
+from .conftest import close_fleet, new_fleet
 
 pytestmark = pytest.mark.integration
 

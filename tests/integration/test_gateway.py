@@ -25,7 +25,7 @@ from fleet.errors import InvalidSubmission, RunNotFound
 from fleet.surfaces.gateway import create_gateway
 from fleet.broker.queues import all_queues
 
-from ..conftest import close_fleet, new_fleet
+from .conftest import close_fleet, new_fleet
 
 pytestmark = pytest.mark.integration
 

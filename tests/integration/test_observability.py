@@ -23,7 +23,7 @@ from fleet.ops import launch
 from fleet.surfaces.client import FleetClient
 from fleet.broker.queues import all_queues
 
-from ..conftest import TEST_AGENTS_AND_TOOLS, Fleet, make_settings
+from .conftest import TEST_AGENTS_AND_TOOLS, Fleet, make_settings
 from ..support.sentry_server import SentryRecorder, sentry_server, tags_of
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from fleet.surfaces.client import FleetClient
 from fleet.errors import Overloaded
 from fleet.run.records import TERMINAL
 
-from ..conftest import REPO, TEST_SIM_PARAMS, Fleet, TritonInfo, make_settings, tally
+from .conftest import REPO, TEST_SIM_PARAMS, Fleet, TritonInfo, make_settings, tally
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ from fleet.scheduling.capacity import Capacity
 from fleet.errors import Overloaded
 from fleet.inference.replicas import ReplicaBoard
 
-from ..conftest import TEST_AGENTS_AND_TOOLS, Fleet, TritonInfo, close_fleet, make_settings, tally
+from .conftest import TEST_AGENTS_AND_TOOLS, Fleet, TritonInfo, close_fleet, make_settings, tally
 
 pytestmark = pytest.mark.integration
 

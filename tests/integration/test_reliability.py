@@ -21,7 +21,7 @@ from tests.support.dev_engine import engine
 generate = engine.generate
 from fleet.run.template import render
 
-from ..conftest import Fleet, close_fleet, new_fleet, running_fleet, tally
+from .conftest import Fleet, close_fleet, new_fleet, running_fleet, tally
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from fleet.run.template import render
 from fleet.inference.triton import TritonClient
 from fleet.run.view import template_view
 
-from ..conftest import model_metrics
+from .conftest import model_metrics
 
 pytestmark = pytest.mark.integration
 

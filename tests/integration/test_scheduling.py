@@ -12,7 +12,7 @@ import pytest
 from fleet.errors import Overloaded
 from fleet.inference.replicas import ReplicaBoard
 
-from ..conftest import Fleet, close_fleet, new_fleet
+from .conftest import Fleet, close_fleet, new_fleet
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from fleet.inference.replicas import ReplicaBoard
 from fleet.inference.slots import LEASE_TTL_S, Lease, Slots
 from fleet.connections import redis_client
 
-from ..conftest import TritonInfo, make_settings
+from .conftest import TritonInfo, make_settings
 
 pytestmark = pytest.mark.integration
 

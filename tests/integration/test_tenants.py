@@ -27,7 +27,7 @@ from fleet.surfaces.gateway import create_gateway
 from fleet.run.usage import DAY_S
 from fleet.scheduling.quotas import QuotaGate
 
-from ..conftest import REPO, close_fleet, new_fleet
+from .conftest import REPO, close_fleet, new_fleet
 
 pytestmark = pytest.mark.integration
 

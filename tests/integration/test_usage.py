@@ -23,7 +23,7 @@ from fleet.broker.queues import all_queues
 from fleet.run.records import RunRecord
 from fleet.run.usage import UsageReport, UsageRow
 
-from ..conftest import Fleet, close_fleet, new_fleet
+from .conftest import Fleet, close_fleet, new_fleet
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Error mapping, routing and settings: the one-place rules."""
+"""Error mapping: Triton statuses and stream errors onto the fleet's errors, in one place."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from fleet.errors import (
     from_triton_status,
     is_retryable,
 )
-from fleet.broker.queues import all_queues, queue_name, worker_queues
-from fleet.settings import Settings
 
 
 @pytest.mark.parametrize("code", ["UNAVAILABLE", "StatusCode.UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "SOMETHING_NEW"])
@@ -50,26 +48,3 @@ def test_in_band_stream_errors_that_are_permanent(message):
 @pytest.mark.parametrize("message", ["simulated transient failure", "engine overloaded, try later", "model not ready"])
 def test_in_band_stream_errors_that_are_transient(message):
     assert isinstance(from_triton_message(message), TransientError)
-
-
-def test_queue_names_and_worker_order():
-    s = Settings(_env_file=None, queue_prefix="p.")
-    assert queue_name(s, "llm", "interactive") == "p.llm.interactive"
-    assert all_queues(s) == ["p.llm.interactive", "p.llm.batch", "p.tool.interactive", "p.tool.batch"]
-    assert worker_queues(s, "llm") == ["p.llm.interactive", "p.llm.batch"]
-    assert worker_queues(s, "llm", ("batch", "interactive")) == ["p.llm.interactive", "p.llm.batch"]
-    assert worker_queues(s, "tool", ("interactive",)) == ["p.tool.interactive"]
-
-
-def test_settings_refuse_a_visibility_timeout_shorter_than_a_step():
-    with pytest.raises(ValueError, match="must exceed FLEET_STEP_TIME_LIMIT_S"):
-        Settings(_env_file=None, step_time_limit_s=600, visibility_timeout_s=300)
-
-
-def test_settings_from_environment(monkeypatch):
-    monkeypatch.setenv("FLEET_INTERACTIVE_DEADLINE_S", "12.5")
-    monkeypatch.setenv("FLEET_TOOL_MODULES", '["a.b"]')
-    s = Settings(_env_file=None)
-    assert s.deadline_s("interactive") == 12.5
-    assert s.tool_modules == ["a.b"]
-    assert s.triton_priority("interactive") < s.triton_priority("batch")

@@ -101,7 +101,7 @@ class Fleet:
         return f"http://127.0.0.1:{port}/metrics"
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # Agents and tools that fail or stall on purpose, next to the built-in ones.
 TEST_AGENTS_AND_TOOLS = {
     "tool_modules": '["tests.support.faulty_tools"]',

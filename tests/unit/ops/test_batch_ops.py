@@ -14,7 +14,7 @@ from fleet.run.agent import load_agents
 from fleet.surfaces.batch import parse_line
 from fleet.errors import InvalidSubmission
 
-OPS = Path(__file__).resolve().parents[2] / "ops" / "batch"
+OPS = Path(__file__).resolve().parents[3] / "ops" / "batch"
 
 
 @pytest.fixture
