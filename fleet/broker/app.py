@@ -10,8 +10,8 @@ from typing import Any
 from celery import Celery
 from celery.signals import before_task_publish
 
-from fleet.core import tracing
 from fleet.broker.queues import all_queues, declared_queues
+from fleet.core import tracing
 from fleet.settings import Settings
 
 

@@ -25,8 +25,8 @@ import redis
 
 from fleet.core.loops import BackgroundLoop, Leadership
 from fleet.inference.replicas import ReplicaBoard, ReplicaState, check, engine_state
-from fleet.settings import ReplicaSpec, Settings
 from fleet.inference.triton import TritonClient
+from fleet.settings import ReplicaSpec, Settings
 
 log = logging.getLogger(__name__)
 

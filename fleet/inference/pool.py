@@ -29,13 +29,13 @@ from typing import Any
 
 import redis
 
-from fleet.run.cancel import CancelScope
-from fleet.errors import ReplicaUnavailable
 from fleet.core.listener import Listener
+from fleet.errors import ReplicaUnavailable
 from fleet.inference.replicas import ReplicaBoard, check
-from fleet.settings import PriorityClass, Settings
 from fleet.inference.slots import Slots
 from fleet.inference.triton import Generation, TritonClient
+from fleet.run.cancel import CancelScope
+from fleet.settings import PriorityClass, Settings
 
 log = logging.getLogger(__name__)
 

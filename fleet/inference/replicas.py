@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import redis
 
 from fleet.errors import ReplicaUnavailable
-from fleet.settings import PRIORITY_CLASSES, ReplicaSpec, Settings
 from fleet.inference.slots import LEASE_TTL_S
 from fleet.inference.triton import TritonClient
+from fleet.settings import PRIORITY_CLASSES, ReplicaSpec, Settings
 
 log = logging.getLogger(__name__)
 

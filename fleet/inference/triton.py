@@ -22,8 +22,14 @@ from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
 from fleet.core import tracing
-from fleet.errors import (DeadlineExceeded, ReplicaUnavailable, RunCancelled, from_rpc_error, from_triton_message,
-                          from_triton_status)
+from fleet.errors import (
+    DeadlineExceeded,
+    ReplicaUnavailable,
+    RunCancelled,
+    from_rpc_error,
+    from_triton_message,
+    from_triton_status,
+)
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fleet.broker.app import SENT_AT_HEADER
-from fleet.scheduling.quotas import QuotaGate
-from fleet.inference.replicas import ReplicaBoard
 from fleet.broker.queues import all_queues
-from fleet.settings import PRIORITY_CLASSES, Settings
 from fleet.connections import redis_client
+from fleet.inference.replicas import ReplicaBoard
+from fleet.scheduling.quotas import QuotaGate
+from fleet.settings import PRIORITY_CLASSES, Settings
 
 log = logging.getLogger(__name__)
 

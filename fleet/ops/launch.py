@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import IO
 
 import redis
-from fleet.connections import redis_at
 
+from fleet.connections import redis_at
 
 log = logging.getLogger(__name__)
 

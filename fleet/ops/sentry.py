@@ -25,8 +25,8 @@ from celery import signals
 from celery.exceptions import Retry
 from sentry_sdk.integrations.celery import CeleryIntegration
 
-from fleet.run.deadletter import DeadLetter
 from fleet.errors import TransientError
+from fleet.run.deadletter import DeadLetter
 from fleet.settings import Settings
 
 log = logging.getLogger(__name__)

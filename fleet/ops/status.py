@@ -3,21 +3,20 @@ backlog, workers."""
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import redis
 
-from fleet.scheduling.forecast import Forecaster
+from fleet.broker.queues import all_queues
+from fleet.connections import redis_client
+from fleet.inference.replicas import ReplicaBoard
+from fleet.inference.triton import TritonClient
+from fleet.ops.gauges import oldest_age_s
 from fleet.scheduling.backlog import Backlog
 from fleet.scheduling.capacity import Capacity
-from fleet.ops.gauges import oldest_age_s
-from fleet.inference.replicas import ReplicaBoard
-from fleet.broker.queues import all_queues
+from fleet.scheduling.forecast import Forecaster
 from fleet.settings import PRIORITY_CLASSES, Settings
-from fleet.inference.triton import TritonClient
-from fleet.connections import redis_client
 
 
 def collect(settings: Settings) -> dict[str, Any]:

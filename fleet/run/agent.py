@@ -36,8 +36,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
 
-from fleet.run.budget import Budget
 from fleet.errors import FleetError, InvalidSubmission
+from fleet.run.budget import Budget
 from fleet.run.template import PLACEHOLDER
 
 MAX_LOOP_ITERATIONS = 50

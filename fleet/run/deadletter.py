@@ -15,9 +15,9 @@ from typing import Any
 import redis
 from pydantic import BaseModel, Field
 
+from fleet.connections import redis_client
 from fleet.settings import PriorityClass, Settings
 from fleet.tenants import DEFAULT_TENANT
-from fleet.connections import redis_client
 
 
 class DeadLetter(BaseModel):

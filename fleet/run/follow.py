@@ -1,8 +1,9 @@
 """Following runs' events until they end: one rule for every reader.
 
-The sync client (``FleetClient.events`` and ``wait``), the asyncio client (and through it
-the gateway's server-sent events) and the batch runner all follow runs with
-:class:`Follow`. The rule, for any number of runs on one connection:
+The sync client (``FleetClient.events`` and ``wait``) and the asyncio client (and through it
+the gateway's server-sent events) follow runs with :class:`Follow`. (A batch job of thousands
+of runs reads their statuses in pipelined chunks instead, :mod:`fleet.surfaces.batch`: one
+stream per run would cost a read per run.) The rule, for any number of runs on one connection:
 
 - each run's events are read after its cursor (``XREAD``, blocking up to a second; the
   first read after a run is added does not block);

@@ -13,8 +13,8 @@ from typing import Any
 
 import redis
 
-from fleet.settings import Settings
 from fleet.run.template import as_text
+from fleet.settings import Settings
 
 
 class Sessions:

@@ -24,8 +24,20 @@ from fleet.connections import redis_client
 from fleet.core import lua
 from fleet.errors import RunNotFound
 from fleet.keys import active_field
-from fleet.run.codec import (ENDING_FIELDS, JSON_FIELDS, OUT, STEP, compact, encode_fields, from_compact,
-                             hash_fields, read_commands, read_reply, status_commands, status_reply)
+from fleet.run.codec import (
+    ENDING_FIELDS,
+    JSON_FIELDS,
+    OUT,
+    STEP,
+    compact,
+    encode_fields,
+    from_compact,
+    hash_fields,
+    read_commands,
+    read_reply,
+    status_commands,
+    status_reply,
+)
 from fleet.run.records import TERMINAL, RunRecord, RunStatus, StepRecord, parse_step_key, step_key
 from fleet.run.state import RunState, decode_record
 from fleet.settings import Settings

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from fleet.connections import redis_client
 from fleet.core import lua
 from fleet.run.codec import step_field
 from fleet.tenants import DEFAULT_TENANT
-from fleet.connections import redis_client
 
 if TYPE_CHECKING:  # pragma: no cover
     import redis

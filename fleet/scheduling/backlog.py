@@ -38,7 +38,6 @@ import redis
 
 from fleet.core import lua
 from fleet.run.codec import step_field
-
 from fleet.run.records import StepRecord
 from fleet.settings import Settings
 

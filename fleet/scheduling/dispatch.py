@@ -26,16 +26,16 @@ import time
 
 from celery import Celery
 
+from fleet.broker.queues import queue_name
 from fleet.core import tracing
-from fleet.scheduling.admission import Admission
+from fleet.core.loops import BackgroundLoop, Leadership
 from fleet.run.agent import AgentDef
+from fleet.run.records import TERMINAL, RunRecord
+from fleet.run.sessions import Sessions
+from fleet.run.store import RunStore
+from fleet.scheduling.admission import Admission
 from fleet.scheduling.backlog import Backlog, Popped
 from fleet.scheduling.capacity import Capacity
-from fleet.core.loops import BackgroundLoop, Leadership
-from fleet.broker.queues import queue_name
-from fleet.run.records import TERMINAL, RunRecord
-from fleet.run.store import RunStore
-from fleet.run.sessions import Sessions
 from fleet.settings import Settings
 
 log = logging.getLogger(__name__)

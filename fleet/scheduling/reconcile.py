@@ -19,13 +19,13 @@ import time
 
 from celery import Celery
 
+from fleet.broker.chains import build_chain
+from fleet.broker.queues import all_queues
 from fleet.core import tracing
 from fleet.core.loops import BackgroundLoop, Leadership
-from fleet.run.agent import AgentDef
 from fleet.errors import RunNotFound
-from fleet.broker.chains import build_chain
+from fleet.run.agent import AgentDef
 from fleet.run.plan import StepPos, next_step, remaining_steps
-from fleet.broker.queues import all_queues
 from fleet.run.state import RunState
 from fleet.run.store import RunStore
 from fleet.settings import Settings

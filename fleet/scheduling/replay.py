@@ -18,11 +18,11 @@ from typing import Any
 
 from celery import Celery
 
+from fleet.broker.chains import build_chain
 from fleet.core import tracing
+from fleet.errors import InvalidSubmission, RunNotFound
 from fleet.run.agent import AgentDef
 from fleet.run.deadletter import DeadLetter, DeadLetters
-from fleet.errors import InvalidSubmission, RunNotFound
-from fleet.broker.chains import build_chain
 from fleet.run.plan import StepPos, next_step, remaining_steps
 from fleet.run.records import RunRecord, step_key
 from fleet.run.store import RunStore

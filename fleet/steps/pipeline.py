@@ -32,18 +32,18 @@ from typing import Any
 
 import redis
 
+from fleet.core.redis_full import is_redis_full, wait_for_room
+from fleet.errors import BudgetExceeded, DeadlineExceeded, FleetError, RunCancelled, RunNotFound
 from fleet.run.agent import AgentDef
 from fleet.run.deadletter import DeadLetter
-from fleet.errors import BudgetExceeded, DeadlineExceeded, FleetError, RunCancelled, RunNotFound
-from fleet.steps.context import Delivery, StepContext, StopStep
-from fleet.steps.hooks import Hook
 from fleet.run.plan import Exhausted, Finished, StepPos, is_skipped, next_step, result_of, step_index
-from fleet.core.redis_full import is_redis_full, wait_for_room
 from fleet.run.records import RunStatus, StepRecord, step_key
 from fleet.run.store import PipeCommand
-from fleet.steps.runtime import Runtime
-from fleet.settings import PriorityClass
 from fleet.run.view import template_view
+from fleet.settings import PriorityClass
+from fleet.steps.context import Delivery, StepContext, StopStep
+from fleet.steps.hooks import Hook
+from fleet.steps.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

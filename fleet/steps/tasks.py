@@ -20,16 +20,16 @@ from celery import Celery, Task, signature
 from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 
-from fleet.core import tracing
 from fleet.broker.app import SENT_AT_HEADER
+from fleet.broker.chains import build_chain, next_iteration_chain
+from fleet.core import tracing
+from fleet.core.redis_full import is_redis_full, wait_for_room
+from fleet.run.plan import StepPos
+from fleet.run.records import step_key
+from fleet.settings import Settings
 from fleet.steps.context import Delivery
 from fleet.steps.pipeline import Advance, Outcome, RetryLater, StepPipeline
-from fleet.broker.chains import build_chain, next_iteration_chain
-from fleet.run.plan import StepPos
-from fleet.core.redis_full import is_redis_full, wait_for_room
-from fleet.run.records import step_key
 from fleet.steps.runtime import runtime_for
-from fleet.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ def _on_init(sender, **_: object) -> None:  # noqa: ANN001, ARG001
     All must come before the children are forked and before task tracers are built (and
     tracing before the step hooks are chosen).
     """
-    from fleet.ops import metrics
     from fleet.core import tracing
+    from fleet.ops import metrics
     from fleet.ops.sentry import init_sentry
 
     if settings.metrics_port is not None:
@@ -42,12 +42,12 @@ def _on_ready(sender, **_: object) -> None:  # noqa: ANN001
     """Announce this worker's capacity, serve its metrics, sweep for stalled runs, take its
     turn dispatching the batch backlog, and (an inference worker) take its turn watching the
     inference pool's replicas."""
+    from fleet.broker.queues import drop_stale_bindings, worker_queues
+    from fleet.inference.monitor import PoolMonitor
     from fleet.ops import metrics
     from fleet.scheduling.capacity import Presence
     from fleet.scheduling.dispatch import Dispatcher
-    from fleet.inference.monitor import PoolMonitor
     from fleet.scheduling.reconcile import Reconciler
-    from fleet.broker.queues import drop_stale_bindings, worker_queues
     from fleet.steps.runtime import runtime_for
 
     rt = runtime_for(settings)

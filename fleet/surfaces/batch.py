@@ -51,17 +51,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from itertools import islice
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import IO, Any
 
+from fleet.core.payload import parse_json
+from fleet.errors import IdempotencyConflict, InvalidSubmission, Overloaded
+from fleet.run.records import TERMINAL, RunRecord
 from fleet.scheduling.submission import Admitted
 from fleet.surfaces.client import FleetClient
-from fleet.errors import IdempotencyConflict, InvalidSubmission, Overloaded
-from fleet.core.payload import parse_json
-from fleet.run.records import TERMINAL, RunRecord
 
 log = logging.getLogger(__name__)
 

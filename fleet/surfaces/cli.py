@@ -460,9 +460,9 @@ def dlq_purge(older_than: str | None, purge_all: bool, as_json: bool) -> None:
 @click.option("--port", type=int, default=None, help="Port to listen on (default: FLEET_GATEWAY_PORT).")
 def gateway(host: str | None, port: int | None) -> None:
     """Serve the HTTP gateway (API keys from FLEET_API_KEYS; without keys, loopback only)."""
-    from fleet.surfaces.gateway import InsecureBind, serve
     from fleet.logs import setup_logging
     from fleet.ops.sentry import init_sentry
+    from fleet.surfaces.gateway import InsecureBind, serve
 
     settings = Settings()
     setup_logging(settings.log_level, settings.log_format)
@@ -504,8 +504,8 @@ def batch_run(input_path: str, agent: str, out_path: str, max_in_flight: int | N
 
     import redis
 
-    from fleet.surfaces.batch import run_batch
     from fleet.logs import setup_logging
+    from fleet.surfaces.batch import run_batch
 
     def _stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # a scheduler's SIGTERM stops the job as cleanly as Ctrl-C

@@ -17,27 +17,27 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from fleet.core import tracing
-from fleet.scheduling.admission import Admission
-from fleet.scheduling.submission import Admitted, submission
-from fleet.run.agent import AgentDef, load_agents
-from fleet.scheduling.backlog import Backlog
-from fleet.run.cancel import announce
 from fleet.broker.app import create_app
-from fleet.run.deadletter import DeadLetter, DeadLetters
+from fleet.core import tracing
 from fleet.errors import RunNotFound
+from fleet.run.agent import AgentDef, load_agents
+from fleet.run.cancel import announce
+from fleet.run.deadletter import DeadLetter, DeadLetters
 from fleet.run.follow import Event, Follow, Gone, drive
 from fleet.run.jobs import BatchJobs, BatchStatus
-from fleet.scheduling.replay import Replayer
 from fleet.run.records import TERMINAL, RunRecord
-from fleet.run.store import RunStore
-from fleet.settings import PriorityClass, Settings
-from fleet.tenants import Caller
-from fleet.run.tools import load_tool_modules
-from fleet.scheduling.quotas import QuotaGate
 from fleet.run.sessions import Sessions
+from fleet.run.store import RunStore
+from fleet.run.tools import load_tool_modules
 from fleet.run.usage import UsageKey, UsageLedger, UsageReport, model_time
+from fleet.scheduling.admission import Admission
+from fleet.scheduling.backlog import Backlog
+from fleet.scheduling.quotas import QuotaGate
+from fleet.scheduling.replay import Replayer
+from fleet.scheduling.submission import Admitted, submission
+from fleet.settings import Settings
 from fleet.surfaces.views import TenantReport, tenant_rows
+from fleet.tenants import Caller
 
 
 class FleetClient:

@@ -12,13 +12,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet.ops import launch
-
-from fleet.core import tracing
 from fleet.broker.app import create_app
 from fleet.broker.queues import worker_queues
-from fleet.settings import Settings
+from fleet.core import tracing
 from fleet.inference.triton import TritonClient
+from fleet.ops import launch
+from fleet.settings import Settings
 
 log = logging.getLogger(__name__)
 

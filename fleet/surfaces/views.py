@@ -8,9 +8,9 @@ from typing import Any
 from pydantic import BaseModel, Field, create_model
 
 from fleet.run.agent import AgentDef
-from fleet.tenants import Quotas
 from fleet.run.records import RunRecord
 from fleet.surfaces.timeline import Timeline, timeline
+from fleet.tenants import Quotas
 
 # A run id as :func:`fleet.run.records.new_run_id` makes them: anything else names no run.
 RUN_ID_PATTERN = r"^[0-9a-f]{32}$"

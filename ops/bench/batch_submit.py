@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from fleet.connections import redis_client
 from fleet.ops import launch
 from fleet.settings import Settings
-from fleet.connections import redis_client
 
 
 def main() -> None:

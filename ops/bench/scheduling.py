@@ -54,13 +54,13 @@ import redis
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from fleet.ops import launch  # noqa: E402
-from fleet.surfaces.client import FleetClient  # noqa: E402
+from fleet.broker.queues import worker_queues  # noqa: E402
 from fleet.errors import Overloaded  # noqa: E402
 from fleet.inference.replicas import ReplicaBoard  # noqa: E402
-from fleet.broker.queues import worker_queues  # noqa: E402
+from fleet.ops import launch  # noqa: E402
 from fleet.run.records import TERMINAL  # noqa: E402
 from fleet.settings import Settings  # noqa: E402
+from fleet.surfaces.client import FleetClient  # noqa: E402
 
 # Pool shapes. saturated: the model is the bottleneck (few sequences, each one slowing the
 # others a lot, worker threads three times the capacity); default: the dev model timed like

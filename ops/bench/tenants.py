@@ -41,12 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scheduling as sched  # noqa: E402  (the pool shapes, the stack and the load generators)
 
-from fleet.ops import launch  # noqa: E402
-from fleet.scheduling.backlog import Backlog  # noqa: E402
-from fleet.surfaces.client import FleetClient  # noqa: E402
-from fleet.scheduling.dispatch import Dispatcher  # noqa: E402
 from fleet.broker.queues import queue_name  # noqa: E402
+from fleet.ops import launch  # noqa: E402
 from fleet.run.records import TERMINAL, RunRecord  # noqa: E402
+from fleet.scheduling.backlog import Backlog  # noqa: E402
+from fleet.scheduling.dispatch import Dispatcher  # noqa: E402
+from fleet.surfaces.client import FleetClient  # noqa: E402
 
 CHUNK = 1000
 INPUT = ("section {i} of the quarterly report: revenue, costs, hiring and the outlook for the next two "

@@ -40,14 +40,13 @@ import psutil
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from fleet.ops import launch  # noqa: E402
-
-from fleet.core import tracing  # noqa: E402
-from fleet.surfaces.client import FleetClient  # noqa: E402
-from fleet.inference.replicas import ReplicaBoard  # noqa: E402
 from fleet.broker.queues import worker_queues  # noqa: E402
-from fleet.settings import Settings  # noqa: E402
+from fleet.core import tracing  # noqa: E402
+from fleet.inference.replicas import ReplicaBoard  # noqa: E402
 from fleet.inference.triton import Generation  # noqa: E402
+from fleet.ops import launch  # noqa: E402
+from fleet.settings import Settings  # noqa: E402
+from fleet.surfaces.client import FleetClient  # noqa: E402
 
 ZERO = {"ttft_ms": 0, "prefill_ms_per_token": 0, "tpot_ms": 0, "load_factor": 0, "max_num_seqs": 256}
 STEPS = 10

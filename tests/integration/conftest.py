@@ -15,7 +15,6 @@ import os
 # gRPC's fork handlers then run in a child that only goes on to exec, and can crash it.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import socket
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from fleet.ops import launch
-from fleet.surfaces.client import FleetClient
 from fleet.broker.queues import worker_queues
+from fleet.ops import launch
 from fleet.settings import Settings
+from fleet.surfaces.client import FleetClient
+from tests.support.waiting import poll
 
 # Timing of the dev model in tests: a small medium model, so that suites stay fast while
 # batching and streaming are still visible.
@@ -167,14 +167,14 @@ def model_metrics(metrics_url: str, done: float | None = None, timeout_s: float 
     import urllib.request
 
     assert metrics_url, "the Triton under test has no metrics URL (set FLEET_TEST_TRITON_METRICS_URL)"
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def read() -> dict[str, float]:
         text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-        found = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                 if line.startswith(("vllm:", "medium_sim:")) and 'model="medium_sim"' in line}
-        if done is None or found.get("vllm:request_success_total", 0) >= done or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)  # the next publish of the model's metrics thread
+        return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith(("vllm:", "medium_sim:")) and 'model="medium_sim"' in line}
+
+    # The model publishes its metrics every 50 ms.
+    return poll(read, lambda found: done is None or found.get("vllm:request_success_total", 0) >= done, timeout_s)
 
 
 def tally(client: FleetClient, run_ids: list[str], timeout: float) -> dict[str, int]:

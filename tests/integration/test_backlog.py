@@ -12,13 +12,13 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from fleet.scheduling.backlog import Backlog
-from fleet.surfaces.client import FleetClient
-from fleet.scheduling.dispatch import Dispatcher
-from fleet.errors import IdempotencyConflict, InvalidSubmission, RunNotFound
-from fleet.surfaces.gateway import create_gateway
-from fleet.scheduling.reconcile import Reconciler
 from fleet.broker.queues import queue_name
+from fleet.errors import IdempotencyConflict, InvalidSubmission, RunNotFound
+from fleet.scheduling.backlog import Backlog
+from fleet.scheduling.dispatch import Dispatcher
+from fleet.scheduling.reconcile import Reconciler
+from fleet.surfaces.client import FleetClient
+from fleet.surfaces.gateway import create_gateway
 
 from .conftest import Fleet, close_fleet, new_fleet
 

@@ -18,12 +18,12 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from fleet.ops import launch
-from fleet.surfaces.aio import AsyncFleetClient
-from fleet.scheduling.backlog import Backlog
-from fleet.errors import InvalidSubmission, RunNotFound
-from fleet.surfaces.gateway import create_gateway
 from fleet.broker.queues import all_queues
+from fleet.errors import InvalidSubmission, RunNotFound
+from fleet.ops import launch
+from fleet.scheduling.backlog import Backlog
+from fleet.surfaces.aio import AsyncFleetClient
+from fleet.surfaces.gateway import create_gateway
 
 from .conftest import close_fleet, new_fleet
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -19,12 +18,12 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fleet.broker.queues import all_queues
 from fleet.ops import launch
 from fleet.surfaces.client import FleetClient
-from fleet.broker.queues import all_queues
 
-from .conftest import TEST_AGENTS_AND_TOOLS, Fleet, make_settings
 from ..support.sentry_server import SentryRecorder, sentry_server, tags_of
+from .conftest import TEST_AGENTS_AND_TOOLS, Fleet, make_settings
 
 pytestmark = pytest.mark.integration
 

@@ -14,10 +14,10 @@ import uuid
 import pytest
 import redis
 
-from fleet.ops import launch
-from fleet.surfaces.client import FleetClient
 from fleet.errors import Overloaded
+from fleet.ops import launch
 from fleet.run.records import TERMINAL
+from fleet.surfaces.client import FleetClient
 
 from .conftest import REPO, TEST_SIM_PARAMS, Fleet, TritonInfo, make_settings, tally
 

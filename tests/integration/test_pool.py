@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from fleet.ops import launch
-from fleet.scheduling.forecast import Forecaster
-from fleet.scheduling.capacity import Capacity
 from fleet.errors import Overloaded
 from fleet.inference.replicas import ReplicaBoard
+from fleet.ops import launch
+from fleet.scheduling.capacity import Capacity
+from fleet.scheduling.forecast import Forecaster
 
 from .conftest import TEST_AGENTS_AND_TOOLS, Fleet, TritonInfo, close_fleet, make_settings, tally
 

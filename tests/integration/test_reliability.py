@@ -15,7 +15,6 @@ import sys
 import pytest
 
 from fleet.ops import launch
-
 from tests.support.dev_engine import engine
 
 generate = engine.generate

@@ -13,10 +13,11 @@ import uuid
 
 import pytest
 
+from fleet.connections import redis_client
 from fleet.errors import DeadlineExceeded
 from fleet.inference.replicas import ReplicaBoard
 from fleet.inference.slots import LEASE_TTL_S, Lease, Slots
-from fleet.connections import redis_client
+from tests.support.waiting import wait_until
 
 from .conftest import TritonInfo, make_settings
 
@@ -75,19 +76,15 @@ def test_an_interactive_request_at_a_full_pool_takes_the_youngest_batch_slot_and
     for _ in range(8):
         held += take(slots, "batch", 1)
         time.sleep(0.002)  # distinct dispatch times (milliseconds in the lease)
-    heard: list[str] = []
     pubsub = slots.redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(slots.settings.keys.preempt_channel)
     lease = slots.try_acquire("interactive", uuid.uuid4().hex)
     assert isinstance(lease, Lease)
     youngest = held[-1]
     assert lease.victim == youngest.member and lease.replica == youngest.replica
-    deadline = time.monotonic() + 5
-    while not heard and time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=0.5)
-        if message:
-            heard.append(message["data"])
-    assert heard == [youngest.token]
+    message = wait_until(lambda: pubsub.get_message(timeout=0.5), 5, "the preemption on the preempt channel",
+                         interval_s=0)
+    assert message["data"] == youngest.token
     states = {s.name: s for s in ReplicaBoard(slots.settings, slots.redis).states()}
     assert states[youngest.replica].inflight == {"interactive": 1, "batch": 3}  # never past its capacity
     assert states[youngest.replica].preempted == 1

@@ -11,21 +11,20 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
 from click.testing import CliRunner
 
+from fleet.errors import IdempotencyConflict, QuotaExceeded, RunNotFound
 from fleet.ops import launch
+from fleet.run.usage import DAY_S
+from fleet.scheduling.quotas import QuotaGate
 from fleet.surfaces.aio import AsyncFleetClient
 from fleet.surfaces.cli import main as cli
 from fleet.surfaces.client import FleetClient
-from fleet.errors import IdempotencyConflict, QuotaExceeded, RunNotFound
 from fleet.surfaces.gateway import create_gateway
-from fleet.run.usage import DAY_S
-from fleet.scheduling.quotas import QuotaGate
 
 from .conftest import REPO, close_fleet, new_fleet
 

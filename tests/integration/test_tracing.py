@@ -13,14 +13,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleet.ops import launch
-
 from fleet.core import tracing
+from fleet.ops import launch
 from fleet.surfaces.client import FleetClient
 
-from .conftest import TEST_AGENTS_AND_TOOLS, TEST_SIM_PARAMS, Fleet, TritonInfo, make_settings
 from ..support.otlp import OtlpReceiver, Span, otlp_receiver
 from ..support.sentry_server import SentryRecorder, sentry_server, tags_of
+from .conftest import TEST_AGENTS_AND_TOOLS, TEST_SIM_PARAMS, Fleet, TritonInfo, make_settings
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fleet.broker.queues import all_queues
+from fleet.errors import InvalidSubmission
 from fleet.ops import launch
 from fleet.run.cost import Prices
-from fleet.errors import InvalidSubmission
-from fleet.broker.queues import all_queues
 from fleet.run.records import RunRecord
 from fleet.run.usage import UsageReport, UsageRow
 

@@ -23,7 +23,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from .http_server import local_server
 
-
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
 

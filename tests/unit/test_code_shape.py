@@ -31,8 +31,13 @@ def test_lua_lives_in_files_and_is_called_one_way():
         assert not re.search(r"\bredis\.call\(", text), f"{path}: Lua text inline in Python"
         assert not re.search(r"""\(\s*["']eval["']""", text), f"{path}: EVAL of a script's text"
     # Every script file is loaded by the module beside it.
-    import fleet.inference.slots, fleet.run.store, fleet.run.usage, fleet.scheduling.admitted  # noqa: E401, F401
-    import fleet.scheduling.backlog, fleet.scheduling.quotas, fleet.core.loops  # noqa: E401, F401
+    import fleet.core.loops
+    import fleet.inference.slots  # noqa: E401, F401
+    import fleet.run.store
+    import fleet.run.usage
+    import fleet.scheduling.admitted
+    import fleet.scheduling.backlog  # noqa: E401, F401
+    import fleet.scheduling.quotas
     loaded = {s.name for s in lua.scripts()}
     files = {p.stem for p in PACKAGE.rglob("*.lua") if p.parent.name != "lua_fragments"}
     assert files == loaded

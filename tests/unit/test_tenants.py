@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from fleet.scheduling.submission import Submission, fingerprint
 from fleet.run.usage import seconds_to_day_end, utc_day
+from fleet.scheduling.submission import Submission, fingerprint
 from fleet.settings import Settings
-from fleet.tenants import DEFAULT_TENANT, OPERATOR, Caller, Quotas
 from fleet.surfaces.views import tenant_rows
+from fleet.tenants import DEFAULT_TENANT, OPERATOR, Caller, Quotas
 
 TENANTS = ('[{"name": "acme", "weight": 3, "keys": ["acme-1", "acme-2"], "quotas": {"max_active_batch": 10,'
            ' "submissions_per_s": 5}}, {"name": "globex", "keys": ["globex-1"]}]')

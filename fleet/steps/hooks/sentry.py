@@ -6,10 +6,10 @@ from __future__ import annotations
 import sentry_sdk
 
 from fleet.core import tracing
+from fleet.ops.sentry import report_dead_letter
 from fleet.run.deadletter import DeadLetter
 from fleet.steps.context import StepContext
 from fleet.steps.hooks import Hook
-from fleet.ops.sentry import report_dead_letter
 
 
 class SentryReports(Hook):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from fleet.run.records import RunRecord
 from fleet.steps.context import StepContext
 from fleet.steps.hooks import Hook
-from fleet.run.records import RunRecord
 
 log = logging.getLogger(__name__)
 

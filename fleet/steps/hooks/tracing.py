@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from fleet.core import tracing
 from fleet.run.deadletter import DeadLetter
+from fleet.run.records import RunRecord
 from fleet.steps.context import StepContext
 from fleet.steps.hooks import Hook
-from fleet.run.records import RunRecord
 
 
 class StepSpans(Hook):

@@ -4,8 +4,15 @@ own exchange and routing key)."""
 from __future__ import annotations
 
 from fleet.broker.app import create_app
-from fleet.broker.queues import BINDING_SEP, all_queues, declared_queues, drop_stale_bindings, queue_name, \
-    stale_bindings, worker_queues
+from fleet.broker.queues import (
+    BINDING_SEP,
+    all_queues,
+    declared_queues,
+    drop_stale_bindings,
+    queue_name,
+    stale_bindings,
+    worker_queues,
+)
 from fleet.settings import Settings
 
 

@@ -9,13 +9,13 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+from fleet.core.payload import MAX_DEPTH, check_value, parse_json
+from fleet.errors import InvalidSubmission
 from fleet.scheduling.submission import parse_submission
+from fleet.settings import Settings
 from fleet.surfaces.batch import parse_line
 from fleet.surfaces.cli import main
-from fleet.errors import InvalidSubmission
 from fleet.surfaces.gateway import create_gateway
-from fleet.core.payload import MAX_DEPTH, check_value, parse_json
-from fleet.settings import Settings
 
 DEEP = '{"q": ' + "[" * 5000 + "]" * 5000 + "}"
 BAD = [

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from tests.support.dev_engine import engine
+from tests.support.dev_engine import engine as dev_engine
 
-(DEFAULT_MAX_TOKENS, INVALID_ARG, UNAVAILABLE, VOCABULARY, Engine, SimConfig, count_tokens, decide_fault, find_arithmetic, generate, parse_sampling_parameters, step_time_s, tokenize,) = (getattr(engine, name) for name in (
+(DEFAULT_MAX_TOKENS, INVALID_ARG, UNAVAILABLE, VOCABULARY, Engine, SimConfig, count_tokens, decide_fault, find_arithmetic, generate, parse_sampling_parameters, step_time_s, tokenize,) = (getattr(dev_engine, name) for name in (
     'DEFAULT_MAX_TOKENS', 'INVALID_ARG', 'UNAVAILABLE', 'VOCABULARY', 'Engine', 'SimConfig', 'count_tokens', 'decide_fault', 'find_arithmetic', 'generate', 'parse_sampling_parameters', 'step_time_s', 'tokenize',
 ))
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fleet.errors import InvalidSubmission
 from fleet.run.agent import load_agents
 from fleet.surfaces.batch import parse_line
-from fleet.errors import InvalidSubmission
 
 OPS = Path(__file__).resolve().parents[3] / "ops" / "batch"
 

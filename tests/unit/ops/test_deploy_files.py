@@ -501,9 +501,9 @@ def _fleet_metric_names() -> set[str]:
     gauges (collected once over a stand-in Redis)."""
     from prometheus_client.metrics import MetricWrapperBase
 
+    from fleet.inference.replicas import ReplicaState
     from fleet.ops import metrics
     from fleet.ops.gauges import FleetCollector
-    from fleet.inference.replicas import ReplicaState
 
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     names = set()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 from fleet.ops import launch
+from tests.support.waiting import wait_until
 
 # A leader that starts a member of its group which ignores SIGTERM (as a Triton python stub
 # or a prefork child can outlive its parent), prints the member's pid, and exits on SIGTERM.
@@ -35,13 +35,9 @@ def test_stop_waits_for_every_member_of_a_group(tmp_path: Path):
     procs = launch.Processes(tmp_path / "logs")
     proc = procs.start("leader", [sys.executable, "-c", LEADER])
     log_file = tmp_path / "logs" / "leader.log"
-    member = None
-    deadline = time.monotonic() + 30
-    while member is None and time.monotonic() < deadline:
-        text = log_file.read_text().split()
-        member = int(text[0]) if text else None
-        time.sleep(0.05)
-    assert member is not None and _running(member)
+    member = wait_until(lambda: int(log_file.read_text().split()[0]) if log_file.read_text().split() else None,
+                        30, "the group's member writing its pid")
+    assert _running(member)
     assert os.getpgid(member) == proc.pid
     procs.stop(timeout_s=2.0)
     assert proc.returncode == 0  # the leader went on SIGTERM

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from fleet.run.agent import AgentDefinitionError, load_agents, parse_agent
 from fleet.errors import InvalidSubmission
+from fleet.run.agent import AgentDefinitionError, load_agents, parse_agent
 from fleet.run.tools import TOOLS
 
 BASE = {

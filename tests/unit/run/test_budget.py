@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-from fleet.scheduling.submission import parse_submission
+from fleet.errors import BudgetExceeded, InvalidSubmission
 from fleet.run.agent import AgentDefinitionError, parse_agent
 from fleet.run.budget import Allowance, allowance
 from fleet.run.cost import Prices
-from fleet.errors import BudgetExceeded, InvalidSubmission
 from fleet.run.records import StepRecord
 from fleet.run.state import RunState
 from fleet.run.tools import TOOLS
+from fleet.scheduling.submission import parse_submission
 
 PRICES = Prices(per_1k_input_tokens=1.0, per_1k_output_tokens=2.0, per_gpu_s=0.5)
 

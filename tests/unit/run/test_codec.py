@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from fleet.surfaces.batch import job_id
 from fleet.run.codec import compact, from_compact, hash_fields
 from fleet.run.records import RunRecord
 from fleet.run.state import decode_record
+from fleet.surfaces.batch import job_id
 
 
 def _record(**extra) -> RunRecord:

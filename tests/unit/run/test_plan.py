@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from fleet.run.agent import load_agents
 from fleet.broker.app import create_app
-from fleet.errors import PermanentError
 from fleet.broker.chains import build_chain
+from fleet.errors import PermanentError
+from fleet.run.agent import load_agents
 from fleet.run.plan import parse_tool_call, remaining_steps
 from fleet.run.state import RunState
-from fleet.settings import Settings
 from fleet.run.template import render
 from fleet.run.view import template_view
+from fleet.settings import Settings
 
 AGENTS = load_agents()
 SETTINGS = Settings(_env_file=None, queue_prefix="x.")

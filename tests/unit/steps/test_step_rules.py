@@ -9,16 +9,16 @@ import time
 
 import pytest
 
-from fleet.run.agent import load_agents
 from fleet.errors import DeadlineExceeded, PermanentError, TransientError
-from fleet.run.follow import Ended, Event, Follow, Gone, Read, Statuses, is_end
-from fleet.steps.context import Delivery, StepContext, StopStep
-from fleet.steps.hooks.guards import POISON_MAX_DELIVERIES, DeadlineGuard, KnownStepGuard, PoisonGuard, TerminalGuard
 from fleet.keys import Keys
+from fleet.run.agent import load_agents
+from fleet.run.follow import Ended, Event, Follow, Gone, Read, Statuses, is_end
 from fleet.run.plan import Exhausted, Finished, StepPos, is_skipped, next_step
-from fleet.steps.retries import RetryPolicy
 from fleet.run.records import StepRecord
 from fleet.run.state import RunState
+from fleet.steps.context import Delivery, StepContext, StopStep
+from fleet.steps.hooks.guards import POISON_MAX_DELIVERIES, DeadlineGuard, KnownStepGuard, PoisonGuard, TerminalGuard
+from fleet.steps.retries import RetryPolicy
 
 AGENTS = load_agents()
 

@@ -7,6 +7,7 @@ import asyncio
 import httpx
 import pytest
 
+from fleet.settings import Settings
 from fleet.surfaces.gateway import (
     InsecureBind,
     check_bind,
@@ -16,7 +17,6 @@ from fleet.surfaces.gateway import (
     serve,
     validation_error_body,
 )
-from fleet.settings import Settings
 
 
 def _settings(**kw: object) -> Settings:
