@@ -44,6 +44,23 @@ class ReplicaSpec(BaseModel):
         return self
 
 
+PromptFormatName = Literal["text", "mistral"]
+
+
+class ModelSpec(BaseModel):
+    """A model the inference pool serves, as the fleet must know it to talk to it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128, description="The Triton model's name.")
+    prompt_format: PromptFormatName = Field(
+        "text", description="How the model takes a prompt: 'mistral' (Mistral's chat format, as token ids) or "
+        "'text' (the dev model's plain-text layout).")
+    tokenizer: Path | None = Field(
+        None, description="The model's tokenizer file (tekken.json for the mistral format): prompts are rendered "
+        "and counted with it.")
+
+
 class Settings(BaseSettings):
     """Configuration of one fleet deployment (clients, workers and the local stack)."""
 
@@ -81,6 +98,11 @@ class Settings(BaseSettings):
         "{name, grpc_url, metrics_url, max_sequences} objects); unset: the one at FLEET_TRITON_GRPC_URL.",
     )
     triton_model: str = Field("medium_sim", description="Model that llm steps call by default.")
+    models: Annotated[list[ModelSpec], NoDecode] = Field(
+        default_factory=list,
+        description="The served models' prompt formats and tokenizers (JSON list of {name, prompt_format, "
+        "tokenizer}); a model not listed takes plain text (the dev model's layout).",
+    )
     triton_connect_wait_s: float = Field(
         5.0, ge=0, description="How long a model call waits for an unreachable Triton before failing."
     )
@@ -307,6 +329,26 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"not a JSON list of tenants: {exc}") from None
         return [s.model_dump() if isinstance(s, TenantSpec) else s for s in parse_tenants(value, "FLEET_TENANTS")]
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return []
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not a JSON list of models: {exc}") from None
+        return value
+
+    def model_spec(self, name: str) -> ModelSpec:
+        """What the fleet knows of the model ``name`` (a plain-text model when FLEET_MODELS does
+        not list it)."""
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        return ModelSpec(name=name)
 
     @field_validator("triton_replicas", mode="before")
     @classmethod

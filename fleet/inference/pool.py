@@ -91,7 +91,7 @@ class InferencePool:
 
     def generate(self, prompt: str, sampling: dict[str, Any], *, model: str | None, priority: PriorityClass,
                  deadline_at: float, request_id: str, cancel: CancelScope,
-                 on_token: Callable[[str], None] | None = None) -> Generation:
+                 on_token: Callable[[str], None] | None = None, token_ids: list[int] | None = None) -> Generation:
         """One generation, within the run's deadline; raises per :mod:`fleet.errors`."""
         # Interactive runs stream (time to first token, prompt cancellation); batch runs take
         # one response per request unless their tokens are wanted, which saves a message per
@@ -114,7 +114,7 @@ class InferencePool:
             return self.client(replica).generate(
                 prompt, sampling, stream=stream, model=model or self.settings.triton_model,
                 priority=self.settings.triton_priority(priority), timeout_s=deadline_at - time.time(),
-                request_id=request_id, on_token=tokens, cancelled=cancel.cancelled, bind=bind,
+                token_ids=token_ids, request_id=request_id, on_token=tokens, cancelled=cancel.cancelled, bind=bind,
             )
 
         if self.settings.scheduling == "vanilla":

@@ -24,6 +24,7 @@ from tritonclient.utils import serialize_byte_tensor
 from fleet.core import tracing
 from fleet.errors import (
     DeadlineExceeded,
+    PermanentError,
     ReplicaUnavailable,
     RunCancelled,
     from_rpc_error,
@@ -61,6 +62,13 @@ def _bytes_input(req: service_pb2.ModelInferRequest, name: str, value: str) -> N
     tensor.shape.append(1)
     # serialize_byte_tensor gives a 0-d object array holding the length-prefixed bytes.
     req.raw_input_contents.append(serialize_byte_tensor(np.array([value.encode()], dtype=object)).item())
+
+
+def _ids_input(req: service_pb2.ModelInferRequest, name: str, ids: Sequence[int]) -> None:
+    tensor = req.inputs.add()
+    tensor.name, tensor.datatype = name, "INT32"
+    tensor.shape.append(len(ids))
+    req.raw_input_contents.append(np.asarray(ids, dtype=np.int32).tobytes())
 
 
 def _bool_input(req: service_pb2.ModelInferRequest, name: str, value: bool) -> None:
@@ -198,6 +206,7 @@ class TritonClient:
         model: str,
         priority: int,
         timeout_s: float,
+        token_ids: Sequence[int] | None = None,
         request_id: str = "",
         stream: bool = True,
         on_token: Callable[[str], None] | None = None,
@@ -210,6 +219,9 @@ class TritonClient:
         Args:
             priority: Triton request priority (1 is the highest level). Backends without
                 a dynamic batcher (vLLM) ignore it; the fleet's queues carry priority too.
+            token_ids: the prompt as the model's tokenizer made it (a chat format's control
+                tokens included), sent as ``prompt_token_ids``; the model must declare that
+                input (``text_input`` then only names the prompt in logs and traces).
             timeout_s: the run's remaining budget; the request is cancelled when it passes.
             stream: token by token (time to first token is measured, ``cancelled`` is polled
                 between tokens), or one response with the whole text.
@@ -227,7 +239,7 @@ class TritonClient:
             raise DeadlineExceeded("no time left for the model call")
         self._await_connection(timeout_s)
         req = self._request(prompt, sampling, model=model, priority=priority, timeout_s=timeout_s,
-                            request_id=request_id, stream=stream)
+                            request_id=request_id, stream=stream, token_ids=token_ids)
         if metadata is None:
             metadata = tracing.grpc_metadata()  # None while tracing is off
         started = time.monotonic()
@@ -244,14 +256,22 @@ class TritonClient:
             call.cancel()  # no-op when complete; frees the stream when we stop early
 
     def _request(self, prompt: str, sampling: dict[str, Any], *, model: str, priority: int, timeout_s: float,
-                 request_id: str, stream: bool) -> service_pb2.ModelInferRequest:
+                 request_id: str, stream: bool, token_ids: Sequence[int] | None = None
+                 ) -> service_pb2.ModelInferRequest:
         """The request, in the vLLM backend's tensors (its optional flags only where declared)."""
         declared = self._model_inputs(model)
+        if token_ids is not None and "prompt_token_ids" not in declared:
+            raise PermanentError(
+                f"model {model} at {self.url} declares no prompt_token_ids input, and its prompts are token "
+                "ids (a chat format's control tokens do not survive as text): serve it with the model.py of "
+                "triton_models/medium")
         req = service_pb2.ModelInferRequest(model_name=model, id=request_id)
         req.parameters["priority"].uint64_param = priority
         # Triton's own queue timeout, in microseconds; the gRPC deadline bounds the rest.
         req.parameters["timeout"].int64_param = int(timeout_s * 1_000_000)
         _bytes_input(req, "text_input", prompt)
+        if token_ids is not None:
+            _ids_input(req, "prompt_token_ids", token_ids)
         _bool_input(req, "stream", stream)
         _bytes_input(req, "sampling_parameters", json.dumps(sampling))
         _bool_input(req, "exclude_input_in_output", True)

@@ -4,6 +4,7 @@ An agent is a TOML file::
 
     name = "calculator"
     description = "..."
+    system = "You answer questions ..."    # the system message of every model call (optional)
     result = "answer"                      # the step whose output is the run's result
     [inputs.question]
     type = "string"
@@ -13,10 +14,16 @@ An agent is a TOML file::
     [[steps]]
     name = "plan"
     kind = "llm"                           # llm | tool | loop
-    prompt = "Question: {input.question}"  # {input.X}, {steps.NAME[.FIELD]}, {loop.transcript}
+    prompt = "Question: {input.question}"  # the user message: {input.X}, {steps.NAME[.FIELD]}
+    tools = ["calculator", "word_count"]   # tools the model may call (sent in its own format)
+    parse = "tool_call"                    # the output is a tool call, or a final answer
     max_tokens = 32
 
-``{session.transcript}`` holds the earlier turns of the run's session (empty without one).
+A step's prompt is a conversation (:mod:`fleet.run.prompting`): the agent's ``system`` text,
+the session's earlier turns, the step's ``prompt`` as the user message, and inside a loop the
+earlier iterations' tool calls and results; the served model's format lays it out
+(:mod:`fleet.inference.formats`). A template may still place ``{session.transcript}`` or
+``{loop.transcript}`` itself (plain-text formats then add that history nowhere else).
 A ``loop`` step repeats its ``body`` (llm and tool steps) at most ``max_iterations``
 times, ending early when the step named by ``until`` produces a ``final`` answer. Each
 iteration is its own short chain, so a long loop never becomes one giant Celery chain.
@@ -84,7 +91,12 @@ class LlmStep(_StepBase):
     )
     parse: Literal["text", "tool_call"] = Field(
         "text",
-        description="tool_call: the output is a JSON {tool, input} or, when it is not, a final answer.",
+        description="tool_call: the output is a call of one of the step's tools or, when it is not, a final answer.",
+    )
+    tools: list[str] = Field(
+        default_factory=list,
+        description="Tools the model may call: their definitions go with the prompt, in the model's own "
+        "format (Mistral's native tool calls for the medium model).",
     )
 
     def sampling_parameters(self) -> dict[str, Any]:
@@ -142,6 +154,8 @@ class AgentDef(BaseModel):
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
     description: str = ""
+    system: str = Field("", description="The agent's instructions: the system message of its model calls "
+                        "(a template, like a step's prompt).")
     inputs: dict[str, InputField] = Field(default_factory=dict)
     example: dict[str, Any] = Field(default_factory=dict)
     steps: list[Step] = Field(min_length=1)
@@ -282,6 +296,10 @@ def _check_step(
     where = f"agent '{agent.name}', step '{step.name}'"
     if isinstance(step, LlmStep):
         _check_template(agent.name, step.name, step.prompt, scope)
+        _check_template(agent.name, step.name, agent.system, scope)
+        for tool in step.tools:
+            if tool not in tool_names:
+                raise AgentDefinitionError(f"{where}: unknown tool '{tool}'")
         return
     if step.input is not None:
         _check_template(agent.name, step.name, step.input, scope)

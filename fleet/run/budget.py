@@ -9,9 +9,9 @@ far (the tokens and cost on its step records) is set against its budget
 - nothing left: the run ends ``budget_exceeded`` before the call
   (:class:`fleet.steps.hooks.budget.BudgetGuard`);
 - less left than the step asks for: the call's ``max_tokens`` is clipped to what is left
-  after its prompt (:meth:`Allowance.clip`; the model counts a prompt's tokens only when
-  called, so it is estimated from the bytes per token of the run's earlier prompts, 4
-  before the first, plus 10%). A call cut short by that clip also ends the run
+  after its prompt (:meth:`Allowance.clip`): the prompt's tokens as the model's tokenizer
+  counts them where the model's format has one (the medium model's), else estimated from the
+  bytes per token of the run's earlier prompts, 4 before the first, plus 10% (the dev model's). A call cut short by that clip also ends the run
   ``budget_exceeded`` (:meth:`Clip.check`): its output is not a whole answer, and the
   budget is spent.
 
@@ -92,10 +92,11 @@ class Allowance:
         # Rounded up, once float noise is rounded away (100 * 1.1 is 110.00000000000001).
         return math.ceil(round(len(prompt.encode()) / self.bytes_per_token * _MARGIN, 6))
 
-    def clip(self, prompt: str, wanted: int) -> Clip:
+    def clip(self, prompt: str, wanted: int, counted: int | None = None) -> Clip:
         """The call's ``max_tokens``: ``wanted``, clipped to what the budget leaves after the
-        prompt. Raises :class:`BudgetExceeded` when not even one token of output fits."""
-        prompt_tokens = self.estimate(prompt)
+        prompt (``counted`` tokens when the model's tokenizer counted them, else estimated).
+        Raises :class:`BudgetExceeded` when not even one token of output fits."""
+        prompt_tokens = counted if counted is not None else self.estimate(prompt)
         allowed, by = wanted, None
         if self.budget_tokens is not None:
             name = f"token budget of {self.budget_tokens}"

@@ -7,14 +7,13 @@ all ask :func:`next_step`. How the remaining steps travel as Celery chains is
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from fleet.run.agent import AgentDef, LlmStep, LoopStep, ToolStep
 from fleet.run.records import step_key
 from fleet.run.state import RunState
-from fleet.run.template import as_text, lookup
+from fleet.run.template import lookup
 from fleet.run.view import template_view
 
 
@@ -119,16 +118,3 @@ def result_of(agent: AgentDef, run: RunState) -> Any:
 def step_index(agent: AgentDef, name: str) -> int:
     """Position of a step among the agent's executable steps."""
     return [s.name for s, _ in agent.iter_steps()].index(name)
-
-
-def parse_tool_call(text: str) -> dict[str, Any]:
-    """A model output as a tool call ``{tool, input}``, or ``{final}`` when it is not one."""
-    start, end = text.find("{"), text.rfind("}")
-    if start != -1 and end > start:
-        try:
-            call = json.loads(text[start : end + 1])
-        except ValueError:
-            call = None
-        if isinstance(call, dict) and isinstance(call.get("tool"), str) and "input" in call:
-            return {"tool": call["tool"], "input": as_text(call["input"])}
-    return {"final": text.strip()}

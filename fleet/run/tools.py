@@ -4,12 +4,17 @@ A tool takes one string (rendered from the run state or chosen by the model) and
 a JSON-serializable value. Bad input raises :class:`PermanentError`: the step is
 dead-lettered instead of retried. Extra tools come from the modules named in
 ``FLEET_TOOL_MODULES``; each registers its tools with :func:`tool` on import.
+
+A tool also describes itself to a model (:func:`tool_spec`): what it does (its docstring's
+first line, or ``description``) and its one string parameter (``argument``), which a model
+that calls tools natively fills in.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import json
 import math
 import operator
 import re
@@ -18,19 +23,45 @@ from typing import Any
 
 from fleet.core import tracing
 from fleet.errors import PermanentError
+from fleet.run.messages import ToolSpec
 
 ToolFn = Callable[[str], Any]
 TOOLS: dict[str, ToolFn] = {}
+_SPECS: dict[str, ToolSpec] = {}
 
 
-def tool(name: str) -> Callable[[ToolFn], ToolFn]:
-    """Register a function as the tool ``name``."""
+def tool(name: str, *, description: str | None = None, argument: str = "text") -> Callable[[ToolFn], ToolFn]:
+    """Register a function as the tool ``name``; a model sees ``description`` (by default the
+    function's docstring, first line) and one string parameter named ``argument``."""
 
     def register(fn: ToolFn) -> ToolFn:
         TOOLS[name] = fn
+        said = description or (fn.__doc__ or name).strip().splitlines()[0]
+        _SPECS[name] = ToolSpec(name, said, {
+            "type": "object",
+            "properties": {argument: {"type": "string", "description": f"The {argument} the tool works on."}},
+            "required": [argument],
+        })
         return fn
 
     return register
+
+
+def tool_spec(name: str) -> ToolSpec:
+    """How the tool ``name`` describes itself to a model. Raises KeyError for an unknown tool."""
+    return _SPECS[name]
+
+
+def tool_input(name: str, arguments: dict[str, Any]) -> str:
+    """The one string a tool takes, from the arguments of a model's native call to it."""
+    wanted = next(iter(_SPECS[name].parameters["properties"])) if name in _SPECS else None
+    if wanted is not None and isinstance(arguments.get(wanted), str):
+        return arguments[wanted]
+    if len(arguments) == 1:
+        value = next(iter(arguments.values()))
+        return value if isinstance(value, str) else json.dumps(value)
+    raise PermanentError(f"the model called {name} with arguments {json.dumps(arguments)[:200]}, "
+                         f"not one string{f' named {wanted!r}' if wanted else ''}")
 
 
 def load_tool_modules(modules: Iterable[str]) -> None:
@@ -94,7 +125,7 @@ def _evaluate(node: ast.AST) -> float | int:
     raise PermanentError(f"calculator: unsupported expression element {type(node).__name__}")
 
 
-@tool("calculator")
+@tool("calculator", argument="expression")
 def calculator(expression: str) -> int | float:
     """Arithmetic on numbers: + - * / // % ** (or ^) and parentheses."""
     text = expression.strip().replace("^", "**")

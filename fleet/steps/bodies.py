@@ -13,10 +13,11 @@ from typing import Any
 
 from fleet.core import tracing
 from fleet.errors import PermanentError
+from fleet.inference.formats import Formats
 from fleet.inference.pool import InferencePool
 from fleet.run.agent import LlmStep, ToolStep
 from fleet.run.cost import Prices
-from fleet.run.plan import parse_tool_call
+from fleet.run.prompting import build_prompt
 from fleet.run.store import RunStore
 from fleet.run.template import render
 from fleet.run.tools import run_tool
@@ -26,11 +27,13 @@ from fleet.steps.context import StepContext
 class StepBodies:
     """The bodies of a worker's steps, with what they call."""
 
-    def __init__(self, pool: InferencePool, store: RunStore, prices: Prices, default_model: str) -> None:
+    def __init__(self, pool: InferencePool, store: RunStore, prices: Prices, default_model: str,
+                 formats: Formats) -> None:
         self.pool = pool
         self.store = store
         self.prices = prices
         self.default_model = default_model
+        self.formats = formats
 
     def run(self, ctx: StepContext, view: dict[str, Any]) -> Any:
         """The body of the step in ``ctx``."""
@@ -41,33 +44,37 @@ class StepBodies:
         return self.tool(step, view)
 
     def llm(self, ctx: StepContext, step: LlmStep, view: dict[str, Any]) -> Any:
-        """Render the prompt, call the model (within what the run's budget leaves), parse its output."""
-        record, run, allowance = ctx.record, ctx.run, ctx.allowance
-        assert record is not None and ctx.cancel is not None  # noqa: S101 - set by the pipeline
+        """Build the prompt's messages, render them in the model's format, call the model (within
+        what the run's budget leaves), read its output (a tool call, when the step asks for one)."""
+        record, run, allowance, agent = ctx.record, ctx.run, ctx.allowance, ctx.agent
+        assert record is not None and ctx.cancel is not None and agent is not None  # noqa: S101 - set by the pipeline
         on_token = None
         if run.stream:
             def on_token(text: str) -> None:
                 self.store.emit(run.id, {"type": "token", "step": record.key, "text": text})
-        prompt, sampling = render(step.prompt, view), step.sampling_parameters()
-        clip = allowance.clip(prompt, step.max_tokens) if allowance is not None else None
+        model = step.model or self.default_model
+        form = self.formats.of(model)
+        prompt = build_prompt(agent, step, run, ctx.delivery.iteration)
+        rendered = form.render(prompt)
+        sampling = {**step.sampling_parameters(), **form.sampling(prompt)}
+        clip = allowance.clip(rendered.text, step.max_tokens, form.count(rendered)) if allowance is not None else None
         if clip is not None:
             sampling["max_tokens"] = clip.max_tokens
-        model = step.model or self.default_model
         with tracing.model_call(model, sampling["max_tokens"]) as span:
             gen = self.pool.generate(
-                prompt, sampling, model=model, priority=run.priority,
+                rendered.text, sampling, model=model, priority=run.priority,
                 deadline_at=run.deadline_at, request_id=f"{run.id}:{record.key}:{record.attempts}",
-                cancel=ctx.cancel, on_token=on_token,
+                cancel=ctx.cancel, on_token=on_token, token_ids=rendered.token_ids,
             )
             tracing.model_result(span, gen.tokens_in, gen.tokens_out, gen.finish_reason, gen.ttft_s)
         record.tokens_in, record.tokens_out, record.ttft_s = gen.tokens_in, gen.tokens_out, gen.ttft_s
         record.replica, record.preemptions, record.failovers = gen.replica or None, gen.preemptions, gen.failovers
-        record.model_s, record.prompt_bytes = gen.duration_s, len(prompt.encode())
+        record.model_s, record.prompt_bytes = gen.duration_s, len(rendered.text.encode())
         record.cost = self.prices.cost(gen.tokens_in, gen.tokens_out, gen.duration_s)
         if clip is not None:
             clip.check(gen.tokens_out)
         text = gen.text.strip()
-        return parse_tool_call(text) if step.parse == "tool_call" else text
+        return form.parse_tool_call(text) if step.parse == "tool_call" else text
 
     @staticmethod
     def tool(step: ToolStep, view: dict[str, Any]) -> Any:

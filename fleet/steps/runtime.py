@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fleet.connections import redis_client
 from fleet.core import tracing
 from fleet.core.listener import Listener
+from fleet.inference.formats import Formats
 from fleet.inference.pool import InferencePool
 from fleet.run.agent import AgentDef, load_agents
 from fleet.run.cancel import Cancellation
@@ -79,7 +80,7 @@ def build_runtime(settings: Settings) -> Runtime:
         settings=settings, agents=load_agents(settings.agents_dir), store=store,
         dead_letters=DeadLetters(settings, client), capacity=capacity, listener=listener,
         cancellation=Cancellation(store, listener), pool=pool,
-        bodies=StepBodies(pool, store, prices, settings.triton_model), hooks=hooks,
+        bodies=StepBodies(pool, store, prices, settings.triton_model, Formats(settings)), hooks=hooks,
         retries=RetryPolicy.from_settings(settings), worker=f"{socket.gethostname()}:{os.getpid()}",
     )
 

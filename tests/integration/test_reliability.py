@@ -18,7 +18,8 @@ from fleet.ops import launch
 from tests.support.dev_engine import engine
 
 generate = engine.generate
-from fleet.run.template import render
+from fleet.inference.formats import TextFormat
+from fleet.run.prompting import build_prompt
 
 from .conftest import Fleet, close_fleet, new_fleet, running_fleet, tally
 
@@ -157,8 +158,8 @@ def test_kill_9_of_an_inference_worker_mid_step_loses_nothing_and_applies_nothin
         run = rfleet.client.get(run_id)
         done = [e["step"] for e in rfleet.client.events(run_id, timeout=1) if e["type"] == "step" and e["status"] == "done"]
         assert sorted(done) == ["critique", "draft", "revise"], (run_id, done)  # each committed once
-        view = {"input": {"topic": topic}, "steps": dict(run.outputs)}
-        expected = "".join(generate(render(agent.step("revise").prompt, view), {"max_tokens": 48})[0]).strip()
+        prompt = TextFormat().render(build_prompt(agent, agent.step("revise"), rfleet.client.store.load(run_id))).text
+        expected = "".join(generate(prompt, {"max_tokens": 48})[0]).strip()
         assert run.result == expected
 
 

@@ -12,8 +12,9 @@ from fleet.errors import InvalidSubmission, RunNotFound
 from tests.support.dev_engine import engine
 
 generate = engine.generate
+from fleet.inference.formats import TextFormat
 from fleet.inference.triton import TritonClient
-from fleet.run.template import render
+from fleet.run.prompting import build_prompt
 from fleet.run.view import template_view
 from tests.support.waiting import wait_until
 
@@ -50,13 +51,14 @@ def test_writer_agent_drafts_critiques_and_revises(fleet, priority):
     run = fleet.client.wait(run_id, timeout=60)
     assert run.status == "succeeded", run.error
     # Recompute every step from the simulator's pure text function: the fleet must have
-    # rendered each prompt from the previous steps' outputs.
+    # rendered each prompt (in the dev model's text layout) from the previous steps' outputs.
     agent = fleet.client.agents["writer"]
-    draft = _sim_text(f"Write a short paragraph about {topic}.", 48)
-    view = {"input": {"topic": topic}, "steps": {"draft": draft}}
-    critique = _sim_text(render(agent.step("critique").prompt, view), 24)
-    view["steps"]["critique"] = critique
-    revised = _sim_text(render(agent.step("revise").prompt, view), 48)
+    draft = _sim_text(f"User: Write a short paragraph about {topic}.\nAgent:", 48)
+    state = fleet.client.store.load(run_id)
+    critique = _sim_text(TextFormat().render(build_prompt(agent, agent.step("critique"), state)).text, 24)
+    revised = _sim_text(TextFormat().render(build_prompt(agent, agent.step("revise"), state)).text, 48)
+    assert f"User: Critique this draft in two sentences.\nDraft: {draft}\nAgent:" == \
+        TextFormat().render(build_prompt(agent, agent.step("critique"), state)).text
     assert run.outputs["draft"] == draft
     assert run.outputs["critique"] == critique
     assert run.result == revised
@@ -182,10 +184,11 @@ def test_a_two_turn_session_sees_the_earlier_turn(fleet):
     run2 = fleet.client.wait(second, timeout=30)
     assert run2.status == "succeeded"
     assert run2.session == [{"run_id": first, "input": {"message": "My name is Ada."}, "result": run1.result}]
-    prompt = f"User: My name is Ada.\nAgent: {run1.result}\nUser: What is my name?\nAgent:"
+    system = fleet.client.agents["chat"].system
+    prompt = f"{system}\nUser: My name is Ada.\nAgent: {run1.result}\nUser: What is my name?\nAgent:"
     assert run2.result == _sim_text(prompt, 24)
     other = fleet.client.wait(fleet.client.submit("chat", {"message": "What is my name?"}), timeout=30)
-    assert other.result == _sim_text("\nUser: What is my name?\nAgent:", 24) != run2.result
+    assert other.result == _sim_text(f"{system}\nUser: What is my name?\nAgent:", 24) != run2.result
 
 
 def _next_event(fleet, run_id: str, match, timeout: float = 10.0) -> dict:

@@ -9,10 +9,11 @@ import pytest
 from fleet.broker.app import create_app
 from fleet.broker.chains import build_chain
 from fleet.errors import PermanentError
-from fleet.run.agent import load_agents
-from fleet.run.plan import parse_tool_call, remaining_steps
+from fleet.run.agent import load_agents, parse_agent
+from fleet.run.plan import remaining_steps
 from fleet.run.state import RunState
 from fleet.run.template import render
+from fleet.run.tools import TOOLS
 from fleet.run.view import template_view
 from fleet.settings import Settings
 
@@ -42,33 +43,25 @@ def test_a_loop_contributes_one_iteration_and_replays_start_mid_chain():
         remaining_steps(writer, "nope")
 
 
-@pytest.mark.parametrize(
-    ("text", "parsed"),
-    [
-        ('{"tool": "calculator", "input": "1 + 2"}', {"tool": "calculator", "input": "1 + 2"}),
-        ('Sure: {"tool": "word_count", "input": 7} done', {"tool": "word_count", "input": "7"}),
-        ("The answer is 3.", {"final": "The answer is 3."}),
-        ('{"tool": 3}', {"final": '{"tool": 3}'}),
-        ("{not json}", {"final": "{not json}"}),
-    ],
-)
-def test_parse_tool_call(text, parsed):
-    assert parse_tool_call(text) == parsed
-
-
-def test_state_view_builds_the_loop_transcript():
-    solver = AGENTS["solver"]
+def test_state_view_builds_the_loop_transcript_for_templates_that_place_it():
+    looper = parse_agent({
+        "name": "labelled", "result": "think.final", "inputs": {"question": {}}, "example": {"question": "q"},
+        "steps": [{"name": "round", "kind": "loop", "max_iterations": 3, "until": "think", "body": [
+            {"name": "think", "kind": "llm", "transcript_label": "Action", "parse": "tool_call",
+             "prompt": "{loop.transcript}\nQuestion: {input.question}"},
+            {"name": "act", "kind": "tool", "transcript_label": "Observation", "tool_from": "think",
+             "allowed_tools": ["calculator"]}]}]}, set(TOOLS))
     raw = {
-        "id": "r1", "agent": "solver", "priority": "interactive", "status": "running",
+        "id": "r1", "agent": "labelled", "priority": "interactive", "status": "running",
         "created_at": "1", "deadline_at": "2", "input": json.dumps({"question": "q"}),
-        "out:solve_think#1": json.dumps({"tool": "calculator", "input": "1+1"}),
-        "out:solve_act#1": json.dumps(2),
+        "out:think#1": json.dumps({"tool": "calculator", "input": "1+1"}),
+        "out:act#1": json.dumps(2),
     }
     run = RunState(raw)
-    view = template_view(run, 2, solver.loop_of("solve_think"))
+    view = template_view(run, 2, looper.loop_of("think"))
     assert view["loop"]["transcript"] == 'Action: {"input": "1+1", "tool": "calculator"}\nObservation: 2'
-    assert view["steps"]["solve_act"] == 2
-    first = template_view(run, 1, solver.loop_of("solve_think"))
+    assert view["steps"]["act"] == 2
+    first = template_view(run, 1, looper.loop_of("think"))
     assert first["loop"]["transcript"] == ""
 
 

@@ -340,7 +340,8 @@ def generate(prompt: str, params: Mapping[str, Any]) -> tuple[list[str], str]:
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else int(max_tokens)
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    lines = prompt.splitlines()
+    # The fleet's plain-text layout opens the person's message with a "User: " label.
+    lines = [line[len("User:"):].lstrip() if line.startswith("User:") else line for line in prompt.splitlines()]
     skill_text = _tool_choice(lines)
     if skill_text is None:
         skill_text = _answer(lines)
