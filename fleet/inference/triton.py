@@ -278,6 +278,10 @@ class TritonClient:
         for flag in _OPTIONAL_FLAGS:
             if flag in declared:
                 _bool_input(req, flag, True)
+        if "priority" in declared:
+            # An engine that orders its waiting requests by priority (lower first) gets the class's
+            # level as an input too: Triton's own request priority does not reach a python model.
+            _ids_input(req, "priority", [priority])
         return req
 
     def _read(self, call: Any, prompt: str, started: float, *, stream: bool,

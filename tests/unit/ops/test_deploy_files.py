@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -180,7 +181,8 @@ def test_model_capacity_in_config_pbtxt_is_the_engines() -> None:
     # capacity; the vLLM engine takes its own from model.json. The two must agree.
     config = _model_config()
     engine = json.loads((MEDIUM_DIR / "1" / "model.json").read_text())
-    assert config.name == "medium" and config.backend == "vllm"
+    # The model is 1/model.py, the fleet's thin subclass of the vLLM backend's own model.
+    assert config.name == "medium" and config.backend == "python" and (MEDIUM_DIR / "1" / "model.py").exists()
     declared = config.parameters["max_num_seqs"].string_value
     assert declared.isdigit() and int(declared) == engine["max_num_seqs"] > 0
     # The engine reports its running and waiting sequences on Triton's metrics port only
@@ -802,18 +804,17 @@ def test_k8s_model_repository_is_the_configmap_of_triton_models_medium() -> None
     assert mount["mountPath"] == f"{repo}/medium" and mount["readOnly"] is True and "subPath" not in mount
     source = volumes[mount["name"]]["configMap"]
     files = {item["path"]: item["key"] for item in source["items"]}
-    assert files == {"config.pbtxt": "config.pbtxt", "1/model.json": "model.json"}
+    assert files == {"config.pbtxt": "config.pbtxt", "1/model.json": "model.json", "1/model.py": "model.py"}
     data = _k8s("ConfigMap")[source["name"]]["data"]
     assert set(data) == set(files.values())
     for path, key in files.items():
         assert data[key] == (MEDIUM_DIR / path).read_text(), (
-            f"ops/k8s/triton.yaml: ConfigMap {source['name']} key {key} differs from triton_models/medium/{path}")
+            f"ops/k8s/triton.yaml: ConfigMap {source['name']} key {key} differs from triton_models/medium/{path}: "
+            "run python ops/k8s/sync_model.py")
     # A changed configuration changes the pod template, so applying it restarts the pods.
-    digest = hashlib.sha256(
-        ((MEDIUM_DIR / "config.pbtxt").read_text() + (MEDIUM_DIR / "1" / "model.json").read_text()).encode()
-    ).hexdigest()
+    digest = hashlib.sha256("".join((MEDIUM_DIR / path).read_text() for path in files).encode()).hexdigest()
     annotation = sts["spec"]["template"]["metadata"]["annotations"]["fleet/model-config-sha256"]
-    assert annotation == digest, f"ops/k8s/triton.yaml: set fleet/model-config-sha256 to {digest}"
+    assert annotation == digest, "ops/k8s/triton.yaml is behind triton_models/medium: run python ops/k8s/sync_model.py"
 
 
 def test_k8s_pool_lists_every_triton_pod(tmp_path: Path) -> None:
@@ -985,3 +986,87 @@ def test_network_policies_let_only_fleet_pods_reach_triton_redis_and_flower() ->
     assert allowed_from("gateway")[2]  # the front door, behind its API keys
     for worker in WORKER_SERVICES:
         assert allowed_from(worker) == (set(), {"monitoring"}, False)
+
+
+# --- the Triton image ---------------------------------------------------------------------
+
+def _version(text: str) -> tuple[int, ...]:
+    """``0.11.1`` -> (0, 11, 1); a pre-release suffix (``0.9.0rc1``) counts below its release."""
+    parts = []
+    for piece in text.split("."):
+        digits = re.match(r"\d+", piece)
+        parts.append(int(digits.group(0)) if digits else 0)
+        if digits and digits.group(0) != piece:
+            parts[-1] -= 1  # 0.9.0rc1 < 0.9.0
+            break
+    return tuple(parts)
+
+
+def test_the_triton_image_is_pinned_once_and_its_vllm_serves_the_model() -> None:
+    pin = tomllib.loads((MEDIUM_DIR / "image.toml").read_text())
+    image, release = pin["image"], pin["release"]
+    assert image == f"nvcr.io/nvidia/tritonserver:{release}-vllm-python-py3"
+    minimum = _model_config().parameters["min_vllm_version"].string_value
+    assert _version(pin["vllm"][release]) >= _version(minimum), (release, pin["vllm"][release], minimum)
+    assert _version(pin["vllm"]["25.07"]) < _version(minimum) <= _version(pin["vllm"]["25.08"])  # the matrix read right
+    # 1/model.py extends the backend's request classes, which exist from 25.11 on.
+    assert _version(release) >= (25, 11)
+    # Every deploy file names exactly the pinned image, and no other Triton image.
+    services = _services()
+    assert {services[name]["image"] for name in services if name.startswith("triton-")} == {image}
+    assert [c["image"] for c in _containers(_triton_statefulset())] == [image]
+    for path in [*ROOT.glob("compose/**/*.y*ml"), *ROOT.glob("ops/**/*.y*ml")]:
+        for found in re.findall(r"nvcr\.io/nvidia/tritonserver:\S+", path.read_text()):
+            assert found == image, f"{path.relative_to(ROOT)} names {found}, not the pinned {image}"
+
+
+def test_the_version_reading_orders_releases() -> None:
+    assert _version("0.9.0rc1") < _version("0.9.0") < _version("0.9.1") < _version("0.10.1.1") < _version("0.11.1")
+
+
+# --- tracing ------------------------------------------------------------------------------
+
+def _command_text(service: dict[str, Any]) -> str:
+    command = service.get("command", "")
+    return " ".join(command) if isinstance(command, list) else command
+
+
+def test_every_process_the_local_stack_traces_is_traced_in_the_deploy_files() -> None:
+    from fleet.ops import launch
+
+    # What `fleet up` traces (with OTEL_* set): the workers and the gateway configure tracing
+    # themselves, and Triton runs with its trace flags.
+    source = {p: (ROOT / p).read_text() for p in ("fleet/steps/worker.py", "fleet/surfaces/gateway/app.py",
+                                                  "fleet/surfaces/stack.py")}
+    assert 'tracing.configure(settings, "worker")' in source["fleet/steps/worker.py"]
+    assert 'tracing.configure(settings, "gateway")' in source["fleet/surfaces/gateway/app.py"]
+    assert "launch.triton_trace_args(" in source["fleet/surfaces/stack.py"]
+
+    # compose: every worker and the gateway get the collector's endpoint, every Triton its flags.
+    services = _services()
+    endpoint = _compose()["x-fleet-env"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert endpoint.startswith("http://otel-collector:") and "otel-collector" in services and "jaeger" in services
+    fleet_processes = [n for n, s in services.items()
+                       if "fleet.steps.worker:app worker" in _command_text(s) or "fleet gateway" in _command_text(s)]
+    assert len(fleet_processes) >= 4
+    for name in fleet_processes:
+        assert services[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint, name
+    flags = launch.triton_trace_args(endpoint + "/v1/traces")
+    for name in (n for n in services if n.startswith("triton-")):
+        command = services[name]["command"]
+        assert command[command.index("--trace-config"):] == flags, name
+
+    # Kubernetes: the variables in fleet-config, which every worker and the gateway load; the
+    # flags on every Triton pod; the collector behind the endpoint's name.
+    config = _k8s("ConfigMap")["fleet-config"]["data"]
+    endpoint = config["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    host = endpoint.split("//", 1)[1].split(".", 1)[0]
+    assert host in _k8s("Service") and host in _k8s("Deployment")
+    for name, deployment in _k8s("Deployment").items():
+        for container in _containers(deployment):
+            args = " ".join(container.get("args", []))
+            if "fleet.steps.worker:app" in args and " worker " in f" {args} " or "gateway" in args.split()[:2]:
+                refs = [e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e]
+                assert "fleet-config" in refs, name
+    args = _containers(_triton_statefulset())[0]["args"]
+    assert args[args.index("--trace-config"):] == launch.triton_trace_args(endpoint + "/v1/traces")
