@@ -157,6 +157,15 @@ class Keys:
         token yet, scored by expiry (batch sends that replica nothing new meanwhile)."""
         return self._k("pool", "starting", replica)
 
+    def prefix_index(self, replica: str) -> str:
+        """Sorted set: hashes of the prompt blocks the router sent a replica, scored by when (the
+        prefix of a prompt a little later than its tail); trimmed to the replica's KV cache size."""
+        return self._k("pool", "prefix", replica)
+
+    def route_turn(self) -> str:
+        """Counter: the round-robin router's turn."""
+        return self._k("pool", "route_turn")
+
     def slot_waiters(self, priority: str) -> str:
         """Sorted set: requests of a class waiting for a slot, scored by expiry (batch takes no slot
         while an interactive request waits)."""

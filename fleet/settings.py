@@ -20,6 +20,7 @@ from fleet.tenants import DEFAULT_TENANT, TENANT_PATTERN, Tenants, TenantSpec, p
 PriorityClass = Literal["interactive", "batch"]
 PRIORITY_CLASSES: tuple[PriorityClass, ...] = ("interactive", "batch")
 BatchPolicy = Literal["preempt", "reserve", "static"]
+Routing = Literal["cache", "session", "most_room", "round_robin"]
 
 
 class ReplicaSpec(BaseModel):
@@ -193,6 +194,28 @@ class Settings(BaseSettings):
     )
     interactive_demand_window_s: float = Field(
         30.0, gt=0, description="With 'reserve': how far back the interactive peak that sizes the reserve looks."
+    )
+    routing: Routing = Field(
+        "cache",
+        description="Which replica with room a model call goes to: 'cache' (the one expected to hold the "
+        "longest prefix of its prompt in its KV cache, against its load), 'session' (the session's or run's "
+        "own replica, by rendezvous hashing), both within FLEET_ROUTING_LOAD_BOUND; 'most_room' or "
+        "'round_robin' (no regard for caches).",
+    )
+    routing_load_bound: float = Field(
+        1.25, ge=1.0,
+        description="With 'cache' and 'session': a replica takes a call only while its requests in flight "
+        "stay within this factor of the pool's mean (by capacity); the next best takes it otherwise.",
+    )
+    routing_cache_weight: float = Field(
+        1.0, gt=0,
+        description="With 'cache': what a whole prompt found in a replica's cache is worth against a "
+        "replica's load (1: as much as the replica's whole capacity of requests in flight).",
+    )
+    prefix_index_blocks: int = Field(
+        8192, ge=16,
+        description="Blocks of prompts the router remembers per replica when the engine does not report its "
+        "KV cache size (vllm:cache_config_info); the oldest are forgotten first, as the engine evicts.",
     )
     replica_probe_interval_s: float = Field(
         0.5, gt=0, description="How often a replica that is down is probed to rejoin the pool.",

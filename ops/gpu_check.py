@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fleet.inference.formats import MistralFormat  # noqa: E402
-from fleet.inference.replicas import engine_state  # noqa: E402
+from fleet.inference.replicas import engine_metrics  # noqa: E402
 from fleet.inference.triton import TritonClient  # noqa: E402
 from fleet.run.messages import Prompt  # noqa: E402
 from fleet.run.tools import tool_spec  # noqa: E402
@@ -193,8 +193,10 @@ def run(client: TritonClient, form: MistralFormat, metrics_url: str, server: sub
     check("the repeated prompt hit the prefix cache", found.get("vllm:prefix_cache_hits_total", 0) > 0,
           f"{found.get('vllm:prefix_cache_hits_total', 0):g} of {found.get('vllm:prefix_cache_queries_total', 0):g} "
           "tokens")
-    check("the pool's reader finds the engine's state", engine_state(metrics_url, "medium") is not None,
-          engine_state(metrics_url, "medium"))
+    engine = engine_metrics(metrics_url, "medium")
+    check("the pool's reader finds the engine's state", engine is not None, engine)
+    check("the router finds the KV cache's size (vllm:cache_config_info)",
+          engine is not None and bool(engine.kv_blocks) and engine.block_size == 16, engine)
     failed = [name for name, ok, _ in results if not ok]
     print(f"\n{len(results) - len(failed)} of {len(results)} checks passed" + (f"; failed: {failed}" if failed else ""))
     return 1 if failed else 0

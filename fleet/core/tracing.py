@@ -374,6 +374,14 @@ def model_result(span_: Any, tokens_in: int, tokens_out: int, finish_reason: str
         "fleet.ttft_s": ttft_s if ttft_s is not None else -1.0})
 
 
+def model_route(span_: Any, replica: str, reason: str, hit_blocks: int, prompt_blocks: int) -> None:
+    """Where a model call went and why (fleet.inference.routing), on its span."""
+    if _on is None or not span_.is_recording():
+        return
+    span_.set_attributes({"fleet.route.replica": replica, "fleet.route.reason": reason,
+                          "fleet.route.expected_hit_blocks": hit_blocks, "fleet.route.prompt_blocks": prompt_blocks})
+
+
 def tool_call(name: str) -> AbstractContextManager[Any]:
     """The span of a tool call."""
     if _on is None:

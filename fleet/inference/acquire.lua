@@ -1,15 +1,22 @@
--- Take a slot on the healthy replica with the most room (fleet.inference.slots.Slots.try_acquire).
--- KEYS: [1] interactive waiters, [2] batch waiters, then per replica i (b = 2 + 5 * (i - 1)):
---   [b+1] state hash, [b+2] interactive leases, [b+3] batch leases, [b+4] interactive demand,
---   [b+5] interactive requests not started yet.
+-- Take a slot on a healthy replica with room, chosen by the routing mode
+-- (fleet.inference.slots.Slots.try_acquire; fleet.inference.routing).
+-- KEYS: [1] interactive waiters, [2] batch waiters, [3] round-robin turn, then per replica i
+--   (b = 3 + 6 * (i - 1)): [b+1] state hash, [b+2] interactive leases, [b+3] batch leases,
+--   [b+4] interactive demand, [b+5] interactive requests not started yet, [b+6] prefix index.
 -- ARGV: [1] now, [2] member, [3] class, [4] stale before, [5] policy, [6] static batch cap,
 --   [7] waiter token, [8] preempt channel, [9] first replica to look at (rotation),
 --   [10] reserve floor, [11] demand window (s), [12] batch requests an interactive one preempts,
---   [13] interactive requests not yet started at a replica that keep batch from it.
--- Returns {i, victim} (victim: '' or the member whose slot it took), or {0, 'down' | 'full'}.
+--   [13] interactive requests not yet started at a replica that keep batch from it,
+--   [14] routing mode, [15] load bound, [16] cache weight, [17] affinity,
+--   [18] index size when the engine reports none, [19..] the prompt's block hashes.
+-- Returns {i, victim, reason, hit blocks} (victim: '' or the member whose slot it took), or
+--   {0, 'down' | 'full'}.
 local now, member, class = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local stale, policy = tonumber(ARGV[4]), ARGV[5]
-local n = (#KEYS - 2) / 5
+local stale, policy, mode = tonumber(ARGV[4]), ARGV[5], ARGV[14]
+local n = (#KEYS - 3) / 6
+local nblocks = #ARGV - 18
+local function base(i) return 3 + 6 * (i - 1) end
+
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if class == 'batch' and redis.call('ZCARD', KEYS[1]) > 0 then
@@ -17,30 +24,46 @@ if class == 'batch' and redis.call('ZCARD', KEYS[1]) > 0 then
   redis.call('ZADD', KEYS[2], now + 2, ARGV[7])
   return {0, 'full'}
 end
+
+-- Leading blocks of the prompt in a replica's index (the index keeps a prompt's prefix at
+-- least as long as its tail, so presence falls with depth: a binary search finds the edge).
+local function cached(key)
+  local lo, hi = 0, nblocks
+  while lo < hi do
+    local mid = math.floor((lo + hi + 1) / 2)
+    if redis.call('ZSCORE', key, ARGV[18 + mid]) then lo = mid else hi = mid - 1 end
+  end
+  return lo
+end
+
+-- Room of each healthy replica under the batch policy.
 local best, best_free, up = 0, -1e9, 0
-local load = {}
+local load, free, caps, order = {}, {}, {}, {}
+local total_load, total_cap = 0, 0
 for j = 0, n - 1 do
   local i = (tonumber(ARGV[9]) + j) % n + 1
-  local b = 2 + 5 * (i - 1)
+  local b = base(i)
   local st = redis.call('HMGET', KEYS[b + 1], 'state', 'capacity', 'pipeline')
   if st[1] == 'up' and st[2] then
     up = up + 1
+    table.insert(order, i)
     redis.call('ZREMRANGEBYSCORE', KEYS[b + 2], '-inf', stale)
     redis.call('ZREMRANGEBYSCORE', KEYS[b + 3], '-inf', stale)
     local ni, nb = redis.call('ZCARD', KEYS[b + 2]), redis.call('ZCARD', KEYS[b + 3])
     local cap, pipe = tonumber(st[2]), tonumber(st[3] or '0')
-    load[i] = {ni, nb}
-    local free
+    load[i], caps[i] = {ni, nb}, cap
+    total_load, total_cap = total_load + ni + nb, total_cap + cap
+    local room
     if policy == 'preempt' then
-      free = cap + pipe - ni - nb
+      room = cap + pipe - ni - nb
       if class == 'batch' then
         redis.call('ZREMRANGEBYSCORE', KEYS[b + 5], '-inf', now)
-        if redis.call('ZCARD', KEYS[b + 5]) >= tonumber(ARGV[13]) then free = -1e9 end
+        if redis.call('ZCARD', KEYS[b + 5]) >= tonumber(ARGV[13]) then room = -1e9 end
       end
     elseif class == 'interactive' then
-      free = cap - ni - nb  -- never waits: the most room, or the least over
+      room = cap - ni - nb  -- never waits: the most room, or the least over
     elseif policy == 'static' then
-      free = tonumber(ARGV[6]) - nb
+      room = tonumber(ARGV[6]) - nb
     else
       redis.call('ZREMRANGEBYSCORE', KEYS[b + 4], '-inf', now - tonumber(ARGV[11]))
       local reserve = math.max(tonumber(ARGV[10]), ni)
@@ -48,20 +71,62 @@ for j = 0, n - 1 do
         local seen = tonumber(string.match(sample, '^(%d+):'))
         if seen and seen > reserve then reserve = seen end
       end
-      free = cap - reserve - nb
+      room = cap - reserve - nb
     end
-    if free > best_free then best, best_free = i, free end
+    free[i] = room
+    if room > best_free then best, best_free = i, room end
   end
 end
 if up == 0 then return {0, 'down'} end
+
+-- Among the replicas with room, the routing mode's choice (most room stays the fallback).
+local reason, hits = 'most_room', {}
+for _, i in ipairs(order) do hits[i] = nblocks > 0 and cached(KEYS[base(i) + 6]) or 0 end
+if best_free > 0 and mode == 'round_robin' then
+  local turn, first = redis.call('INCR', KEYS[3]), 1e9
+  for _, i in ipairs(order) do
+    local d = (i - 1 - turn) % n
+    if free[i] > 0 and d < first then best, first = i, d end
+  end
+  reason = 'round_robin'
+elseif best_free > 0 and (mode == 'cache' or mode == 'session') then
+  -- Consistent hashing with bounded loads: a replica takes the call while its requests in flight,
+  -- this one counted, stay within the bound times its share (by capacity) of all in flight.
+  local bound = tonumber(ARGV[15]) * (total_load + 1) / total_cap
+  local score, most_hit, pref = {}, 0, 0
+  for _, i in ipairs(order) do
+    if mode == 'cache' then
+      score[i] = tonumber(ARGV[16]) * hits[i] / math.max(nblocks, 1) - (load[i][1] + load[i][2]) / caps[i]
+      most_hit = math.max(most_hit, hits[i])
+    else
+      score[i] = tonumber(string.sub(redis.sha1hex(ARGV[17] .. '|' .. KEYS[base(i) + 1]), 1, 12), 16)
+    end
+    if pref == 0 or score[i] > score[pref] then pref = i end
+  end
+  local within, anywhere = 0, 0
+  for _, i in ipairs(order) do
+    if free[i] > 0 then
+      if anywhere == 0 or score[i] > score[anywhere] then anywhere = i end
+      if load[i][1] + load[i][2] + 1 <= math.ceil(bound * caps[i]) and (within == 0 or score[i] > score[within]) then
+        within = i
+      end
+    end
+  end
+  best = within > 0 and within or anywhere
+  if mode == 'cache' then
+    reason = most_hit == 0 and 'miss' or (hits[best] == most_hit and 'hit' or 'spill')
+  else
+    reason = best == pref and 'session' or 'spill'
+  end
+end
+
 local victim = ''
 if class == 'interactive' and policy == 'preempt' then
   if best_free <= 0 then
     -- no room anywhere: the youngest preemptible batch request in the pool gives up its slot
     local young = -1
     for i, _ in pairs(load) do
-      local b = 2 + 5 * (i - 1)
-      for _, m in ipairs(redis.call('ZRANGE', KEYS[b + 3], 0, -1)) do
+      for _, m in ipairs(redis.call('ZRANGE', KEYS[base(i) + 3], 0, -1)) do
         local t = tonumber(string.match(m, '^(%d+):'))
         if t and t > young then young, best = t, i end
       end
@@ -70,12 +135,13 @@ if class == 'interactive' and policy == 'preempt' then
       redis.call('ZADD', KEYS[1], now + 2, ARGV[7])
       return {0, 'full'}
     end
+    reason = 'preempt'
   end
   -- Requests sent beyond the replica's capacity reach its first-come-first-served queue
   -- ahead of this one; about `pipeline` of them find a sequence freed while this one is on
   -- its way in. The youngest batch ones go, so that at most pipeline - ARGV[12] stay ahead
   -- (at least one when there is no room, none beyond what is over capacity when there is).
-  local b = 2 + 5 * (best - 1)
+  local b = base(best)
   local st = redis.call('HMGET', KEYS[b + 1], 'capacity', 'pipeline')
   local most = tonumber(ARGV[12])
   local beyond = load[best][1] + load[best][2] - tonumber(st[1])
@@ -101,7 +167,8 @@ elseif best_free <= 0 and class == 'batch' then
   redis.call('ZADD', KEYS[2], now + 2, ARGV[7])
   return {0, 'full'}
 end
-local b = 2 + 5 * (best - 1)
+
+local b = base(best)
 redis.call('ZREM', class == 'interactive' and KEYS[1] or KEYS[2], ARGV[7])
 if class == 'interactive' then
   redis.call('ZADD', KEYS[b + 2], now, member)
@@ -118,4 +185,22 @@ else
     redis.call('HSET', KEYS[b + 1], 'peak_batch', nb)
   end
 end
-return {best, victim}
+
+-- What was sent where: the prompt's blocks join the replica's index (the prefix scored a little
+-- later than the tail, so that trimming takes tails first, as the engine evicts), trimmed to the
+-- engine's cache size; and the choice is counted.
+if nblocks > 0 then
+  local args = {}
+  for k = 1, nblocks do
+    table.insert(args, string.format('%.6f', now - k * 1e-6))  -- tostring would keep 14 digits
+    table.insert(args, ARGV[18 + k])
+  end
+  redis.call('ZADD', KEYS[b + 6], unpack(args))
+  local size = tonumber(redis.call('HGET', KEYS[b + 1], 'kv_blocks') or '') or tonumber(ARGV[18])
+  local held = redis.call('ZCARD', KEYS[b + 6])
+  if held > size then redis.call('ZREMRANGEBYRANK', KEYS[b + 6], 0, held - size - 1) end
+end
+redis.call('HINCRBY', KEYS[b + 1], 'route_' .. reason, 1)
+redis.call('HINCRBY', KEYS[b + 1], 'route_blocks', nblocks)
+redis.call('HINCRBY', KEYS[b + 1], 'route_hit_blocks', hits[best] or 0)
+return {best, victim, reason, hits[best] or 0}

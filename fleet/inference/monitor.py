@@ -5,8 +5,10 @@ One worker of the fleet runs it at a time (a Redis lock that its holder renews).
 
 - probes each replica that is down (every ``FLEET_REPLICA_PROBE_INTERVAL_S``): when it
   answers and serves the model, it is up again and waiting requests are woken;
-- under the ``preempt`` policy, reads each engine's running and waiting sequences (Triton's
-  metrics, as the vLLM backend reports vLLM's) and sizes the replica's pipeline depth: the
+- reads each engine's state from its Triton metrics (vLLM's names: running and waiting
+  sequences, KV cache size and use, prefix-cache queries and hits), which the router
+  (:mod:`fleet.inference.routing`) and ``fleet status`` read;
+- under the ``preempt`` policy, sizes each replica's pipeline depth from it: the
   requests sent beyond its sequence capacity so that a new one is on its way whenever a
   sequence finishes (a request spends its first moments in transfer and tokenization,
   outside the engine's batch). The depth grows while the engine has a free slot although
@@ -24,7 +26,7 @@ from collections.abc import Callable
 import redis
 
 from fleet.core.loops import BackgroundLoop, Leadership
-from fleet.inference.replicas import ReplicaBoard, ReplicaState, check, engine_state
+from fleet.inference.replicas import ReplicaBoard, ReplicaState, check, engine_metrics
 from fleet.inference.triton import TritonClient
 from fleet.settings import ReplicaSpec, Settings
 
@@ -65,11 +67,14 @@ class PoolMonitor:
                 if now - self._probed.get(state.name, float("-inf")) >= self.settings.replica_probe_interval_s:
                     self._probed[state.name] = now
                     check(self.settings, self.board, spec, self.triton(state.name))
-            elif self.settings.batch_policy == "preempt":
-                engine = engine_state(spec.metrics_url, self.settings.triton_model)
-                if engine is not None:
-                    depth = next_pipeline(state, *engine, limit=self.settings.pipeline_max)
-                    self.board.set_engine(state.name, *engine, depth)
+            else:
+                engine = engine_metrics(spec.metrics_url, self.settings.triton_model)
+                if engine is None:
+                    continue
+                self.board.set_cache(state.name, engine)
+                if self.settings.batch_policy == "preempt":
+                    depth = next_pipeline(state, engine.running, engine.waiting, limit=self.settings.pipeline_max)
+                    self.board.set_engine(state.name, engine.running, engine.waiting, depth)
         return False
 
     def loop(self) -> BackgroundLoop:

@@ -1,7 +1,8 @@
 """The inference pool: the Triton replicas llm steps run on, and how a model call uses them.
 
-A step body asks the pool for a generation. The pool takes a slot on the replica with the
-most room (:mod:`fleet.inference.slots`), calls Triton there with the run's remaining budget, its
+A step body asks the pool for a generation. The pool takes a slot on the replica its router
+chooses (:mod:`fleet.inference.slots`; by default the one expected to hold the prompt's prefix in
+its KV cache, within a load bound: :mod:`fleet.inference.routing`), calls Triton there with the run's remaining budget, its
 class's priority and its cancel scope, and gives the slot back. Two things may happen in
 between, and neither costs the step an attempt:
 
@@ -32,6 +33,7 @@ import redis
 from fleet.core.listener import Listener
 from fleet.errors import ReplicaUnavailable
 from fleet.inference.replicas import ReplicaBoard, check
+from fleet.inference.routing import RouteRequest, prefix_blocks
 from fleet.inference.slots import Slots
 from fleet.inference.triton import Generation, TritonClient
 from fleet.run.cancel import CancelScope
@@ -91,8 +93,10 @@ class InferencePool:
 
     def generate(self, prompt: str, sampling: dict[str, Any], *, model: str | None, priority: PriorityClass,
                  deadline_at: float, request_id: str, cancel: CancelScope,
-                 on_token: Callable[[str], None] | None = None, token_ids: list[int] | None = None) -> Generation:
-        """One generation, within the run's deadline; raises per :mod:`fleet.errors`."""
+                 on_token: Callable[[str], None] | None = None, token_ids: list[int] | None = None,
+                 affinity: str = "") -> Generation:
+        """One generation, within the run's deadline; raises per :mod:`fleet.errors`. ``affinity``
+        (the session's or run's id) keeps a conversation on one replica under 'session' routing."""
         # Interactive runs stream (time to first token, prompt cancellation); batch runs take
         # one response per request unless their tokens are wanted, which saves a message per
         # token in the worker and at Triton.
@@ -122,6 +126,7 @@ class InferencePool:
             return call(names[next(self._turn) % len(names)], cancel.bind)
         self._listener.start()
         self._check_unknown()
+        route = RouteRequest(affinity, prefix_blocks(model or self.settings.triton_model, prompt, token_ids))
         # A batch call whose tokens stream to the app is never preempted: its tokens are out.
         preemptible = on_token is None
         preemptions = failovers = 0
@@ -132,7 +137,8 @@ class InferencePool:
                 self._calls[token] = link
             try:
                 started = time.monotonic()
-                lease = self.slots.acquire(priority, deadline_at, cancel.cancelled, preemptible, token=token)
+                lease = self.slots.acquire(priority, deadline_at, cancel.cancelled, preemptible, token=token,
+                                           route=route)
                 waited += time.monotonic() - started
                 try:
                     gen = call(lease.replica, lambda c: (cancel.bind(c), link.bind(c)),
@@ -157,6 +163,7 @@ class InferencePool:
                     self._calls.pop(token, None)
             gen.replica, gen.preemptions, gen.failovers, gen.slot_wait_s = (
                 lease.replica, preemptions, failovers, waited)
+            gen.route, gen.hit_blocks, gen.prompt_blocks = lease.reason, lease.hit_blocks, len(route.blocks)
             return gen
 
     # --- what the listener hears ----------------------------------------------------------

@@ -29,7 +29,23 @@ from fleet.settings import PRIORITY_CLASSES, ReplicaSpec, Settings
 
 log = logging.getLogger(__name__)
 
-_METRIC_LINE = re.compile(r'^(vllm:num_requests_(?:running|waiting))\{([^}]*)\}\s+([0-9.eE+-]+)$', re.MULTILINE)
+_METRIC_LINE = re.compile(
+    r'^(vllm:(?:num_requests_running|num_requests_waiting|kv_cache_usage_perc|prefix_cache_queries_total'
+    r'|prefix_cache_hits_total|cache_config_info))\{([^}]*)\}\s+([0-9.eE+-]+)$', re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    """One engine's state, as its Triton metrics port tells it (vLLM's names)."""
+
+    running: int
+    waiting: int
+    kv_usage: float | None = None  # vllm:kv_cache_usage_perc (0..1)
+    prefix_queries: float | None = None  # vllm:prefix_cache_queries_total, in tokens
+    prefix_hits: float | None = None  # vllm:prefix_cache_hits_total, in tokens
+    kv_blocks: int | None = None  # num_gpu_blocks of vllm:cache_config_info
+    block_size: int | None = None  # block_size of vllm:cache_config_info
 
 
 @dataclass
@@ -49,12 +65,23 @@ class ReplicaState:
     inflight: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PRIORITY_CLASSES})
     peak: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PRIORITY_CLASSES})
     preempted: int = 0
+    kv_blocks: int | None = None
+    kv_usage: float | None = None
+    prefix_queries: float | None = None
+    prefix_hits: float | None = None
+    routes: dict[str, int] = field(default_factory=dict)  # calls routed here, by reason
+    route_blocks: int = 0  # prompt blocks of the calls routed here
+    route_hit_blocks: int = 0  # of which the router expected cached here
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "grpc_url": self.grpc_url, "state": "up" if self.up else "down",
                 "since": self.since, "reason": self.reason or None, "capacity": self.capacity,
                 "pipeline": self.pipeline, "engine_running": self.running, "engine_waiting": self.waiting,
-                "inflight": self.inflight, "inflight_peak": self.peak, "preempted": self.preempted}
+                "inflight": self.inflight, "inflight_peak": self.peak, "preempted": self.preempted,
+                "kv_blocks": self.kv_blocks, "kv_usage": self.kv_usage,
+                "prefix_hit_rate": (self.prefix_hits / self.prefix_queries) if self.prefix_queries else None,
+                "routes": self.routes, "route_expected_hit_rate":
+                    (self.route_hit_blocks / self.route_blocks) if self.route_blocks else None}
 
 
 class ReplicaBoard:
@@ -82,7 +109,12 @@ class ReplicaBoard:
                               since=_float(h.get("since")), reason=h.get("reason", ""),
                               capacity=_int(h.get("capacity")), pipeline=_int(h.get("pipeline")) or 0,
                               running=_int(h.get("running")), waiting=_int(h.get("waiting")),
-                              preempted=_int(h.get("preempted")) or 0)
+                              preempted=_int(h.get("preempted")) or 0, kv_blocks=_int(h.get("kv_blocks")),
+                              kv_usage=_float(h.get("kv_usage")), prefix_queries=_float(h.get("prefix_queries")),
+                              prefix_hits=_float(h.get("prefix_hits")), route_blocks=_int(h.get("route_blocks")) or 0,
+                              route_hit_blocks=_int(h.get("route_hit_blocks")) or 0)
+            st.routes = {k[len("route_"):]: int(v) for k, v in h.items()
+                         if k.startswith("route_") and k not in ("route_blocks", "route_hit_blocks")}
             st.inflight = dict(zip(PRIORITY_CLASSES, counts))
             st.peak = {p: _int(h.get(f"peak_{p}")) or 0 for p in PRIORITY_CLASSES}
             out.append(st)
@@ -96,6 +128,8 @@ class ReplicaBoard:
         """The replica answers and runs ``capacity`` sequences; True when it was not up."""
         key = self.settings.keys.replica(name)
         was = self.redis.hget(key, "state")
+        if was == "down":  # it may have restarted: what the router remembers of its cache is gone
+            self.redis.delete(self.settings.keys.prefix_index(name))
         self.redis.hset(key, mapping={"state": "up", "capacity": capacity, "reason": "",
                                       **({} if was == "up" else {"since": time.time()})})
         if was != "up":
@@ -117,6 +151,14 @@ class ReplicaBoard:
         """What the replica's engine runs and queues now, and the pipeline depth to use."""
         self.redis.hset(self.settings.keys.replica(name),
                         mapping={"running": running, "waiting": waiting, "pipeline": pipeline})
+
+    def set_cache(self, name: str, engine: EngineMetrics) -> None:
+        """What the replica's engine reports of its KV cache (the router sizes its index by it)."""
+        found = {"kv_blocks": engine.kv_blocks, "kv_usage": engine.kv_usage,
+                 "prefix_queries": engine.prefix_queries, "prefix_hits": engine.prefix_hits}
+        found = {k: v for k, v in found.items() if v is not None and not (k == "kv_blocks" and v <= 0)}
+        if found:
+            self.redis.hset(self.settings.keys.replica(name), mapping=found)
 
 
 def probe(settings: Settings, spec: ReplicaSpec, client: TritonClient) -> int:
@@ -150,22 +192,39 @@ def check(settings: Settings, board: ReplicaBoard, spec: ReplicaSpec, client: Tr
     return False
 
 
-def engine_state(metrics_url: str, model: str, timeout_s: float = 1.0) -> tuple[int, int] | None:
-    """The engine's running and waiting sequences for ``model``, from its Triton metrics
-    (``vllm:num_requests_running`` / ``vllm:num_requests_waiting``, as Triton's vLLM backend
-    reports them with REPORT_CUSTOM_METRICS); None when they cannot be read."""
+def engine_metrics(metrics_url: str, model: str, timeout_s: float = 1.0) -> EngineMetrics | None:
+    """The engine's state for ``model`` from its Triton metrics, under vLLM's names (the medium
+    model's Triton exports them: ``triton_models/medium/1/model.py``); None when its running and
+    waiting sequences cannot be read. Series of several engine instances add up."""
     try:
         with urllib.request.urlopen(metrics_url, timeout=timeout_s) as resp:
             text = resp.read().decode("utf-8", "replace")
     except OSError:
         return None
     found: dict[str, float] = {}
+    info: dict[str, str] = {}
     for name, labels, value in _METRIC_LINE.findall(text):
-        if f'model="{model}"' in labels or f'model_name="{model}"' in labels:
+        named = dict(_LABEL.findall(labels))
+        if model not in (named.get("model"), named.get("model_name")):
+            continue
+        if name == "vllm:cache_config_info":
+            info = named
+        else:
             found[name] = found.get(name, 0.0) + float(value)
-    if len(found) < 2:
+    if "vllm:num_requests_running" not in found or "vllm:num_requests_waiting" not in found:
         return None
-    return int(found["vllm:num_requests_running"]), int(found["vllm:num_requests_waiting"])
+    return EngineMetrics(
+        running=int(found["vllm:num_requests_running"]), waiting=int(found["vllm:num_requests_waiting"]),
+        kv_usage=found.get("vllm:kv_cache_usage_perc"), prefix_queries=found.get("vllm:prefix_cache_queries_total"),
+        prefix_hits=found.get("vllm:prefix_cache_hits_total"),
+        kv_blocks=_int(info.get("num_gpu_blocks")) if info.get("num_gpu_blocks", "None") != "None" else None,
+        block_size=_int(info.get("block_size")) if info.get("block_size", "None") != "None" else None)
+
+
+def engine_state(metrics_url: str, model: str, timeout_s: float = 1.0) -> tuple[int, int] | None:
+    """The engine's running and waiting sequences for ``model`` (see :func:`engine_metrics`)."""
+    found = engine_metrics(metrics_url, model, timeout_s)
+    return None if found is None else (found.running, found.waiting)
 
 
 def _int(value: str | None) -> int | None:

@@ -3,9 +3,12 @@
 Every llm request holds a lease on one replica while it is at Triton: a member of the
 replica's sorted set for its class, ``<dispatch ms>:<token>`` (``np:`` in front when it
 must not be preempted), scored by its holder's last heartbeat, so a dead worker's leases
-go stale within :data:`LEASE_TTL_S`. One Lua script takes a slot on the healthy replica
-with the most room. Per replica and policy, a class may hold (``C`` the replica's sequence
-capacity, ``K`` the pipeline depth the pool monitor learned):
+go stale within :data:`LEASE_TTL_S`. One Lua script chooses the replica and takes the slot
+there: among the healthy replicas with room, the routing mode's choice (``FLEET_ROUTING``, see
+:mod:`fleet.inference.routing`: the replica expected to hold the call's prompt prefix in its KV
+cache, or the session's own, each within a load bound; or the one with the most room). Per
+replica and policy, a class may hold (``C`` the replica's sequence capacity, ``K`` the pipeline
+depth the pool monitor learned):
 
 =========  ===================================  ==========================================
 policy     batch                                interactive
@@ -40,6 +43,7 @@ import redis
 
 from fleet.core import lua
 from fleet.errors import DeadlineExceeded, RunCancelled, TransientError
+from fleet.inference.routing import RouteRequest
 from fleet.settings import PriorityClass, Settings
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,8 @@ class Lease:
     token: str
     member: str
     victim: str = ""  # the batch request whose slot this one took
+    reason: str = "most_room"  # why this replica (fleet.inference.routing.REASONS)
+    hit_blocks: int = 0  # leading blocks of the prompt the router expects cached there
 
 
 
@@ -114,36 +120,41 @@ class Slots:
         self.redis = client
         self.replicas = [r.name for r in settings.replicas()]
         keys = settings.keys
-        self._keys = [keys.slot_waiters("interactive"), keys.slot_waiters("batch")]
+        self._keys = [keys.slot_waiters("interactive"), keys.slot_waiters("batch"), keys.route_turn()]
         for name in self.replicas:
             self._keys += [keys.replica(name), keys.leases(name, "interactive"), keys.leases(name, "batch"),
-                           keys.interactive_demand(name), keys.starting(name)]
+                           keys.interactive_demand(name), keys.starting(name), keys.prefix_index(name)]
         self.signal = _Signal()
         self._held: dict[str, Lease] = {}
         self._held_lock = threading.Lock()
         self._heartbeat: threading.Thread | None = None
 
     # --- taking and giving back ---------------------------------------------------------
-    def try_acquire(self, priority: PriorityClass, token: str, preemptible: bool = True) -> Lease | str:
+    def try_acquire(self, priority: PriorityClass, token: str, preemptible: bool = True,
+                    route: RouteRequest | None = None) -> Lease | str:
         """One attempt: the lease, or why there is none (``'full'``, ``'down'``)."""
         s = self.settings
         now = time.time()
+        route = route or RouteRequest()
         member = f"{'' if preemptible or priority == 'interactive' else 'np:'}{int(now * 1000)}:{token}"
-        index, why = _ACQUIRE(self.redis, keys=self._keys, args=[
+        got = _ACQUIRE(self.redis, keys=self._keys, args=[
             now, member, priority, now - LEASE_TTL_S, s.batch_policy, s.batch_inflight_max, token,
             s.keys.preempt_channel, random.randrange(len(self.replicas)), s.interactive_reserve_min,
-            s.interactive_demand_window_s, s.preempt_victims, STARTING_HOLDS_BATCH])
-        if not index:
-            return why
-        lease = Lease(self.replicas[int(index) - 1], priority, token, member, why)
+            s.interactive_demand_window_s, s.preempt_victims, STARTING_HOLDS_BATCH,
+            s.routing, s.routing_load_bound, s.routing_cache_weight, route.affinity or token, s.prefix_index_blocks,
+            *route.blocks])
+        if not got[0]:
+            return got[1]
+        index, victim, reason, hit = got
+        lease = Lease(self.replicas[int(index) - 1], priority, token, member, victim, reason, int(hit))
         with self._held_lock:
             self._held[token] = lease
         self._start_heartbeat()
         return lease
 
     def acquire(self, priority: PriorityClass, deadline_at: float, cancelled: Callable[[], bool],
-                preemptible: bool = True, token: str | None = None) -> Lease:
-        """A lease on the replica with the most room, waiting for one as long as the run may.
+                preemptible: bool = True, token: str | None = None, route: RouteRequest | None = None) -> Lease:
+        """A lease on the replica the router chooses, waiting for one as long as the run may.
 
         Raises:
             DeadlineExceeded: the run's deadline passed first.
@@ -155,7 +166,7 @@ class Slots:
         try:
             while True:
                 seen = self.signal.seq
-                got = self.try_acquire(priority, token, preemptible)
+                got = self.try_acquire(priority, token, preemptible, route)
                 if isinstance(got, Lease):
                     return got
                 now = time.time()

@@ -54,6 +54,9 @@ class Generation:
     preemptions: int = 0
     failovers: int = 0
     slot_wait_s: float = 0.0
+    route: str = ""  # why the router chose the replica (fleet.inference.routing.REASONS)
+    hit_blocks: int = 0  # leading prompt blocks the router expected cached there
+    prompt_blocks: int = 0  # the prompt's full blocks as the router counts them
 
 
 def _bytes_input(req: service_pb2.ModelInferRequest, name: str, value: str) -> None:

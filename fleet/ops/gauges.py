@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from fleet.broker.app import SENT_AT_HEADER
 from fleet.broker.queues import all_queues
 from fleet.connections import redis_client
-from fleet.inference.replicas import ReplicaBoard
+from fleet.inference.replicas import ReplicaBoard, ReplicaState
 from fleet.scheduling.quotas import QuotaGate
 from fleet.settings import PRIORITY_CLASSES, Settings
 
@@ -120,3 +120,28 @@ class FleetCollector(Collector):
                         t_quota.add_metric([name, quota], limit)
         yield from (depth, age, inflight, backlog, dispatched, r_up, r_cap, r_pipe, r_in, r_wait, r_pre,
                     t_active, t_tokens, t_quota, t_weight)
+        yield from routing_families(states)
+
+
+def routing_families(states: list[ReplicaState]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Where the router sent model calls and why, and what each engine's prefix cache did."""
+    calls = CounterMetricFamily("fleet_route_calls", "Model calls the router sent to a replica, by why "
+                                "(hit, spill, miss, session, most_room, round_robin, preempt).",
+                                labels=["replica", "reason"])
+    blocks = CounterMetricFamily("fleet_route_prompt_blocks", "Prompt blocks of the calls routed to a replica "
+                                 "(sent), and those the router expected in its cache (expected_hit).",
+                                 labels=["replica", "kind"])
+    hit = GaugeMetricFamily("fleet_replica_prefix_cache_hit_ratio", "The engine's own prefix-cache hits over "
+                            "queries since it started, in tokens (vllm:prefix_cache_*).", labels=["replica"])
+    usage = GaugeMetricFamily("fleet_replica_kv_cache_usage_ratio", "Share of the engine's KV cache that running "
+                              "sequences hold (vllm:kv_cache_usage_perc).", labels=["replica"])
+    for st in states:
+        for reason, n in sorted(st.routes.items()):
+            calls.add_metric([st.name, reason], n)
+        blocks.add_metric([st.name, "sent"], st.route_blocks)
+        blocks.add_metric([st.name, "expected_hit"], st.route_hit_blocks)
+        if st.prefix_queries:
+            hit.add_metric([st.name], (st.prefix_hits or 0.0) / st.prefix_queries)
+        if st.kv_usage is not None:
+            usage.add_metric([st.name], st.kv_usage)
+    yield from (calls, blocks, hit, usage)

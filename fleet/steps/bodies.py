@@ -64,9 +64,10 @@ class StepBodies:
             gen = self.pool.generate(
                 rendered.text, sampling, model=model, priority=run.priority,
                 deadline_at=run.deadline_at, request_id=f"{run.id}:{record.key}:{record.attempts}",
-                cancel=ctx.cancel, on_token=on_token, token_ids=rendered.token_ids,
+                cancel=ctx.cancel, on_token=on_token, token_ids=rendered.token_ids, affinity=run.session_id or run.id,
             )
             tracing.model_result(span, gen.tokens_in, gen.tokens_out, gen.finish_reason, gen.ttft_s)
+            tracing.model_route(span, gen.replica, gen.route, gen.hit_blocks, gen.prompt_blocks)
         record.tokens_in, record.tokens_out, record.ttft_s = gen.tokens_in, gen.tokens_out, gen.ttft_s
         record.replica, record.preemptions, record.failovers = gen.replica or None, gen.preemptions, gen.failovers
         record.model_s, record.prompt_bytes = gen.duration_s, len(rendered.text.encode())

@@ -53,12 +53,16 @@ def test_writer_agent_drafts_critiques_and_revises(fleet, priority):
     # Recompute every step from the simulator's pure text function: the fleet must have
     # rendered each prompt (in the dev model's text layout) from the previous steps' outputs.
     agent = fleet.client.agents["writer"]
-    draft = _sim_text(f"User: Write a short paragraph about {topic}.\nAgent:", 48)
+    system = "You write short, plain prose for engineers."
+    draft = _sim_text(f"{system}\nUser: Topic: {topic}\nWrite a short paragraph about the topic.\nAgent:", 48)
     state = fleet.client.store.load(run_id)
     critique = _sim_text(TextFormat().render(build_prompt(agent, agent.step("critique"), state)).text, 24)
     revised = _sim_text(TextFormat().render(build_prompt(agent, agent.step("revise"), state)).text, 48)
-    assert f"User: Critique this draft in two sentences.\nDraft: {draft}\nAgent:" == \
-        TextFormat().render(build_prompt(agent, agent.step("critique"), state)).text
+    critique_prompt = TextFormat().render(build_prompt(agent, agent.step("critique"), state)).text
+    assert critique_prompt == f"{system}\nUser: Topic: {topic}\nDraft: {draft}\nCritique this draft in two sentences.\nAgent:"
+    # Laid out for the prefix cache: the revision's prompt starts with the critique's, less its last lines.
+    revise_prompt = TextFormat().render(build_prompt(agent, agent.step("revise"), state)).text
+    assert revise_prompt.startswith(critique_prompt.rsplit("\n", 2)[0] + "\n")
     assert run.outputs["draft"] == draft
     assert run.outputs["critique"] == critique
     assert run.result == revised

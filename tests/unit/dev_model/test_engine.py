@@ -60,20 +60,6 @@ class FakeSink:
         self.done.set()
 
 
-@pytest.fixture
-def engine_factory():
-    engines: list[Engine] = []
-
-    def make(cfg: SimConfig) -> Engine:
-        engine = Engine(cfg, name="test")
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.stop()
-
-
 # --- tokens ---------------------------------------------------------------------------
 
 

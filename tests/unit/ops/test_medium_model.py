@@ -48,6 +48,9 @@ class VllmStatLogger:
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
         self.recorded.append(iteration_stats)
 
+    def log_engine_initialized(self):
+        self.recorded.append("initialized")
+
 
 class VllmStatLoggerFactory:
     def __init__(self, labels, log_logger):
@@ -77,11 +80,13 @@ class _Metric:
 class _Family:
     GAUGE, COUNTER = "gauge", "counter"
     made: dict[str, _Metric] = {}
+    labels: dict[str, dict] = {}
 
     def __init__(self, name: str, description: str, kind: str) -> None:
         self.name = name
 
     def Metric(self, labels: dict) -> _Metric:  # noqa: N802 - pb_utils' name
+        _Family.labels[self.name] = labels
         return _Family.made.setdefault(self.name, _Metric(self.name))
 
 
@@ -150,6 +155,17 @@ def test_the_scheduler_figures_reach_tritons_metrics(medium):
     assert got["vllm:kv_cache_usage_perc"] == 0.4 and got["vllm:num_preemptions_total"] == 1
     assert got["vllm:prefix_cache_queries_total"] == 192 and got["vllm:prefix_cache_hits_total"] == 128
     assert len(logger.recorded) == 2 and factory._instances_list == [logger]  # the backend's own logging too
+
+
+def test_the_kv_cache_size_is_exported_once_the_engine_knows_it(medium):
+    module, _ = medium
+    config = types.SimpleNamespace(cache_config=types.SimpleNamespace(
+        block_size=16, num_gpu_blocks=9120, enable_prefix_caching=True))
+    logger = module.FleetStatLoggerFactory({"model": "medium", "version": "1"}, None)(config, 0)
+    logger.log_engine_initialized()
+    assert _Family.made["vllm:cache_config_info"].value == 1 and logger.recorded == ["initialized"]
+    assert _Family.labels["vllm:cache_config_info"] == {
+        "model": "medium", "version": "1", "block_size": "16", "num_gpu_blocks": "9120", "enable_prefix_caching": "True"}
 
 
 def test_the_extra_inputs_are_declared(medium):

@@ -12,7 +12,8 @@ backend of the pinned image does not do (Triton 25.12, vLLM 0.11.1; see ../READM
 - **the engine's scheduler and cache state** on Triton's metrics port, under vLLM's own names
   (``vllm:num_requests_running``, ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``,
   ``vllm:prefix_cache_queries_total``, ``vllm:prefix_cache_hits_total``,
-  ``vllm:num_preemptions_total``) beside the backend's own (TTFT and time-per-output-token
+  ``vllm:num_preemptions_total``, and ``vllm:cache_config_info`` whose labels give the KV cache's
+  ``num_gpu_blocks`` and ``block_size``, as vLLM's own exporter does) beside the backend's own (TTFT and time-per-output-token
   histograms, token counters): the inference pool reads them.
 
 Everything else is the backend's: this is a thin subclass of the model it ships
@@ -82,8 +83,13 @@ class _SchedulerMetrics:
     """vLLM's scheduler and cache figures as Triton metrics (gauges and counters)."""
 
     def __init__(self, labels: dict) -> None:
+        self._labels = labels
+        self._families = []  # a family must outlive its metrics
+
         def family(name: str, description: str, kind: int):  # noqa: ANN202
-            return pb_utils.MetricFamily(name=name, description=description, kind=kind).Metric(labels=labels)
+            made = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            self._families.append(made)
+            return made.Metric(labels=labels)
 
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
         self.running = family("vllm:num_requests_running", "Requests in model execution batches.", gauge)
@@ -93,6 +99,19 @@ class _SchedulerMetrics:
                                      "Prefix cache queries, in tokens.", counter)
         self.prefix_hits = family("vllm:prefix_cache_hits_total", "Prefix cache hits, in tokens.", counter)
         self.preemptions = family("vllm:num_preemptions_total", "Preemptions by the engine.", counter)
+
+    def cache_config(self, vllm_config) -> None:  # noqa: ANN001
+        """The KV cache's size and block size, known once the engine has profiled its memory."""
+        cache = getattr(vllm_config, "cache_config", None)
+        if cache is None:
+            return
+        made = pb_utils.MetricFamily(name="vllm:cache_config_info", description="Information of the KV cache "
+                                     "configuration.", kind=pb_utils.MetricFamily.GAUGE)
+        self._families.append(made)
+        self.cache_info = made.Metric(labels={
+            **self._labels, "block_size": str(cache.block_size), "num_gpu_blocks": str(cache.num_gpu_blocks),
+            "enable_prefix_caching": str(cache.enable_prefix_caching)})
+        self.cache_info.set(1)
 
     def record(self, scheduler_stats, iteration_stats) -> None:  # noqa: ANN001
         if scheduler_stats is not None:
@@ -115,6 +134,11 @@ class FleetStatLogger(VllmStatLogger):
     def __init__(self, labels: dict, log_logger, vllm_config, engine_index: int) -> None:  # noqa: ANN001
         super().__init__(labels, log_logger, vllm_config, engine_index)
         self.scheduler = _SchedulerMetrics(labels)
+        self._vllm_config = vllm_config  # vLLM's base class does not keep it
+
+    def log_engine_initialized(self) -> None:
+        super().log_engine_initialized()
+        self.scheduler.cache_config(self._vllm_config)
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:  # noqa: ANN001
         super().record(scheduler_stats, iteration_stats, mm_cache_stats, engine_idx)

@@ -13,7 +13,9 @@ Three parts:
 * Timing and faults: ``SimConfig`` (built from the model's config parameters),
   ``step_time_s`` and ``decide_fault``.
 * ``Engine``: one per model instance; a background thread runs vLLM-like decode steps
-  over up to ``max_num_seqs`` active sequences, each producing one token per step.
+  over up to ``max_num_seqs`` active sequences, each producing one token per step, with a KV
+  cache that keeps computed prompt prefixes as vLLM's automatic prefix caching does
+  (``prefix_cache.py``, beside this file): a prompt pays prefill only after its cached prefix.
 """
 
 from __future__ import annotations
@@ -21,13 +23,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
+import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Protocol
+
+# prefix_cache.py sits beside this file; whoever loads this module by path may not have put
+# that folder on sys.path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from prefix_cache import Allocation, PrefixCache, block_hashes, blocks_for  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -384,6 +396,13 @@ class SimConfig:
         stall_rate: Fraction (0..1) of requests held back ``stall_ms`` before admission.
         stall_ms: How long (ms) a stalled request waits before it may be admitted.
         seed: Seed of the fault decisions.
+        num_gpu_blocks: KV cache size in blocks (vLLM's ``num_gpu_blocks_override``); a
+            request waits while the blocks for its prompt and output do not fit; 0: unbounded.
+        block_size: Tokens per KV block (vLLM's default 16).
+        enable_prefix_caching: Whether computed prompt blocks are kept and reused.
+        block_trace_dir: When set, each request's prompt block hashes are appended to a JSON
+            lines file there (one per engine), so a benchmark can work out what a workload
+            could reuse at most.
     """
 
     ttft_ms: float = 150.0
@@ -395,6 +414,10 @@ class SimConfig:
     stall_rate: float = 0.0
     stall_ms: float = 1000.0
     seed: int = 0
+    num_gpu_blocks: int = 0
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    block_trace_dir: str = ""
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "prefill_ms_per_token", "tpot_ms", "load_factor", "stall_ms"):
@@ -405,6 +428,9 @@ class SimConfig:
                 raise ValueError(f"{name} must be within 0..1, got {getattr(self, name)}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.block_size < 1 or self.num_gpu_blocks < 0:
+            raise ValueError(f"block_size must be at least 1 and num_gpu_blocks non-negative, "
+                             f"got {self.block_size} and {self.num_gpu_blocks}")
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any]) -> SimConfig:
@@ -432,10 +458,20 @@ class SimConfig:
             if not text:
                 continue
             try:
-                kwargs[f.name] = int(text) if f.type in (int, "int") else float(text)
+                kwargs[f.name] = _parse_parameter(f.type, text)
             except ValueError:
-                raise ValueError(f"config parameter {f.name}={text!r} is not a number") from None
+                raise ValueError(f"config parameter {f.name}={text!r} is not a {f.type}") from None
         return cls(**kwargs)
+
+
+def _parse_parameter(kind: Any, text: str) -> Any:
+    if kind in (bool, "bool"):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1")
+    if kind in (str, "str"):
+        return text
+    return int(text) if kind in (int, "int") else float(text)
 
 
 def step_time_s(cfg: SimConfig, n_active: int, n_new: int, new_input_tokens: int) -> float:
@@ -534,6 +570,10 @@ class Sequence:
         stream: Whether its client takes one response per token.
         blocked_at_step: The engine step at which it was first ready but found every
             sequence slot taken (``None`` while it never waited for a slot).
+        prompt_tokens: The prompt's tokens.
+        hashes: Chained hashes of the prompt's full KV blocks.
+        cached_tokens: Prompt tokens found in the prefix cache when it was admitted.
+        alloc: Its KV blocks while it runs.
     """
 
     seq_id: int
@@ -547,6 +587,10 @@ class Sequence:
     sent: int = 0
     stream: bool = False
     blocked_at_step: int | None = None
+    prompt_tokens: list[str] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
+    cached_tokens: int = 0
+    alloc: Allocation | None = None
 
 
 @dataclass
@@ -554,7 +598,7 @@ class EngineStats:
     """Counters of an engine since it started.
 
     ``waiting`` counts what vLLM's ``num_requests_waiting`` counts: sequences ready to run
-    that found every slot taken; ``arriving`` those still within their ``ttft_ms`` (on
+    that found every slot (or the KV blocks they need) taken; ``arriving`` those still within their ``ttft_ms`` (on
     their way in, not yet schedulable). A sequence that waited for a slot is counted in
     ``slot_waits`` (``slot_waits_stream`` for streamed ones), and the most engine steps one
     waited in ``slot_wait_steps_max`` (``..._stream``).
@@ -575,6 +619,35 @@ class EngineStats:
     slot_waits_stream: int = 0
     slot_wait_steps_max: int = 0
     slot_wait_steps_max_stream: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    kv_usage: float = 0.0
+    kv_evicted_blocks: int = 0
+
+
+class _BlockTrace:
+    """Each request's prompt block hashes, appended to a JSON lines file (when a folder is given):
+    arrival time, prompt tokens, and the first 8 bytes of each hash in hex."""
+
+    def __init__(self, folder: str, name: str) -> None:
+        self._lock = threading.Lock()
+        self._file = None
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            self._file = open(os.path.join(folder, f"{name}-{os.getpid()}.jsonl"), "a", buffering=1)  # noqa: SIM115
+
+    def write(self, n_tokens: int, hashes: list[bytes]) -> None:
+        if self._file is None:
+            return
+        line = json.dumps({"t": time.time(), "n": n_tokens, "h": [h[:8].hex() for h in hashes]})
+        with self._lock:
+            self._file.write(line + "\n")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 class Engine:
@@ -603,6 +676,8 @@ class Engine:
         self._stopping = threading.Event()
         self._counter = 0
         self._stats = EngineStats()
+        self._cache = PrefixCache(cfg.num_gpu_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self._trace = _BlockTrace(cfg.block_trace_dir, name)
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
         self._thread.start()
         logger.info("engine %s started with %s", name, cfg)
@@ -631,6 +706,13 @@ class Engine:
             RuntimeError: If the engine was stopped.
         """
         tokens, finish_reason = generate(prompt, params)
+        prompt_tokens = tokenize(prompt)
+        cfg = self.cfg
+        need = blocks_for(len(prompt_tokens) + len(tokens), cfg.block_size)
+        if cfg.num_gpu_blocks and need > cfg.num_gpu_blocks:
+            raise ValueError(f"the prompt and its output need {need} KV blocks; the cache holds {cfg.num_gpu_blocks}")
+        hashes = block_hashes(prompt_tokens, cfg.block_size) if cfg.enable_prefix_caching else []
+        self._trace.write(len(prompt_tokens), hashes)
         with self._cv:
             if not self._running:
                 raise RuntimeError(f"engine {self.name} is stopped")
@@ -652,13 +734,15 @@ class Engine:
         seq = Sequence(
             seq_id=seq_id,
             prompt=prompt,
-            input_tokens=count_tokens(prompt),
+            input_tokens=len(prompt_tokens),
             tokens=tokens,
             finish_reason=finish_reason,
             sink=sink,
             fault=fault,
             ready_at=ready_at,
             stream=stream,
+            prompt_tokens=prompt_tokens,
+            hashes=hashes,
         )
         with self._cv:
             self._waiting.append(seq)
@@ -679,6 +763,9 @@ class Engine:
             now = time.monotonic()
             snap.waiting = sum(1 for s in self._waiting if s.ready_at <= now)
             snap.arriving = len(self._waiting) - snap.waiting
+            cache = self._cache.stats
+            snap.prefix_queries, snap.prefix_hits, snap.kv_evicted_blocks = cache.queries, cache.hits, cache.evicted_blocks
+            snap.kv_usage = self._cache.used_fraction
             return snap
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -699,6 +786,7 @@ class Engine:
             self._active.clear()
             self._waiting.clear()
             self._stats.failed += len(left)
+        self._trace.close()
         for seq in left:
             self._safe(seq, seq.sink.send_error, UNAVAILABLE, "model is shutting down")
         logger.info("engine %s stopped (%d requests failed on shutdown)", self.name, len(left))
@@ -724,7 +812,8 @@ class Engine:
 
     def _take_ready(self, now: float) -> list[Sequence]:
         # Called with the lock held: the ready sequences that fit, first come first served;
-        # a ready one that does not fit starts waiting for a slot (counted once).
+        # a ready one that does not fit (no sequence slot, or not its KV blocks) starts waiting
+        # (counted once), and so do the ready ones behind it.
         room = self.cfg.max_num_seqs - len(self._active)
         taken: list[Sequence] = []
         kept: deque[Sequence] = deque()
@@ -732,16 +821,38 @@ class Engine:
             seq = self._waiting.popleft()
             if seq.ready_at > now:
                 kept.append(seq)
-            elif len(taken) < room:
+            elif len(taken) < room and self._allocate(seq):
                 taken.append(seq)
                 if seq.blocked_at_step is not None:
                     self._count_slot_wait(seq, self._stats.steps - seq.blocked_at_step)
             else:
+                room = len(taken)  # first come, first served: nobody passes a waiting sequence
                 if seq.blocked_at_step is None:
                     seq.blocked_at_step = self._stats.steps
                 kept.append(seq)
         self._waiting = kept
         return taken
+
+    def _allocate(self, seq: Sequence) -> bool:
+        # Called with the lock held: the sequence's KV blocks, after its cached prefix.
+        alloc = self._cache.allocate(seq.hashes, seq.input_tokens, seq.input_tokens + len(seq.tokens))
+        if alloc is None:
+            return False
+        seq.alloc, seq.cached_tokens = alloc, len(alloc.cached) * self.cfg.block_size
+        return True
+
+    def _free(self, seq: Sequence, completed: bool = False) -> None:
+        # Called with the lock held: a sequence leaves; what its output filled is cached too.
+        if seq.alloc is None:
+            return
+        tail: list[bytes] = []
+        if completed and self.cfg.enable_prefix_caching:
+            bs = self.cfg.block_size
+            full = len(seq.hashes)
+            rest = seq.prompt_tokens[full * bs:] + seq.tokens[:seq.sent]
+            tail = block_hashes(rest, bs, seq.hashes[-1]) if full else block_hashes(rest, bs)
+        self._cache.release(seq.alloc, tail)
+        seq.alloc = None
 
     def _count_slot_wait(self, seq: Sequence, steps: int) -> None:
         if steps < 1:
@@ -771,10 +882,12 @@ class Engine:
             if self._is_cancelled(seq):
                 with self._cv:
                     self._stats.cancelled += 1
+                    self._free(seq)
                 self._safe(seq, seq.sink.send_cancelled)
             elif seq.fault == "unavailable":
                 with self._cv:
                     self._stats.failed += 1
+                    self._free(seq)
                 self._safe(seq, seq.sink.send_error, UNAVAILABLE, "simulated transient failure")
             else:
                 admitted.append(seq)
@@ -802,8 +915,9 @@ class Engine:
             if not active:
                 continue
             started = time.monotonic()
+            # Prefill is paid for the prompt after its cached prefix only.
             duration = step_time_s(
-                self.cfg, len(active), len(admitted), sum(s.input_tokens for s in admitted)
+                self.cfg, len(active), len(admitted), sum(s.input_tokens - s.cached_tokens for s in admitted)
             )
             if duration > 0 and self._stopping.wait(duration):
                 return
@@ -845,6 +959,8 @@ class Engine:
             if done:
                 gone = {id(s) for s in done}
                 self._active = [s for s in self._active if id(s) not in gone]
+                for seq in done:
+                    self._free(seq, completed=seq.sent >= len(seq.tokens))
             self._stats.cancelled += cancelled
             self._stats.completed += completed
             self._stats.tokens += produced

@@ -134,9 +134,11 @@ class _ResponseSink:
 
 
 class _EngineMetrics:
-    """The engine's state on Triton's metrics port, named as Triton's vLLM backend names
-    vLLM's (``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
-    ``vllm:request_success_total``), plus what only the simulator knows: its capacity
+    """The engine's state on Triton's metrics port, under the names the medium model's Triton
+    exports vLLM's (``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+    ``vllm:request_success_total``, ``vllm:kv_cache_usage_perc``, ``vllm:prefix_cache_queries_total``,
+    ``vllm:prefix_cache_hits_total``, ``vllm:cache_config_info``; see ``triton_models/medium/1/model.py``),
+    plus what only the simulator knows: its capacity
     (``medium_sim:max_num_seqs``), the most sequences it ever ran at once and its decode
     steps. Published every ``interval_s`` by a thread (each update is a call into the server).
     """
@@ -177,8 +179,18 @@ class _EngineMetrics:
         self._steps = metric("medium_sim:engine_steps_total", counter, "Decode steps the engine took.")
         self._cancelled = metric("medium_sim:requests_cancelled_total", counter,
                                  "Sequences dropped because their client cancelled them.")
-        self._capacity.set(engine.cfg.max_num_seqs)
+        self._kv_usage = metric("vllm:kv_cache_usage_perc", gauge, "KV-cache usage (1 means 100 percent).")
+        self._prefix_queries = metric("vllm:prefix_cache_queries_total", counter, "Prefix cache queries, in tokens.")
+        self._prefix_hits = metric("vllm:prefix_cache_hits_total", counter, "Prefix cache hits, in tokens.")
+        cfg = engine.cfg
+        # vLLM's cache configuration as labels of a gauge set to 1 (vLLM's own form of it).
+        self._cache_info = family("vllm:cache_config_info", gauge, "Information of the KV cache configuration.").Metric(labels={
+            **labels, "block_size": str(cfg.block_size), "num_gpu_blocks": str(cfg.num_gpu_blocks),
+            "enable_prefix_caching": str(cfg.enable_prefix_caching)})
+        self._cache_info.set(1)
+        self._capacity.set(cfg.max_num_seqs)
         self._sent = (0, 0, 0, 0, 0)
+        self._sent_prefix = (0, 0)
         self._thread = threading.Thread(target=self._loop, name="medium-sim-metrics", daemon=True)
         self._thread.start()
 
@@ -197,6 +209,10 @@ class _EngineMetrics:
         self._slot_waits[1].increment(stats.slot_waits_stream - self._sent[4])
         self._success.increment(stats.completed - self._sent[0])
         self._sent = (stats.completed, stats.steps, stats.cancelled, stats.slot_waits, stats.slot_waits_stream)
+        self._kv_usage.set(stats.kv_usage)
+        self._prefix_queries.increment(stats.prefix_queries - self._sent_prefix[0])
+        self._prefix_hits.increment(stats.prefix_hits - self._sent_prefix[1])
+        self._sent_prefix = (stats.prefix_queries, stats.prefix_hits)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval_s):
