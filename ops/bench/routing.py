@@ -1,0 +1,563 @@
+"""Benchmark: where model calls go across the pool, side by side in one run: routing by cached
+prefix against most room, round robin and session affinity.
+
+Starts its own Redis, ``--replicas`` Triton replicas of the dev model (whose engines cache prompt
+prefixes as vLLM does, with a KV cache that holds the workload's working set across the pool but
+not on one replica) and real Celery workers, and runs the same agent workload under each routing
+mode, each in its own fleet namespace, one after the other on the same replicas:
+
+- **interactive**: ``--sessions`` chat sessions at once, each of ``--turns`` turns (a person reads
+  the reply, ``--think-s``, and answers), every turn re-sending a shared system prompt of
+  ``--system-words`` tokens and the growing transcript; a session that ends is followed by a new one;
+- **batch**, at saturation: a backlog of review runs (a long document of its own, then three model
+  steps that each re-send it) and tool loops (a model call, a calculator, a model call), all
+  behind their own shared system prompts.
+
+Each mode's prompts start with a salt of their own, so no mode finds another's blocks cached.
+Reported from the engines' own counters (``vllm:prefix_cache_*``): the prefix hit rate against
+what the workload could reuse at most (an unbounded cache that saw every prompt in order, from
+the engines' block traces), interactive time to first token and turn latency, batch runs per
+second, the busiest replica's requests in flight over the mean (sampled every 0.25 s), and runs
+refused or shed. ``--kill``: the cache router with one replica killed mid-run (runs lost, the hit
+rate before, right after and once it recovered). ``--scaling``: the cache router on half the
+replicas and on all of them.
+
+    python ops/bench/routing.py --kill --scaling --out ops/bench/results/routing.md
+    python ops/bench/routing.py --quick ...          # shorter windows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "ops" / "bench"))
+
+from common import pct, provenance  # noqa: E402
+
+from fleet.broker.queues import worker_queues  # noqa: E402
+from fleet.errors import Overloaded  # noqa: E402
+from fleet.inference.replicas import ReplicaBoard  # noqa: E402
+from fleet.ops import launch  # noqa: E402
+from fleet.run.records import TERMINAL  # noqa: E402
+from fleet.settings import Settings  # noqa: E402
+from fleet.surfaces.client import FleetClient  # noqa: E402
+
+BLOCK = 16
+MODES = ("most_room", "round_robin", "session", "cache")
+WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ro", "si", "tu", "va", "ze")
+         for b in ("ba", "de", "fi", "go", "hu", "ja", "ki", "le", "mo", "ni", "pa", "qu", "re", "su", "ti")]
+
+
+def text(seed: str, n: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def agents(system_words: int) -> dict[str, str]:
+    """The workload's agents; each system prompt opens with the run's salt (one per mode)."""
+    chat_system = text("chat-system", system_words)
+    review_system = text("review-system", system_words // 2)
+    solver_system = text("solver-system", system_words // 2)
+    salt = '[inputs.salt]\ntype = "string"\ndescription = "Opens the system prompt."\n'
+    return {
+        "bench_chat": f'''name = "bench_chat"
+description = "A support conversation."
+system = "[{{input.salt}}] {chat_system}"
+result = "reply"
+{salt}
+[inputs.message]
+type = "string"
+description = "What the person says."
+
+[example]
+salt = "x"
+message = "Hello"
+
+[[steps]]
+name = "reply"
+kind = "llm"
+prompt = "{{input.message}}"
+max_tokens = 32
+''',
+        "bench_review": f'''name = "bench_review"
+description = "Reviews a document: a summary, a critique of it, a revision; each re-sends the document."
+system = "[{{input.salt}}] {review_system}"
+result = "revise"
+{salt}
+[inputs.doc]
+type = "string"
+description = "The document."
+max_length = 30000
+
+[example]
+salt = "x"
+doc = "A short document."
+
+[[steps]]
+name = "summary"
+kind = "llm"
+prompt = """Document: {{input.doc}}
+Summarize the document."""
+max_tokens = 32
+
+[[steps]]
+name = "critique"
+kind = "llm"
+prompt = """Document: {{input.doc}}
+Summary: {{steps.summary}}
+Critique the summary."""
+max_tokens = 24
+
+[[steps]]
+name = "revise"
+kind = "llm"
+prompt = """Document: {{input.doc}}
+Summary: {{steps.summary}}
+Critique: {{steps.critique}}
+Revise the summary."""
+max_tokens = 32
+''',
+        "bench_solver": f'''name = "bench_solver"
+description = "A tool loop: the model calls the calculator, then answers from what it gave."
+system = "[{{input.salt}}] {solver_system}"
+result = "think.final"
+{salt}
+[inputs.question]
+type = "string"
+description = "The question."
+
+[example]
+salt = "x"
+question = "What is 2 + 3?"
+
+[[steps]]
+name = "solve"
+kind = "loop"
+max_iterations = 3
+until = "think"
+
+[[steps.body]]
+name = "think"
+kind = "llm"
+prompt = "Question: {{input.question}}"
+tools = ["calculator"]
+max_tokens = 32
+parse = "tool_call"
+
+[[steps.body]]
+name = "act"
+kind = "tool"
+tool_from = "think"
+allowed_tools = ["calculator"]
+''',
+    }
+
+
+# --- the pool and the fleet ---------------------------------------------------------------------
+
+@dataclass
+class Pool:
+    root: Path
+    redis_url: str
+    procs: launch.Processes
+    repo: Path
+    agents_dir: Path
+    trace_dir: Path
+    args: argparse.Namespace
+    ports: list[tuple[int, int, int]] = field(default_factory=list)
+    endpoints: list[launch.TritonEndpoints] = field(default_factory=list)
+    ran: dict = field(default_factory=dict)
+
+    def start(self, i: int) -> None:
+        ep = launch.start_triton(self.procs, self.root / f"triton-{i}", ["medium_sim"], name=f"triton-{i}",
+                                 repository=self.repo, ports=self.ports[i])
+        if i < len(self.endpoints):
+            self.endpoints[i] = ep
+        else:
+            self.endpoints.append(ep)
+
+    def replica_env(self, n: int) -> str:
+        return json.dumps([{"name": f"r{i}", "grpc_url": ep.grpc_url, "metrics_url": ep.metrics_url}
+                           for i, ep in enumerate(self.endpoints[:n])])
+
+    def counters(self, n: int) -> dict[str, dict[str, float]]:
+        """Each replica's engine counters (an unreachable one is left out)."""
+        out = {}
+        for i, ep in enumerate(self.endpoints[:n]):
+            try:
+                body = urllib.request.urlopen(ep.metrics_url, timeout=5).read().decode()
+            except OSError:
+                continue
+            found: dict[str, float] = {}
+            for line in body.splitlines():
+                if line.startswith("vllm:") and 'model="medium_sim"' in line and not line.startswith("vllm:cache"):
+                    found[line.split("{")[0]] = found.get(line.split("{")[0], 0.0) + float(line.rsplit(" ", 1)[1])
+            out[f"r{i}"] = found
+        return out
+
+    def idle(self, n: int) -> None:
+        """Wait until no engine runs or queues anything (the last mode's calls are gone)."""
+        def quiet() -> bool:
+            c = self.counters(n)
+            return all(v.get("vllm:num_requests_running", 0) == 0 and v.get("vllm:num_requests_waiting", 0) == 0
+                       for v in c.values())
+        launch.wait_until(quiet, 120, "engines idle", None, 0.5)
+
+    def fleet(self, mode: str, n: int) -> tuple[Settings, dict[str, str], FleetClient, list[str]]:
+        a = self.args
+        prefix = f"b{uuid.uuid4().hex[:6]}"
+        env = {"FLEET_REDIS_URL": self.redis_url, "FLEET_KEY_PREFIX": prefix, "FLEET_QUEUE_PREFIX": f"{prefix}.",
+               "FLEET_TRITON_GRPC_URL": self.endpoints[0].grpc_url, "FLEET_TRITON_HTTP_URL": self.endpoints[0].http_url,
+               "FLEET_TRITON_REPLICAS": self.replica_env(n), "FLEET_AGENTS_DIR": str(self.agents_dir),
+               "FLEET_ROUTING": mode, "FLEET_BATCH_DEADLINE_S": "86400", "FLEET_INTERACTIVE_DEADLINE_S": "30",
+               "FLEET_LOG_LEVEL": "WARNING", "FLEET_MAX_INPUT_BYTES": "262144"}
+        settings = settings_from(env)
+        client = FleetClient(settings)
+        specs = [("inf-interactive", "llm", ("interactive",), a.interactive_threads, "threads"),
+                 ("inf-shared", "llm", ("interactive", "batch"), a.shared_threads * n // a.replicas, "threads"),
+                 ("tools", "tool", ("interactive", "batch"), 2, "prefork")]
+        names = []
+        for name, kind, classes, threads, pool in specs:
+            node = f"{name}-{uuid.uuid4().hex[:4]}@bench"
+            launch.start_worker(self.procs, name, worker_queues(settings, kind, classes), pool, threads, env,
+                                node=node, loglevel="WARNING")
+            launch.wait_until(lambda nd=node: launch.worker_answers(client.app, nd), 60, node, None, 0.3)
+            names.append(name)
+        self.ran.setdefault("workers", [(name, "+".join(c), t) for name, _, c, t, _ in specs])
+        self.ran.setdefault("settings", {"load_bound": settings.routing_load_bound,
+                                         "cache_weight": settings.routing_cache_weight,
+                                         "policy": settings.batch_policy})
+        return settings, env, client, names
+
+    def close(self, client: FleetClient, names: list[str]) -> None:
+        for name in names:
+            self.procs.stop(name)
+        client.store.redis.flushdb()
+        client.close()
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    import os
+
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return Settings(_env_file=None)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --- the workload -----------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    turns: list = field(default_factory=list)  # interactive run records
+    refused: int = 0
+    batch_ids: list[str] = field(default_factory=list)
+    batch_refused: int = 0
+
+
+def sessions(client: FleetClient, salt: str, args: argparse.Namespace, until: float, out: Outcome) -> None:
+    """``--sessions`` conversations at once until ``until``; a finished one is followed by a new one."""
+    lock = threading.Lock()
+
+    def person(k: int) -> None:
+        time.sleep(k * args.think_s / args.sessions)  # arrivals spread over one think time
+        n = 0
+        while time.time() < until:
+            session = f"{salt}-p{k}-{n}"
+            for t in range(args.turns):
+                if time.time() >= until:
+                    return
+                message = f"Turn {t} of {session}: " + text(f"{session}-{t}", 40)
+                try:
+                    run_id = client.submit("bench_chat", {"salt": salt, "message": message}, session_id=session)
+                except Overloaded:
+                    with lock:
+                        out.refused += 1
+                    time.sleep(args.think_s)  # the person tries again after a while
+                    continue
+                run = client.wait(run_id, timeout=120)
+                with lock:
+                    out.turns.append(run)
+                time.sleep(args.think_s)  # the person reads and types
+            n += 1
+
+    threads = [threading.Thread(target=person, args=(k,), daemon=True) for k in range(args.sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def backlog(client: FleetClient, salt: str, n: int, doc_words: int, out: Outcome) -> None:
+    def one(i: int) -> str | None:
+        try:
+            if i % 2:
+                a, b, c = (i * 7) % 97, (i * 13) % 89, i % 9 + 2
+                return client.submit("bench_solver", {"salt": salt, "question": f"What is ({a} + {b}) * {c}?"},
+                                     priority="batch")
+            return client.submit("bench_review", {"salt": salt, "doc": f"Document {salt}-{i}. " + text(f"{salt}-{i}", doc_words)},
+                                 priority="batch")
+        except Overloaded:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, range(n)))
+    out.batch_ids = [g for g in got if g]
+    out.batch_refused = n - len(out.batch_ids)
+
+
+def sample_load(settings: Settings, client: FleetClient, until: float, samples: list[dict[str, int]]) -> None:
+    board = ReplicaBoard(settings, client.store.redis)
+    while time.time() < until:
+        samples.append({s.name: sum(s.inflight.values()) for s in board.states() if s.up})
+        time.sleep(0.25)  # a sampling period
+
+
+def finished_between(client: FleetClient, ids: list[str], t0: float, t1: float) -> int:
+    pipe = client.store.redis.pipeline()
+    for r in ids:
+        pipe.hget(client.store.run_key(r), "finished_at")
+    return sum(1 for v in pipe.execute() if v is not None and t0 <= float(v) <= t1)
+
+
+def ideal_reuse(trace_dir: Path, t0: float, t1: float) -> tuple[float, float]:
+    """Tokens an unbounded cache that saw every prompt of the window in order would have hit, and
+    the tokens looked up (vLLM's rule: a prompt's last token is never a hit)."""
+    entries = []
+    for path in trace_dir.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            e = json.loads(line)
+            if t0 <= e["t"] <= t1:
+                entries.append(e)
+    entries.sort(key=lambda e: e["t"])
+    seen: set[str] = set()
+    hits = queries = 0
+    for e in entries:
+        most = max(0, e["n"] - 1) // BLOCK
+        k = 0
+        while k < min(most, len(e["h"])) and e["h"][k] in seen:
+            k += 1
+        hits += k * BLOCK
+        queries += e["n"]
+        seen.update(e["h"])
+    return hits, queries
+
+
+# --- scenarios --------------------------------------------------------------------------------
+
+def run_mode(pool: Pool, mode: str, n: int, kill_at: float | None = None) -> dict:
+    a = pool.args
+    pool.idle(len(pool.endpoints))
+    settings, _env, client, names = pool.fleet(mode, n)
+    salt = f"{mode}-{n}-{uuid.uuid4().hex[:6]}"
+    out, samples = Outcome(), []
+    try:
+        backlog(client, salt, a.backlog, a.doc_words, out)
+        time.sleep(2.0)  # the backlog reaches the pool before the window opens
+        before = pool.counters(n)
+        t0 = time.time()
+        until = t0 + a.window
+        threads = [threading.Thread(target=sessions, args=(client, salt, a, until, out), daemon=True),
+                   threading.Thread(target=sample_load, args=(settings, client, until, samples), daemon=True)]
+        for t in threads:
+            t.start()
+        timeline = watch_hits(pool, n, until, kill_at)
+        for t in threads:
+            t.join()
+        t1 = time.time()
+        after = pool.counters(n)
+        return summarize(pool, mode, n, out, samples, before, after, t0, t1, client, timeline)
+    finally:
+        if kill_at is not None:
+            pool.start(n - 1)
+        pool.close(client, names)
+
+
+def watch_hits(pool: Pool, n: int, until: float, kill_at: float | None) -> list[tuple[float, float, float]]:
+    """The engines' summed prefix counters every 2 s; the last replica killed at ``kill_at`` (s)."""
+    start, points, killed = time.time(), [], False
+    while time.time() < until:
+        c = pool.counters(n)
+        points.append((time.time() - start, sum(v.get("vllm:prefix_cache_hits_total", 0) for v in c.values()),
+                       sum(v.get("vllm:prefix_cache_queries_total", 0) for v in c.values())))
+        if kill_at is not None and not killed and time.time() - start >= kill_at:
+            pool.procs.stop(f"triton-{n - 1}", sig=signal.SIGKILL)
+            killed = True
+        time.sleep(2.0)  # a sampling period
+    return points
+
+
+def summarize(pool: Pool, mode: str, n: int, out: Outcome, samples: list, before: dict, after: dict,
+              t0: float, t1: float, client: FleetClient, timeline: list) -> dict:
+    delta = {r: {k: after[r].get(k, 0) - before.get(r, {}).get(k, 0) for k in after[r]} for r in after}
+    hits = sum(d.get("vllm:prefix_cache_hits_total", 0) for d in delta.values())
+    queries = sum(d.get("vllm:prefix_cache_queries_total", 0) for d in delta.values())
+    ideal_hits, ideal_queries = ideal_reuse(pool.trace_dir, t0, t1)
+    ok = [r for r in out.turns if r.status == "succeeded"]
+    ttft = [s.ttft_s for r in ok for s in r.steps if s.ttft_s is not None]
+    lat = [r.latency_s for r in ok if r.latency_s is not None]
+    names = sorted({k for s in samples for k in s})
+    mean_load = {r: sum(s.get(r, 0) for s in samples) / max(1, len(samples)) for r in names}
+    overall = sum(mean_load.values()) / max(1, len(mean_load))
+    batch = [client.get(r) for r in out.batch_ids]
+    return {
+        "mode": mode, "replicas": n, "window_s": t1 - t0,
+        "hit_rate": hits / queries if queries else float("nan"),
+        "ideal_rate": ideal_hits / ideal_queries if ideal_queries else float("nan"),
+        "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "turn_p50": pct(lat, 50), "turn_p99": pct(lat, 99),
+        "turns": len(out.turns), "turns_failed": len(out.turns) - len(ok), "refused": out.refused + out.batch_refused,
+        "batch_per_s": finished_between(client, out.batch_ids, t0, t1) / (t1 - t0),
+        "batch_lost": sum(r.status in TERMINAL and r.status != "succeeded" for r in batch),
+        "busiest_over_mean": max(mean_load.values()) / overall if overall else float("nan"),
+        "mean_load": mean_load, "timeline": timeline,
+    }
+
+
+# --- the report -------------------------------------------------------------------------------
+
+def render_modes(rows: list[dict], args: argparse.Namespace) -> list[str]:
+    base = next(r for r in rows if r["mode"] == "most_room")
+    lines = ["## Routing modes side by side", "",
+             f"{args.replicas} replicas; each mode its own namespace on the same replicas, for {args.window:g} s: "
+             f"{args.sessions} chat sessions at once ({args.turns} turns, {args.think_s:g} s between), and a backlog "
+             f"of {args.backlog} batch runs (review and tool-loop runs, half each).", "",
+             "| routing | prefix hit rate | of what could be reused | TTFT p50 / p99 (interactive) | turn p50 / p99 "
+             "| batch runs/s | batch vs most room | TTFT p50 vs most room | busiest replica / mean | refused | turns failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['hit_rate']:.1%} | {r['hit_rate'] / r['ideal_rate']:.0%} "
+            f"(most {r['ideal_rate']:.1%}) | {r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | "
+            f"{r['turn_p50']:.2f} / {r['turn_p99']:.2f} | {r['batch_per_s']:.2f} | "
+            f"{r['batch_per_s'] / base['batch_per_s']:.2f} | {base['ttft_p50'] / r['ttft_p50']:.2f}x | "
+            f"{r['busiest_over_mean']:.2f} | {r['refused']} | {r['turns_failed']} of {r['turns']} |")
+    return lines + [""]
+
+
+def render_kill(k: dict, args: argparse.Namespace) -> list[str]:
+    pts = k["timeline"]
+
+    def rate(a: float, b: float) -> str:
+        inside = [p for p in pts if a <= p[0] <= b]
+        if len(inside) < 2:
+            return "n/a"
+        dh, dq = inside[-1][1] - inside[0][1], inside[-1][2] - inside[0][2]
+        return f"{dh / dq:.1%}" if dq > 0 else "n/a"
+
+    kill = args.window / 3
+    return ["## A replica killed mid-run (cache routing)", "",
+            f"The last of {k['replicas']} replicas killed (SIGKILL) {kill:.0f} s into the window; its sessions move.", "",
+            "| hit rate before | first 10 s after | from 10 s after to the end | turns failed | batch runs not succeeded | refused |",
+            "|---|---|---|---|---|---|",
+            f"| {rate(0, kill)} | {rate(kill, kill + 10)} | {rate(kill + 10, args.window)} | "
+            f"{k['turns_failed']} of {k['turns']} | {k['batch_lost']} | {k['refused']} |", ""]
+
+
+def render_scaling(half: dict, full: dict) -> list[str]:
+    return ["## Scaling (cache routing)", "",
+            "| replicas | prefix hit rate | TTFT p50 / p99 | batch runs/s |", "|---|---|---|---|",
+            *[f"| {r['replicas']} | {r['hit_rate']:.1%} | {r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | "
+              f"{r['batch_per_s']:.2f} |" for r in (half, full)], "",
+            f"{full['replicas']} replicas / {half['replicas']}: batch **{full['batch_per_s'] / half['batch_per_s']:.2f}x**.", ""]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--window", type=float, default=45.0)
+    ap.add_argument("--sessions", type=int, default=16)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--think-s", type=float, default=1.0)
+    ap.add_argument("--system-words", type=int, default=2000)
+    ap.add_argument("--doc-words", type=int, default=1200)
+    ap.add_argument("--backlog", type=int, default=1500)
+    ap.add_argument("--max-seqs", type=int, default=8)
+    ap.add_argument("--kv-blocks", type=int, default=1500, help="each replica's KV cache, in blocks of 16 tokens")
+    ap.add_argument("--prefill-ms", type=float, default=0.1, help="prefill per uncached prompt token")
+    ap.add_argument("--tpot-ms", type=float, default=15.0)
+    ap.add_argument("--load-factor", type=float, default=0.02)
+    ap.add_argument("--interactive-threads", type=int, default=8)
+    ap.add_argument("--shared-threads", type=int, default=48, help="for all replicas (scaled down with fewer)")
+    ap.add_argument("--kill", action="store_true")
+    ap.add_argument("--scaling", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="20 s windows, a smaller backlog")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if args.quick:
+        args.window, args.backlog = 20.0, 600
+    started = time.time()
+    root = Path(tempfile.mkdtemp(prefix="fleet-routing-"))
+    procs = launch.Processes(root / "logs")
+    sections: list[str] = []
+    try:
+        redis_url = launch.start_redis(procs, root / "redis")
+        trace = root / "trace"
+        repo = launch.sim_repository(root / "models", ttft_ms=20, prefill_ms_per_token=args.prefill_ms,
+                                     tpot_ms=args.tpot_ms, load_factor=args.load_factor, max_num_seqs=args.max_seqs,
+                                     num_gpu_blocks=args.kv_blocks, block_trace_dir=str(trace))
+        agents_dir = root / "agents"
+        agents_dir.mkdir()
+        for name, body in agents(args.system_words).items():
+            (agents_dir / f"{name}.toml").write_text(body)
+        pool = Pool(root, redis_url, procs, repo, agents_dir, trace, args)
+        for i in range(args.replicas):
+            pool.ports.append((launch.free_port(), launch.free_port(), launch.free_port()))
+            pool.start(i)
+        served = launch.http_json(f"http://{pool.endpoints[0].http_url}/v2/models/medium_sim/config")
+        pool.ran["model"] = {k: v["string_value"] for k, v in served.get("parameters", {}).items()}
+        rows = []
+        for mode in args.modes.split(","):
+            print(f"{mode} ...", file=sys.stderr)
+            rows.append(run_mode(pool, mode, args.replicas))
+        sections += render_modes(rows, args)
+        if args.kill:
+            print("cache, a replica killed ...", file=sys.stderr)
+            sections += render_kill(run_mode(pool, "cache", args.replicas, kill_at=args.window / 3), args)
+        if args.scaling:
+            print("cache on half the replicas ...", file=sys.stderr)
+            half = run_mode(pool, "cache", args.replicas // 2)
+            sections += render_scaling(half, next(r for r in rows if r["mode"] == "cache"))
+    finally:
+        procs.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    m = pool.ran["model"]
+    report = "\n".join(["# Routing benchmark", "", *provenance(time.time() - started),
+                        f"Dev model on each replica, as Triton loaded it: ttft {m['ttft_ms']} ms, prefill "
+                        f"{m['prefill_ms_per_token']} ms per uncached token, {m['tpot_ms']} ms/token, load factor "
+                        f"{m['load_factor']}, max {m['max_num_seqs']} sequences, KV cache {m['num_gpu_blocks']} blocks "
+                        f"of {m['block_size']} tokens, prefix caching {m['enable_prefix_caching']}. Workers per mode: "
+                        + ", ".join(f"{n} ({c}, {t})" for n, c, t in pool.ran["workers"])
+                        + f"; load bound {pool.ran['settings']['load_bound']}, cache weight "
+                        f"{pool.ran['settings']['cache_weight']}, batch policy {pool.ran['settings']['policy']}.", "",
+                        *sections])
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
