@@ -25,7 +25,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         "redis": {"url": _redact(settings.redis_url), "up": False},
         # Any replica ready is enough to serve; "pool" says which are.
         "triton": {"model": settings.triton_model, "server_ready": False, "model_ready": False},
-        "pool": {"policy": settings.batch_policy, "replicas": []},
+        "pool": {"policy": settings.batch_policy, "routing": settings.routing, "replicas": []},
         "flower_url": f"http://{settings.bind_address}:{settings.flower_port}",
         "gateway_url": f"http://{settings.bind_address}:{settings.gateway_port}",
         "queues": [],

@@ -296,6 +296,21 @@ def usage(by: str, since: str, as_json: bool) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
+def _cache_line(rep: dict) -> str:
+    """A replica's KV cache as its engine reports it, and what the router sent it."""
+    parts = []
+    if rep.get("prefix_hit_rate") is not None:
+        parts.append(f"prefix cache hits {rep['prefix_hit_rate']:.0%} of prompt tokens")
+    if rep.get("kv_usage") is not None:
+        parts.append(f"KV cache {rep['kv_usage']:.0%} used" + (f" of {rep['kv_blocks']} blocks" if rep.get("kv_blocks") else ""))
+    routes = rep.get("routes") or {}
+    if routes:
+        parts.append("routed " + ", ".join(f"{n} {why}" for why, n in sorted(routes.items())))
+    if rep.get("route_expected_hit_rate") is not None:
+        parts.append(f"expected hits {rep['route_expected_hit_rate']:.0%} of prompt blocks")
+    return "  ".join(parts)
+
+
 def status(as_json: bool) -> None:
     """Redis, Triton, Flower, queues and workers at a glance."""
     from fleet.ops.status import collect
@@ -308,7 +323,8 @@ def status(as_json: bool) -> None:
     click.echo(f"redis   {r['url']}  {'up' if r['up'] else 'DOWN'}")
     t = report["triton"]
     pool = report["pool"]
-    click.echo(f"triton  model {t['model']}, {len(pool['replicas'])} replica(s), batch policy {pool['policy']}")
+    click.echo(f"triton  model {t['model']}, {len(pool['replicas'])} replica(s), batch policy {pool['policy']}, "
+               f"routing {pool['routing']}")
     for rep in pool["replicas"]:
         ready = "model ready" if rep.get("model_ready") else ("server ready" if rep.get("server_ready") else "NOT READY")
         line = f"  {rep['name']:<22} {rep['grpc_url']:<22} {rep['state']:<7} {ready}"
@@ -320,6 +336,9 @@ def status(as_json: bool) -> None:
         if rep.get("reason"):
             line += f"  ({rep['reason']})"
         click.echo(line)
+        cache = _cache_line(rep)
+        if cache:
+            click.echo(f"  {'':<22} {cache}")
     click.echo(f"flower  {report['flower_url']}")
     click.echo(f"gateway {report['gateway_url']}")
     click.echo("queues")
