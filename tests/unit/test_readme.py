@@ -21,3 +21,4 @@ def test_the_two_commands_are_the_ones_ci_runs():
     ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
     assert "make test" in README and "make run" in README
     assert re.search(r"^make test$", ci, flags=re.MULTILINE)
+
