@@ -212,6 +212,11 @@ class Settings(BaseSettings):
         description="With 'cache': what a whole prompt found in a replica's cache is worth against a "
         "replica's load (1: as much as the replica's whole capacity of requests in flight).",
     )
+    routing_patience_s: float = Field(
+        1.0, ge=0,
+        description="With 'cache': how long a batch call may wait for the full replica that holds its prompt's "
+        "prefix (while other batch calls wait to take the slot it leaves elsewhere) before it takes any.",
+    )
     prefix_index_blocks: int = Field(
         8192, ge=16,
         description="Blocks of prompts the router remembers per replica when the engine does not report its "

@@ -8,13 +8,14 @@
 --   [10] reserve floor, [11] demand window (s), [12] batch requests an interactive one preempts,
 --   [13] interactive requests not yet started at a replica that keep batch from it,
 --   [14] routing mode, [15] load bound, [16] cache weight, [17] affinity,
---   [18] index size when the engine reports none, [19..] the prompt's block hashes.
+--   [18] index size when the engine reports none, [19] 1 while a batch call may still wait for
+--   the replica holding its prefix, [20..] the prompt's block hashes.
 -- Returns {i, victim, reason, hit blocks} (victim: '' or the member whose slot it took), or
 --   {0, 'down' | 'full'}.
 local now, member, class = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local stale, policy, mode = tonumber(ARGV[4]), ARGV[5], ARGV[14]
 local n = (#KEYS - 3) / 6
-local nblocks = #ARGV - 18
+local nblocks = #ARGV - 19
 local function base(i) return 3 + 6 * (i - 1) end
 
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -31,7 +32,7 @@ local function cached(key)
   local lo, hi = 0, nblocks
   while lo < hi do
     local mid = math.floor((lo + hi + 1) / 2)
-    if redis.call('ZSCORE', key, ARGV[18 + mid]) then lo = mid else hi = mid - 1 end
+    if redis.call('ZSCORE', key, ARGV[19 + mid]) then lo = mid else hi = mid - 1 end
   end
   return lo
 end
@@ -118,17 +119,53 @@ elseif best_free > 0 and (mode == 'cache' or mode == 'session') then
   else
     reason = best == pref and 'session' or 'spill'
   end
+  -- A batch call whose prefix is cached on a full replica may wait for a slot there, for a while
+  -- (ARGV[19]), when it would find much less elsewhere and other batch calls wait to take the
+  -- slot it leaves (so that no slot idles for it).
+  if class == 'batch' and mode == 'cache' and ARGV[19] == '1' and most_hit - hits[best] >= math.max(1, nblocks / 10) then
+    local others = redis.call('ZCARD', KEYS[2]) - (redis.call('ZSCORE', KEYS[2], ARGV[7]) and 1 or 0)
+    if others > 0 then
+      for _, i in ipairs(order) do
+        if hits[i] == most_hit and free[i] <= 0 then
+          redis.call('HINCRBY', KEYS[base(i) + 1], 'route_waited', 1)
+          redis.call('ZADD', KEYS[2], now + 2, ARGV[7])
+          return {0, 'full'}
+        end
+      end
+    end
+  end
+end
+
+-- Under 'cache' routing, the replica whose batch request an interactive one preempts: the one
+-- with its prefix (against load), not the pool's youngest request wherever it runs.
+local function victim_replica()
+  local pick, pick_score = 0, -1e18
+  for _, i in ipairs(order) do
+    local preemptible = false
+    for _, m in ipairs(redis.call('ZRANGE', KEYS[base(i) + 3], 0, -1)) do
+      if string.match(m, '^%d+:') then preemptible = true break end
+    end
+    if preemptible then
+      local score = tonumber(ARGV[16]) * hits[i] / math.max(nblocks, 1) - (load[i][1] + load[i][2]) / caps[i]
+      if score > pick_score then pick, pick_score = i, score end
+    end
+  end
+  return pick
 end
 
 local victim = ''
 if class == 'interactive' and policy == 'preempt' then
   if best_free <= 0 then
-    -- no room anywhere: the youngest preemptible batch request in the pool gives up its slot
+    -- no room anywhere: the youngest preemptible batch request in the pool (at the replica the
+    -- router prefers, under 'cache') gives up its slot
     local young = -1
+    local only = (mode == 'cache' and nblocks > 0) and victim_replica() or 0
     for i, _ in pairs(load) do
-      for _, m in ipairs(redis.call('ZRANGE', KEYS[base(i) + 3], 0, -1)) do
-        local t = tonumber(string.match(m, '^(%d+):'))
-        if t and t > young then young, best = t, i end
+      if only == 0 or i == only then
+        for _, m in ipairs(redis.call('ZRANGE', KEYS[base(i) + 3], 0, -1)) do
+          local t = tonumber(string.match(m, '^(%d+):'))
+          if t and t > young then young, best = t, i end
+        end
       end
     end
     if young < 0 then
@@ -193,7 +230,7 @@ if nblocks > 0 then
   local args = {}
   for k = 1, nblocks do
     table.insert(args, string.format('%.6f', now - k * 1e-6))  -- tostring would keep 14 digits
-    table.insert(args, ARGV[18 + k])
+    table.insert(args, ARGV[19 + k])
   end
   redis.call('ZADD', KEYS[b + 6], unpack(args))
   local size = tonumber(redis.call('HGET', KEYS[b + 1], 'kv_blocks') or '') or tonumber(ARGV[18])

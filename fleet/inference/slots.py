@@ -131,8 +131,9 @@ class Slots:
 
     # --- taking and giving back ---------------------------------------------------------
     def try_acquire(self, priority: PriorityClass, token: str, preemptible: bool = True,
-                    route: RouteRequest | None = None) -> Lease | str:
-        """One attempt: the lease, or why there is none (``'full'``, ``'down'``)."""
+                    route: RouteRequest | None = None, patient: bool = False) -> Lease | str:
+        """One attempt: the lease, or why there is none (``'full'``, ``'down'``). ``patient``: a
+        batch call may still wait for the full replica that holds its prompt's prefix."""
         s = self.settings
         now = time.time()
         route = route or RouteRequest()
@@ -142,7 +143,7 @@ class Slots:
             s.keys.preempt_channel, random.randrange(len(self.replicas)), s.interactive_reserve_min,
             s.interactive_demand_window_s, s.preempt_victims, STARTING_HOLDS_BATCH,
             s.routing, s.routing_load_bound, s.routing_cache_weight, route.affinity or token, s.prefix_index_blocks,
-            *route.blocks])
+            1 if patient else 0, *route.blocks])
         if not got[0]:
             return got[1]
         index, victim, reason, hit = got
@@ -163,10 +164,11 @@ class Slots:
         """
         token = token or uuid.uuid4().hex
         down_since: float | None = None
+        patient_until = time.monotonic() + self.settings.routing_patience_s
         try:
             while True:
                 seen = self.signal.seq
-                got = self.try_acquire(priority, token, preemptible, route)
+                got = self.try_acquire(priority, token, preemptible, route, time.monotonic() < patient_until)
                 if isinstance(got, Lease):
                     return got
                 now = time.time()

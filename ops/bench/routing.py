@@ -7,18 +7,21 @@ not on one replica) and real Celery workers, and runs the same agent workload un
 mode, each in its own fleet namespace, one after the other on the same replicas:
 
 - **interactive**: ``--sessions`` chat sessions at once, each of ``--turns`` turns (a person reads
-  the reply, ``--think-s``, and answers), every turn re-sending a shared system prompt of
-  ``--system-words`` tokens and the growing transcript; a session that ends is followed by a new one;
-- **batch**, at saturation: a backlog of review runs (a long document of its own, then three model
-  steps that each re-send it) and tool loops (a model call, a calculator, a model call), all
-  behind their own shared system prompts.
+  the reply, ``--think-s``, and answers with ``--message-words`` of text), every turn re-sending a
+  shared system prompt of ``--system-words`` tokens and the growing transcript; a session that ends
+  is followed by a new one;
+- **batch**, at saturation: ``--batch-sessions`` conversations of the same agent run as batch (an
+  evaluation replaying users: each turn sent as soon as the last one ended), and a backlog of tool
+  loops (a model call, a calculator, a model call, behind a shared system prompt of their own).
 
 Each mode's prompts start with a salt of their own, so no mode finds another's blocks cached.
-Reported from the engines' own counters (``vllm:prefix_cache_*``): the prefix hit rate against
-what the workload could reuse at most (an unbounded cache that saw every prompt in order, from
-the engines' block traces), interactive time to first token and turn latency, batch runs per
-second, the busiest replica's requests in flight over the mean (sampled every 0.25 s), and runs
-refused or shed. ``--kill``: the cache router with one replica killed mid-run (runs lost, the hit
+Reported from the engines' own counters and block traces (``vllm:prefix_cache_*``; the dev
+model's ``block_trace_dir``): the prefix hit rate against what the workload could reuse at most
+(an unbounded cache that saw every prompt in order), overall and beyond the shared system
+prompts (which every replica soon holds, whatever the routing: the conversations' own context is
+what routing decides), interactive time to first token and turn latency, batch runs per second,
+the busiest replica's requests in flight over the mean (sampled every 0.25 s), and runs refused
+or shed. ``--kill``: the cache router with one replica killed mid-run (runs lost, the hit
 rate before, right after and once it recovered). ``--scaling``: the cache router on half the
 replicas and on all of them.
 
@@ -46,7 +49,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "ops" / "bench"))
+sys.path.insert(0, str(ROOT / "triton_models" / "medium_sim" / "1"))  # the dev model's engine: its tokens and blocks
 
+import dev_engine as DEV  # noqa: E402
 from common import pct, provenance  # noqa: E402
 
 from fleet.broker.queues import worker_queues  # noqa: E402
@@ -68,21 +73,24 @@ def text(seed: str, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def agents(system_words: int) -> dict[str, str]:
+def system_texts(system_words: int) -> dict[str, str]:
+    return {"bench_chat": text("chat-system", system_words), "bench_solver": text("solver-system", system_words // 2)}
+
+
+def agents(system_words: int, reply_tokens: int) -> dict[str, str]:
     """The workload's agents; each system prompt opens with the run's salt (one per mode)."""
-    chat_system = text("chat-system", system_words)
-    review_system = text("review-system", system_words // 2)
-    solver_system = text("solver-system", system_words // 2)
+    systems = system_texts(system_words)
     salt = '[inputs.salt]\ntype = "string"\ndescription = "Opens the system prompt."\n'
     return {
         "bench_chat": f'''name = "bench_chat"
 description = "A support conversation."
-system = "[{{input.salt}}] {chat_system}"
+system = "[{{input.salt}}] {systems['bench_chat']}"
 result = "reply"
 {salt}
 [inputs.message]
 type = "string"
 description = "What the person says."
+max_length = 20000
 
 [example]
 salt = "x"
@@ -92,49 +100,11 @@ message = "Hello"
 name = "reply"
 kind = "llm"
 prompt = "{{input.message}}"
-max_tokens = 32
-''',
-        "bench_review": f'''name = "bench_review"
-description = "Reviews a document: a summary, a critique of it, a revision; each re-sends the document."
-system = "[{{input.salt}}] {review_system}"
-result = "revise"
-{salt}
-[inputs.doc]
-type = "string"
-description = "The document."
-max_length = 30000
-
-[example]
-salt = "x"
-doc = "A short document."
-
-[[steps]]
-name = "summary"
-kind = "llm"
-prompt = """Document: {{input.doc}}
-Summarize the document."""
-max_tokens = 32
-
-[[steps]]
-name = "critique"
-kind = "llm"
-prompt = """Document: {{input.doc}}
-Summary: {{steps.summary}}
-Critique the summary."""
-max_tokens = 24
-
-[[steps]]
-name = "revise"
-kind = "llm"
-prompt = """Document: {{input.doc}}
-Summary: {{steps.summary}}
-Critique: {{steps.critique}}
-Revise the summary."""
-max_tokens = 32
+max_tokens = {reply_tokens}
 ''',
         "bench_solver": f'''name = "bench_solver"
 description = "A tool loop: the model calls the calculator, then answers from what it gave."
-system = "[{{input.salt}}] {solver_system}"
+system = "[{{input.salt}}] {systems['bench_solver']}"
 result = "think.final"
 {salt}
 [inputs.question]
@@ -274,57 +244,66 @@ class Outcome:
     refused: int = 0
     batch_ids: list[str] = field(default_factory=list)
     batch_refused: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def sessions(client: FleetClient, salt: str, args: argparse.Namespace, until: float, out: Outcome) -> None:
-    """``--sessions`` conversations at once until ``until``; a finished one is followed by a new one."""
-    lock = threading.Lock()
+def conversations(client: FleetClient, salt: str, args: argparse.Namespace, until: float, out: Outcome,
+                  priority: str = "interactive") -> None:
+    """Conversations at once until ``until``; one that ends is followed by a new one. Interactive:
+    ``--sessions`` people who think ``--think-s`` between turns; batch: ``--batch-sessions`` replayed
+    conversations, each turn sent when the last one ended."""
+    people = args.sessions if priority == "interactive" else args.batch_sessions
+    think = args.think_s if priority == "interactive" else 0.0
 
     def person(k: int) -> None:
-        time.sleep(k * args.think_s / args.sessions)  # arrivals spread over one think time
+        time.sleep(k * max(think, 1.0) / people)  # arrivals spread over a second or a think time
         n = 0
         while time.time() < until:
-            session = f"{salt}-p{k}-{n}"
+            session = f"{salt}-{priority[0]}{k}-{n}"
             for t in range(args.turns):
                 if time.time() >= until:
                     return
-                message = f"Turn {t} of {session}: " + text(f"{session}-{t}", 40)
+                message = f"Turn {t} of {session}: " + text(f"{session}-{t}", args.message_words)
                 try:
-                    run_id = client.submit("bench_chat", {"salt": salt, "message": message}, session_id=session)
+                    run_id = client.submit("bench_chat", {"salt": salt, "message": message}, session_id=session,
+                                           priority=priority)
                 except Overloaded:
-                    with lock:
+                    with out.lock:
                         out.refused += 1
-                    time.sleep(args.think_s)  # the person tries again after a while
+                    time.sleep(max(think, 1.0))  # tries again after a while
                     continue
-                run = client.wait(run_id, timeout=120)
-                with lock:
-                    out.turns.append(run)
-                time.sleep(args.think_s)  # the person reads and types
+                if priority == "batch":
+                    with out.lock:
+                        out.batch_ids.append(run_id)
+                run = client.wait(run_id, timeout=600)
+                if priority == "interactive":
+                    with out.lock:
+                        out.turns.append(run)
+                time.sleep(think)  # the person reads and types
             n += 1
 
-    threads = [threading.Thread(target=person, args=(k,), daemon=True) for k in range(args.sessions)]
+    threads = [threading.Thread(target=person, args=(k,), daemon=True) for k in range(people)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
 
 
-def backlog(client: FleetClient, salt: str, n: int, doc_words: int, out: Outcome) -> None:
+def backlog(client: FleetClient, salt: str, n: int, out: Outcome) -> None:
+    """Tool loops queued as batch runs."""
     def one(i: int) -> str | None:
+        a, b, c = (i * 7) % 97, (i * 13) % 89, i % 9 + 2
         try:
-            if i % 2:
-                a, b, c = (i * 7) % 97, (i * 13) % 89, i % 9 + 2
-                return client.submit("bench_solver", {"salt": salt, "question": f"What is ({a} + {b}) * {c}?"},
-                                     priority="batch")
-            return client.submit("bench_review", {"salt": salt, "doc": f"Document {salt}-{i}. " + text(f"{salt}-{i}", doc_words)},
+            return client.submit("bench_solver", {"salt": salt, "question": f"What is ({a} + {b}) * {c}?"},
                                  priority="batch")
         except Overloaded:
             return None
 
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(one, range(n)))
-    out.batch_ids = [g for g in got if g]
-    out.batch_refused = n - len(out.batch_ids)
+    with out.lock:
+        out.batch_ids += [g for g in got if g]
+        out.batch_refused += n - len([g for g in got if g])
 
 
 def sample_load(settings: Settings, client: FleetClient, until: float, samples: list[dict[str, int]]) -> None:
@@ -341,9 +320,19 @@ def finished_between(client: FleetClient, ids: list[str], t0: float, t1: float) 
     return sum(1 for v in pipe.execute() if v is not None and t0 <= float(v) <= t1)
 
 
-def ideal_reuse(trace_dir: Path, t0: float, t1: float) -> tuple[float, float]:
-    """Tokens an unbounded cache that saw every prompt of the window in order would have hit, and
-    the tokens looked up (vLLM's rule: a prompt's last token is never a hit)."""
+def shared_prefixes(salt: str, system_words: int) -> list[list[str]]:
+    """The block hashes (as traced) of each agent's system line: blocks every replica soon holds."""
+    out = []
+    for system in system_texts(system_words).values():
+        tokens = DEV.tokenize(f"[{salt}] {system}\n")
+        out.append([h[:8].hex() for h in DEV.block_hashes(tokens, BLOCK)])
+    return out
+
+
+def reuse(trace_dir: Path, t0: float, t1: float, shared: list[list[str]]) -> dict[str, float]:
+    """From the engines' block traces of the window (in order of admission): the tokens looked up,
+    found cached, and those an unbounded cache that saw every prompt would have found (vLLM's
+    rule: a prompt's last token is never a hit); the same beyond the shared system prompts."""
     entries = []
     for path in trace_dir.glob("*.jsonl"):
         for line in path.read_text().splitlines():
@@ -352,16 +341,21 @@ def ideal_reuse(trace_dir: Path, t0: float, t1: float) -> tuple[float, float]:
                 entries.append(e)
     entries.sort(key=lambda e: e["t"])
     seen: set[str] = set()
-    hits = queries = 0
+    f = {"queries": 0, "hits": 0, "ideal": 0, "context_hits": 0, "context_ideal": 0}
     for e in entries:
-        most = max(0, e["n"] - 1) // BLOCK
+        most = min(max(0, e["n"] - 1) // BLOCK, len(e["h"]))
         k = 0
-        while k < min(most, len(e["h"])) and e["h"][k] in seen:
+        while k < most and e["h"][k] in seen:
             k += 1
-        hits += k * BLOCK
-        queries += e["n"]
+        common = max((next((i for i, (a, b) in enumerate(zip(e["h"], s)) if a != b), min(len(e["h"]), len(s)))
+                      for s in shared), default=0)
+        f["queries"] += e["n"]
+        f["hits"] += e["hit"] * BLOCK
+        f["ideal"] += k * BLOCK
+        f["context_hits"] += max(0, e["hit"] - common) * BLOCK
+        f["context_ideal"] += max(0, k - common) * BLOCK
         seen.update(e["h"])
-    return hits, queries
+    return f
 
 
 # --- scenarios --------------------------------------------------------------------------------
@@ -373,21 +367,19 @@ def run_mode(pool: Pool, mode: str, n: int, kill_at: float | None = None) -> dic
     salt = f"{mode}-{n}-{uuid.uuid4().hex[:6]}"
     out, samples = Outcome(), []
     try:
-        backlog(client, salt, a.backlog, a.doc_words, out)
-        time.sleep(2.0)  # the backlog reaches the pool before the window opens
-        before = pool.counters(n)
+        backlog(client, salt, a.backlog, out)
         t0 = time.time()
         until = t0 + a.window
-        threads = [threading.Thread(target=sessions, args=(client, salt, a, until, out), daemon=True),
-                   threading.Thread(target=sample_load, args=(settings, client, until, samples), daemon=True)]
+        threads = [threading.Thread(target=conversations, args=(client, salt, a, until, out, p), daemon=True)
+                   for p in ("interactive", "batch")]
+        threads.append(threading.Thread(target=sample_load, args=(settings, client, until, samples), daemon=True))
         for t in threads:
             t.start()
         timeline = watch_hits(pool, n, until, kill_at)
         for t in threads:
             t.join()
         t1 = time.time()
-        after = pool.counters(n)
-        return summarize(pool, mode, n, out, samples, before, after, t0, t1, client, timeline)
+        return summarize(pool, mode, n, out, samples, t0, t1, client, timeline, shared_prefixes(salt, a.system_words))
     finally:
         if kill_at is not None:
             pool.start(n - 1)
@@ -408,12 +400,9 @@ def watch_hits(pool: Pool, n: int, until: float, kill_at: float | None) -> list[
     return points
 
 
-def summarize(pool: Pool, mode: str, n: int, out: Outcome, samples: list, before: dict, after: dict,
-              t0: float, t1: float, client: FleetClient, timeline: list) -> dict:
-    delta = {r: {k: after[r].get(k, 0) - before.get(r, {}).get(k, 0) for k in after[r]} for r in after}
-    hits = sum(d.get("vllm:prefix_cache_hits_total", 0) for d in delta.values())
-    queries = sum(d.get("vllm:prefix_cache_queries_total", 0) for d in delta.values())
-    ideal_hits, ideal_queries = ideal_reuse(pool.trace_dir, t0, t1)
+def summarize(pool: Pool, mode: str, n: int, out: Outcome, samples: list, t0: float, t1: float,
+              client: FleetClient, timeline: list, shared: list[list[str]]) -> dict:
+    f = reuse(pool.trace_dir, t0, t1, shared)
     ok = [r for r in out.turns if r.status == "succeeded"]
     ttft = [s.ttft_s for r in ok for s in r.steps if s.ttft_s is not None]
     lat = [r.latency_s for r in ok if r.latency_s is not None]
@@ -421,15 +410,18 @@ def summarize(pool: Pool, mode: str, n: int, out: Outcome, samples: list, before
     mean_load = {r: sum(s.get(r, 0) for s in samples) / max(1, len(samples)) for r in names}
     overall = sum(mean_load.values()) / max(1, len(mean_load))
     batch = [client.get(r) for r in out.batch_ids]
+    nan = float("nan")
     return {
         "mode": mode, "replicas": n, "window_s": t1 - t0,
-        "hit_rate": hits / queries if queries else float("nan"),
-        "ideal_rate": ideal_hits / ideal_queries if ideal_queries else float("nan"),
+        "hit_rate": f["hits"] / f["queries"] if f["queries"] else nan,
+        "ideal_rate": f["ideal"] / f["queries"] if f["queries"] else nan,
+        "of_ideal": f["hits"] / f["ideal"] if f["ideal"] else nan,
+        "context_of_ideal": f["context_hits"] / f["context_ideal"] if f["context_ideal"] else nan,
         "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "turn_p50": pct(lat, 50), "turn_p99": pct(lat, 99),
         "turns": len(out.turns), "turns_failed": len(out.turns) - len(ok), "refused": out.refused + out.batch_refused,
         "batch_per_s": finished_between(client, out.batch_ids, t0, t1) / (t1 - t0),
         "batch_lost": sum(r.status in TERMINAL and r.status != "succeeded" for r in batch),
-        "busiest_over_mean": max(mean_load.values()) / overall if overall else float("nan"),
+        "busiest_over_mean": max(mean_load.values()) / overall if overall else nan,
         "mean_load": mean_load, "timeline": timeline,
     }
 
@@ -440,15 +432,18 @@ def render_modes(rows: list[dict], args: argparse.Namespace) -> list[str]:
     base = next(r for r in rows if r["mode"] == "most_room")
     lines = ["## Routing modes side by side", "",
              f"{args.replicas} replicas; each mode its own namespace on the same replicas, for {args.window:g} s: "
-             f"{args.sessions} chat sessions at once ({args.turns} turns, {args.think_s:g} s between), and a backlog "
-             f"of {args.backlog} batch runs (review and tool-loop runs, half each).", "",
-             "| routing | prefix hit rate | of what could be reused | TTFT p50 / p99 (interactive) | turn p50 / p99 "
-             "| batch runs/s | batch vs most room | TTFT p50 vs most room | busiest replica / mean | refused | turns failed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{args.sessions} interactive chat sessions at once ({args.turns} turns of {args.message_words} words, "
+             f"{args.think_s:g} s between, replies of {args.reply_tokens} tokens, a system prompt of "
+             f"{args.system_words}), {args.batch_sessions} batch conversations of the same agent (each turn sent "
+             f"when the last ended) and a backlog of {args.backlog} batch tool loops.", "",
+             "| routing | prefix hit rate (most possible) | of what could be reused | of the conversations' own context "
+             "| TTFT p50 / p99 (interactive) | turn p50 / p99 | batch runs/s | batch vs most room "
+             "| TTFT p50 vs most room | busiest replica / mean | refused | turns failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['mode']} | {r['hit_rate']:.1%} | {r['hit_rate'] / r['ideal_rate']:.0%} "
-            f"(most {r['ideal_rate']:.1%}) | {r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | "
+            f"| {r['mode']} | {r['hit_rate']:.1%} ({r['ideal_rate']:.1%}) | {r['of_ideal']:.0%} "
+            f"| {r['context_of_ideal']:.0%} | {r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | "
             f"{r['turn_p50']:.2f} / {r['turn_p99']:.2f} | {r['batch_per_s']:.2f} | "
             f"{r['batch_per_s'] / base['batch_per_s']:.2f} | {base['ttft_p50'] / r['ttft_p50']:.2f}x | "
             f"{r['busiest_over_mean']:.2f} | {r['refused']} | {r['turns_failed']} of {r['turns']} |")
@@ -487,12 +482,14 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--window", type=float, default=45.0)
-    ap.add_argument("--sessions", type=int, default=16)
-    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--sessions", type=int, default=16, help="interactive conversations at once")
+    ap.add_argument("--batch-sessions", type=int, default=48, help="batch conversations at once")
+    ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--think-s", type=float, default=1.0)
+    ap.add_argument("--message-words", type=int, default=150)
+    ap.add_argument("--reply-tokens", type=int, default=64)
     ap.add_argument("--system-words", type=int, default=2000)
-    ap.add_argument("--doc-words", type=int, default=1200)
-    ap.add_argument("--backlog", type=int, default=1500)
+    ap.add_argument("--backlog", type=int, default=300, help="batch tool loops queued")
     ap.add_argument("--max-seqs", type=int, default=8)
     ap.add_argument("--kv-blocks", type=int, default=1500, help="each replica's KV cache, in blocks of 16 tokens")
     ap.add_argument("--prefill-ms", type=float, default=0.1, help="prefill per uncached prompt token")
@@ -506,7 +503,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.quick:
-        args.window, args.backlog = 20.0, 600
+        args.window, args.backlog = 20.0, 100
     started = time.time()
     root = Path(tempfile.mkdtemp(prefix="fleet-routing-"))
     procs = launch.Processes(root / "logs")
@@ -519,7 +516,7 @@ def main() -> int:
                                      num_gpu_blocks=args.kv_blocks, block_trace_dir=str(trace))
         agents_dir = root / "agents"
         agents_dir.mkdir()
-        for name, body in agents(args.system_words).items():
+        for name, body in agents(args.system_words, args.reply_tokens).items():
             (agents_dir / f"{name}.toml").write_text(body)
         pool = Pool(root, redis_url, procs, repo, agents_dir, trace, args)
         for i in range(args.replicas):

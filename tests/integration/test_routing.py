@@ -9,6 +9,7 @@ No Triton here (replica states are written as the pool monitor writes them); the
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -146,3 +147,42 @@ def test_most_room_ignores_caches(pool):  # noqa: F811
     held = call(slots, prompt("anna", 1))  # one in flight at its replica
     nxt = call(slots, prompt("anna", 2))
     assert nxt.replica != held.replica and nxt.reason == "most_room"
+
+
+def test_a_batch_call_waits_for_its_full_replica_only_while_others_would_take_the_free_slot(pool):  # noqa: F811
+    slots = pool(capacity=2, routing_load_bound=100)
+    home = call(slots, prompt("anna", 1))
+    slots.release(home)
+    filler = [call(slots, prompt("anna", 1), "batch") for _ in range(2)]  # anna's replica is full
+    assert {f.replica for f in filler} == {home.replica}
+    keys = slots.settings.keys
+    other = next(r for r in slots.replicas if r != home.replica)
+    # With another batch call waiting, it leaves the free slot to it and waits for its own replica...
+    slots.redis.zadd(keys.slot_waiters("batch"), {"someone-else": 1e12})
+    assert slots.try_acquire("batch", "patient", route=route(prompt("anna", 2)), patient=True) == "full"
+    board = ReplicaBoard(slots.settings, slots.redis)
+    assert {st.name: st.routes.get("waited", 0) for st in board.states()} == {home.replica: 1, other: 0}
+    # ... until its patience runs out;
+    late = slots.try_acquire("batch", "patient", route=route(prompt("anna", 2)), patient=False)
+    assert isinstance(late, Lease) and late.replica == other and late.reason == "spill"
+    slots.release(late)
+    slots.redis.delete(keys.prefix_index(other))  # (what that call left there)
+    # and alone, it takes the free slot elsewhere at once: nobody else would.
+    slots.redis.zrem(keys.slot_waiters("batch"), "someone-else")
+    alone = slots.try_acquire("batch", "alone", route=route(prompt("anna", 2)), patient=True)
+    assert isinstance(alone, Lease) and alone.replica == other and alone.reason == "spill"
+
+
+def test_an_interactive_call_preempts_at_the_replica_holding_its_prefix(pool):  # noqa: F811
+    slots = pool(capacity=2, routing_load_bound=100)
+    home = call(slots, prompt("anna", 1))
+    slots.release(home)
+    other = next(r for r in slots.replicas if r != home.replica)
+    mine, theirs = [], []
+    for group, who in ((mine, "anna"), (theirs, "ben")):  # ben's are the pool's youngest
+        for _ in range(2):
+            group.append(call(slots, prompt(who, 1), "batch"))
+            time.sleep(0.002)  # distinct dispatch times (milliseconds in the lease)
+    assert {m.replica for m in mine} == {home.replica} and {t.replica for t in theirs} == {other}
+    taken = call(slots, prompt("anna", 2))
+    assert taken.replica == home.replica and taken.reason == "preempt" and taken.victim == mine[-1].member

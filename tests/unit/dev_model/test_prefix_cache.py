@@ -121,11 +121,12 @@ def test_block_trace_records_each_prompt(tmp_path, engine_factory) -> None:  # n
     engine = engine_factory(SimConfig(ttft_ms=0, prefill_ms_per_token=0, tpot_ms=0, block_trace_dir=str(tmp_path)))
     prompt = " ".join(f"z{k}" for k in range(40))
     _run(engine, prompt)
+    _run(engine, prompt)
     engine.stop()
     (trace,) = tmp_path.glob("*.jsonl")
-    (line,) = [json.loads(x) for x in trace.read_text().splitlines()]
-    assert line["n"] == 40
-    assert line["h"] == [h[:8].hex() for h in block_hashes(dev_engine.tokenize(prompt))]
+    first, again = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert first["n"] == 40 and (first["hit"], again["hit"]) == (0, 2)
+    assert first["h"] == again["h"] == [h[:8].hex() for h in block_hashes(dev_engine.tokenize(prompt))]
 
 
 def test_prefix_caching_can_be_turned_off(engine_factory) -> None:  # noqa: ANN001

@@ -626,8 +626,9 @@ class EngineStats:
 
 
 class _BlockTrace:
-    """Each request's prompt block hashes, appended to a JSON lines file (when a folder is given):
-    arrival time, prompt tokens, and the first 8 bytes of each hash in hex."""
+    """Each admitted request's prompt block hashes, appended to a JSON lines file (when a folder is
+    given): time of admission, prompt tokens, the first 8 bytes of each hash in hex, and the
+    blocks found cached."""
 
     def __init__(self, folder: str, name: str) -> None:
         self._lock = threading.Lock()
@@ -636,10 +637,10 @@ class _BlockTrace:
             os.makedirs(folder, exist_ok=True)
             self._file = open(os.path.join(folder, f"{name}-{os.getpid()}.jsonl"), "a", buffering=1)  # noqa: SIM115
 
-    def write(self, n_tokens: int, hashes: list[bytes]) -> None:
+    def write(self, n_tokens: int, hashes: list[bytes], hit_blocks: int) -> None:
         if self._file is None:
             return
-        line = json.dumps({"t": time.time(), "n": n_tokens, "h": [h[:8].hex() for h in hashes]})
+        line = json.dumps({"t": time.time(), "n": n_tokens, "h": [h[:8].hex() for h in hashes], "hit": hit_blocks})
         with self._lock:
             self._file.write(line + "\n")
 
@@ -712,7 +713,6 @@ class Engine:
         if cfg.num_gpu_blocks and need > cfg.num_gpu_blocks:
             raise ValueError(f"the prompt and its output need {need} KV blocks; the cache holds {cfg.num_gpu_blocks}")
         hashes = block_hashes(prompt_tokens, cfg.block_size) if cfg.enable_prefix_caching else []
-        self._trace.write(len(prompt_tokens), hashes)
         with self._cv:
             if not self._running:
                 raise RuntimeError(f"engine {self.name} is stopped")
@@ -839,6 +839,7 @@ class Engine:
         if alloc is None:
             return False
         seq.alloc, seq.cached_tokens = alloc, len(alloc.cached) * self.cfg.block_size
+        self._trace.write(seq.input_tokens, seq.hashes, len(alloc.cached))
         return True
 
     def _free(self, seq: Sequence, completed: bool = False) -> None:
