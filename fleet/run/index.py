@@ -157,6 +157,20 @@ class RunIndex:
         """Ids of indexed runs that start with ``prefix`` (at most ``limit``), in order."""
         return self.redis.zrangebylex(self.keys.runs_ids, f"[{prefix}", f"({prefix}\xff", start=0, num=limit)
 
+    def short_ids(self, run_ids: list[str], length: int = 8) -> dict[str, str]:
+        """Each run's id cut to ``length`` hex digits, or more where that starts another indexed
+        run's id too (as git shortens commit ids): what is printed names the run when given back."""
+        out = {run_id: run_id[:length] for run_id in run_ids}
+        pending = list(run_ids)
+        while pending:
+            pipe = self.redis.pipeline(transaction=False)
+            for run_id in pending:
+                pipe.zlexcount(self.keys.runs_ids, f"[{out[run_id]}", f"({out[run_id]}\xff")
+            pending = [run_id for run_id, n in zip(pending, pipe.execute()) if n > 1 and len(out[run_id]) < 32]
+            for run_id in pending:
+                out[run_id] = run_id[:len(out[run_id]) + 2]
+        return out
+
     def size(self) -> int:
         """Runs in the index."""
         return int(self.redis.zcard(self.keys.runs_ids))

@@ -165,3 +165,36 @@ def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
     alive = _alive(started - {proc.pid})
     assert alive == [], f"left behind: {alive}"
     assert not (tmp_path / ".fleet" / "stack.env").exists()
+
+
+def test_runs_list_filters_pages_and_its_short_ids_are_taken_back(fleet):
+    ok = json.loads(run_cli(fleet, "submit", "calculator", "--input", '{"question": "What is 3 * 3?"}',
+                            "--wait", "--json").stdout)
+    bad = run_cli(fleet, "submit", "doomed", "--input", '{"value": "7"}', "--wait", "--json", check=False)
+    failed = json.loads(bad.stdout)
+    assert ok["status"] == "succeeded" and failed["status"] == "dead_lettered"
+    listed = json.loads(run_cli(fleet, "runs", "list", "--since", "10m", "--limit", "500", "--json").stdout)
+    assert set(listed) == {"runs", "next_cursor", "scanned", "backlog"}
+    ids = [r["id"] for r in listed["runs"]]
+    assert ok["id"] in ids and failed["id"] in ids
+    assert [r["created_at"] for r in listed["runs"]] == sorted((r["created_at"] for r in listed["runs"]), reverse=True)
+    only = json.loads(run_cli(fleet, "runs", "list", "--status", "dead_lettered,failed", "--agent", "doomed",
+                              "--json").stdout)
+    assert failed["id"] in [r["id"] for r in only["runs"]] and {r["status"] for r in only["runs"]} == {"dead_lettered"}
+    first = json.loads(run_cli(fleet, "runs", "list", "--limit", "1", "--json").stdout)
+    second = json.loads(run_cli(fleet, "runs", "list", "--limit", "1", "--cursor", first["next_cursor"],
+                                "--json").stdout)
+    assert [r["id"] for r in first["runs"] + second["runs"]] == ids[:2]
+    # The table prints short ids, and each is taken back by runs show.
+    table = run_cli(fleet, "runs", "list", "--agent", "doomed").stdout.splitlines()
+    assert table[0].split()[:3] == ["id", "created", "tenant"]
+    short = next(line.split()[0] for line in table[1:] if "dead_lettered" in line)
+    assert len(short) >= 8 and failed["id"].startswith(short)
+    shown = json.loads(run_cli(fleet, "runs", "show", short, "--json").stdout)
+    assert shown["id"] == failed["id"] and shown["status"] == "dead_lettered"
+    bad_since = run_cli(fleet, "runs", "list", "--since", "yesterday", "--json", check=False)
+    assert bad_since.returncode == 2 and json.loads(bad_since.stdout)["field"] == "since"
+    bad_status = run_cli(fleet, "runs", "list", "--status", "finished", "--json", check=False)
+    assert bad_status.returncode == 2 and json.loads(bad_status.stdout)["field"].startswith("status")
+    too_short = run_cli(fleet, "runs", "show", short[:4], "--json", check=False)
+    assert too_short.returncode == 2 and json.loads(too_short.stdout)["field"] == "run_id"

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from fleet.errors import IdempotencyConflict, InvalidSubmission, Overloaded, QuotaExceeded, RunNotFound
+from fleet.errors import AmbiguousRunId, IdempotencyConflict, InvalidSubmission, Overloaded, QuotaExceeded, RunNotFound
 from fleet.surfaces.gateway.middleware import error_response
 
 log = logging.getLogger(__name__)
@@ -27,13 +27,16 @@ class ErrorBody(BaseModel):
     field: str | None = Field(None, description="Dotted path of the offending field, e.g. input.question.")
     retry_after_s: float | None = Field(None, description="With 429: when a retry has a fair chance.")
     quota: str | None = Field(None, description="With 429: the tenant's quota that refused the call, if one did.")
+    candidates: list[str] | None = Field(None, description="With 422 for a short run id that starts several "
+                                                            "runs' ids: those runs' ids.")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or wrong API key."},
     403: {"model": ErrorBody, "description": "Without API keys, only loopback clients are served."},
     413: {"model": ErrorBody, "description": "Request body over FLEET_GATEWAY_MAX_BODY_BYTES."},
-    422: {"model": ErrorBody, "description": "Invalid request; `field` names what is wrong."},
+    422: {"model": ErrorBody, "description": "Invalid request; `field` names what is wrong (a short run id that "
+          "starts several runs' ids lists them in `candidates`)."},
     503: {"model": ErrorBody, "description": "The fleet's Redis is unreachable; retry after Retry-After."},
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such run (or not the caller's tenant's)."}}
@@ -79,7 +82,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidSubmission)
     async def _invalid_submission(request: Request, exc: InvalidSubmission) -> JSONResponse:
-        return JSONResponse({"error": str(exc), "field": exc.field}, 422)
+        body: dict[str, Any] = {"error": str(exc), "field": exc.field}
+        if isinstance(exc, AmbiguousRunId):
+            body["candidates"] = exc.candidates
+        return JSONResponse(body, 422)
 
     @app.exception_handler(RunNotFound)
     async def _not_found(request: Request, exc: RunNotFound) -> JSONResponse:

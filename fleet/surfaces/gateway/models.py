@@ -8,14 +8,16 @@ from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fleet.run.deadletter import DeadLetter
+from fleet.run.index import RUN_REF_PATTERN
 from fleet.run.jobs import BATCH_ID_PATTERN
 from fleet.run.records import RunStatus
-from fleet.surfaces.views import RUN_ID_PATTERN
 
 # A Redis stream id ("<ms>-<seq>", or "<ms>"): anything else would make XREAD fail.
 STREAM_ID = r"^\d{1,20}(-\d{1,20})?$"
 
-RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="A run id (32 hex digits).")]
+RunId = Annotated[str, Path(pattern=RUN_REF_PATTERN, description=(
+    "A run id (32 hex digits), or its first 6 or more hex digits when they start the id of one run "
+    "the caller may see."))]
 EntryId = Annotated[str, Path(pattern=STREAM_ID, description="A dead-letter entry id (<ms>-<seq>).")]
 
 
