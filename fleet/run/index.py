@@ -58,7 +58,7 @@ MIN_PREFIX = 6
 #: A run id, or a prefix of one (a short id).
 RUN_REF_PATTERN = rf"^[0-9a-f]{{{MIN_PREFIX},32}}$"
 #: A listing's cursor: the creation time and id of the last run it showed (or examined).
-CURSOR_PATTERN = r"^[0-9][0-9.e+]{0,30}:[0-9a-f]{32}$"
+CURSOR_PATTERN = r"^[0-9]{1,11}(\.[0-9]{1,9})?:[0-9a-f]{32}$"
 
 _FULL_ID = re.compile(r"^[0-9a-f]{32}$")
 _PAGE = lua.load(__file__, "page.lua")

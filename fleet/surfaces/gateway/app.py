@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_s
 
 from fleet.core import tracing
 from fleet.inference.triton import TritonClient
+from fleet.run.agent import load_agents
 from fleet.scheduling.admission import Admission
 from fleet.settings import Settings
 from fleet.surfaces.aio import AsyncFleetClient
@@ -21,6 +22,7 @@ from fleet.surfaces.gateway.deps import FleetServices
 from fleet.surfaces.gateway.errors import install_error_handlers
 from fleet.surfaces.gateway.middleware import BodyLimit, count_requests
 from fleet.surfaces.gateway.routes import ROUTERS
+from fleet.surfaces.gateway.schema import install as install_schema
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,11 @@ def create_gateway(settings: Settings) -> FastAPI:
             """The OpenAPI schema, for callers holding a key."""
             return JSONResponse(app.openapi())
 
+    def agents() -> dict:
+        services = getattr(app.state, "services", None)
+        return services.client.agents if services is not None else load_agents(settings.agents_dir)
+
+    install_schema(app, agents, secured=keys, max_input_bytes=settings.max_input_bytes)
     install_error_handlers(app)
     return app
 

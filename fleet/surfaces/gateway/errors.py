@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from fleet.errors import AmbiguousRunId, IdempotencyConflict, InvalidSubmission, Overloaded, QuotaExceeded, RunNotFound
 from fleet.surfaces.gateway.middleware import error_response
@@ -73,6 +75,26 @@ def validation_error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
     return {"error": f"{field}: {err.get('msg', 'invalid')}", "field": field}
 
 
+def _leaf_routes(routes: list[Any]) -> list[Any]:
+    """Routes with a path, from routers included whole as well (their paths carry their prefix)."""
+    out = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        out += _leaf_routes(inner.routes) if inner is not None else [route]
+    return out
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """The methods of every route whose path matches the request's (a route whose path matches
+    but whose method does not answers a partial match)."""
+    methods: set[str] = set()
+    for route in _leaf_routes(list(app.router.routes)):
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every failure a route can raise onto its status and JSON body."""
 
@@ -104,6 +126,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it could not decode: invalid JSON, like any other.
+            return JSONResponse({"error": f"body: could not be read as JSON ({exc.detail})", "field": "body"}, 422)
+        if exc.status_code == 405:
+            # Every method the path takes, not only those of the first route that matched it.
+            allowed = ", ".join(allowed_methods(app, request.scope))
+            return JSONResponse({"error": f"{request.method} is not allowed here (allowed: {allowed})"}, 405,
+                                headers={"Allow": allowed})
         return error_response(exc)
 
     @app.exception_handler(redis.ConnectionError)
