@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -189,20 +190,18 @@ class RunIndex:
         drivers = self._drivers(q, tenant, statuses)
         top, after = _parse_cursor(q.cursor) if q.cursor else (repr(q.until) if q.until is not None else "+inf", "")
         oldest = repr(q.since) if q.since is not None else "-inf"
+        filtered = statuses is not None or q.priority is not None or q.agent is not None
+        # Without filters on rows every run found is shown: find one more than the page (to know
+        # whether another follows); with them, more at a time.
+        n = min(500, max(2 * q.limit, 100)) if filtered else q.limit + 1
         runs: list[RunSummary] = []
         scanned = 0
-        n = min(500, max(2 * q.limit, 100))
         while drivers:
             flat = _PAGE(self.redis, keys=drivers, args=[top, after, oldest, n])
             ended, pairs = bool(flat[-1]), [(flat[i], flat[i + 1]) for i in range(0, len(flat) - 1, 2)]
-            pipe = self.redis.pipeline(transaction=False)
-            for run_id, _ in pairs:
-                summary_commands(pipe, self.keys, run_id)
-            for i, ((run_id, score), values) in enumerate(zip(pairs, pipe.execute() if pairs else [])):
+            for i, (run_id, score, run) in enumerate(self._rows(pairs, q.limit - len(runs), filtered)):
                 scanned += 1
                 top, after = score, run_id
-                raw = summary_reply(run_id, values)
-                run = RunSummary.model_validate(raw) if raw is not None else None
                 if run is not None and self._keep(run, q, tenant, statuses):
                     runs.append(run)
                     if len(runs) == q.limit:
@@ -214,6 +213,20 @@ class RunIndex:
             if scanned >= SCAN_MAX:
                 return RunPage(runs=runs, next_cursor=_cursor(top, after), scanned=scanned)
         return RunPage(runs=runs, next_cursor=None, scanned=scanned)
+
+    def _rows(self, pairs: list[tuple[str, str]], wanted: int, filtered: bool) -> Iterator[
+            tuple[str, str, RunSummary | None]]:
+        """``(id, score, row)`` of found runs (row None: its record is gone), read in chunks of
+        what the page still needs (more at a time when rows are filtered)."""
+        size = max(wanted, 50) if filtered else wanted
+        for start in range(0, len(pairs), max(1, size)):
+            chunk = pairs[start:start + max(1, size)]
+            pipe = self.redis.pipeline(transaction=False)
+            for run_id, _ in chunk:
+                summary_commands(pipe, self.keys, run_id)
+            for (run_id, score), values in zip(chunk, pipe.execute()):
+                raw = summary_reply(run_id, values)
+                yield run_id, score, RunSummary.model_validate(raw) if raw is not None else None
 
     def _drivers(self, q: RunQuery, tenant: str | None, statuses: set[str] | None) -> list[str]:
         """The sets a listing walks: those of the selected family that hold fewer runs in the range."""
