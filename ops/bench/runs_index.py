@@ -141,7 +141,8 @@ def main() -> None:
              f"endings {mix}.", "",
              "| index bytes per run | result |", "|---|---|",
              f"| this mix ({args.runs:,} runs) | {total / args.runs:,.0f} B ({total / 2**20:.1f} MiB) |",
-             f"| a succeeded run ({args.sample:,} runs, sets by tenant, class and agent, and ids) | {succeeded:,.0f} B |",
+             f"| a succeeded run ({args.sample:,} runs: its set by tenant, class and agent, and ids) "
+             f"| {succeeded:,.0f} B |",
              f"| a run that ended otherwise ({args.sample:,} failed runs: its status set too) | {failed:,.0f} B |",
              "", "| listing (median of 15, ms) | ms | runs | entries examined |", "|---|---|---|---|",
              *(f"| {label} | {ms:.1f} | {n} | {scanned:,} |" for label, ms, n, scanned in listed)]

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from fleet.errors import AmbiguousRunId, InvalidSubmission, RunNotFound
-from fleet.run.index import INDEXED_STATUSES, RunIndex, run_query
+from fleet.run.index import INDEXED_STATUSES, RunIndex
 from fleet.run.records import RunRecord
 from fleet.surfaces.client import FleetClient
 from tests.support.waiting import poll

@@ -119,7 +119,8 @@ def filters_form(q: dict[str, Any], agents: list[str], tenants: list[str], viewe
     return f"""<form method="get" action="/console/runs" class="filters" id="filters">
 <fieldset><legend>Status</legend>{boxes}</fieldset>
 <label>Agent <select name="agent">{_options(agents, q.get("agent"), "any agent")}</select></label>
-<label>Class <select name="priority">{_options(("interactive", "batch"), q.get("priority"), "any class")}</select></label>
+<label>Class <select name="priority">{_options(("interactive", "batch"), q.get("priority"), "any class")}
+</select></label>
 {tenant}<label>Created in the last <select name="since">{since}</select></label>
 <label>Error contains <input type="search" name="error" value="{esc(q.get("error") or "")}"></label>
 <button type="submit">Filter</button> <a href="/console/runs">clear</a></form>"""
@@ -131,7 +132,8 @@ def runs_page(page: RunList, short: dict[str, str], q: dict[str, Any], agents: l
                        if v not in (None, "")])
     more = ""
     if page.next_cursor:
-        more = f'<a class="next" href="/console/runs?{esc(query)}&amp;cursor={esc(quote(page.next_cursor))}">Older runs</a>'
+        older = f"/console/runs?{query}&cursor={quote(page.next_cursor)}"
+        more = f'<a class="next" href="{esc(older)}">Older runs</a>'
     live = "" if q.get("cursor") else f' data-src="/console/runs/rows?{esc(query)}"'
     backlog = (f'<p class="note">{page.backlog} batch runs wait in the backlog: they are listed once dispatched.</p>'
                if page.backlog else "")
@@ -163,7 +165,8 @@ def waterfall(t: Timeline) -> str:
         ("queue", "queue wait"), ("ttft", "time to first token"), ("gen", "generation"), ("tool", "tool"),
         ("other", "other (load, commit)")))
     return f"""<table class="waterfall"><thead><tr><th>step</th><th class="axis">0s … {span:.3f}s</th><th>status</th>
-<th>queue</th><th>ttft</th><th>gen</th><th>tool</th><th>retries</th><th>preempt</th><th>tokens</th><th>cost</th></tr></thead>
+<th>queue</th><th>ttft</th><th>gen</th><th>tool</th><th>retries</th><th>preempt</th><th>tokens</th><th>cost</th>
+</tr></thead>
 <tbody>{"".join(rows) or '<tr><td colspan="11" class="empty">No step has started.</td></tr>'}</tbody></table>
 <p class="legend">{legend}</p>
 <p class="totals">total: queue {_seconds(t.queue_s)} · model {_seconds(t.model_s)} · tool {_seconds(t.tool_s)}
@@ -175,7 +178,8 @@ def _facts(run: RunRecord, trace_url: str | None) -> str:
     if run.trace_id:
         trace = (f'<a href="{esc(trace_url.replace("{trace_id}", run.trace_id))}" rel="noopener" target="_blank">'
                  f"{esc(run.trace_id)}</a>" if trace_url else esc(run.trace_id))
-    facts = [("id", f'<code id="run-id">{esc(run.id)}</code>'), ("status", f'<span id="run-status">{_status(run.status)}</span>'),
+    facts = [("id", f'<code id="run-id">{esc(run.id)}</code>'),
+             ("status", f'<span id="run-status">{_status(run.status)}</span>'),
              ("agent", esc(run.agent)), ("class", esc(run.priority)), ("tenant", esc(run.tenant)),
              ("created", _when(run.created_at)), ("latency", _seconds(run.latency_s)),
              ("tokens", f"{run.tokens_in} in / {run.tokens_out} out"), ("cost", f"{run.cost:.4g}"), ("trace", trace)]
@@ -196,7 +200,8 @@ def _actions(run: RunRecord, viewer: Viewer) -> str:
                        f'data-url="/v1/runs/{esc(run.id)}">Cancel run</button>')
     if run.status == "dead_lettered" and run.dead_letter_id:
         buttons.append(f'<button type="button" data-action="replay" data-method="POST" '
-                       f'data-url="/v1/dead-letters/{esc(run.dead_letter_id)}/replay">Replay from the dead letter</button>')
+                       f'data-url="/v1/dead-letters/{esc(run.dead_letter_id)}/replay">'
+                       "Replay from the dead letter</button>")
     return f'<p class="actions">{"".join(buttons)}<span class="outcome" role="status"></span></p>' if buttons else ""
 
 
@@ -238,7 +243,8 @@ def dead_letters_page(entries: list[DeadLetter], viewer: Viewer) -> str:
             f'<tr id="dl-{esc(e.id)}" data-entry="{esc(e.id)}"><td><code>{esc(e.id)}</code></td>'
             f"<td>{_when(e.last_failure_at)}</td><td>{esc(e.tenant)}</td><td>{esc(e.agent)}.{esc(e.step_key)}</td>"
             f'<td>{esc(e.priority)}</td><td><a href="/console/runs/{esc(e.run_id)}">{esc(e.run_id[:8])}</a></td>'
-            f'<td class="error-text">{esc(e.error_type)}: {esc(e.error_message[:160])}</td><td class=num>{e.attempts}</td>'
+            f'<td class="error-text">{esc(e.error_type)}: {esc(e.error_message[:160])}</td>'
+            f"<td class=num>{e.attempts}</td>"
             f"<td class=num>{len(e.replays)}</td><td>{button}</td></tr>")
     table = (f"""<table class="dead-letters"><thead><tr><th>entry</th><th>last failure</th><th>tenant</th><th>step</th>
 <th>class</th><th>run</th><th>error</th><th>attempts</th><th>replays</th><th></th></tr></thead>
@@ -264,7 +270,8 @@ def tenants_page(report: TenantReport, usage: UsageReport, viewer: Viewer) -> st
         for u in [*usage.rows, usage.total])
     body = f"""<h2>Runs and quotas (model time over the last {report.window_s / 60:g} minutes)</h2>
 <table class="tenants"><thead><tr><th>tenant</th><th>weight</th><th>interactive</th><th>batch</th><th>backlog</th>
-<th>model s (interactive / batch)</th><th>batch share</th><th>tokens today</th></tr></thead><tbody>{rows}</tbody></table>
+<th>model s (interactive / batch)</th><th>batch share</th><th>tokens today</th></tr></thead>
+<tbody>{rows}</tbody></table>
 <h2>Usage over the last 24 hours</h2>
 <table class="usage"><thead><tr><th>tenant</th><th>runs</th><th>steps</th><th>tokens in</th><th>tokens out</th>
 <th>model s</th><th>queue s</th><th>tool s</th><th>cost</th></tr></thead><tbody>{used}</tbody></table>"""

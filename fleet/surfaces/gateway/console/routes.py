@@ -31,6 +31,8 @@ router = APIRouter(prefix="/console", include_in_schema=False)
 
 _STATIC = {"console.js": "text/javascript; charset=utf-8", "console.css": "text/css; charset=utf-8"}
 _MAX_EVENTS = 2000
+# Scripts and styles of the gateway only (the waterfall's bars are placed by style attributes).
+_CSP = "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
 _FILTERS = ("status", "agent", "priority", "tenant", "since", "error", "cursor")
 
 
@@ -64,8 +66,7 @@ def _client(services: FleetServices, caller: Caller) -> FleetClient:
 def _html(text: str, status: int = 200) -> HTMLResponse:
     # No page is framed by another site, and none is kept by a shared cache.
     return HTMLResponse(text, status, headers={"X-Frame-Options": "DENY", "Cache-Control": "no-store",
-                                               "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
-                                               "Referrer-Policy": "same-origin"})
+                                               "Content-Security-Policy": _CSP, "Referrer-Policy": "same-origin"})
 
 
 # --- login ---------------------------------------------------------------------------------
