@@ -364,6 +364,10 @@ class RunStore:
     def restore(self, record: RunRecord, outputs: dict[str, Any], done: list[str]) -> None:
         """Make a run whose record expired again (for a replay): its earlier ``outputs`` and
         the ``done`` steps, by step key."""
+        # Entries the expired record left in the index (not trimmed yet) would name an old status.
+        pipe = self.redis.pipeline()
+        self.index.remove_commands(pipe, record.id, record.tenant, record.priority, record.agent)
+        pipe.execute()
         self.create(record)
         self.redis.hincrby(self.keys.tenant_active, active_field(record.tenant, record.priority), 1)
         now = time.time()

@@ -13,9 +13,6 @@ from fleet.run.records import RunRecord, RunSummary
 from fleet.surfaces.timeline import Timeline, timeline
 from fleet.tenants import Quotas
 
-# A run id as :func:`fleet.run.records.new_run_id` makes them: anything else names no run.
-RUN_ID_PATTERN = r"^[0-9a-f]{32}$"
-
 # The run record as stored, plus what is derived from it (kept in step with RunRecord).
 RunView = create_model(
     "RunView",

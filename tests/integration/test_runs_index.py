@@ -84,6 +84,20 @@ def test_every_write_of_a_run_keeps_its_entries(ns):
     assert _ids(c["acme"].runs()) == [ok.id, bad.id]
 
 
+def test_a_run_made_again_for_a_replay_keeps_no_entry_of_its_old_life(ns):
+    f, c = ns
+    store, keys, r = f.client.store, f.settings.keys, f.client.store.redis
+    old = _record(time.time() - 600)
+    store.create(old)
+    store.end(old.id, "dead_lettered", error={"type": "PermanentError", "message": "no"})
+    r.delete(keys.run(old.id), keys.events(old.id))  # its record expired; the trim has not come by
+    again = old.model_copy(update={"created_at": time.time(), "status": "queued"})
+    store.restore(again, {}, [])
+    assert r.zscore(keys.runs_by_status("acme", "dead_lettered"), old.id) is None
+    assert r.zscore(keys.runs_by_status("acme", "queued"), old.id) == again.created_at
+    assert [(row.id, row.status) for row in c["acme"].runs().runs] == [(old.id, "queued")]
+
+
 def test_a_backlog_run_is_indexed_when_dispatched_or_ended_there(ns):
     f, c = ns
     acme, keys, r = c["acme"], f.settings.keys, f.client.store.redis
