@@ -46,7 +46,7 @@ def test_schemathesis_finds_nothing_with_all_its_checks(keyed, tmp_path: Path):
          "--header", f"Authorization: Bearer {ADMIN}", "--checks", "all", "--max-examples", "5", "--seed", "7",
          "--workers", "1", "--request-timeout", "30", "--warnings", "off", "--no-color",
          "--report", "ndjson", "--report-ndjson-path", str(report)],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache stays out of the tree
     events = [json.loads(line) for line in report.read_text().splitlines()]
     phases = {e["PhaseFinished"]["phase"]["name"]: e["PhaseFinished"]["status"] for e in events
               if "PhaseFinished" in e}
