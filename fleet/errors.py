@@ -4,6 +4,7 @@
 
     FleetError
      ├── InvalidSubmission     rejected at the door; nothing was queued
+     │    └── AmbiguousRunId   a short run id names several runs; lists them
      ├── RunNotFound           no run with that id (or its record expired)
      ├── IdempotencyConflict   an idempotency key repeated with a different submission
      ├── Overloaded            shed at admission; carries retry_after_s
@@ -42,6 +43,20 @@ class InvalidSubmission(FleetError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class AmbiguousRunId(InvalidSubmission):
+    """A short run id (a prefix) starts the ids of several runs the caller may see.
+
+    Attributes:
+        candidates: the ids it starts (some of them, when there are many).
+    """
+
+    def __init__(self, prefix: str, candidates: list[str]) -> None:
+        shown = ", ".join(candidates[:10]) + (", ..." if len(candidates) > 10 else "")
+        super().__init__(f"run_id: '{prefix}' is the start of {len(candidates)} runs' ids ({shown}); "
+                         "give more digits", "run_id")
+        self.candidates = candidates
 
 
 class RunNotFound(FleetError):

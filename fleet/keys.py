@@ -53,6 +53,38 @@ class Keys:
         """List: the turns of a tenant's session, oldest first."""
         return self._k("session", tenant, session_id)
 
+    # --- the runs index (fleet.run.index) ------------------------------------------------
+    # Lua scripts build these names from :attr:`runs_index_base` with
+    # ``fleet/core/lua_fragments/run_index.lua``, the same way as here.
+    @property
+    def runs_index_base(self) -> str:
+        """The common start of the runs index's keys."""
+        return self._k("runs", "idx", "")
+
+    def runs_by(self, tenant: str, priority: str, agent: str) -> str:
+        """Sorted set: a tenant's runs of a class and agent, scored by creation time."""
+        return f"{self.runs_index_base}by:{tenant}|{priority}|{agent}"
+
+    def runs_by_status(self, tenant: str, status: str) -> str:
+        """Sorted set: a tenant's runs in a status (every status but ``succeeded``), scored by
+        creation time."""
+        return f"{self.runs_index_base}status:{tenant}|{status}"
+
+    @property
+    def runs_ids(self) -> str:
+        """Sorted set, every score 0: the ids of indexed runs, in lexical order (short ids)."""
+        return f"{self.runs_index_base}ids"
+
+    @property
+    def runs_facets(self) -> str:
+        """Set: ``<tenant>|<class>|<agent>`` of every :meth:`runs_by` set there is."""
+        return f"{self.runs_index_base}facets"
+
+    @property
+    def runs_trim(self) -> str:
+        """Hash: facet -> rank where the walk that drops expired runs from its set goes on."""
+        return f"{self.runs_index_base}trim"
+
     def usage(self, minute: int) -> str:
         """Hash with TTL: what runs used in one minute (epoch minute), fields
         ``<agent>|<class>|<figure>`` (see fleet.run.usage)."""

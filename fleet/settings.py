@@ -267,6 +267,11 @@ class Settings(BaseSettings):
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set, 'on' also without (the SDK's default endpoint), "
         "'off' never.",
     )
+    trace_url_template: str | None = Field(
+        None, pattern=r"\{trace_id\}",
+        description="Link of a trace in a trace viewer, with {trace_id} in it (e.g. "
+        "http://jaeger:16686/trace/{trace_id}); the run console links each traced run's trace there.",
+    )
 
     # --- Agents, observability, local stack -------------------------------------------
     agents_dir: Path | None = Field(

@@ -158,11 +158,17 @@ class TritonClient:
 
     def model_ready(self, model: str, timeout_s: float = 2.0) -> bool:
         """Whether the model is loaded and ready."""
-        try:
-            req = service_pb2.ModelReadyRequest(name=model)
-            return self._stub.ModelReady(req, timeout=timeout_s).ready
-        except grpc.RpcError:
-            return False
+        req = service_pb2.ModelReadyRequest(name=model)
+        for attempt in range(2):
+            try:
+                return self._stub.ModelReady(req, timeout=timeout_s).ready
+            except grpc.RpcError as exc:
+                # A channel idle long enough may have been sent away (GOAWAY, too many
+                # keepalive pings): the call that finds out fails UNAVAILABLE, and the channel
+                # connects again for the next one.
+                if attempt or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    return False
+        return False
 
     def model_capacity(self, model: str, timeout_s: float = 2.0) -> int | None:
         """The model's ``max_num_seqs`` config parameter (most sequences its engine runs at

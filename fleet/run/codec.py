@@ -129,3 +129,27 @@ def status_commands(pipe: Any, keys: Keys, run_id: str) -> None:
 def status_reply(queued: int, status: str | None) -> str | None:
     """The run's status from :func:`status_commands`' replies (None without a run)."""
     return "queued" if queued else status
+
+
+#: The fields of a run hash that a listing shows (:class:`fleet.run.records.RunSummary`).
+SUMMARY_FIELDS = ("agent", "priority", "tenant", "status", "created_at", "started_at", "finished_at", "error",
+                  "batch", "traceparent")
+
+
+def summary_commands(pipe: Any, keys: Keys, run_id: str) -> None:
+    """Queue the read of a run's listed fields (see :func:`summary_reply`)."""
+    pipe.hmget(keys.run(run_id), SUMMARY_FIELDS)
+
+
+def summary_reply(run_id: str, values: list[str | None]) -> dict[str, Any] | None:
+    """A run's listed fields from :func:`summary_commands`' reply, or None without a record."""
+    raw = dict(zip(SUMMARY_FIELDS, values))
+    if raw["status"] is None or raw["agent"] is None:
+        return None
+    out: dict[str, Any] = {"id": run_id, **{k: v for k, v in raw.items() if v is not None}}
+    for name in ("created_at", "started_at", "finished_at"):
+        if name in out:
+            out[name] = float(out[name])
+    if "error" in out:
+        out["error"] = json.loads(out["error"])
+    return out

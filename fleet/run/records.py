@@ -120,3 +120,37 @@ class RunRecord(BaseModel):
         """The id of the run's trace, when it was traced."""
         parts = (self.traceparent or "").split("-")
         return parts[1] if len(parts) == 4 else None
+
+
+class RunSummary(BaseModel):
+    """A run as a listing shows it (``fleet runs list``, ``GET /v1/runs``, the console): its
+    own fields, without its input, outputs and steps."""
+
+    id: str
+    agent: str
+    priority: PriorityClass
+    tenant: str = DEFAULT_TENANT
+    status: RunStatus
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: dict[str, Any] | None = None
+    batch: str | None = None
+    traceparent: str | None = None
+
+    @property
+    def latency_s(self) -> float | None:
+        """Submission to finish, once finished."""
+        return None if self.finished_at is None else self.finished_at - self.created_at
+
+    @property
+    def trace_id(self) -> str | None:
+        parts = (self.traceparent or "").split("-")
+        return parts[1] if len(parts) == 4 else None
+
+    @property
+    def error_text(self) -> str:
+        """``<type>: <message>`` of its error ('' without one)."""
+        if not self.error:
+            return ""
+        return f"{self.error.get('type', '')}: {self.error.get('message', '')}"

@@ -4,6 +4,7 @@ Step results are committed by a Lua script that refuses a second commit of the s
 (``commit_step-3.lua``), which is what makes a redelivered step complete once. A run moves
 between statuses by another (``transition-7.lua``): a terminal status ends the run once, and in
 the same step drops it from every index of unfinished work and gives its tenant's place back.
+Every one of these writes keeps the runs index (:mod:`fleet.run.index`) in step.
 Events (status changes, step changes, model tokens) go to a capped stream per run that
 :mod:`fleet.run.follow` reads.
 
@@ -14,6 +15,7 @@ hash and the first event in one atomic step, so a reader sees one or the other, 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,8 +24,9 @@ import redis
 
 from fleet.connections import redis_client
 from fleet.core import lua
-from fleet.errors import RunNotFound
+from fleet.errors import AmbiguousRunId, InvalidSubmission, RunNotFound
 from fleet.keys import active_field
+from fleet.run.index import MIN_PREFIX, RUN_REF_PATTERN, RunIndex, is_run_id
 from fleet.run.codec import (
     ENDING_FIELDS,
     JSON_FIELDS,
@@ -52,6 +55,7 @@ _COMMIT_STEP = lua.load(__file__, "commit_step-3.lua")
 _TRANSITION = lua.load(__file__, "transition-7.lua", prelude=_TERMINAL_TABLE)
 _PROMOTE = lua.load(__file__, "promote-7.lua", prelude=_TERMINAL_TABLE)
 _REOPEN = lua.load(__file__, "reopen-1.lua")
+_REF = re.compile(RUN_REF_PATTERN)
 
 
 class RunStore:
@@ -61,6 +65,7 @@ class RunStore:
         self.settings = settings
         self.keys = settings.keys
         self.redis = client or redis_client(settings)
+        self.index = RunIndex(settings, self.redis)
 
     # --- keys -----------------------------------------------------------------------
     def run_key(self, run_id: str) -> str:
@@ -71,7 +76,8 @@ class RunStore:
 
     # --- records --------------------------------------------------------------------
     def create(self, record: RunRecord) -> None:
-        """Store a new run record (status queued) and its first event."""
+        """Store a new run record (status queued), its first event and its entries in the runs
+        index, in one transaction."""
         fields = hash_fields(record)
         key = self.run_key(record.id)
         pipe = self.redis.pipeline()
@@ -85,12 +91,18 @@ class RunStore:
         )
         pipe.expire(self.events_key(record.id), self.settings.run_ttl_s)
         pipe.zadd(self.keys.active_runs, {record.id: record.created_at})
+        self.index.add_commands(pipe, record)
         pipe.execute()
 
     def delete(self, run_id: str) -> None:
-        """Forget a run that was never queued (its publish failed)."""
-        self.redis.delete(self.run_key(run_id), self.events_key(run_id))
-        self.forget(run_id)
+        """Forget a run that was never queued (its publish failed), and its index entries."""
+        tenant, priority, agent = self.redis.hmget(self.run_key(run_id), ["tenant", "priority", "agent"])
+        pipe = self.redis.pipeline()
+        pipe.delete(self.run_key(run_id), self.events_key(run_id))
+        pipe.zrem(self.keys.active_runs, run_id)
+        if agent is not None:
+            self.index.remove_commands(pipe, run_id, tenant or DEFAULT_TENANT, priority or "batch", agent)
+        pipe.execute()
 
     def touch(self, run_id: str) -> None:
         """The run made progress (or is known to wait in a queue)."""
@@ -154,6 +166,35 @@ class RunStore:
             return from_compact(run_id, queued).get("tenant", DEFAULT_TENANT)
         return None if status is None else tenant or DEFAULT_TENANT
 
+    def resolve(self, ref: str, sees: Callable[[str], bool]) -> str:
+        """The id of the run ``ref`` names: a full id as it is, or a prefix of at least
+        :data:`~fleet.run.index.MIN_PREFIX` hex digits that starts the id of exactly one indexed
+        run that ``sees`` (the caller's test of a tenant) lets the caller see; other tenants'
+        runs are not candidates.
+
+        Raises:
+            InvalidSubmission: ``ref`` is not hex, or too short.
+            AmbiguousRunId: several such runs (listed).
+            RunNotFound: none.
+        """
+        if is_run_id(ref):
+            return ref
+        if not _REF.match(ref):
+            raise InvalidSubmission(
+                f"run_id: '{ref[:40]}' is neither a run id (32 hex digits) nor the start of one "
+                f"({MIN_PREFIX} hex digits or more)", "run_id")
+        ids = self.index.matches(ref)
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.hmget(self.run_key(run_id), ["status", "tenant"])
+        seen = [run_id for run_id, (status, tenant) in zip(ids, pipe.execute() if ids else [])
+                if status is not None and sees(tenant or DEFAULT_TENANT)]
+        if not seen:
+            raise RunNotFound(f"no run '{ref}'")
+        if len(seen) > 1:
+            raise AmbiguousRunId(ref, seen)
+        return seen[0]
+
     # --- the backlog ------------------------------------------------------------------
     def queue_compact(self, pipe: Any, record: RunRecord) -> None:
         """Queue the write of a batch run's compact record on ``pipe`` (it joins a backlog
@@ -185,7 +226,8 @@ class RunStore:
                 pipe, keys=[self.keys.queued_run(record.id), self.run_key(record.id), self.events_key(record.id),
                       self.keys.active_runs, self.keys.dispatching, self.keys.dispatched,
                       self.keys.tenant_active],
-                args=[record.id, record.status, ttl, EVENTS_MAXLEN, now, len(pairs) // 2, *pairs, *event],
+                args=[record.id, record.status, ttl, EVENTS_MAXLEN, now, self.keys.runs_index_base, len(pairs) // 2,
+                      *pairs, *event],
             )
         return [bool(x) for x in lua.execute(pipe)]
 
@@ -266,7 +308,8 @@ class RunStore:
                 keys=[self.run_key(run_id), self.events_key(run_id), self.keys.active_runs,
                       self.keys.admitted("interactive"), self.keys.admitted_steps("interactive"),
                       self.keys.dispatched, self.keys.tenant_active],
-                args=[status, run_id, ttl, EVENTS_MAXLEN, len(pairs) // 2, *pairs, *event],
+                args=[status, run_id, ttl, EVENTS_MAXLEN, self.keys.runs_index_base, len(pairs) // 2, *pairs,
+                      *event],
             )
             if moved != -1:
                 return moved == 1
@@ -302,7 +345,8 @@ class RunStore:
         values.update({OUT + name: json.dumps(v) for name, v in (outputs or {}).items()})
         values["status"] = "queued"
         moved = _REOPEN(self.redis, keys=[self.run_key(run_id)],
-                             args=[len(drop), *drop, *[x for kv in values.items() for x in kv]])
+                        args=[self.keys.runs_index_base, run_id, len(drop), *drop,
+                              *[x for kv in values.items() for x in kv]])
         if moved == -1:
             raise RunNotFound(f"no run '{run_id}'")
         if moved != 1:
@@ -320,6 +364,10 @@ class RunStore:
     def restore(self, record: RunRecord, outputs: dict[str, Any], done: list[str]) -> None:
         """Make a run whose record expired again (for a replay): its earlier ``outputs`` and
         the ``done`` steps, by step key."""
+        # Entries the expired record left in the index (not trimmed yet) would name an old status.
+        pipe = self.redis.pipeline()
+        self.index.remove_commands(pipe, record.id, record.tenant, record.priority, record.agent)
+        pipe.execute()
         self.create(record)
         self.redis.hincrby(self.keys.tenant_active, active_field(record.tenant, record.priority), 1)
         now = time.time()

@@ -6,7 +6,8 @@ with no message anywhere. Every unfinished run is indexed by the time of its las
 progress. A worker process periodically (one at a time, under a Redis lock) looks at runs
 that made no progress for ``FLEET_STALL_AFTER_S``; a run whose step message is neither in a
 queue nor unacknowledged is sent again from its first unfinished step. A message that does
-exist (a long batch backlog) just refreshes the run's index entry.
+exist (a long batch backlog) just refreshes the run's index entry. The same pass drops from
+the runs index the runs whose record expired (:meth:`fleet.run.index.RunIndex.trim`).
 
 A re-dispatch can at worst duplicate a step message; steps commit once, so it is safe.
 """
@@ -109,4 +110,5 @@ class Reconciler:
 
     def _pass(self) -> bool:
         self.sweep()
+        self.store.index.trim()
         return False  # the next sweep comes after the interval, whatever this one found

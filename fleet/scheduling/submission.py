@@ -20,10 +20,20 @@ from fleet.run.budget import MAX_BUDGET_COST, MAX_BUDGET_TOKENS
 from fleet.settings import PriorityClass
 
 
+def whole_number(value: Any) -> Any:
+    """A float with no fractional part as the int it is; anything else unchanged (JSON Schema's
+    ``integer`` takes 2.0, and a strict pydantic int refuses it)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
 class Submission(BaseModel):
     """What an app asks for: a run of an agent, with its input and options."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a value of another JSON type than the field's (0 for false, "5" for 5) is refused,
+    # as the gateway's document says.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     agent: str = Field(min_length=1, max_length=128, description="The agent to run.")
     input: dict[str, Any] = Field(default_factory=dict, description="The run's input, as the agent's schema says.")
@@ -42,6 +52,12 @@ class Submission(BaseModel):
     budget_cost: float | None = Field(
         None, gt=0, le=MAX_BUDGET_COST, allow_inf_nan=False,
         description="Most estimated cost (FLEET_PRICE_*) the run's model calls may use; overrides the agent's.")
+
+    @field_validator("budget_tokens", mode="before")
+    @classmethod
+    def _whole(cls, value: Any) -> Any:
+        # JSON has one number type: 2000.0 is the integer 2000 (a bool or a string is not).
+        return whole_number(value)
 
     @field_validator("input", mode="before")
     @classmethod

@@ -33,6 +33,7 @@ from fleet.errors import RunNotFound
 from fleet.run.codec import read_commands, read_reply
 from fleet.run.deadletter import DeadLetter
 from fleet.run.follow import Event, Follow, Gone, adrive
+from fleet.run.index import is_run_id
 from fleet.run.jobs import BatchStatus
 from fleet.run.records import TERMINAL, RunRecord
 from fleet.run.state import decode_record
@@ -40,7 +41,7 @@ from fleet.run.usage import UsageKey, UsageReport
 from fleet.scheduling.submission import Admitted
 from fleet.settings import Settings
 from fleet.surfaces.client import FleetClient
-from fleet.surfaces.views import TenantReport
+from fleet.surfaces.views import RunList, TenantReport
 from fleet.tenants import Caller
 
 
@@ -99,6 +100,20 @@ class AsyncFleetClient:
         """A batch job's runs counted by status. Raises :class:`RunNotFound`."""
         return await asyncio.to_thread(self.sync.batch_status, batch_id)
 
+    async def resolve(self, run_id: str) -> str:
+        """The whole id of the run a whole or short id names (see :meth:`FleetClient.resolve`)."""
+        if is_run_id(run_id):
+            return run_id
+        return await asyncio.to_thread(self.sync.resolve, run_id)
+
+    async def runs(self, status: str | list[str] | None = None, agent: str | None = None,
+                   priority: str | None = None, tenant: str | None = None, since: float | None = None,
+                   until: float | None = None, error: str | None = None, limit: int = 50,
+                   cursor: str | None = None) -> RunList:
+        """A page of the runs this client may see (see :meth:`FleetClient.runs`)."""
+        return await asyncio.to_thread(self.sync.runs, status, agent, priority, tenant, since, until, error, limit,
+                                       cursor)
+
     async def cancel(self, run_id: str) -> bool:
         """Cancel a run; False when it had already ended. Raises :class:`RunNotFound`."""
         return await asyncio.to_thread(self.sync.cancel, run_id)
@@ -138,10 +153,11 @@ class AsyncFleetClient:
 
     # --- reads of runs, on the event loop ------------------------------------------------
     async def get(self, run_id: str) -> RunRecord:
-        """The run's record. Raises :class:`RunNotFound`."""
+        """The run's record (a whole or a short id). Raises :class:`RunNotFound`."""
+        full = await self.resolve(run_id)
         pipe = self.redis.pipeline(transaction=False)
-        read_commands(pipe, self.keys, run_id)
-        raw = read_reply(run_id, *await pipe.execute())
+        read_commands(pipe, self.keys, full)
+        raw = read_reply(full, *await pipe.execute())
         if raw is None:
             raise RunNotFound(f"no run '{run_id}'")
         record = decode_record(raw)
@@ -150,7 +166,11 @@ class AsyncFleetClient:
         return record
 
     async def exists(self, run_id: str) -> bool:
-        """Whether the run has a record this client may see."""
+        """Whether the run (a whole or a short id) has a record this client may see."""
+        try:
+            run_id = await self.resolve(run_id)
+        except RunNotFound:
+            return False
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(self.keys.queued_run(run_id))
         pipe.hmget(self.keys.run(run_id), ["status", "tenant"])
@@ -161,6 +181,7 @@ class AsyncFleetClient:
 
     async def wait(self, run_id: str, timeout: float = 60.0) -> RunRecord:
         """Wait until the run ends (or ``timeout`` seconds pass) and return its record."""
+        run_id = await self.resolve(run_id)
         # Only events after the newest one seen before reading the record can end the wait:
         # an older terminal event belongs to an earlier life of a replayed run.
         newest = await self.redis.xrevrange(self.keys.events(run_id), count=1)
@@ -186,8 +207,9 @@ class AsyncFleetClient:
         Raises:
             RunNotFound: the run has no record (or is another tenant's).
         """
+        ref, run_id = run_id, await self.resolve(run_id)
         if not await self.exists(run_id):
-            raise RunNotFound(f"no run '{run_id}'")
+            raise RunNotFound(f"no run '{ref}'")
         follow = Follow(self.keys)
         async for found in adrive(self.redis, self.keys, follow.until_end(run_id, after, timeout)):
             if isinstance(found, Gone):

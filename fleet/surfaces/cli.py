@@ -192,6 +192,77 @@ def runs() -> None:
     """Inspect runs."""
 
 
+def _moment(value: str | None, option: str, as_json: bool) -> float | None:
+    """A Unix time from ``--since`` / ``--until``: a duration back from now (``1h``, ``30m``,
+    ``90``) or an ISO-8601 time (``2026-12-03T10:00``, local time unless it names its zone)."""
+    if value is None:
+        return None
+    from datetime import datetime
+
+    from fleet.scheduling.replay import parse_duration
+
+    try:
+        return time.time() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        _fail(f"--{option}: {value!r} is neither a duration (30m, 12h, 7d) nor an ISO-8601 time", as_json, 2,
+              field=option)
+    return None
+
+
+def _run_line(row, short: str, width: int) -> str:  # noqa: ANN001
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.created_at))
+    latency = f"{row.latency_s:.2f}s" if row.latency_s is not None else "-"
+    error = f"{row.error.get('type')}: {row.error.get('message')}"[:60] if row.error else ""
+    return (f"{short:<{width}}  {when}  {row.tenant:<10} {row.agent:<12} {row.priority:<11} {row.status:<15} "
+            f"{latency:>8}  {error}")
+
+
+@runs.command("list")
+@click.option("--status", "statuses", multiple=True, metavar="STATUS",
+              help="Runs in this status (repeat, or comma-separate, for several): queued, running, succeeded, "
+                   "failed, dead_lettered, cancelled, expired, budget_exceeded.")
+@click.option("--agent", default=None, help="Runs of this agent.")
+@click.option("--priority", "--class", "priority", type=click.Choice(["interactive", "batch"]), default=None,
+              help="Runs of this class.")
+@click.option("--tenant", "of_tenant", default=None, metavar="NAME",
+              help="Runs of this tenant (the operator's filter; a tenant sees its own runs only).")
+@click.option("--since", default=None, help="Created since: a duration back from now (1h, 30m, 7d) or an ISO time.")
+@click.option("--until", default=None, help="Created until: a duration back from now or an ISO time.")
+@click.option("--error", "error_text", default=None, help="Runs whose error contains this text (any case).")
+@click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True, help="Runs in the page.")
+@click.option("--cursor", default=None, help="Go on after a page: its next cursor.")
+@click.option("--json", "as_json", is_flag=True)
+def runs_list(statuses: tuple[str, ...], agent: str | None, priority: str | None, of_tenant: str | None,
+              since: str | None, until: str | None, error_text: str | None, limit: int, cursor: str | None,
+              as_json: bool) -> None:
+    """List runs, newest first, filtered (each filter narrows the others) and paged."""
+    status = [s for given in statuses for s in given.split(",") if s] or None
+    window = (_moment(since, "since", as_json), _moment(until, "until", as_json))
+    try:
+        with _client() as client:
+            page = client.runs(status=status, agent=agent, priority=priority, tenant=of_tenant, since=window[0],
+                               until=window[1], error=error_text, limit=limit, cursor=cursor)
+            short = client.store.index.short_ids([row.id for row in page.runs])
+    except InvalidSubmission as exc:
+        _fail(f"--{(exc.field or 'query').split('.')[0]}: {exc}", as_json, 2, field=exc.field)
+    if as_json:
+        _emit(page.model_dump())
+        return
+    width = max([8, *(len(s) for s in short.values())])
+    click.echo(f"{'id':<{width}}  {'created':<19}  {'tenant':<10} {'agent':<12} {'class':<11} {'status':<15} "
+               f"{'latency':>8}  error")
+    for row in page.runs:
+        click.echo(_run_line(row, short[row.id], width))
+    more = f"; next page: --cursor {page.next_cursor}" if page.next_cursor else ""
+    click.echo(f"{len(page.runs)} shown{more}")
+    if page.backlog:
+        click.echo(f"{page.backlog} batch runs wait in the backlog (listed once dispatched)")
+
+
 @runs.command("show")
 @click.argument("run_id")
 @click.option("--timeline", "as_timeline", is_flag=True,
@@ -199,7 +270,8 @@ def runs() -> None:
                    "retries and preemptions per step.")
 @click.option("--json", "as_json", is_flag=True)
 def runs_show(run_id: str, as_timeline: bool, as_json: bool) -> None:
-    """Show a run: status, steps with timing, tokens and cost, result or error."""
+    """Show a run (RUN_ID: its id, or its first 6 or more hex digits): status, steps with
+    timing, tokens and cost, result or error."""
     from fleet.surfaces.views import run_view
 
     try:
@@ -207,6 +279,8 @@ def runs_show(run_id: str, as_timeline: bool, as_json: bool) -> None:
             run = client.get(run_id)
     except RunNotFound as exc:
         _fail(str(exc), as_json)
+    except InvalidSubmission as exc:
+        _fail(str(exc), as_json, 2, field=exc.field, candidates=getattr(exc, "candidates", None))
     if as_json:
         _emit(run_view(run))
     else:
@@ -217,14 +291,18 @@ def runs_show(run_id: str, as_timeline: bool, as_json: bool) -> None:
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True)
 def runs_cancel(run_id: str, as_json: bool) -> None:
-    """Cancel a run: remaining steps are skipped, an in-flight model call is cancelled."""
+    """Cancel a run (its id or a short one): remaining steps are skipped, an in-flight model
+    call is cancelled."""
 
     try:
         with _client() as client:
+            run_id = client.resolve(run_id)
             cancelled = client.cancel(run_id)
             status_now = client.get(run_id).status
     except RunNotFound as exc:
         _fail(str(exc), as_json)
+    except InvalidSubmission as exc:
+        _fail(str(exc), as_json, 2, field=exc.field, candidates=getattr(exc, "candidates", None))
     if as_json:
         _emit({"run_id": run_id, "cancelled": cancelled, "status": status_now})
     else:

@@ -24,6 +24,7 @@ from fleet.run.agent import AgentDef, load_agents
 from fleet.run.cancel import announce
 from fleet.run.deadletter import DeadLetter, DeadLetters
 from fleet.run.follow import Event, Follow, Gone, drive
+from fleet.run.index import run_query
 from fleet.run.jobs import BatchJobs, BatchStatus
 from fleet.run.records import TERMINAL, RunRecord
 from fleet.run.sessions import Sessions
@@ -36,7 +37,7 @@ from fleet.scheduling.quotas import QuotaGate
 from fleet.scheduling.replay import Replayer
 from fleet.scheduling.submission import Admitted, submission
 from fleet.settings import Settings
-from fleet.surfaces.views import TenantReport, tenant_rows
+from fleet.surfaces.views import RunList, TenantReport, run_list, tenant_rows
 from fleet.tenants import Caller
 
 
@@ -80,15 +81,32 @@ class FleetClient:
         view.caller = caller
         return view
 
+    def resolve(self, run_id: str) -> str:
+        """The whole id of the run ``run_id`` names: a whole id as it is, or a short one (the
+        first 6 or more hex digits) that starts the id of exactly one run this client may see.
+
+        Raises:
+            InvalidSubmission: not a run id nor the start of one.
+            AmbiguousRunId: it starts several runs' ids (listed in ``candidates``).
+            RunNotFound: it starts none.
+        """
+        return self.store.resolve(run_id, self.caller.sees)
+
     def exists(self, run_id: str) -> bool:
-        """Whether the run has a record this client may see."""
+        """Whether the run (a whole or a short id) has a record this client may see."""
+        try:
+            run_id = self.resolve(run_id)
+        except RunNotFound:
+            return False
         tenant = self.store.tenant(run_id)
         return tenant is not None and self.caller.sees(tenant)
 
-    def _check_owner(self, run_id: str) -> None:
-        """Raise :class:`RunNotFound` unless the run exists and this caller may see it."""
-        if not self.exists(run_id):
+    def _check_owner(self, run_id: str) -> str:
+        """The run's whole id; :class:`RunNotFound` unless it exists and this caller may see it."""
+        full = self.resolve(run_id)
+        if not self.exists(full):
             raise RunNotFound(f"no run '{run_id}'")
+        return full
 
     def __enter__(self) -> "FleetClient":
         return self
@@ -135,18 +153,43 @@ class FleetClient:
         return self.batch_jobs.status(self.caller, batch_id)
 
     def get(self, run_id: str) -> RunRecord:
-        """The run's record. Raises :class:`RunNotFound`."""
-        record = self.store.get(run_id)
+        """The run's record (a whole or a short id, see :meth:`resolve`). Raises :class:`RunNotFound`."""
+        try:
+            record = self.store.get(self.resolve(run_id))
+        except RunNotFound:
+            raise RunNotFound(f"no run '{run_id}'") from None
         if not self.caller.sees(record.tenant):
             raise RunNotFound(f"no run '{run_id}'")
         return record
+
+    def runs(self, status: str | list[str] | None = None, agent: str | None = None, priority: str | None = None,
+             tenant: str | None = None, since: float | None = None, until: float | None = None,
+             error: str | None = None, limit: int = 50, cursor: str | None = None) -> RunList:
+        """A page of the runs this client may see, newest first, filtered (each filter narrows
+        the others): ``status`` (one, a list, or comma-separated), ``agent``, ``priority``
+        (the class), ``tenant`` (an operator's filter; another tenant's runs never show),
+        created between ``since`` and ``until`` (Unix times, seconds), ``error`` (text of the
+        error, any case). ``cursor``: the ``next_cursor`` of the page before.
+
+        Batch runs waiting in the backlog are listed once dispatched (``backlog`` counts them).
+
+        Raises:
+            InvalidSubmission: a filter is invalid (the field named).
+        """
+        statuses = status.split(",") if isinstance(status, str) else status
+        q = run_query(status=statuses, agent=agent, priority=priority, tenant=tenant, since=since, until=until,
+                      error=error, limit=limit, cursor=cursor)
+        page = self.store.index.page(q, self._visible())
+        waiting = {t: n for t, n in self._backlogs().items()
+                   if self.caller.sees(t) and (q.tenant is None or t == q.tenant)}
+        return run_list(page, backlog=sum(waiting.values()))
 
     def cancel(self, run_id: str) -> bool:
         """Cancel a run: its remaining steps are skipped and an in-flight model call is cancelled.
 
         Returns False when the run had already ended. Raises :class:`RunNotFound`.
         """
-        self._check_owner(run_id)
+        run_id = self._check_owner(run_id)
         cancelled = self.store.end(run_id, "cancelled", error={"type": "RunCancelled", "message": "cancelled by request"})
         if cancelled:
             announce(self.store, run_id)  # workers cancel its model call now
@@ -154,6 +197,7 @@ class FleetClient:
 
     def wait(self, run_id: str, timeout: float = 60.0) -> RunRecord:
         """Block until the run ends (or ``timeout`` seconds pass) and return its record."""
+        run_id = self.resolve(run_id)
         # Only events after the newest one seen before reading the record can end the wait:
         # an older terminal event belongs to an earlier life of a replayed run.
         after = self.store.newest_event_id(run_id)
@@ -172,7 +216,7 @@ class FleetClient:
     def entries(self, run_id: str, after: str = "0", timeout: float | None = None) -> Iterator[tuple[str, dict[str, str]]]:
         """``(stream id, event)`` pairs of the run after ``after``, until it ends (see
         :mod:`fleet.run.follow`) or ``timeout`` seconds pass. Raises :class:`RunNotFound`."""
-        self._check_owner(run_id)
+        run_id = self._check_owner(run_id)
         follow = Follow(self.settings.keys)
         for found in drive(self.store.redis, follow.keys, follow.until_end(run_id, after, timeout)):
             if isinstance(found, Gone):

@@ -112,6 +112,7 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
     say(f"workers    {', '.join(nodes)} answering")
     say(f"flower     {flower_url}  (login {flower_auth})")
     say(f"gateway    {gateway_url}  (OpenAPI at {gateway_url}/docs)")
+    say(f"console    {gateway_url}/console  (runs, their timelines, dead letters, tenants)")
     say(f"metrics    triton {stack_settings.triton_metrics_url}")
     for name, metrics_port in metrics_ports.items():
         say(f"metrics    {name} http://{settings.bind_address}:{metrics_port}/metrics")
@@ -223,7 +224,8 @@ def up(settings: Settings, demo: bool = False, exit_after_demo: bool = False, sa
             code = 1 if failed else 0
         if not exit_after_demo:
             say("fleet is up. Ctrl-C stops every process it started.")
-            say("in another shell here: fleet status / fleet agents / "
+            say("in another shell here: fleet runs list / fleet runs show ID --timeline (an id above will do) / "
+                "fleet status / fleet agents / "
                 "fleet submit calculator --input '{\"question\": \"What is 6*7?\"}' --wait")
             while not stop.wait(1.0):
                 dead = [n for n, p in stack.procs.children.items() if p.poll() is not None]

@@ -100,26 +100,34 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}s"
 
 
+def segments(step: StepTiming) -> list[tuple[float, float, str]]:
+    """The parts of a step's row on the time axis, ``(start_s, end_s, mark)`` in drawing order
+    (a later one is drawn over an earlier one): its queue wait, its execution (tool time, or
+    other work), its model call's generation and, over its start, its time to first token.
+    The waterfall here and the run console's draw the same parts."""
+    parts: list[tuple[float, float, str]] = []
+    started, finished = step.started_at_s, step.finished_at_s
+    if step.due_at_s is not None and started is not None and started >= step.due_at_s:
+        parts.append((step.due_at_s, started, QUEUE))
+    if step.status != "skipped" and started is not None and finished is not None and finished >= started:
+        # a skipped step waited for a worker, then did nothing
+        parts.append((started, finished, TOOL if step.kind == "tool" else OTHER))
+    if step.model_s is not None and finished is not None:
+        model_start = max(started or 0.0, finished - step.model_s)
+        parts.append((model_start, finished, GENERATION))
+        if step.ttft_s is not None:
+            parts.append((model_start, model_start + step.ttft_s, TTFT))
+    return parts
+
+
 def _bar(step: StepTiming, span_s: float, width: int) -> str:
     cells = [" "] * width
-
-    def paint(start: float | None, end: float | None, mark: str) -> None:
-        if start is None or end is None or end < start:
-            return
+    for start, end, mark in segments(step):
+        if end < start:
+            continue
         first = min(width - 1, math.floor(start / span_s * width))
         last = max(first + 1, min(width, round(end / span_s * width)))
         cells[first:last] = mark * (last - first)
-
-    started, finished = step.started_at_s, step.finished_at_s
-    paint(step.due_at_s, started, QUEUE)
-    if step.status != "skipped":  # a skipped step waited for a worker, then did nothing
-        paint(started, finished, TOOL if step.kind == "tool" else OTHER)
-    if step.model_s is not None and finished is not None:
-        model_start = max(started or 0.0, finished - step.model_s)
-        first_token = model_start + step.ttft_s if step.ttft_s is not None else model_start
-        paint(model_start, finished, GENERATION)
-        if step.ttft_s is not None:
-            paint(model_start, first_token, TTFT)
     return "".join(cells)
 
 

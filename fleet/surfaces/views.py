@@ -8,12 +8,10 @@ from typing import Any
 from pydantic import BaseModel, Field, create_model
 
 from fleet.run.agent import AgentDef
-from fleet.run.records import RunRecord
+from fleet.run.index import RunPage
+from fleet.run.records import RunRecord, RunSummary
 from fleet.surfaces.timeline import Timeline, timeline
 from fleet.tenants import Quotas
-
-# A run id as :func:`fleet.run.records.new_run_id` makes them: anything else names no run.
-RUN_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 # The run record as stored, plus what is derived from it (kept in step with RunRecord).
 RunView = create_model(
@@ -33,6 +31,43 @@ def run_view(run: RunRecord) -> dict[str, Any]:
     """A run as ``GET /v1/runs/{id}`` and ``fleet runs show --json`` give it."""
     return {**run.model_dump(), "latency_s": run.latency_s, "tokens_in": run.tokens_in, "tokens_out": run.tokens_out,
             "cost": run.cost, "trace_id": run.trace_id, "timeline": timeline(run).model_dump()}
+
+
+class RunRow(BaseModel):
+    """One run of a listing."""
+
+    id: str
+    agent: str
+    priority: str
+    tenant: str
+    status: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    latency_s: float | None = Field(description="Submission to finish, once finished.")
+    error: dict[str, Any] | None
+    batch: str | None
+    trace_id: str | None
+
+
+class RunList(BaseModel):
+    """A page of runs, newest first (``GET /v1/runs``, ``fleet runs list --json``)."""
+
+    runs: list[RunRow]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null when there is no more.")
+    scanned: int = Field(description="Index entries this page examined (at most 10,000 a page).")
+    backlog: int = Field(description="Batch runs of these tenants still waiting in the backlog: they are "
+                                     "listed once dispatched.")
+
+
+def run_row(run: RunSummary) -> RunRow:
+    return RunRow(**run.model_dump(exclude={"traceparent"}), latency_s=run.latency_s, trace_id=run.trace_id)
+
+
+def run_list(page: RunPage, backlog: int) -> RunList:
+    """A listing as ``GET /v1/runs`` and ``fleet runs list --json`` give it."""
+    return RunList(runs=[run_row(r) for r in page.runs], next_cursor=page.next_cursor, scanned=page.scanned,
+                   backlog=backlog)
 
 
 class AgentStepInfo(BaseModel):

@@ -15,8 +15,10 @@ import os
 # gRPC's fork handlers then run in a child that only goes on to exec, and can crash it.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,10 +132,12 @@ def make_settings(redis_url: str, triton: TritonInfo, prefix: str, **overrides: 
 
 
 def new_fleet(redis_url: str, triton: TritonInfo, session_dir: Path, letter: str = "t",
-              **overrides: object) -> Fleet:
-    """A fresh fleet namespace (own key and queue prefix, the test agents and tools), no workers."""
+              test_agents: bool = True, **overrides: object) -> Fleet:
+    """A fresh fleet namespace (own key and queue prefix, the test agents and tools unless
+    ``test_agents`` is False), no workers."""
     prefix = f"{letter}{uuid.uuid4().hex[:8]}"
-    settings, env = make_settings(redis_url, triton, prefix, **{**TEST_AGENTS_AND_TOOLS, **overrides})
+    settings, env = make_settings(redis_url, triton, prefix,
+                                  **{**(TEST_AGENTS_AND_TOOLS if test_agents else {}), **overrides})
     # The operator's client: it sees every tenant's runs (and submits as the default tenant).
     return Fleet(settings, env, launch.Processes(session_dir / "logs" / prefix), FleetClient(settings, admin=True))
 
@@ -159,6 +163,28 @@ def running_fleet(redis_url: str, triton: TritonInfo, session_dir: Path, letter:
 def fleet(redis_url: str, triton: TritonInfo, session_dir: Path) -> Iterator[Fleet]:
     """A module's own fleet namespace with an inference worker and a tool worker."""
     yield from running_fleet(redis_url, triton, session_dir)
+
+
+@contextmanager
+def served_gateway(settings: Settings) -> Iterator[str]:
+    """The gateway of ``settings`` served by uvicorn on a free loopback port (in a thread of this
+    process) until the block ends; its base URL."""
+    import uvicorn
+
+    from fleet.surfaces.gateway import create_gateway
+
+    port = launch.free_port()
+    server = uvicorn.Server(uvicorn.Config(create_gateway(settings), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    launch.wait_until(lambda: server.started, 30, "gateway", interval_s=0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        assert not thread.is_alive(), "gateway did not stop"
 
 
 def model_metrics(metrics_url: str, done: float | None = None, timeout_s: float = 10.0) -> dict[str, float]:

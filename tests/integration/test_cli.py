@@ -130,6 +130,29 @@ def _check_stack_secured(root: Path, output: str) -> dict[str, object]:
     return found
 
 
+def _demo_runs_found(cwd: Path, env: dict[str, str], output: str) -> dict[str, int]:
+    """What a new user does with the demo's lines: each 8-character id shown (with its timeline)
+    by the CLI beside the stack, listed by ``fleet runs list``, and its page in the console."""
+    import re
+    import urllib.request
+
+    short = re.findall(r" out  ([0-9a-f]{8})  ", output)
+    gateway = re.search(r"^gateway    (http://\S+)", output, flags=re.MULTILINE).group(1)  # type: ignore[union-attr]
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+    shown = [json.loads(cli("runs", "show", s, "--json").stdout)["id"] for s in short]
+    timelines = [cli("runs", "show", s, "--timeline").stdout for s in short]
+    listed = {r["id"] for r in json.loads(cli("runs", "list", "--json").stdout)["runs"]}
+    pages = [urllib.request.urlopen(f"{gateway}/console/runs/{s}", timeout=10).read().decode() for s in short]
+    return {"shown": sum(full.startswith(s) for full, s in zip(shown, short)),
+            "timelines": sum("legend:" in t and f"run {full}" in t for t, full in zip(timelines, shown)),
+            "listed": len(listed & set(shown)),
+            "console pages": sum(f'<code id="run-id">{full}</code>' in p and 'class="waterfall"' in p
+                                 for p, full in zip(pages, shown))}
+
+
 def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(FLEET_FLOWER_PORT="0", FLEET_GATEWAY_PORT="0")  # any free ports
@@ -143,6 +166,7 @@ def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
                 break
         started = _tree(proc.pid)  # fleet up's own tree, nothing else the suite runs
         secured = _check_stack_secured(tmp_path, "".join(lines))
+        found = _demo_runs_found(tmp_path, env, "".join(lines))
         assert len(started) >= 6  # fleet up, redis, triton (+stubs), workers, flower, gateway
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         rest, _ = proc.communicate(timeout=60)
@@ -162,6 +186,40 @@ def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
                        "redis with password": "answers", "flower api without login": 401,
                        "flower api with login": "lists workers", "triton model load": "refused",
                        "flower login on its command line": False}, secured
+    assert found == {"shown": 6, "timelines": 6, "listed": 6, "console pages": 6}, found
     alive = _alive(started - {proc.pid})
     assert alive == [], f"left behind: {alive}"
     assert not (tmp_path / ".fleet" / "stack.env").exists()
+
+
+def test_runs_list_filters_pages_and_its_short_ids_are_taken_back(fleet):
+    ok = json.loads(run_cli(fleet, "submit", "calculator", "--input", '{"question": "What is 3 * 3?"}',
+                            "--wait", "--json").stdout)
+    bad = run_cli(fleet, "submit", "doomed", "--input", '{"value": "7"}', "--wait", "--json", check=False)
+    failed = json.loads(bad.stdout)
+    assert ok["status"] == "succeeded" and failed["status"] == "dead_lettered"
+    listed = json.loads(run_cli(fleet, "runs", "list", "--since", "10m", "--limit", "500", "--json").stdout)
+    assert set(listed) == {"runs", "next_cursor", "scanned", "backlog"}
+    ids = [r["id"] for r in listed["runs"]]
+    assert ok["id"] in ids and failed["id"] in ids
+    assert [r["created_at"] for r in listed["runs"]] == sorted((r["created_at"] for r in listed["runs"]), reverse=True)
+    only = json.loads(run_cli(fleet, "runs", "list", "--status", "dead_lettered,failed", "--agent", "doomed",
+                              "--json").stdout)
+    assert failed["id"] in [r["id"] for r in only["runs"]] and {r["status"] for r in only["runs"]} == {"dead_lettered"}
+    first = json.loads(run_cli(fleet, "runs", "list", "--limit", "1", "--json").stdout)
+    second = json.loads(run_cli(fleet, "runs", "list", "--limit", "1", "--cursor", first["next_cursor"],
+                                "--json").stdout)
+    assert [r["id"] for r in first["runs"] + second["runs"]] == ids[:2]
+    # The table prints short ids, and each is taken back by runs show.
+    table = run_cli(fleet, "runs", "list", "--agent", "doomed").stdout.splitlines()
+    assert table[0].split()[:3] == ["id", "created", "tenant"]
+    short = next(line.split()[0] for line in table[1:] if "dead_lettered" in line)
+    assert len(short) >= 8 and failed["id"].startswith(short)
+    shown = json.loads(run_cli(fleet, "runs", "show", short, "--json").stdout)
+    assert shown["id"] == failed["id"] and shown["status"] == "dead_lettered"
+    bad_since = run_cli(fleet, "runs", "list", "--since", "yesterday", "--json", check=False)
+    assert bad_since.returncode == 2 and json.loads(bad_since.stdout)["field"] == "since"
+    bad_status = run_cli(fleet, "runs", "list", "--status", "finished", "--json", check=False)
+    assert bad_status.returncode == 2 and json.loads(bad_status.stdout)["field"].startswith("status")
+    too_short = run_cli(fleet, "runs", "show", short[:4], "--json", check=False)
+    assert too_short.returncode == 2 and json.loads(too_short.stdout)["field"] == "run_id"

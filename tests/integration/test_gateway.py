@@ -296,35 +296,6 @@ def test_metrics_count_requests_by_route_and_show_the_queues(gateway, fleet):
         assert f'fleet_queue_depth{{queue="{fleet.settings.queue_prefix}{queue}"}}' in samples
 
 
-def test_schema_fuzzing_finds_no_server_errors(gateway):
-    import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (
-        content_type_conformance,
-        response_schema_conformance,
-        status_code_conformance,
-    )
-
-    auth = {"Authorization": f"Bearer {KEY}"}
-    schema = schemathesis.openapi.from_url(f"{gateway.url}/openapi.json", headers=auth, timeout=10)
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 14
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-    calls = 0
-    for operation in operations:
-        @given(case=operation.as_strategy())
-        @settings(max_examples=12, deadline=None, database=None, derandomize=True,
-                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-        def probe(case) -> None:
-            nonlocal calls
-            calls += 1
-            case.call_and_validate(base_url=gateway.url, headers=auth, checks=checks, timeout=15)
-
-        probe()
-    assert calls >= len(operations)
-
-
 def test_async_client_submits_follows_waits_and_cancels(fleet):
     async def scenario() -> dict:
         async with AsyncFleetClient(fleet.settings) as client:

@@ -306,3 +306,25 @@ def test_another_tenants_batch_is_not_found(tenant_fleet, http, as_tenant):
     for run_id in made.json()["run_ids"]:
         _not_found_body(http["globex"].get(f"/v1/runs/{run_id}"), f"run '{run_id}'")
         assert tenant_fleet.client.wait(run_id, timeout=60).status == "succeeded"
+
+
+def test_listings_and_short_ids_show_a_tenant_its_own_runs_only(tenant_fleet, http, as_tenant):
+    mine = _submit(http["acme"], "calculator", {"question": "What is 5 * 5?"}).json()["run_id"]
+    theirs = _submit(http["globex"], "calculator", {"question": "What is 5 * 6?"}).json()["run_id"]
+    for run_id in (mine, theirs):
+        assert tenant_fleet.client.wait(run_id, timeout=60).status == "succeeded"
+    acme = http["acme"].get("/v1/runs", params={"limit": 500})
+    assert acme.status_code == 200, acme.text
+    listed = {r["id"]: r["tenant"] for r in acme.json()["runs"]}
+    assert mine in listed and theirs not in listed and set(listed.values()) == {"acme"}
+    assert http["acme"].get("/v1/runs", params={"tenant": "globex"}).json()["runs"] == []
+    ops = http["ops"].get("/v1/runs", params={"tenant": "globex", "limit": 500}).json()["runs"]
+    assert theirs in {r["id"] for r in ops} and {r["tenant"] for r in ops} == {"globex"}
+    listed_by_client = {r.id for r in as_tenant["acme"].runs(limit=500).runs}
+    assert mine in listed_by_client and theirs not in listed_by_client
+    # A short id of another tenant's run is not found, as its whole id is not.
+    _not_found_body(http["acme"].get(f"/v1/runs/{theirs[:8]}"), f"run '{theirs[:8]}'")
+    assert http["globex"].get(f"/v1/runs/{theirs[:8]}").json()["id"] == theirs
+    assert http["ops"].get(f"/v1/runs/{mine[:8]}").json()["id"] == mine
+    with pytest.raises(RunNotFound):
+        as_tenant["acme"].get(theirs[:8])

@@ -43,3 +43,14 @@ def gate(path: str) -> str:
             raise PermanentError(f"gate {path} never opened")
         time.sleep(0.02)
     return "open"
+
+
+@tool("needs_file")
+def needs_file(path: str) -> str:
+    """Fails for good while the file ``path`` is missing: a dead letter that a plain replay
+    brings to success once it exists (the world was fixed, not the input)."""
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise PermanentError(f"needs_file: {path} is missing")
+    return "found"

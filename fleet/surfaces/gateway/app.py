@@ -12,15 +12,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_s
 
 from fleet.core import tracing
 from fleet.inference.triton import TritonClient
+from fleet.run.agent import load_agents
 from fleet.scheduling.admission import Admission
 from fleet.settings import Settings
 from fleet.surfaces.aio import AsyncFleetClient
 from fleet.surfaces.client import FleetClient
+from fleet.surfaces.gateway import console
+from fleet.surfaces.gateway.console.routes import LoginNeeded, login_redirect
 from fleet.surfaces.gateway.auth import LoopbackOnly, check_bind, require_key
 from fleet.surfaces.gateway.deps import FleetServices
 from fleet.surfaces.gateway.errors import install_error_handlers
-from fleet.surfaces.gateway.middleware import BodyLimit, count_requests
+from fleet.surfaces.gateway.middleware import BodyLimit, SameOrigin, count_requests
 from fleet.surfaces.gateway.routes import ROUTERS
+from fleet.surfaces.gateway.schema import install as install_schema
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +75,14 @@ def create_gateway(settings: Settings) -> FastAPI:
     # Middleware added later runs earlier: the request counter sees every answer (403 and
     # 413 included), and a client that may not call is refused before its body is read.
     app.add_middleware(BodyLimit, limit=settings.gateway_max_body_bytes)
+    app.add_middleware(SameOrigin)
     if not keys:
         app.add_middleware(LoopbackOnly)
     registry = app.state.metrics = count_requests(app, settings)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(console.router)
+    app.add_exception_handler(LoginNeeded, login_redirect)  # type: ignore[arg-type]
     keyed = [Depends(require_key)]
 
     @app.get("/metrics", include_in_schema=False, dependencies=keyed)
@@ -91,6 +98,11 @@ def create_gateway(settings: Settings) -> FastAPI:
             """The OpenAPI schema, for callers holding a key."""
             return JSONResponse(app.openapi())
 
+    def agents() -> dict:
+        services = getattr(app.state, "services", None)
+        return services.client.agents if services is not None else load_agents(settings.agents_dir)
+
+    install_schema(app, agents, secured=keys, max_input_bytes=settings.max_input_bytes)
     install_error_handlers(app)
     return app
 

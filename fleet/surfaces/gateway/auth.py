@@ -7,10 +7,18 @@ schema alike; the key names the caller (:class:`fleet.tenants.Caller`). Without 
 gateway is for this machine only: :func:`check_bind` refuses to listen beyond loopback,
 :class:`LoopbackOnly` answers 403 to any client that is not on loopback, and a caller is
 the operator of the one default tenant.
+
+A browser on the run console (:mod:`fleet.surfaces.gateway.console`) carries its key in a cookie
+(:data:`KEY_COOKIE`: HttpOnly, so the page's scripts never read it; SameSite=Strict, so no
+other site's page sends it). A request that changes something and is authenticated by that
+cookie must also carry the page's :func:`csrf_token` in ``X-CSRF-Token``, which only a page
+the gateway served holds; a request with the key in a header needs none.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import logging
 from typing import Annotated
@@ -63,16 +71,40 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API 
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key of FLEET_API_KEYS.")
 
 
+#: The cookie a console's browser keeps its API key in.
+KEY_COOKIE = "fleet_key"
+#: The header a console's page sends its CSRF token in.
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def csrf_token(key: str) -> str:
+    """The token a console page holds for the key its browser logged in with: derived from the
+    key (so every replica of the gateway agrees), telling nothing of it."""
+    return hmac.new(key.encode(), b"fleet console page", hashlib.sha256).hexdigest()[:40]
+
+
+def cookie_key(request: Request) -> str | None:
+    """The key a console's browser sent in its cookie, if any."""
+    return request.cookies.get(KEY_COOKIE) or None
+
+
 def require_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     x_api_key: Annotated[str | None, Security(_api_key)],
 ) -> Caller:
-    """The caller the call's API key names (any loopback caller when the gateway has none)."""
+    """The caller the call's API key names (any loopback caller when the gateway has none): from
+    a header, or from a console's cookie (with the page's CSRF token when the call changes
+    something)."""
     tenants: Tenants = request.app.state.tenants
     if not tenants.has_keys:
         return OPERATOR  # loopback only, enforced by LoopbackOnly
     given = credentials.credentials if credentials is not None else x_api_key
+    if given is None and (given := cookie_key(request)) is not None and request.method not in SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER, "")
+        if not hmac.compare_digest(sent.encode(), csrf_token(given).encode()):
+            raise HTTPException(403, f"a request of the console needs its page's {CSRF_HEADER}")
     caller = tenants.caller(given)
     if caller is None:
         raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key> or X-API-Key)",

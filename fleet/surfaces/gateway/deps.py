@@ -61,8 +61,10 @@ Scoped = Annotated[_Scoped, Depends(_scoped)]
 
 
 async def known_run(run_id: RunId, scoped: Scoped) -> str:
-    """The path's run id, once its run is known to exist (and to be the caller's to see)."""
+    """The whole id of the path's run (a short id resolved), once its run is known to exist and
+    to be the caller's to see."""
     # Checked before an event stream starts: once it has, the status can no longer be 404.
-    if not await scoped.aio.exists(run_id):
+    full = await scoped.aio.resolve(run_id)
+    if not await scoped.aio.exists(full):
         raise RunNotFound(f"no run '{run_id}'")
-    return run_id
+    return full

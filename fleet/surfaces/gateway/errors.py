@@ -13,8 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
-from fleet.errors import IdempotencyConflict, InvalidSubmission, Overloaded, QuotaExceeded, RunNotFound
+from fleet.errors import AmbiguousRunId, IdempotencyConflict, InvalidSubmission, Overloaded, QuotaExceeded, RunNotFound
 from fleet.surfaces.gateway.middleware import error_response
 
 log = logging.getLogger(__name__)
@@ -27,13 +29,16 @@ class ErrorBody(BaseModel):
     field: str | None = Field(None, description="Dotted path of the offending field, e.g. input.question.")
     retry_after_s: float | None = Field(None, description="With 429: when a retry has a fair chance.")
     quota: str | None = Field(None, description="With 429: the tenant's quota that refused the call, if one did.")
+    candidates: list[str] | None = Field(None, description="With 422 for a short run id that starts several "
+                                                            "runs' ids: those runs' ids.")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or wrong API key."},
     403: {"model": ErrorBody, "description": "Without API keys, only loopback clients are served."},
     413: {"model": ErrorBody, "description": "Request body over FLEET_GATEWAY_MAX_BODY_BYTES."},
-    422: {"model": ErrorBody, "description": "Invalid request; `field` names what is wrong."},
+    422: {"model": ErrorBody, "description": "Invalid request; `field` names what is wrong (a short run id that "
+          "starts several runs' ids lists them in `candidates`)."},
     503: {"model": ErrorBody, "description": "The fleet's Redis is unreachable; retry after Retry-After."},
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such run (or not the caller's tenant's)."}}
@@ -70,6 +75,26 @@ def validation_error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
     return {"error": f"{field}: {err.get('msg', 'invalid')}", "field": field}
 
 
+def _leaf_routes(routes: list[Any]) -> list[Any]:
+    """Routes with a path, from routers included whole as well (their paths carry their prefix)."""
+    out = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        out += _leaf_routes(inner.routes) if inner is not None else [route]
+    return out
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """The methods of every route whose path matches the request's (a route whose path matches
+    but whose method does not answers a partial match)."""
+    methods: set[str] = set()
+    for route in _leaf_routes(list(app.router.routes)):
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every failure a route can raise onto its status and JSON body."""
 
@@ -79,7 +104,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidSubmission)
     async def _invalid_submission(request: Request, exc: InvalidSubmission) -> JSONResponse:
-        return JSONResponse({"error": str(exc), "field": exc.field}, 422)
+        body: dict[str, Any] = {"error": str(exc), "field": exc.field}
+        if isinstance(exc, AmbiguousRunId):
+            body["candidates"] = exc.candidates
+        return JSONResponse(body, 422)
 
     @app.exception_handler(RunNotFound)
     async def _not_found(request: Request, exc: RunNotFound) -> JSONResponse:
@@ -98,6 +126,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it could not decode: invalid JSON, like any other.
+            return JSONResponse({"error": f"body: could not be read as JSON ({exc.detail})", "field": "body"}, 422)
+        if exc.status_code == 405:
+            # Every method the path takes, not only those of the first route that matched it.
+            allowed = ", ".join(allowed_methods(app, request.scope))
+            return JSONResponse({"error": f"{request.method} is not allowed here (allowed: {allowed})"}, 405,
+                                headers={"Allow": allowed})
         return error_response(exc)
 
     @app.exception_handler(redis.ConnectionError)

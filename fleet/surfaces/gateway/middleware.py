@@ -1,4 +1,5 @@
-"""ASGI middleware of the gateway: the body size limit and the request metrics."""
+"""ASGI middleware of the gateway: the body size limit, refusing other sites' writes, and the
+request metrics."""
 
 from __future__ import annotations
 
@@ -71,6 +72,28 @@ class BodyLimit:
             if started:
                 raise
             await error_response(exc)(scope, receive, send)
+
+
+class SameOrigin:
+    """Answers 403 to a browser's request that would change something when another site's page
+    sent it (``Sec-Fetch-Site``, else an ``Origin`` that is not the gateway's). A gateway without
+    keys (loopback only) would otherwise take a replay from any page its operator opens; clients
+    that are not browsers send neither header and are not concerned."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers") or []}
+            site = headers.get("sec-fetch-site")
+            origin = headers.get("origin")
+            own = f"{scope.get('scheme', 'http')}://{headers.get('host', '')}"
+            if site in ("cross-site", "same-site") or (site is None and origin is not None and origin != own):
+                response = JSONResponse({"error": "refused: a request from another site's page"}, 403)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def count_requests(app: FastAPI, settings: Settings) -> CollectorRegistry:

@@ -5,17 +5,20 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fleet.run.deadletter import DeadLetter
+from fleet.run.index import RUN_REF_PATTERN
 from fleet.run.jobs import BATCH_ID_PATTERN
+from fleet.scheduling.submission import whole_number
 from fleet.run.records import RunStatus
-from fleet.surfaces.views import RUN_ID_PATTERN
 
 # A Redis stream id ("<ms>-<seq>", or "<ms>"): anything else would make XREAD fail.
 STREAM_ID = r"^\d{1,20}(-\d{1,20})?$"
 
-RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="A run id (32 hex digits).")]
+RunId = Annotated[str, Path(pattern=RUN_REF_PATTERN, description=(
+    "A run id (32 hex digits), or its first 6 or more hex digits when they start the id of one run "
+    "the caller may see."))]
 EntryId = Annotated[str, Path(pattern=STREAM_ID, description="A dead-letter entry id (<ms>-<seq>).")]
 
 
@@ -51,7 +54,7 @@ class DeadLetterView(BaseModel):
 
 
 class ReplayRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     patch: dict[str, Any] | None = Field(None, description='{"input": {...}} and/or {"steps": {name: output}}.')
 
@@ -66,16 +69,24 @@ MAX_BATCH_ITEMS = 10_000
 class BatchItem(BaseModel):
     """One input of a batch, with the caller's id for it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     id: str | int | None = Field(None, description="The caller's id of the item (makes its run unique in the batch).")
     input: dict[str, Any]
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _whole(cls, value: Any) -> Any:
+        return whole_number(value)
 
 
 class BatchRequest(BaseModel):
     """A batch of runs of one agent, at batch priority: ``inputs``, or ``items`` with ids."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The document says what the validator below checks: one of the two lists, not both.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"anyOf": [
+        {"required": ["inputs"], "properties": {"inputs": {"type": "array"}, "items": {"type": "null"}}},
+        {"required": ["items"], "properties": {"items": {"type": "array"}, "inputs": {"type": "null"}}}]})
 
     agent: str = Field(min_length=1, max_length=128)
     inputs: list[dict[str, Any]] | None = Field(None, max_length=MAX_BATCH_ITEMS)

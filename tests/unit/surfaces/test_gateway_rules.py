@@ -124,7 +124,7 @@ def test_without_keys_docs_and_schema_stay_open_on_loopback():
     assert _get(app, "/docs", "127.0.0.1").status_code == 200
 
 
-@pytest.mark.parametrize("run_id", ["fleet:deadletter", "A" * 32, "a" * 31, "x" * 33, "..%2e%2e"])
+@pytest.mark.parametrize("run_id", ["fleet:deadletter", "A" * 32, "a" * 5, "a" * 33, "x" * 33, "abcdefg", "..%2e%2e"])
 def test_a_run_id_that_is_not_one_is_refused_naming_the_field(run_id):
     app = create_gateway(_settings(api_keys=""))
     app.state.services = None  # no fleet behind it: a refused id never reaches one

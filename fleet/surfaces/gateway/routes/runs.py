@@ -1,4 +1,5 @@
-"""``/v1/runs``: submit a run, read it, follow its events, cancel it."""
+"""``/v1/runs``: submit a run, list runs, read one, follow its events, cancel it. A run id in a
+path may be short: its first 6 or more hex digits, when they start one visible run's id."""
 
 from __future__ import annotations
 
@@ -6,17 +7,18 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from fleet.core import tracing
 from fleet.errors import RunNotFound
+from fleet.run.index import RunQuery
 from fleet.scheduling.submission import Submission
 from fleet.surfaces.gateway.auth import require_key
 from fleet.surfaces.gateway.deps import Scoped, Services, known_run
 from fleet.surfaces.gateway.errors import CONFLICT, ERRORS, NOT_FOUND, ErrorBody, as_json
 from fleet.surfaces.gateway.models import STREAM_ID, CancelResponse, RunId, SubmitResponse
-from fleet.surfaces.views import RunView, run_view
+from fleet.surfaces.views import RunList, RunView, run_view
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,16 @@ def submit_run(sub: Submission, request: Request, response: Response, services: 
     return SubmitResponse(run_id=run_id, status=status, created=created, trace_id=trace_id)
 
 
+@router.get("", response_model=RunList, responses=ERRORS)
+def list_runs(q: Annotated[RunQuery, Query()], scoped: Scoped) -> RunList:
+    """Runs the key may see, newest first: filtered by status (repeat the parameter for several),
+    agent, class (`priority`), tenant (an operator's filter: a tenant's key sees its own runs
+    only), creation time (`since`, `until`: Unix seconds) and the text of the error; `limit` runs
+    a page, and `next_cursor` passed as `cursor` gives the next. Batch runs still in the backlog
+    are listed once dispatched (`backlog` counts them)."""
+    return scoped.client.runs(**q.model_dump())
+
+
 @router.get("/{run_id}", response_model=RunView, responses={**ERRORS, **NOT_FOUND})
 def get_run(run_id: RunId, scoped: Scoped) -> dict[str, Any]:
     """A run: status, per-step timing, tokens and cost, its timeline (queue wait, time to
@@ -76,6 +88,7 @@ async def run_events(
 @router.delete("/{run_id}", response_model=CancelResponse, responses={**ERRORS, **NOT_FOUND})
 def cancel_run(run_id: RunId, scoped: Scoped) -> CancelResponse:
     """Cancel a run: its remaining steps are skipped and an in-flight model call is cancelled."""
+    run_id = scoped.client.resolve(run_id)
     cancelled = scoped.client.cancel(run_id)
     status = scoped.client.get(run_id).status
     log.info("run %s: cancel over HTTP (%s)", run_id, "cancelled" if cancelled else f"already {status}")
