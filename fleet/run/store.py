@@ -26,7 +26,6 @@ from fleet.connections import redis_client
 from fleet.core import lua
 from fleet.errors import AmbiguousRunId, InvalidSubmission, RunNotFound
 from fleet.keys import active_field
-from fleet.run.index import MIN_PREFIX, RUN_REF_PATTERN, RunIndex, is_run_id
 from fleet.run.codec import (
     ENDING_FIELDS,
     JSON_FIELDS,
@@ -41,6 +40,7 @@ from fleet.run.codec import (
     status_commands,
     status_reply,
 )
+from fleet.run.index import MIN_PREFIX, RUN_REF_PATTERN, RunIndex, is_run_id
 from fleet.run.records import TERMINAL, RunRecord, RunStatus, StepRecord, parse_step_key, step_key
 from fleet.run.state import RunState, decode_record
 from fleet.settings import Settings

@@ -18,8 +18,8 @@ from fleet.settings import Settings
 from fleet.surfaces.aio import AsyncFleetClient
 from fleet.surfaces.client import FleetClient
 from fleet.surfaces.gateway import console
-from fleet.surfaces.gateway.console.routes import LoginNeeded, login_redirect
 from fleet.surfaces.gateway.auth import LoopbackOnly, check_bind, require_key
+from fleet.surfaces.gateway.console.routes import LoginNeeded, login_redirect
 from fleet.surfaces.gateway.deps import FleetServices
 from fleet.surfaces.gateway.errors import install_error_handlers
 from fleet.surfaces.gateway.middleware import BodyLimit, SameOrigin, count_requests

@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fleet.run.deadletter import DeadLetter
 from fleet.run.index import RUN_REF_PATTERN
 from fleet.run.jobs import BATCH_ID_PATTERN
-from fleet.scheduling.submission import whole_number
 from fleet.run.records import RunStatus
+from fleet.scheduling.submission import whole_number
 
 # A Redis stream id ("<ms>-<seq>", or "<ms>"): anything else would make XREAD fail.
 STREAM_ID = r"^\d{1,20}(-\d{1,20})?$"

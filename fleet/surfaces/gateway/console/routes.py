@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from itertools import islice
 from importlib import resources
+from itertools import islice
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote
 
@@ -18,11 +18,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from fleet.errors import InvalidSubmission, RunNotFound
 from fleet.run.records import TERMINAL
+from fleet.surfaces.client import FleetClient
+from fleet.surfaces.gateway.auth import KEY_COOKIE, cookie_key, csrf_token, is_loopback
 from fleet.surfaces.gateway.console import pages
 from fleet.surfaces.gateway.console.pages import Viewer
-from fleet.surfaces.gateway.auth import KEY_COOKIE, cookie_key, csrf_token, is_loopback
 from fleet.surfaces.gateway.deps import FleetServices, Services
-from fleet.surfaces.client import FleetClient
 from fleet.tenants import OPERATOR, Caller
 
 log = logging.getLogger(__name__)
