@@ -194,6 +194,11 @@ class Keys:
         prefix of a prompt a little later than its tail); trimmed to the replica's KV cache size."""
         return self._k("pool", "prefix", replica)
 
+    def route_waiters(self, replica: str) -> str:
+        """Sorted set: batch calls waiting for a slot at this replica (their prompt's prefix is
+        cached there), scored by expiry; the router leaves free slots elsewhere to the others."""
+        return self._k("pool", "route_waiters", replica)
+
     def route_turn(self) -> str:
         """Counter: the round-robin router's turn."""
         return self._k("pool", "route_turn")

@@ -1,8 +1,9 @@
 -- Take a slot on a healthy replica with room, chosen by the routing mode
 -- (fleet.inference.slots.Slots.try_acquire; fleet.inference.routing).
 -- KEYS: [1] interactive waiters, [2] batch waiters, [3] round-robin turn, then per replica i
---   (b = 3 + 6 * (i - 1)): [b+1] state hash, [b+2] interactive leases, [b+3] batch leases,
---   [b+4] interactive demand, [b+5] interactive requests not started yet, [b+6] prefix index.
+--   (b = 3 + 7 * (i - 1)): [b+1] state hash, [b+2] interactive leases, [b+3] batch leases,
+--   [b+4] interactive demand, [b+5] interactive requests not started yet, [b+6] prefix index,
+--   [b+7] batch calls waiting for this replica (their prefix is cached there).
 -- ARGV: [1] now, [2] member, [3] class, [4] stale before, [5] policy, [6] static batch cap,
 --   [7] waiter token, [8] preempt channel, [9] first replica to look at (rotation),
 --   [10] reserve floor, [11] demand window (s), [12] batch requests an interactive one preempts,
@@ -11,12 +12,13 @@
 --   [18] index size when the engine reports none, [19] 1 while a batch call may still wait for
 --   the replica holding its prefix, [20..] the prompt's block hashes.
 -- Returns {i, victim, reason, hit blocks} (victim: '' or the member whose slot it took), or
---   {0, 'down' | 'full'}.
+--   {0, 'down' | 'full'}, or {0, 'wait', home, free at}: it left the free slot to other waiters,
+--   to wait for its own.
 local now, member, class = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local stale, policy, mode = tonumber(ARGV[4]), ARGV[5], ARGV[14]
-local n = (#KEYS - 3) / 6
+local n = (#KEYS - 3) / 7
 local nblocks = #ARGV - 19
-local function base(i) return 3 + 6 * (i - 1) end
+local function base(i) return 3 + 7 * (i - 1) end
 
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
@@ -120,18 +122,25 @@ elseif best_free > 0 and (mode == 'cache' or mode == 'session') then
     reason = best == pref and 'session' or 'spill'
   end
   -- A batch call whose prefix is cached on a full replica may wait for a slot there, for a while
-  -- (ARGV[19]), when it would find much less elsewhere and other batch calls wait to take the
-  -- slot it leaves (so that no slot idles for it).
+  -- (ARGV[19]), when it would find much less elsewhere and another waiting batch call would take
+  -- the slot it leaves (one that waits for no replica, or for this one), so no slot idles for it.
   if class == 'batch' and mode == 'cache' and ARGV[19] == '1' and most_hit - hits[best] >= math.max(1, nblocks / 10) then
-    local others = redis.call('ZCARD', KEYS[2]) - (redis.call('ZSCORE', KEYS[2], ARGV[7]) and 1 or 0)
-    if others > 0 then
-      for _, i in ipairs(order) do
-        if hits[i] == most_hit and free[i] <= 0 then
-          redis.call('HINCRBY', KEYS[base(i) + 1], 'route_waited', 1)
-          redis.call('ZADD', KEYS[2], now + 2, ARGV[7])
-          return {0, 'full'}
-        end
+    local takers = redis.call('ZCARD', KEYS[2]) - (redis.call('ZSCORE', KEYS[2], ARGV[7]) and 1 or 0)
+    local home = 0
+    for _, i in ipairs(order) do
+      local waiting = KEYS[base(i) + 7]
+      redis.call('ZREMRANGEBYSCORE', waiting, '-inf', now)
+      if i ~= best then
+        takers = takers - redis.call('ZCARD', waiting) + (redis.call('ZSCORE', waiting, ARGV[7]) and 1 or 0)
       end
+      if home == 0 and hits[i] == most_hit and free[i] <= 0 then home = i end
+    end
+    if takers > 0 and home > 0 then
+      for _, i in ipairs(order) do redis.call('ZREM', KEYS[base(i) + 7], ARGV[7]) end
+      redis.call('ZADD', KEYS[base(home) + 7], now + 2, ARGV[7])
+      redis.call('HINCRBY', KEYS[base(home) + 1], 'route_waited', 1)
+      redis.call('ZADD', KEYS[2], now + 2, ARGV[7])
+      return {0, 'wait', home, best}
     end
   end
 end
@@ -207,6 +216,9 @@ end
 
 local b = base(best)
 redis.call('ZREM', class == 'interactive' and KEYS[1] or KEYS[2], ARGV[7])
+if class == 'batch' then
+  for _, i in ipairs(order) do redis.call('ZREM', KEYS[base(i) + 7], ARGV[7]) end
+end
 if class == 'interactive' then
   redis.call('ZADD', KEYS[b + 2], now, member)
   if policy == 'preempt' then redis.call('ZADD', KEYS[b + 5], now + 2, ARGV[7]) end

@@ -175,7 +175,7 @@ class InferencePool:
 
     def _slot_news(self, message: str) -> None:
         # "<replica>": a slot freed there; "up:<replica>": it came back, everyone may try.
-        self.slots.signal.wake(everyone=message.startswith("up:"))
+        self.slots.signal.wake(message.removeprefix("up:"), everyone=message.startswith("up:"))
 
     def _check_unknown(self) -> None:
         """Probe, once per process, the replicas nobody has probed yet (a new fleet), so the

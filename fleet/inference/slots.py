@@ -80,36 +80,79 @@ class Lease:
 
 
 
+@dataclass(frozen=True)
+class Declined:
+    """A batch call left a free slot (at ``free_at``) to other waiters, to wait for ``home``, the
+    full replica that holds its prompt's prefix."""
+
+    home: str
+    free_at: str
+
+
+@dataclass
+class _Waiter:
+    prefers: str | None
+    event: threading.Event
+
+
 class _Signal:
     """Wakes this process's waiting requests when a slot may have freed: every interactive
-    waiter, else one batch waiter (the others try again within ``_RETRY_S``)."""
+    waiter, else one batch waiter (the others try again within ``_RETRY_S``): one that waits for
+    that replica, else one that waits for none, else the longest waiting."""
 
     def __init__(self) -> None:
-        lock = threading.Lock()
-        self._cv = {"interactive": threading.Condition(lock), "batch": threading.Condition(lock)}
-        self._lock = lock
+        self._lock = threading.Lock()
+        self._interactive = threading.Condition(self._lock)
+        self._interactive_waiting = 0
+        self._batch: list[_Waiter] = []
         self.seq = 0
-        self._waiting = {"interactive": 0, "batch": 0}
 
-    def wake(self, everyone: bool = False) -> None:
+    def wake(self, replica: str | None = None, everyone: bool = False) -> None:
         with self._lock:
             self.seq += 1
-            if everyone or self._waiting["interactive"]:
-                self._cv["interactive"].notify_all()
+            if everyone or self._interactive_waiting:
+                self._interactive.notify_all()
             if everyone:
-                self._cv["batch"].notify_all()
-            elif not self._waiting["interactive"]:
-                self._cv["batch"].notify()
+                for w in self._batch:
+                    w.event.set()
+            elif not self._interactive_waiting:
+                self._set(self._pick(replica, anyone=True))
 
-    def wait(self, seen: int, priority: PriorityClass, timeout_s: float) -> None:
+    def pass_on(self, replica: str) -> None:
+        """A batch waiter left a free slot at ``replica``: wake one that would take it, if any here."""
+        with self._lock:
+            self.seq += 1
+            self._set(self._pick(replica, anyone=False))
+
+    def _pick(self, replica: str | None, anyone: bool) -> _Waiter | None:
+        idle = [w for w in self._batch if not w.event.is_set()]
+        return (next((w for w in idle if replica is not None and w.prefers == replica), None)
+                or next((w for w in idle if w.prefers is None), None)
+                or (idle[0] if anyone and idle else None))
+
+    @staticmethod
+    def _set(waiter: _Waiter | None) -> None:
+        if waiter is not None:
+            waiter.event.set()
+
+    def wait(self, seen: int, priority: PriorityClass, timeout_s: float, prefers: str | None = None) -> None:
         with self._lock:
             if self.seq != seen:
                 return
-            self._waiting[priority] += 1
-            try:
-                self._cv[priority].wait(timeout_s)
-            finally:
-                self._waiting[priority] -= 1
+            if priority == "interactive":
+                self._interactive_waiting += 1
+                try:
+                    self._interactive.wait(timeout_s)
+                finally:
+                    self._interactive_waiting -= 1
+                return
+            waiter = _Waiter(prefers, threading.Event())
+            self._batch.append(waiter)
+        try:
+            waiter.event.wait(timeout_s)
+        finally:
+            with self._lock:
+                self._batch.remove(waiter)
 
 
 class Slots:
@@ -123,7 +166,8 @@ class Slots:
         self._keys = [keys.slot_waiters("interactive"), keys.slot_waiters("batch"), keys.route_turn()]
         for name in self.replicas:
             self._keys += [keys.replica(name), keys.leases(name, "interactive"), keys.leases(name, "batch"),
-                           keys.interactive_demand(name), keys.starting(name), keys.prefix_index(name)]
+                           keys.interactive_demand(name), keys.starting(name), keys.prefix_index(name),
+                           keys.route_waiters(name)]
         self.signal = _Signal()
         self._held: dict[str, Lease] = {}
         self._held_lock = threading.Lock()
@@ -131,9 +175,10 @@ class Slots:
 
     # --- taking and giving back ---------------------------------------------------------
     def try_acquire(self, priority: PriorityClass, token: str, preemptible: bool = True,
-                    route: RouteRequest | None = None, patient: bool = False) -> Lease | str:
-        """One attempt: the lease, or why there is none (``'full'``, ``'down'``). ``patient``: a
-        batch call may still wait for the full replica that holds its prompt's prefix."""
+                    route: RouteRequest | None = None, patient: bool = False) -> Lease | Declined | str:
+        """One attempt: the lease, or why there is none (``'full'``, ``'down'``, or
+        :class:`Declined`). ``patient``: a batch call may still wait for the full replica that
+        holds its prompt's prefix."""
         s = self.settings
         now = time.time()
         route = route or RouteRequest()
@@ -145,6 +190,8 @@ class Slots:
             s.routing, s.routing_load_bound, s.routing_cache_weight, route.affinity or token, s.prefix_index_blocks,
             1 if patient else 0, *route.blocks])
         if not got[0]:
+            if got[1] == "wait":
+                return Declined(self.replicas[int(got[2]) - 1], self.replicas[int(got[3]) - 1])
             return got[1]
         index, victim, reason, hit = got
         lease = Lease(self.replicas[int(index) - 1], priority, token, member, victim, reason, int(hit))
@@ -165,6 +212,7 @@ class Slots:
         token = token or uuid.uuid4().hex
         down_since: float | None = None
         patient_until = time.monotonic() + self.settings.routing_patience_s
+        prefers: str | None = None
         try:
             while True:
                 seen = self.signal.seq
@@ -180,11 +228,14 @@ class Slots:
                             f"waited {self.settings.triton_connect_wait_s:.0f}s")
                 else:
                     down_since = None
+                if isinstance(got, Declined):  # a slot is free elsewhere: a waiter here may take it
+                    prefers = got.home
+                    self.signal.pass_on(got.free_at)
                 if now >= deadline_at:
                     raise DeadlineExceeded(f"deadline passed waiting for a {priority} slot in the inference pool")
                 if cancelled():
                     raise RunCancelled("run cancelled while waiting for a slot in the inference pool")
-                self.signal.wait(seen, priority, min(_RETRY_S, max(0.0, deadline_at - now)))
+                self.signal.wait(seen, priority, min(_RETRY_S, max(0.0, deadline_at - now)), prefers)
         except BaseException:
             self.redis.zrem(self.settings.keys.slot_waiters(priority), token)
             raise

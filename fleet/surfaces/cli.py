@@ -372,8 +372,6 @@ def usage(by: str, since: str, as_json: bool) -> None:
                    f"{r.model_s:>9.2f} {r.queue_s:>9.2f} {r.tool_s:>9.2f} {r.cost:>10.4f}")
 
 
-@main.command()
-@click.option("--json", "as_json", is_flag=True)
 def _cache_line(rep: dict) -> str:
     """A replica's KV cache as its engine reports it, and what the router sent it."""
     parts = []
@@ -389,6 +387,8 @@ def _cache_line(rep: dict) -> str:
     return "  ".join(parts)
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
 def status(as_json: bool) -> None:
     """Redis, Triton, Flower, queues and workers at a glance."""
     from fleet.ops.status import collect

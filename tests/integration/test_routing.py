@@ -16,7 +16,7 @@ import pytest
 
 from fleet.inference.replicas import ReplicaBoard
 from fleet.inference.routing import RouteRequest, prefix_blocks
-from fleet.inference.slots import Lease, Slots
+from fleet.inference.slots import Declined, Lease, Slots
 
 from .test_slots import pool  # noqa: F401 - the fixture
 
@@ -159,12 +159,21 @@ def test_a_batch_call_waits_for_its_full_replica_only_while_others_would_take_th
     other = next(r for r in slots.replicas if r != home.replica)
     # With another batch call waiting, it leaves the free slot to it and waits for its own replica...
     slots.redis.zadd(keys.slot_waiters("batch"), {"someone-else": 1e12})
-    assert slots.try_acquire("batch", "patient", route=route(prompt("anna", 2)), patient=True) == "full"
+    assert slots.try_acquire("batch", "patient", route=route(prompt("anna", 2)), patient=True) == \
+        Declined(home.replica, other)
+    assert slots.redis.zrange(keys.route_waiters(home.replica), 0, -1) == ["patient"]
+    # (another call that waits for that same replica would not take the free slot: it does not count)
+    slots.redis.zadd(keys.route_waiters(home.replica), {"someone-else": 1e12})
+    assert isinstance(slots.try_acquire("batch", "third", route=route(prompt("anna", 2)), patient=True), Lease)
+    slots.redis.zrem(keys.route_waiters(home.replica), "someone-else")
+    slots.release(slots._held["third"])
+    slots.redis.delete(keys.prefix_index(other))
     board = ReplicaBoard(slots.settings, slots.redis)
     assert {st.name: st.routes.get("waited", 0) for st in board.states()} == {home.replica: 1, other: 0}
     # ... until its patience runs out;
     late = slots.try_acquire("batch", "patient", route=route(prompt("anna", 2)), patient=False)
     assert isinstance(late, Lease) and late.replica == other and late.reason == "spill"
+    assert slots.redis.zcard(keys.route_waiters(home.replica)) == 0
     slots.release(late)
     slots.redis.delete(keys.prefix_index(other))  # (what that call left there)
     # and alone, it takes the free slot elsewhere at once: nobody else would.

@@ -90,3 +90,37 @@ def test_engine_state_is_read_for_the_served_model_only(metrics_server):
     assert engine_state(metrics_server, "medium") == (7, 2)
     assert engine_state(metrics_server, "absent") is None  # nothing reported for it
     assert engine_state("http://127.0.0.1:1/metrics", "medium") is None  # unreachable
+
+
+def test_a_freed_slot_wakes_the_batch_waiter_that_wants_that_replica():
+    import threading
+
+    from fleet.inference.slots import _Signal
+
+    signal = _Signal()
+    woke: list[str] = []
+    ready = threading.Barrier(4)
+
+    def waiter(name: str, prefers: str | None) -> None:
+        seen = signal.seq
+        ready.wait()
+        signal.wait(seen, "batch", 5.0, prefers)
+        woke.append(name)
+
+    threads = [threading.Thread(target=waiter, args=a) for a in (("for-a", "a"), ("for-b", "b"), ("any", None))]
+    for t in threads:
+        t.start()
+    ready.wait()
+    while len(signal._batch) < 3:  # all three registered (no event announces it)
+        threading.Event().wait(0.001)
+    signal.wake("b")
+    threads[1].join(5)
+    signal.pass_on("c")  # left free at c: only a waiter for no replica takes it
+    threads[2].join(5)
+    assert woke == ["for-b", "any"]
+    signal.pass_on("c")  # nobody here would take a slot at c: the waiter for a sleeps on
+    threads[0].join(0.05)  # time to go, were it woken
+    assert threads[0].is_alive() and woke == ["for-b", "any"]
+    signal.wake("c")  # a slot news: the longest waiting goes when nobody wants that replica
+    threads[0].join(5)
+    assert woke == ["for-b", "any", "for-a"]
