@@ -11,8 +11,12 @@ mode, each in its own fleet namespace, one after the other on the same replicas:
   shared system prompt of ``--system-words`` tokens and the growing transcript; a session that ends
   is followed by a new one;
 - **batch**, at saturation: ``--batch-sessions`` conversations of the same agent run as batch (an
-  evaluation replaying users: each turn sent as soon as the last one ended), and a backlog of tool
-  loops (a model call, a calculator, a model call, behind a shared system prompt of their own).
+  evaluation replaying users: each turn sent as soon as the last one ended), and ``--batch-loops``
+  scripts each running tool loops one after another (a model call, a calculator, a model call,
+  behind a shared system prompt of their own).
+
+The load runs ``--warmup`` seconds before the measured ``--window`` (so the window sees the
+steady state, not the start) and until its end.
 
 Each mode's prompts start with a salt of their own, so no mode finds another's blocks cached.
 Reported from the engines' own counters and block traces (``vllm:prefix_cache_*``; the dev
@@ -42,7 +46,6 @@ import threading
 import time
 import urllib.request
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +66,13 @@ from fleet.settings import Settings  # noqa: E402
 from fleet.surfaces.client import FleetClient  # noqa: E402
 
 BLOCK = 16
+# Workload shapes: an agent's calls carry long context and answer briefly (a tool call, a short
+# reply); a chat's carry short messages and answer at length. KV caches sized so that the
+# conversations' context fits across the pool, not on one replica.
+SHAPES = {
+    "agent": {"message_words": 200, "reply_tokens": 32, "prefill_ms": 0.15, "kv_blocks": 1800},
+    "chat": {"message_words": 60, "reply_tokens": 128, "prefill_ms": 0.1, "kv_blocks": 1200},
+}
 MODES = ("most_room", "round_robin", "session", "cache")
 WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ro", "si", "tu", "va", "ze")
          for b in ("ba", "de", "fi", "go", "hu", "ja", "ki", "le", "mo", "ni", "pa", "qu", "re", "su", "ti")]
@@ -188,14 +198,15 @@ class Pool:
                        for v in c.values())
         launch.wait_until(quiet, 120, "engines idle", None, 0.5)
 
-    def fleet(self, mode: str, n: int) -> tuple[Settings, dict[str, str], FleetClient, list[str]]:
+    def fleet(self, mode: str, n: int, patience: str = "") -> tuple[Settings, dict[str, str], FleetClient, list[str]]:
         a = self.args
         prefix = f"b{uuid.uuid4().hex[:6]}"
         env = {"FLEET_REDIS_URL": self.redis_url, "FLEET_KEY_PREFIX": prefix, "FLEET_QUEUE_PREFIX": f"{prefix}.",
                "FLEET_TRITON_GRPC_URL": self.endpoints[0].grpc_url, "FLEET_TRITON_HTTP_URL": self.endpoints[0].http_url,
                "FLEET_TRITON_REPLICAS": self.replica_env(n), "FLEET_AGENTS_DIR": str(self.agents_dir),
                "FLEET_ROUTING": mode, "FLEET_BATCH_DEADLINE_S": "86400", "FLEET_INTERACTIVE_DEADLINE_S": "30",
-               "FLEET_LOG_LEVEL": "WARNING", "FLEET_MAX_INPUT_BYTES": "262144"}
+               "FLEET_LOG_LEVEL": "WARNING", "FLEET_MAX_INPUT_BYTES": "262144",
+               **({"FLEET_ROUTING_PATIENCE_S": patience} if patience else {})}
         settings = settings_from(env)
         client = FleetClient(settings)
         specs = [("inf-interactive", "llm", ("interactive",), a.interactive_threads, "threads"),
@@ -240,10 +251,9 @@ def settings_from(env: dict[str, str]) -> Settings:
 
 @dataclass
 class Outcome:
-    turns: list = field(default_factory=list)  # interactive run records
-    refused: int = 0
+    turns: list = field(default_factory=list)  # (submitted at, interactive run record)
+    refused: list = field(default_factory=list)  # when a submission was refused
     batch_ids: list[str] = field(default_factory=list)
-    batch_refused: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -264,52 +274,71 @@ def conversations(client: FleetClient, salt: str, args: argparse.Namespace, unti
                 if time.time() >= until:
                     return
                 message = f"Turn {t} of {session}: " + text(f"{session}-{t}", args.message_words)
-                try:
-                    run_id = client.submit("bench_chat", {"salt": salt, "message": message}, session_id=session,
-                                           priority=priority)
-                except Overloaded:
-                    with out.lock:
-                        out.refused += 1
+                run_id = submit(client, out, "bench_chat", {"salt": salt, "message": message}, priority,
+                                session_id=session)
+                if run_id is None:
                     time.sleep(max(think, 1.0))  # tries again after a while
                     continue
-                if priority == "batch":
-                    with out.lock:
-                        out.batch_ids.append(run_id)
                 run = client.wait(run_id, timeout=600)
                 if priority == "interactive":
                     with out.lock:
-                        out.turns.append(run)
+                        out.turns.append((run.created_at, run))
                 time.sleep(think)  # the person reads and types
             n += 1
 
-    threads = [threading.Thread(target=person, args=(k,), daemon=True) for k in range(people)]
+    run_all(people, person)
+
+
+def tool_loops(client: FleetClient, salt: str, args: argparse.Namespace, until: float, out: Outcome) -> None:
+    """``--batch-loops`` scripts, each submitting a tool loop when its last one ended."""
+    def script(k: int) -> None:
+        i = 0
+        while time.time() < until:
+            a, b, c = (k * 7 + i) % 97, (k * 13 + i) % 89, i % 9 + 2
+            run_id = submit(client, out, "bench_solver", {"salt": salt, "question": f"What is ({a} + {b}) * {c}?"},
+                            "batch")
+            if run_id is None:
+                time.sleep(1.0)  # tries again after a while
+            else:
+                client.wait(run_id, timeout=600)
+            i += 1
+
+    run_all(args.batch_loops, script)
+
+
+def submit(client: FleetClient, out: Outcome, agent: str, data: dict, priority: str, **options) -> str | None:  # noqa: ANN003
+    try:
+        run_id = client.submit(agent, data, priority=priority, **options)
+    except Overloaded:
+        with out.lock:
+            out.refused.append(time.time())
+        return None
+    if priority == "batch":
+        with out.lock:
+            out.batch_ids.append(run_id)
+    return run_id
+
+
+def run_all(n: int, target) -> None:  # noqa: ANN001
+    threads = [threading.Thread(target=target, args=(k,), daemon=True) for k in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
 
 
-def backlog(client: FleetClient, salt: str, n: int, out: Outcome) -> None:
-    """Tool loops queued as batch runs."""
-    def one(i: int) -> str | None:
-        a, b, c = (i * 7) % 97, (i * 13) % 89, i % 9 + 2
-        try:
-            return client.submit("bench_solver", {"salt": salt, "question": f"What is ({a} + {b}) * {c}?"},
-                                 priority="batch")
-        except Overloaded:
-            return None
-
-    with ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(one, range(n)))
-    with out.lock:
-        out.batch_ids += [g for g in got if g]
-        out.batch_refused += n - len([g for g in got if g])
-
-
-def sample_load(settings: Settings, client: FleetClient, until: float, samples: list[dict[str, int]]) -> None:
+def sample_load(settings: Settings, client: FleetClient, since: float, until: float, samples: list[dict[str, int]],
+                busy: list[float]) -> None:
+    """Every 0.25 s of the window: each replica's requests in flight, and the share of the engines'
+    sequences running."""
     board = ReplicaBoard(settings, client.store.redis)
+    time.sleep(max(0.0, since - time.time()))  # the window opens
     while time.time() < until:
-        samples.append({s.name: sum(s.inflight.values()) for s in board.states() if s.up})
+        states = [s for s in board.states() if s.up]
+        samples.append({s.name: sum(s.inflight.values()) for s in states})
+        cap = sum(s.capacity or 0 for s in states)
+        if cap:
+            busy.append(sum(s.running or 0 for s in states) / cap)
         time.sleep(0.25)  # a sampling period
 
 
@@ -363,27 +392,49 @@ def reuse(trace_dir: Path, t0: float, t1: float, shared: list[list[str]]) -> dic
 def run_mode(pool: Pool, mode: str, n: int, kill_at: float | None = None) -> dict:
     a = pool.args
     pool.idle(len(pool.endpoints))
-    settings, _env, client, names = pool.fleet(mode, n)
-    salt = f"{mode}-{n}-{uuid.uuid4().hex[:6]}"
-    out, samples = Outcome(), []
+    routing, _, patience = mode.partition("@")
+    settings, _env, client, names = pool.fleet(routing, n, patience)
+    salt = f"{routing}-{n}-{uuid.uuid4().hex[:6]}"
+    out, samples, busy = Outcome(), [], []
     try:
-        backlog(client, salt, a.backlog, out)
-        t0 = time.time()
+        t0 = time.time() + a.warmup
         until = t0 + a.window
         threads = [threading.Thread(target=conversations, args=(client, salt, a, until, out, p), daemon=True)
                    for p in ("interactive", "batch")]
-        threads.append(threading.Thread(target=sample_load, args=(settings, client, until, samples), daemon=True))
+        threads.append(threading.Thread(target=tool_loops, args=(client, salt, a, until, out), daemon=True))
+        threads.append(threading.Thread(target=sample_load, args=(settings, client, t0, until, samples, busy),
+                                        daemon=True))
         for t in threads:
             t.start()
+        if a.verbose:
+            threading.Thread(target=show, args=(settings, client, until), daemon=True).start()
+        time.sleep(max(0.0, t0 - time.time()))  # the warm-up
         timeline = watch_hits(pool, n, until, kill_at)
         for t in threads:
             t.join()
         t1 = time.time()
-        return summarize(pool, mode, n, out, samples, t0, t1, client, timeline, shared_prefixes(salt, a.system_words))
+        found = summarize(pool, mode, n, out, samples, t0, t1, client, timeline, shared_prefixes(salt, a.system_words))
+        found["engines_busy"] = sum(busy) / len(busy) if busy else float("nan")
+        return found
     finally:
         if kill_at is not None:
             pool.start(n - 1)
         pool.close(client, names)
+
+
+def show(settings: Settings, client: FleetClient, until: float) -> None:
+    """Every 2 s on stderr: each replica's requests in flight, engine state and routes (--verbose)."""
+    from fleet.scheduling.backlog import Backlog
+
+    board, backlog = ReplicaBoard(settings, client.store.redis), Backlog(settings, client.store.redis)
+    while time.time() < until:
+        print(f"backlog {backlog.sizes()} dispatched {backlog.in_flight_count()} queues "
+              f"{[client.store.redis.llen(q) for q in (settings.queue_prefix + 'llm.batch', settings.queue_prefix + 'llm.interactive', settings.queue_prefix + 'tool.batch')]} "
+              f"waiters i/b {[client.store.redis.zcount(settings.keys.slot_waiters(p), time.time(), '+inf') for p in ('interactive', 'batch')]}",
+              file=sys.stderr)
+        print(" | ".join(f"{s.name}: in {s.inflight['interactive']}+{s.inflight['batch']} run {s.running} "
+                         f"wait {s.waiting} pipe {s.pipeline} {s.routes}" for s in board.states()), file=sys.stderr)
+        time.sleep(2.0)  # a display period
 
 
 def watch_hits(pool: Pool, n: int, until: float, kill_at: float | None) -> list[tuple[float, float, float]]:
@@ -403,7 +454,8 @@ def watch_hits(pool: Pool, n: int, until: float, kill_at: float | None) -> list[
 def summarize(pool: Pool, mode: str, n: int, out: Outcome, samples: list, t0: float, t1: float,
               client: FleetClient, timeline: list, shared: list[list[str]]) -> dict:
     f = reuse(pool.trace_dir, t0, t1, shared)
-    ok = [r for r in out.turns if r.status == "succeeded"]
+    turns = [r for at, r in out.turns if t0 <= at <= t1]
+    ok = [r for r in turns if r.status == "succeeded"]
     ttft = [s.ttft_s for r in ok for s in r.steps if s.ttft_s is not None]
     lat = [r.latency_s for r in ok if r.latency_s is not None]
     names = sorted({k for s in samples for k in s})
@@ -418,7 +470,7 @@ def summarize(pool: Pool, mode: str, n: int, out: Outcome, samples: list, t0: fl
         "of_ideal": f["hits"] / f["ideal"] if f["ideal"] else nan,
         "context_of_ideal": f["context_hits"] / f["context_ideal"] if f["context_ideal"] else nan,
         "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "turn_p50": pct(lat, 50), "turn_p99": pct(lat, 99),
-        "turns": len(out.turns), "turns_failed": len(out.turns) - len(ok), "refused": out.refused + out.batch_refused,
+        "turns": len(turns), "turns_failed": len(turns) - len(ok), "refused": sum(t0 <= at <= t1 for at in out.refused),
         "batch_per_s": finished_between(client, out.batch_ids, t0, t1) / (t1 - t0),
         "batch_lost": sum(r.status in TERMINAL and r.status != "succeeded" for r in batch),
         "busiest_over_mean": max(mean_load.values()) / overall if overall else nan,
@@ -430,23 +482,24 @@ def summarize(pool: Pool, mode: str, n: int, out: Outcome, samples: list, t0: fl
 
 def render_modes(rows: list[dict], args: argparse.Namespace) -> list[str]:
     base = next(r for r in rows if r["mode"] == "most_room")
-    lines = ["## Routing modes side by side", "",
+    lines = [f"## Routing modes side by side ({args.shape} shape)", "",
              f"{args.replicas} replicas; each mode its own namespace on the same replicas, for {args.window:g} s: "
              f"{args.sessions} interactive chat sessions at once ({args.turns} turns of {args.message_words} words, "
              f"{args.think_s:g} s between, replies of {args.reply_tokens} tokens, a system prompt of "
              f"{args.system_words}), {args.batch_sessions} batch conversations of the same agent (each turn sent "
-             f"when the last ended) and a backlog of {args.backlog} batch tool loops.", "",
+             f"when the last ended) and {args.batch_loops} scripts running batch tool loops one after another; "
+             f"measured over {args.window:g} s after {args.warmup:g} s of the same load.", "",
              "| routing | prefix hit rate (most possible) | of what could be reused | of the conversations' own context "
              "| TTFT p50 / p99 (interactive) | turn p50 / p99 | batch runs/s | batch vs most room "
-             "| TTFT p50 vs most room | busiest replica / mean | refused | turns failed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| TTFT p50 vs most room | busiest replica / mean | engines' sequences running | refused | turns failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['hit_rate']:.1%} ({r['ideal_rate']:.1%}) | {r['of_ideal']:.0%} "
             f"| {r['context_of_ideal']:.0%} | {r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | "
             f"{r['turn_p50']:.2f} / {r['turn_p99']:.2f} | {r['batch_per_s']:.2f} | "
             f"{r['batch_per_s'] / base['batch_per_s']:.2f} | {base['ttft_p50'] / r['ttft_p50']:.2f}x | "
-            f"{r['busiest_over_mean']:.2f} | {r['refused']} | {r['turns_failed']} of {r['turns']} |")
+            f"{r['busiest_over_mean']:.2f} | {r['engines_busy']:.0%} | {r['refused']} | {r['turns_failed']} of {r['turns']} |")
     return lines + [""]
 
 
@@ -480,30 +533,39 @@ def render_scaling(half: dict, full: dict) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicas", type=int, default=4)
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="routing modes; MODE@S sets FLEET_ROUTING_PATIENCE_S for that one")
     ap.add_argument("--window", type=float, default=45.0)
     ap.add_argument("--sessions", type=int, default=16, help="interactive conversations at once")
     ap.add_argument("--batch-sessions", type=int, default=48, help="batch conversations at once")
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--think-s", type=float, default=1.0)
-    ap.add_argument("--message-words", type=int, default=150)
-    ap.add_argument("--reply-tokens", type=int, default=64)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="agent",
+                    help="agent: long context, short replies (tool outputs, pasted text); chat: short messages, "
+                    "long replies (flags override)")
+    ap.add_argument("--message-words", type=int)
+    ap.add_argument("--reply-tokens", type=int)
     ap.add_argument("--system-words", type=int, default=2000)
-    ap.add_argument("--backlog", type=int, default=300, help="batch tool loops queued")
+    ap.add_argument("--batch-loops", type=int, default=16, help="scripts running batch tool loops")
+    ap.add_argument("--warmup", type=float, default=15.0, help="seconds of load before the window")
     ap.add_argument("--max-seqs", type=int, default=8)
-    ap.add_argument("--kv-blocks", type=int, default=1500, help="each replica's KV cache, in blocks of 16 tokens")
-    ap.add_argument("--prefill-ms", type=float, default=0.1, help="prefill per uncached prompt token")
+    ap.add_argument("--kv-blocks", type=int, help="each replica's KV cache, in blocks of 16 tokens")
+    ap.add_argument("--prefill-ms", type=float, help="prefill per uncached prompt token")
     ap.add_argument("--tpot-ms", type=float, default=15.0)
     ap.add_argument("--load-factor", type=float, default=0.02)
     ap.add_argument("--interactive-threads", type=int, default=8)
     ap.add_argument("--shared-threads", type=int, default=48, help="for all replicas (scaled down with fewer)")
     ap.add_argument("--kill", action="store_true")
     ap.add_argument("--scaling", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="20 s windows, a smaller backlog")
+    ap.add_argument("--quick", action="store_true", help="20 s windows after 10 s of warm-up")
+    ap.add_argument("--verbose", action="store_true", help="the pool's state every 2 s on stderr")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    for key, value in SHAPES[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.quick:
-        args.window, args.backlog = 20.0, 100
+        args.window, args.warmup = 20.0, 10.0
     started = time.time()
     root = Path(tempfile.mkdtemp(prefix="fleet-routing-"))
     procs = launch.Processes(root / "logs")
