@@ -126,9 +126,11 @@ def test_a_replica_with_no_room_sends_the_call_to_the_other(routed, replicas):
 
 def test_a_killed_replicas_sessions_move_lose_nothing_and_hit_the_cache_again(routed, replicas, reliability_report):
     sessions = [f"k{k}-{uuid.uuid4().hex[:4]}" for k in range(4)]
-    homes = {s: turn(routed, s, first_message(s)).steps[0].replica for s in sessions}
+    # Four conversations start at once: with nothing cached for them, load spreads them over both.
+    firsts = {s: routed.client.submit("chat", {"message": first_message(s)}, session_id=s) for s in sessions}
+    homes = {s: routed.client.wait(r, timeout=60).steps[0].replica for s, r in firsts.items()}
     moved = [s for s in sessions if homes[s] == "r1"]
-    assert moved, homes  # the load bound spreads sessions that arrive together... one at a time, by load
+    assert len(moved) == 2, homes
     # Every session's second turn at once; r1 is killed while its calls are in flight.
     runs = {s: routed.client.submit("chat", {"message": "Where is it now?"}, session_id=s) for s in sessions}
     wait_for(lambda: board(routed)["r1"].inflight["interactive"] >= 1, "calls in flight at r1")
