@@ -198,6 +198,14 @@ class Keys:
         """String with TTL: held by the one worker sweeping for stalled runs."""
         return self._k("reconcile", "lock")
 
+    # --- durability -------------------------------------------------------------------
+    @property
+    def replication_barrier(self) -> str:
+        """Counter: written after a write that must survive a failover, so that Redis WAIT (which
+        counts the replicas holding the connection's last write) covers it
+        (fleet.core.replication)."""
+        return self._k("replicated")
+
     # --- channels ---------------------------------------------------------------------
     @property
     def cancel_channel(self) -> str:

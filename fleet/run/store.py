@@ -22,6 +22,7 @@ import redis
 
 from fleet.connections import redis_client
 from fleet.core import lua
+from fleet.core.replication import ReplicaWait
 from fleet.errors import RunNotFound
 from fleet.keys import active_field
 from fleet.run.codec import (
@@ -61,6 +62,13 @@ class RunStore:
         self.settings = settings
         self.keys = settings.keys
         self.redis = client or redis_client(settings)
+        self.wait = ReplicaWait.from_settings(settings)
+
+    def replicated(self, what: str) -> bool:
+        """Wait until the replicas hold everything written before now (see
+        :mod:`fleet.core.replication`): before the fleet acts on a write that must survive a
+        failover. Whether they do (a shortfall is logged, and the fleet goes on)."""
+        return self.wait.confirm(self.redis, what)
 
     # --- keys -----------------------------------------------------------------------
     def run_key(self, run_id: str) -> str:
@@ -187,7 +195,9 @@ class RunStore:
                       self.keys.tenant_active],
                 args=[record.id, record.status, ttl, EVENTS_MAXLEN, now, len(pairs) // 2, *pairs, *event],
             )
-        return [bool(x) for x in lua.execute(pipe)]
+        # Their chains are sent next: the records must be on a replica first, or a publish that
+        # retries its way to a promoted replica would name runs that are not there.
+        return [bool(x) for x in lua.execute(pipe, wait=self.wait, what=f"{len(records)} dispatched runs")]
 
     def _end_queued(self, run_id: str, status: RunStatus, fields: dict[str, Any]) -> bool | None:
         """End a run still in the backlog; None when it is not there (anymore)."""
@@ -243,7 +253,8 @@ class RunStore:
         )
         for command in extra:
             command(pipe)
-        done = lua.execute(pipe)[0]
+        # The next step is published once this returns: the commit must be on a replica first.
+        done = lua.execute(pipe, wait=self.wait, what=f"run {run_id}: step {step.key}'s commit")[0]
         if done == -1:
             raise RunNotFound(f"no run '{run_id}'")
         return bool(done)

@@ -126,6 +126,9 @@ class Admission:
             record = self._record(c, tenant, run_id, time.time(), turns=self._turns(tenant, sub))
             self._store(held, record)
             self.send(record, c.agent)
+            # The caller is given the run's id next: its record and its first step message must
+            # be on a replica, or a failover could leave an id that names nothing.
+            self.store.replicated(f"run {run_id}: admission")
             held.commit()
         log.info("run %s: accepted (tenant %s, agent %s, %s, deadline in %.1fs)", run_id, tenant, c.agent.name,
                  sub.priority, c.deadline_s)
@@ -315,6 +318,7 @@ class Admission:
             # Nothing was queued: the keys must not name runs that do not exist.
             self.keys.release(tenant, *[rec.idempotency_key for rec in new if rec.idempotency_key])
             raise
+        self.store.replicated(f"{len(new)} batch runs of tenant {tenant}: admission")
         log.info("%d batch run(s) of tenant %s queued in its backlog%s", len(new), tenant,
                  f" (batch {batch})" if batch else "")
 

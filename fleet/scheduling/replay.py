@@ -114,6 +114,8 @@ class Replayer:
                     "run")
         else:
             self._recreate(entry, agent, clean, deadline, step_outputs)
+        # Its chain is sent next: the reopened record must be on a replica first.
+        self.store.replicated(f"run {entry.run_id}: replay")
         run = self.store.load(entry.run_id)
         start = next_step(agent, run)
         if not isinstance(start, StepPos):  # nothing left to run: the patch completed it

@@ -274,6 +274,8 @@ class StepPipeline:
         entry.id = self.rt.dead_letters.add(entry)
         moved = self.store.end(ctx.run_id, "dead_lettered", dead_letter_id=entry.id,
                                error={"type": type(exc).__name__, "message": str(exc), "step": ctx.key})
+        # The message is acknowledged next: the entry and the run's end must be on a replica.
+        self.store.replicated(f"run {ctx.run_id}: dead letter {entry.id}")
         log.warning("run %s: step %s dead-lettered as %s: %s: %s", ctx.run_id, ctx.key, entry.id,
                     type(exc).__name__, exc, extra={"run_id": ctx.run_id})
         for hook in self.hooks:

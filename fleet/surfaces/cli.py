@@ -305,7 +305,8 @@ def status(as_json: bool) -> None:
         _emit(report)
         return
     r = report["redis"]
-    click.echo(f"redis   {r['url']}  {'up' if r['up'] else 'DOWN'}")
+    primary = f"  primary {r['primary']}" if r.get("primary") else ""
+    click.echo(f"redis   {r['url']}  {'up' if r['up'] else 'DOWN'}{primary}")
     t = report["triton"]
     pool = report["pool"]
     click.echo(f"triton  model {t['model']}, {len(pool['replicas'])} replica(s), batch policy {pool['policy']}")
