@@ -179,6 +179,20 @@ def primary_address(client: redis.Redis) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def primary_epoch(client: redis.Redis) -> tuple[str, int] | None:
+    """Which primary a client that follows the Sentinels is connected to (asked once, then what its
+    connections found when they last connected); None for a client of one plain URL. A write and
+    the wait for its replicas (:mod:`fleet.core.replication`) must meet the same primary: when this
+    changed in between, a failover came between them."""
+    pool = client.connection_pool
+    if not isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        return None
+    found = pool.master_address
+    if found is None:
+        found = pool.get_master_address()
+    return found[0], int(found[1])
+
+
 # --- the broker (kombu's Redis transport) ---------------------------------------------------
 
 def broker_url(settings: "Settings") -> str:

@@ -79,6 +79,8 @@ def create_app(settings: Settings) -> Celery:
         # Keep retrying the broker forever: a Redis restart must not take workers down.
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
+        # ... every half second, so that consumers are back as soon as a failover ends.
+        worker_consumer="fleet.broker.consumer:Consumer",
         # The hard limit of one step attempt (enforced by the prefork pool; gRPC deadlines
         # bound inference calls on thread pools).
         task_time_limit=settings.step_time_limit_s,

@@ -17,6 +17,13 @@ pipeline or in a round trip of their own. Replication is one ordered stream, so 
 has the barrier has everything the primary did before it, whichever connection did it (kombu's
 publishes included).
 
+The barrier must meet the primary that took the writes it covers. A write that went to a primary
+which then died, and a barrier that reached the promoted replica, prove nothing: so the barrier
+notes which primary the client follows before the writes (:func:`fleet.connections.primary_epoch`)
+and raises :class:`PrimaryChanged` (a lost connection, to the callers) when it follows another
+after them. A write in the same pipeline as its barrier needs no such check: a pipeline that lost
+its connection runs again, whole, on the promoted replica.
+
 A replica that does not answer within ``FLEET_REDIS_WAIT_TIMEOUT_MS`` is not waited for longer:
 the write is kept and the fleet goes on (a fleet whose replicas are all gone keeps working,
 as it would with none), and the shortfall is logged.
@@ -32,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 from redis.client import Pipeline
 
+from fleet.connections import primary_epoch
+
 if TYPE_CHECKING:  # pragma: no cover
     from fleet.settings import Settings
 
@@ -39,6 +48,10 @@ log = logging.getLogger(__name__)
 
 #: A shortfall is logged at most this often per process (it lasts while a replica is away).
 _LOG_EVERY_S = 10.0
+
+
+class PrimaryChanged(redis.exceptions.ConnectionError):
+    """A failover came between writes and the wait for their replicas: they may be lost."""
 
 
 class ReplicaWait:
@@ -89,14 +102,28 @@ class ReplicaWait:
                         "before they catch up would lose it)", what, acked, self.replicas, self.timeout_ms)
         return False
 
-    def confirm(self, client: redis.Redis, what: str) -> bool:
+    def epoch(self, client: redis.Redis) -> tuple[str, int] | None:
+        """The primary ``client`` follows now: take it before the writes :meth:`confirm` covers."""
+        return primary_epoch(client) if self.enabled else None
+
+    def confirm(self, client: redis.Redis, what: str, since: tuple[str, int] | None = None) -> bool:
         """Wait, in a round trip of its own, until the replicas hold everything this process (or
-        any other) wrote before now; whether they do."""
+        any other, kombu's publishes included) wrote before now; whether they do.
+
+        Raises:
+            PrimaryChanged: ``client`` follows another primary than ``since`` (its :meth:`epoch`
+                before the writes): a failover came between, and the writes may be lost.
+        """
         if not self.enabled:
             return True
         pipe = client.pipeline(transaction=False)
         self.queue(pipe)
-        return self.check(pipe.execute()[-1], what)
+        acked = pipe.execute()[-1]
+        now = primary_epoch(client)
+        if since is not None and now != since:
+            raise PrimaryChanged(f"{what}: the primary changed from {since[0]}:{since[1]} to {now} "
+                                 "between the write and its replicas' acknowledgement; it may be lost")
+        return self.check(acked, what)
 
 
 def no_wait() -> ReplicaWait:

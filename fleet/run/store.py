@@ -51,7 +51,7 @@ PipeCommand = Callable[[Any], Any]
 _TERMINAL_TABLE = "local TERMINAL = {" + ", ".join(f"{s} = true" for s in sorted(TERMINAL)) + "}\n"
 _COMMIT_STEP = lua.load(__file__, "commit_step-3.lua")
 _TRANSITION = lua.load(__file__, "transition-7.lua", prelude=_TERMINAL_TABLE)
-_PROMOTE = lua.load(__file__, "promote-7.lua", prelude=_TERMINAL_TABLE)
+_PROMOTE = lua.load(__file__, "promote-8.lua", prelude=_TERMINAL_TABLE)
 _REOPEN = lua.load(__file__, "reopen-1.lua")
 
 
@@ -64,11 +64,21 @@ class RunStore:
         self.redis = client or redis_client(settings)
         self.wait = ReplicaWait.from_settings(settings)
 
-    def replicated(self, what: str) -> bool:
+    def epoch(self) -> tuple[str, int] | None:
+        """The primary this store writes to now: taken before writes that :meth:`replicated`
+        then confirms."""
+        return self.wait.epoch(self.redis)
+
+    def replicated(self, what: str, since: tuple[str, int] | None = None) -> bool:
         """Wait until the replicas hold everything written before now (see
         :mod:`fleet.core.replication`): before the fleet acts on a write that must survive a
-        failover. Whether they do (a shortfall is logged, and the fleet goes on)."""
-        return self.wait.confirm(self.redis, what)
+        failover. Whether they do (a shortfall is logged, and the fleet goes on).
+
+        Raises:
+            PrimaryChanged: the primary is no longer ``since`` (:meth:`epoch`, taken before the
+                writes): they may be lost.
+        """
+        return self.wait.confirm(self.redis, what, since)
 
     # --- keys -----------------------------------------------------------------------
     def run_key(self, run_id: str) -> str:
@@ -78,8 +88,9 @@ class RunStore:
         return self.keys.events(run_id)
 
     # --- records --------------------------------------------------------------------
-    def create(self, record: RunRecord) -> None:
-        """Store a new run record (status queued) and its first event."""
+    def create(self, record: RunRecord, *extra: PipeCommand) -> None:
+        """Store a new run record (status queued) and its first event, with ``extra`` commands
+        (each queues itself on the same transaction)."""
         fields = hash_fields(record)
         key = self.run_key(record.id)
         pipe = self.redis.pipeline()
@@ -93,6 +104,8 @@ class RunStore:
         )
         pipe.expire(self.events_key(record.id), self.settings.run_ttl_s)
         pipe.zadd(self.keys.active_runs, {record.id: record.created_at})
+        for command in extra:
+            command(pipe)
         pipe.execute()
 
     def delete(self, run_id: str) -> None:
@@ -192,7 +205,7 @@ class RunStore:
             _PROMOTE(
                 pipe, keys=[self.keys.queued_run(record.id), self.run_key(record.id), self.events_key(record.id),
                       self.keys.active_runs, self.keys.dispatching, self.keys.dispatched,
-                      self.keys.tenant_active],
+                      self.keys.tenant_active, self.keys.backlog_runs],
                 args=[record.id, record.status, ttl, EVENTS_MAXLEN, now, len(pairs) // 2, *pairs, *event],
             )
         # Their chains are sent next: the records must be on a replica first, or a publish that

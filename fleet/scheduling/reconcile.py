@@ -9,6 +9,10 @@ queue nor unacknowledged is sent again from its first unfinished step. A message
 exist (a long batch backlog) just refreshes the run's index entry.
 
 A re-dispatch can at worst duplicate a step message; steps commit once, so it is safe.
+
+Each pass also recounts the tenants' places and the ledger of admitted runs from the run
+records (:mod:`fleet.scheduling.recount`): what a fault left wrong there is put right within a
+pass.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from fleet.run.agent import AgentDef
 from fleet.run.plan import StepPos, next_step, remaining_steps
 from fleet.run.state import RunState
 from fleet.run.store import RunStore
+from fleet.scheduling.recount import Recount
 from fleet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,7 @@ class Reconciler:
 
     def __init__(self, settings: Settings, app: Celery, agents: dict[str, AgentDef], store: RunStore) -> None:
         self.settings, self.app, self.agents, self.store = settings, app, agents, store
+        self.recount = Recount(settings, store.redis, agents)
 
     def messages_in_flight(self) -> set[str]:
         """Run ids that have a step message in a queue or unacknowledged."""
@@ -109,4 +115,5 @@ class Reconciler:
 
     def _pass(self) -> bool:
         self.sweep()
+        self.recount.run()
         return False  # the next sweep comes after the interval, whatever this one found

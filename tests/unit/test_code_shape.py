@@ -38,6 +38,7 @@ def test_lua_lives_in_files_and_is_called_one_way():
     import fleet.scheduling.admitted
     import fleet.scheduling.backlog  # noqa: E401, F401
     import fleet.scheduling.quotas
+    import fleet.scheduling.recount
     loaded = {s.name for s in lua.scripts()}
     files = {p.stem for p in PACKAGE.rglob("*.lua") if p.parent.name != "lua_fragments"}
     assert files == loaded

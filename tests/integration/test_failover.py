@@ -1,0 +1,141 @@
+"""A Redis that loses its primary: a primary, two replicas and three Sentinels (real
+``redis-server`` processes), real workers and Triton, and the primary killed with ``kill -9``
+while interactive and batch runs are in flight, three times.
+
+This module runs its own Redis topology, so that killing its servers disturbs no other test.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from fleet.inference.replicas import ReplicaBoard
+from fleet.ops import launch, redis_ha
+from fleet.run.records import TERMINAL
+from fleet.settings import PRIORITY_CLASSES
+from fleet.surfaces.client import FleetClient
+from tests.support.failover import SteadyLoad, commit_census, status_counts
+from tests.support.waiting import poll, wait_until
+
+from .conftest import Fleet, make_settings, tally
+
+pytestmark = pytest.mark.integration
+
+KILLS = 3
+#: The target: steps commit again within this long of the primary's death.
+RECOVERY_TARGET_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def ha(session_dir, triton):
+    root = session_dir / f"failover-{uuid.uuid4().hex[:6]}"
+    procs = launch.Processes(root / "logs")
+    topology = redis_ha.start_redis_ha(procs, root / "redis")
+    prefix = f"f{uuid.uuid4().hex[:8]}"
+    overrides = {k.removeprefix("FLEET_").lower(): v for k, v in topology.env().items()}
+    settings, env = make_settings("redis://127.0.0.1:1/0", triton, prefix, step_time_limit_s=5,
+                                  visibility_timeout_s=6, stall_after_s=10, reconcile_interval_s=1, **overrides)
+    client = FleetClient(settings, admin=True)
+    fleet = Fleet(settings, env, procs, client)
+    try:
+        fleet.start_worker("inference", "llm", "threads", 8)
+        fleet.start_worker("tools", "tool", "prefork", 2)
+        yield fleet, topology
+    finally:
+        procs.stop()
+        client.close()
+
+
+def _unfinished(fleet: Fleet, load: SteadyLoad) -> dict[str, int]:
+    """Runs of each class accepted and not ended."""
+    out = {}
+    for priority in PRIORITY_CLASSES:
+        ids = load.ids(priority)[-200:]  # the load is steady: older runs have ended
+        out[priority] = sum(s not in TERMINAL for s in fleet.client.store.statuses(ids)) if ids else 0
+    return out
+
+
+def _resumed(fleet: Fleet, load: SteadyLoad, killed_at: float) -> float | None:
+    """When both kinds of worker were consuming again after a kill: the later of the first model
+    step and the first tool step committed of runs accepted after it (their messages were
+    published after the failover, so a consumer took them from the promoted primary)."""
+    census = commit_census(fleet.client, load.accepted_after(killed_at))
+    llm, tool = census.first_after(killed_at, {"plan"}), census.first_after(killed_at, {"act"})
+    return None if llm is None or tool is None else max(llm, tool)
+
+
+def _kill(fleet: Fleet, topology: redis_ha.RedisHA, load: SteadyLoad) -> dict[str, float]:
+    """Kill the primary while runs of both classes are in flight; wait for the fleet to serve
+    again and for the killed server to come back as a replica. What it saw."""
+    in_flight = wait_until(lambda: (lambda u: u if min(u.values()) > 0 else None)(_unfinished(fleet, load)),
+                           30, "runs of both classes in flight")
+    killed_at = time.time()
+    killed = topology.kill_primary()
+    # Steps in flight commit once the promoted replica answers (their commands retry meanwhile).
+    first = poll(lambda: commit_census(fleet.client, load.ids()).first_after(killed_at), bool, 30, 0.2)
+    resumed = poll(lambda: _resumed(fleet, load, killed_at), bool, 30, 0.2)
+    dead = {n: p.returncode for n, p in fleet.procs.children.items() if n in ("inference", "tools") and p.poll() is not None}
+    assert not dead, f"workers exited after the primary's death: {dead}"
+    topology.restart(killed)  # the host comes back, as a replica of the new primary
+    topology.wait_whole(60)
+    return {"killed_at": killed_at, "in_flight": sum(in_flight.values()), "first_commit_s": (first or float("inf")) - killed_at,
+            "resumed_s": (resumed or float("inf")) - killed_at}
+
+
+def test_kill_9_of_the_primary_under_load_loses_no_run_and_commits_no_step_twice(ha, reliability_report):
+    fleet, topology = ha
+    workers = {name: proc.pid for name, proc in fleet.procs.children.items() if name in ("inference", "tools")}
+    load = SteadyLoad(fleet.client, interactive_per_s=4, batch_per_s=2).start()
+    kills: list[dict[str, float]] = []
+    try:
+        for _ in range(KILLS):
+            kills.append(_kill(fleet, topology, load))
+    finally:
+        load.stop()
+    ids = load.ids()
+    counts = tally(fleet.client, ids, timeout=120)
+    census = commit_census(fleet.client, ids)
+    redone = census.steps_redone(fleet.client, ids)
+    expired = status_counts(fleet.client, load.ids("interactive"))["expired"]
+    resumed = [k["resumed_s"] for k in kills]
+    reliability_report(
+        f"Redis primary killed (Sentinel) x{len(kills)}", **counts,
+        note=f"{sum(k['in_flight'] for k in kills)} runs unfinished at the kills; steps in flight committed "
+             f"after {max(k['first_commit_s'] for k in kills):.1f} s, new runs' steps after "
+             f"{', '.join(f'{s:.1f}' for s in resumed)} s; {census.duplicates()} steps committed twice; "
+             f"{redone} steps ran twice; {expired} interactive runs expired")
+    assert load.failed == []
+    assert len(kills) == KILLS and all(k["in_flight"] > 0 for k in kills)  # each kill hit work in flight
+    assert counts["lost"] == 0 and counts["dead_lettered"] == 0, counts
+    assert counts["completed"] == counts["submitted"] == len(ids) > 0
+    assert census.duplicates() == 0
+    assert census.total() == sum(len(fleet.client.get(r).steps) for r in ids)  # every step committed once
+    assert max(resumed) <= RECOVERY_TARGET_S, (resumed, kills, load.trouble)
+    # The workers followed the new primaries: the same processes served every run.
+    assert {n: p.pid for n, p in fleet.procs.children.items() if n in workers} == workers
+    assert all(fleet.procs.children[n].poll() is None for n in workers)
+
+
+def test_after_the_failovers_nothing_is_left_held(ha):
+    """The kombu unacked index, the inference pool's leases and the tenants' counts come back to
+    what the runs say: nothing in flight, nothing counted (the runs of the test above all ended)."""
+    fleet, _ = ha
+    r = fleet.client.store.redis
+    keys = fleet.settings.keys
+    # Messages whose acknowledgement was lost come back after the visibility timeout, find
+    # their step committed and end there.
+    unacked = poll(lambda: r.hlen("unacked"), lambda n: n == 0, 60, 0.5)
+    queued = sum(r.llen(q) for q in fleet.client.app.amqp.queues)
+    board = ReplicaBoard(fleet.settings, r)
+    inflight = poll(lambda: sum(st.inflight[p] for st in board.states() for p in PRIORITY_CLASSES),
+                    lambda n: n == 0, 30, 0.5)
+    # The reconciler recounts the tenants' places and the admitted ledger from the run records.
+    active = poll(lambda: {f: int(v) for f, v in r.hgetall(keys.tenant_active).items() if int(v)},
+                  lambda counts: not counts, 30, 0.5)
+    admitted = r.zcard(keys.admitted("interactive"))
+    left = {"claims": r.hgetall(keys.quota_claims), "backlog": r.hgetall(keys.backlog_runs),
+            "runs": {i: r.hmget(keys.run(i), "status", "tenant", "priority") for i in r.zrange(keys.active_runs, 0, -1)}}
+    assert (unacked, queued, inflight, active, admitted) == (0, 0, 0, {}, 0), left
