@@ -23,8 +23,10 @@ from urllib.parse import quote
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.connection
 import redis.asyncio.retry
 import redis.asyncio.sentinel
+import redis.connection
 import redis.retry
 import redis.sentinel
 from redis.backoff import ExponentialBackoff
@@ -100,6 +102,37 @@ class AsyncRetryFor(redis.asyncio.retry.Retry):
                 await asyncio.sleep(pause)
 
 
+class FollowingConnection(redis.sentinel.SentinelManagedConnection):
+    """A connection that asks the Sentinels where the primary is whenever it connects.
+
+    redis-py's Sentinel connection asks them in ``connect()``, but a command sent on a
+    connection whose socket was dropped (by the retry of that very command) reconnects below it,
+    to the address it had: a command in flight when the primary died then retried against the
+    dead primary until it gave up, and never reached the promoted one."""
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._sock:
+            self.connect()
+        super().send_packed_command(command, check_health)
+
+
+class FollowingSSLConnection(FollowingConnection, redis.connection.SSLConnection):
+    """:class:`FollowingConnection` over TLS."""
+
+
+class AsyncFollowingConnection(redis.asyncio.sentinel.SentinelManagedConnection):
+    """:class:`FollowingConnection` for asyncio clients."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self.is_connected:
+            await self.connect()
+        await super().send_packed_command(command, check_health)
+
+
+class AsyncFollowingSSLConnection(AsyncFollowingConnection, redis.asyncio.connection.SSLConnection):
+    """:class:`AsyncFollowingConnection` over TLS."""
+
+
 def redis_options(socket_timeout_s: float = 10.0) -> dict[str, Any]:
     """Options every fleet Redis connection uses (sync and asyncio)."""
     return {
@@ -149,7 +182,9 @@ def redis_client(settings: "Settings", **overrides: Any) -> redis.Redis:
         return redis.Redis.from_url(settings.redis_url, **options)
     sentinel = redis.sentinel.Sentinel(settings.sentinel_addresses(), sentinel_kwargs=sentinel_options(settings),
                                        **_server_options(settings))
-    return sentinel.master_for(settings.redis_master_name, redis_class=redis.Redis, **options)
+    connection = FollowingSSLConnection if settings.redis_tls else FollowingConnection
+    return sentinel.master_for(settings.redis_master_name, redis_class=redis.Redis, connection_class=connection,
+                               **options)
 
 
 def async_redis_client(settings: "Settings", **overrides: Any) -> aioredis.Redis:
@@ -160,7 +195,9 @@ def async_redis_client(settings: "Settings", **overrides: Any) -> aioredis.Redis
         return aioredis.Redis.from_url(settings.redis_url, **options)
     sentinel = redis.asyncio.sentinel.Sentinel(settings.sentinel_addresses(), sentinel_kwargs=sentinel_options(settings),
                                                **_server_options(settings))
-    return sentinel.master_for(settings.redis_master_name, redis_class=aioredis.Redis, **options)
+    connection = AsyncFollowingSSLConnection if settings.redis_tls else AsyncFollowingConnection
+    return sentinel.master_for(settings.redis_master_name, redis_class=aioredis.Redis, connection_class=connection,
+                               **options)
 
 
 def redis_at(url: str, **overrides: Any) -> redis.Redis:
