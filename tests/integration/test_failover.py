@@ -7,11 +7,16 @@ This module runs its own Redis topology, so that killing its servers disturbs no
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import uuid
 
 import pytest
 
+from fleet.connections import async_redis_client, primary_address, redis_client
+from fleet.core.listener import Listener
+from fleet.core.loops import BackgroundLoop, Leadership
 from fleet.inference.replicas import ReplicaBoard
 from fleet.ops import launch, redis_ha
 from fleet.run.records import TERMINAL
@@ -139,3 +144,55 @@ def test_after_the_failovers_nothing_is_left_held(ha):
     left = {"claims": r.hgetall(keys.quota_claims), "backlog": r.hgetall(keys.backlog_runs),
             "runs": {i: r.hmget(keys.run(i), "status", "tenant", "priority") for i in r.zrange(keys.active_runs, 0, -1)}}
     assert (unacked, queued, inflight, active, admitted) == (0, 0, 0, {}, 0), left
+
+
+def test_commands_in_flight_subscriptions_and_loops_follow_the_promoted_primary(ha):
+    """What the workers rely on, one kill: a blocking command in flight at the primary's death
+    is answered by the promoted replica (redis-py alone retried it against the dead address
+    until it gave up), an asyncio client's too, a subscriber hears what is published after the
+    failover, and a background loop holding a leadership lock goes on passing, the lock held."""
+    fleet, topology = ha
+    settings, key = fleet.settings, f"{fleet.settings.key_prefix}:follow:{uuid.uuid4().hex}"
+    blocked, heard, in_async = {}, threading.Event(), {}
+
+    def blpop() -> None:
+        client = redis_client(settings)
+        client.ping()
+        blocked["ready"] = True
+        blocked["got"] = client.blpop([key], timeout=8)
+
+    async def apop() -> None:
+        client = async_redis_client(settings)
+        await client.ping()
+        in_async["got"] = await client.blpop([key + ":a"], timeout=8)
+        await client.aclose()
+
+    listener = Listener(redis_client(settings))
+    listener.on(key + ":ch", lambda message: heard.set() if message == "after" else None)
+    listener.start()
+    passes = BackgroundLoop("follow-loop", lambda: False, 0.1,
+                            leader=Leadership(redis_client(settings), key + ":lock", 2.0))
+    passes.start()
+    popper = threading.Thread(target=blpop)
+    popper.start()
+    apopper = threading.Thread(target=lambda: asyncio.run(apop()))
+    apopper.start()
+    wait_until(lambda: blocked.get("ready") and passes.passes > 0, 10, "a command blocked, a loop passing")
+    before = primary_address(redis_client(settings))
+    killed = topology.kill_primary()
+    writer = redis_client(settings)
+    writer.lpush(key, "after")  # waits for the promoted replica
+    writer.lpush(key + ":a", "after")
+    after = primary_address(writer)
+    popper.join(30)
+    apopper.join(30)
+    # The subscription moved too: a message published on the new primary is heard.
+    wait_until(lambda: writer.publish(key + ":ch", "after") and heard.wait(0.5), 20, "the listener hearing it")
+    since = passes.passes
+    wait_until(lambda: passes.passes > since + 3, 10, "the loop passing on the new primary")
+    passes.stop(5)
+    topology.restart(killed)
+    topology.wait_whole(60)
+    assert before != after and killed.port == before[1]
+    assert blocked["got"] == (key, "after") and in_async["got"] == (key + ":a", "after")
+    assert passes.leader.held and writer.get(key + ":lock") == passes.leader.owner
