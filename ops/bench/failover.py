@@ -212,7 +212,7 @@ def commit_of_tree() -> str:
     return sha + (" (with uncommitted changes)" if dirty else "")
 
 
-def render(args, cost: dict, run: dict, down_after_ms: int, elapsed: float) -> str:  # noqa: ANN001
+def render(args, cost: dict, run: dict, down_after_ms: int, elapsed: float, load: tuple[float, float]) -> str:  # noqa: ANN001
     command = (f"python ops/bench/failover.py --kills {args.kills} --interactive-rate {args.interactive_rate:g} "
                f"--batch-rate {args.batch_rate:g} --commits {args.commits} --settle {args.settle:g}"
                + (f" --out {args.out}" if args.out else ""))
@@ -224,7 +224,8 @@ def render(args, cost: dict, run: dict, down_after_ms: int, elapsed: float) -> s
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split()[2]}; "
-        f"took {elapsed / 60:.1f} min.  ",
+        f"took {elapsed / 60:.1f} min; 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
+        "(other work shared the machine).  ",
         f"Redis: a primary, two replicas, three Sentinels (quorum 2, down-after-milliseconds {down_after_ms}), all "
         "on this machine. Fleet: production delivery settings (visibility timeout, stall time, reconciler "
         f"interval at their defaults); workers {', '.join(f'{n} ({t} {p})' for n, (_, _, p, t) in WORKERS.items())}; "
@@ -286,7 +287,7 @@ def main() -> int:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fleet-bench-failover-"))
     procs = launch.Processes(root / "logs")
-    started = time.time()
+    started, load_at_start = time.time(), os.getloadavg()[0]
     try:
         topology = redis_ha.start_redis_ha(procs, root / "redis")
         repo = launch.sim_repository(root / "models", **TIMING)
@@ -299,7 +300,7 @@ def main() -> int:
     finally:
         procs.stop()
         shutil.rmtree(root, ignore_errors=True)
-    report = render(args, cost, run, topology.down_after_ms, time.time() - started)
+    report = render(args, cost, run, topology.down_after_ms, time.time() - started, (load_at_start, os.getloadavg()[0]))
     print(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
