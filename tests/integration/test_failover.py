@@ -13,6 +13,7 @@ import time
 import uuid
 
 import pytest
+import redis
 
 from fleet.connections import async_redis_client, primary_address, redis_client
 from fleet.core.listener import Listener
@@ -23,6 +24,7 @@ from fleet.run.records import TERMINAL
 from fleet.settings import PRIORITY_CLASSES
 from fleet.surfaces.client import FleetClient
 from tests.support.failover import SteadyLoad, commit_census, status_counts
+from tests.support.tls import tls_files
 from tests.support.waiting import poll, wait_until
 
 from .conftest import Fleet, make_settings, tally
@@ -42,7 +44,8 @@ def ha(session_dir, triton):
     prefix = f"f{uuid.uuid4().hex[:8]}"
     overrides = {k.removeprefix("FLEET_").lower(): v for k, v in topology.env().items()}
     settings, env = make_settings("redis://127.0.0.1:1/0", triton, prefix, step_time_limit_s=5,
-                                  visibility_timeout_s=6, stall_after_s=10, reconcile_interval_s=1, **overrides)
+                                  visibility_timeout_s=6, stall_after_s=10, reconcile_interval_s=1, recount_interval_s=2,
+                                  **overrides)
     client = FleetClient(settings, admin=True)
     fleet = Fleet(settings, env, procs, client)
     try:
@@ -196,3 +199,31 @@ def test_commands_in_flight_subscriptions_and_loops_follow_the_promoted_primary(
     assert before != after and killed.port == before[1]
     assert blocked["got"] == (key, "after") and in_async["got"] == (key + ":a", "after")
     assert passes.leader.held and writer.get(key + ":lock") == passes.leader.owner
+
+
+def test_a_fleet_over_tls_with_passwords_behind_sentinels(session_dir, triton):
+    """Every link TLS only (the servers, the Sentinels, replication), a password for the servers
+    and another for the Sentinels: the workers' broker (kombu's Sentinel transport) and every
+    fleet client find the primary and serve a run; neither plain text nor the Sentinels' own
+    password gets into a server."""
+    root = session_dir / f"failover-tls-{uuid.uuid4().hex[:6]}"
+    procs = launch.Processes(root / "logs")
+    try:
+        topology = redis_ha.start_redis_ha(procs, root / "redis", replicas=1, tls=tls_files(root / "tls"))
+        primary = topology.primary()
+        with pytest.raises((redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+            redis.Redis(port=primary.port, password=topology.password, socket_timeout=3).ping()
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=primary.port, password=topology.sentinel_password, ssl=True,
+                        ssl_ca_certs=topology.tls["tls-ca-cert-file"], socket_timeout=3).ping()
+        overrides = {k.removeprefix("FLEET_").lower(): v for k, v in topology.env().items()}
+        settings, env = make_settings("redis://127.0.0.1:1/0", triton, f"s{uuid.uuid4().hex[:8]}", **overrides)
+        fleet = Fleet(settings, env, procs, FleetClient(settings))
+        fleet.start_worker("inference", "llm", "threads", 2)
+        fleet.start_worker("tools", "tool", "prefork", 1)
+        run = fleet.client.wait(fleet.client.submit("calculator", {"question": "What is 6 * 7?"}), timeout=60)
+        assert settings.redis_tls and (run.status, run.result) == ("succeeded", "The answer is 42.")
+        assert fleet.client.app.conf.broker_use_ssl["ssl_ca_certs"] == topology.tls["tls-ca-cert-file"]
+        fleet.client.close()
+    finally:
+        procs.stop()
