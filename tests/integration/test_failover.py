@@ -16,7 +16,9 @@ import pytest
 import redis
 
 from fleet.connections import async_redis_client, primary_address, redis_client
+from fleet.core import lua
 from fleet.core.listener import Listener
+from fleet.core.replication import PrimaryChanged, ReplicaWait
 from fleet.core.loops import BackgroundLoop, Leadership
 from fleet.inference.replicas import ReplicaBoard
 from fleet.ops import launch, redis_ha
@@ -182,6 +184,9 @@ def test_commands_in_flight_subscriptions_and_loops_follow_the_promoted_primary(
     apopper.start()
     wait_until(lambda: blocked.get("ready") and passes.passes > 0, 10, "a command blocked, a loop passing")
     before = primary_address(redis_client(settings))
+    barrier_client, wait = redis_client(settings), ReplicaWait.from_settings(settings)
+    since = wait.epoch(barrier_client)
+    barrier_client.set(key + ":w", "before the kill")
     killed = topology.kill_primary()
     writer = redis_client(settings)
     writer.lpush(key, "after")  # waits for the promoted replica
@@ -189,6 +194,9 @@ def test_commands_in_flight_subscriptions_and_loops_follow_the_promoted_primary(
     after = primary_address(writer)
     popper.join(30)
     apopper.join(30)
+    # A wait that reaches the promoted replica proves nothing about a write made before the kill.
+    with pytest.raises(PrimaryChanged):
+        wait.confirm(barrier_client, "a write before the kill", since)
     # The subscription moved too: a message published on the new primary is heard.
     wait_until(lambda: writer.publish(key + ":ch", "after") and heard.wait(0.5), 20, "the listener hearing it")
     since = passes.passes
@@ -227,3 +235,29 @@ def test_a_fleet_over_tls_with_passwords_behind_sentinels(session_dir, triton):
         fleet.client.close()
     finally:
         procs.stop()
+
+
+def test_a_write_waits_for_its_replicas_in_its_own_round_trip(ha):
+    """The barrier rides at the end of the write's pipeline (its replies are the caller's only),
+    also in the round trip that runs scripts Redis forgot again; a wait for more replicas than
+    answer gives up after its timeout, keeps the write and counts the shortfall; a transaction
+    cannot carry it (WAIT inside MULTI answers for earlier writes)."""
+    fleet, topology = ha
+    r, key = fleet.client.store.redis, f"{fleet.settings.key_prefix}:w:{uuid.uuid4().hex}"
+    wait = ReplicaWait.from_settings(fleet.settings)
+    lead = next(s for s in lua.scripts() if s.name == "lead-1")
+    r.script_flush()
+    pipe = r.pipeline(transaction=False)
+    lead(pipe, [key], ["me", 10_000])
+    pipe.incr(key + ":n")
+    replies = lua.execute(pipe, wait=wait, what="a test write")
+    primary = topology.primary()
+    on_replicas = [topology.server(n).get(key) for n in topology.nodes if n != primary]  # read right away
+    too_many = ReplicaWait(fleet.settings.keys.replication_barrier, 3, 200)  # two replicas answer
+    kept = too_many.confirm(r, "a write three replicas should hold")
+    with pytest.raises(ValueError, match="MULTI"):
+        wait.queue(r.pipeline(transaction=True))
+    assert replies == [1, 1] and "me" in on_replicas
+    assert (wait.waits, wait.shortfalls) == (2, 0)  # the first round trip and the one after NOSCRIPT
+    assert kept is False and (too_many.waits, too_many.shortfalls) == (1, 1)
+
