@@ -38,6 +38,8 @@ class Stack:
     settings: Settings
     procs: launch.Processes
     flower_url: str
+    #: Processes whose death the stack outlives: the Redis servers behind Sentinels.
+    expendable: frozenset[str] = frozenset()
 
     def stop(self) -> None:
         self.procs.stop()
@@ -124,7 +126,8 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say, ha: boo
     for name, metrics_port in metrics_ports.items():
         say(f"metrics    {name} http://{settings.bind_address}:{metrics_port}/metrics")
     say(f"logs       {procs.log_dir}/")
-    return Stack(stack_settings, procs, flower_url)
+    expendable = frozenset(n for n in procs.children if ha and n.startswith("redis-"))
+    return Stack(stack_settings, procs, flower_url, expendable)
 
 
 def _as_init(env: dict[str, str]) -> dict[str, str]:
@@ -253,8 +256,13 @@ def up(settings: Settings, demo: bool = False, exit_after_demo: bool = False, sa
             say("fleet is up. Ctrl-C stops every process it started.")
             say("in another shell here: fleet status / fleet agents / "
                 "fleet submit calculator --input '{\"question\": \"What is 6*7?\"}' --wait")
+            lost: set[str] = set()
             while not stop.wait(1.0):
                 dead = [n for n, p in stack.procs.children.items() if p.poll() is not None]
+                for name in sorted(set(dead) & stack.expendable - lost):
+                    lost.add(name)
+                    say(f"redis      {name} exited; the Sentinels promote a replica, the stack goes on")
+                dead = [n for n in dead if n not in stack.expendable]
                 if dead:
                     say(f"stopping: {', '.join(dead)} exited (see {stack.procs.log_dir})")
                     code = 1
