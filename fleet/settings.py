@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     # --- Redis: broker, run records, events, dead letters -----------------------------
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis for the broker, run records, events and dead letters.",
+        description="Redis for the broker, run records, events and dead letters (unused with FLEET_REDIS_SENTINELS).",
     )
     redis_socket_timeout_s: float = Field(
         10.0,
