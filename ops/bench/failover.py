@@ -133,8 +133,8 @@ def _poll(read, timeout_s: float, interval_s: float = 0.05):  # noqa: ANN001, AN
 def one_kill(client: FleetClient, topology: redis_ha.RedisHA, load: SteadyLoad) -> dict[str, float]:
     in_flight = _poll(lambda: (lambda u: u if min(u.values()) > 0 else None)(_unfinished(client, load)), 60)
     before = topology.primary()
-    killed_at = time.time()
     killed = topology.kill_primary()
+    killed_at = time.time()  # the primary is gone (reaped): whatever commits now commits elsewhere
     promoted = _poll(lambda: (lambda p: time.time() if p.port != before.port else None)(_safe_primary(topology)),
                      60, 0.02)
     first = _poll(lambda: commit_census(client, load.ids()).first_after(killed_at), 60, 0.1)

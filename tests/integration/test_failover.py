@@ -82,8 +82,8 @@ def _kill(fleet: Fleet, topology: redis_ha.RedisHA, load: SteadyLoad) -> dict[st
     again and for the killed server to come back as a replica. What it saw."""
     in_flight = wait_until(lambda: (lambda u: u if min(u.values()) > 0 else None)(_unfinished(fleet, load)),
                            30, "runs of both classes in flight")
-    killed_at = time.time()
     killed = topology.kill_primary()
+    killed_at = time.time()  # the primary is gone (reaped): whatever commits now commits elsewhere
     # Steps in flight commit once the promoted replica answers (their commands retry meanwhile).
     first = poll(lambda: commit_census(fleet.client, load.ids()).first_after(killed_at), bool, 30, 0.2)
     resumed = poll(lambda: _resumed(fleet, load, killed_at), bool, 30, 0.2)
