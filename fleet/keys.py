@@ -96,6 +96,13 @@ class Keys:
         """Hash: ``<tenant>|<class>`` -> runs queued (backlog included) or in flight (fleet.scheduling.quotas)."""
         return self._k("tenants", "active")
 
+    @property
+    def quota_claims(self) -> str:
+        """Hash: ``<tenant>|<class>|<token>|<taken at>`` -> places an admission took and has not yet
+        turned into runs (or given back): what a recount of the tenants' places counts beside the
+        runs (fleet.scheduling.quotas, fleet.scheduling.recount)."""
+        return self._k("tenants", "claims")
+
     def tenant_bucket(self, tenant: str) -> str:
         """Hash with TTL: a tenant's submission token bucket, ``level`` and ``at`` (fleet.scheduling.quotas)."""
         return self._k("tenants", "bucket", tenant)
@@ -117,6 +124,12 @@ class Keys:
     def backlogged(self) -> str:
         """Set: tenants whose backlog is not empty."""
         return self._k("backlog", "tenants")
+
+    @property
+    def backlog_runs(self) -> str:
+        """Hash: tenant -> batch runs with a compact record (in its backlog, or popped and not yet
+        created); changed in the same step as the records (fleet.scheduling.recount reads it)."""
+        return self._k("backlog", "runs")
 
     @property
     def backlog_size(self) -> str:
@@ -243,6 +256,14 @@ class Keys:
     def reconcile_lock(self) -> str:
         """String with TTL: held by the one worker sweeping for stalled runs."""
         return self._k("reconcile", "lock")
+
+    # --- durability -------------------------------------------------------------------
+    @property
+    def replication_barrier(self) -> str:
+        """Counter: written after a write that must survive a failover, so that Redis WAIT (which
+        counts the replicas holding the connection's last write) covers it
+        (fleet.core.replication)."""
+        return self._k("replicated")
 
     # --- channels ---------------------------------------------------------------------
     @property

@@ -74,13 +74,52 @@ class Settings(BaseSettings):
     # --- Redis: broker, run records, events, dead letters -----------------------------
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis for the broker, run records, events and dead letters.",
+        description="Redis for the broker, run records, events and dead letters (unused with FLEET_REDIS_SENTINELS).",
     )
     redis_socket_timeout_s: float = Field(
         10.0,
         gt=1,
         description="Read timeout of the fleet's Redis connections (blocking reads wait at most 1 s), "
         "so a connection to a Redis that went away fails instead of hanging.",
+    )
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Redis Sentinels watching the fleet's Redis (comma-separated or JSON list of host:port); "
+        "when set, every client asks them for the primary and follows it through a failover, and "
+        "FLEET_REDIS_URL is not used.",
+    )
+    redis_master_name: str = Field(
+        "fleet", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="The name the Sentinels know the fleet's Redis by (their `sentinel monitor` line).",
+    )
+    redis_password: SecretStr | None = Field(
+        None, description="Password of the Redis servers behind the Sentinels (`requirepass`); a plain "
+        "FLEET_REDIS_URL carries its own.", repr=False,
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None, description="Password of the Sentinels themselves (their `requirepass`).", repr=False,
+    )
+    redis_db: int = Field(0, ge=0, description="Database number on the Redis servers behind the Sentinels.")
+    redis_tls: bool = Field(
+        False, description="Speak TLS to the Redis servers and the Sentinels (a plain URL says so with rediss://).",
+    )
+    redis_tls_ca_file: Path | None = Field(
+        None, description="CA certificate that signed the Redis servers' and Sentinels' certificates "
+        "(with FLEET_REDIS_TLS; unset: the system's CAs).",
+    )
+    redis_wait_replicas: int | None = Field(
+        None, ge=0,
+        description="Replicas that must have a write before the fleet acts on it (a step's commit, an "
+        "admission, a dead letter, a backlog dispatch: Redis WAIT); unset: 1 with Sentinels, 0 without.",
+    )
+    redis_wait_timeout_ms: int = Field(
+        500, gt=0, description="How long such a write waits for its replicas before going on without them "
+        "(logged: it would not survive a failover that comes before they catch up).",
+    )
+    redis_reconnect_wait_s: float = Field(
+        10.0, ge=0,
+        description="How long a Redis command keeps reconnecting (through the Sentinels, to a promoted "
+        "replica) before it fails; covers a failover.",
     )
     key_prefix: str = Field("fleet", description="Prefix of every Redis key the fleet writes.")
     queue_prefix: str = Field(
@@ -134,6 +173,12 @@ class Settings(BaseSettings):
         description="A run with no progress and no message in flight for this long is sent again.",
     )
     reconcile_interval_s: float = Field(30.0, gt=0, description="How often workers look for such runs.")
+    recount_interval_s: float = Field(
+        60.0, gt=0,
+        description="How often the reconciler recounts the tenants' places and the ledger of admitted runs from "
+        "the run records (at once, too, after a failover); the count holds Redis about 10 ms per 1,000 "
+        "unfinished runs.",
+    )
 
     # --- Retries ----------------------------------------------------------------------
     retry_max_attempts: int = Field(5, ge=1, description="Attempts of a step on transient errors.")
@@ -383,6 +428,26 @@ class Settings(BaseSettings):
                 return spec
         return ModelSpec(name=name)
 
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _sentinel_list(cls, value: Any) -> Any:
+        # A JSON list, or comma-separated "host:port" strings.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except ValueError as exc:
+                    raise ValueError(f"not a JSON list: {exc}") from None
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+        if isinstance(value, list):
+            for item in value:
+                host, _, port = str(item).rpartition(":")
+                if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ValueError(f"{item!r} is not host:port")
+        return value
+
     @field_validator("triton_replicas", mode="before")
     @classmethod
     def _replica_shorthand(cls, value: Any) -> Any:
@@ -399,6 +464,16 @@ class Settings(BaseSettings):
         if isinstance(value, list):
             return [{"grpc_url": v} if isinstance(v, str) else v for v in value]
         return value
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The Sentinels as (host, port) pairs; empty when the fleet's Redis is a plain URL."""
+        return [(item.rpartition(":")[0].strip("[]"), int(item.rpartition(":")[2])) for item in self.redis_sentinels]
+
+    def wait_replicas(self) -> int:
+        """Replicas a write that must survive a failover waits for (FLEET_REDIS_WAIT_REPLICAS)."""
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if self.redis_sentinels else 0
 
     def replicas(self) -> list[ReplicaSpec]:
         """The inference pool's replicas: FLEET_TRITON_REPLICAS, or the one Triton at FLEET_TRITON_GRPC_URL."""

@@ -11,6 +11,7 @@ from celery import Celery
 from celery.signals import before_task_publish
 
 from fleet.broker.queues import all_queues, declared_queues
+from fleet.connections import broker_tls, broker_transport_options, broker_url
 from fleet.core import tracing
 from fleet.settings import Settings
 
@@ -21,7 +22,7 @@ def create_app(settings: Settings) -> Celery:
     Clients send steps by task name and need nothing more; workers register the step
     tasks on it (``fleet.steps.worker``), so a client never imports the step runtime.
     """
-    app = Celery("fleet", broker=settings.redis_url, set_as_current=False)
+    app = Celery("fleet", broker=broker_url(settings), set_as_current=False)
     app.conf.update(
         # JSON only: a broker message must never be able to execute code when decoded.
         task_serializer="json",
@@ -54,16 +55,32 @@ def create_app(settings: Settings) -> Celery:
             # five minutes. The sweep takes milliseconds, and restoring a message twice is
             # prevented by its WATCHed transaction, so a short lock is safe.
             "unacked_mutex_expire": max(2, min(60, int(settings.visibility_timeout_s / 4))),
-            # Fail fast on a dead connection instead of hanging a publish forever.
-            "socket_timeout": 30,
-            "socket_connect_timeout": 10,
+            # Fail fast on a dead or frozen connection instead of hanging. Acks, events and the
+            # heartbeat are written from the consumer's own loop: at 30 s a frozen primary
+            # stalled a worker for most of a minute and let it write on into the demoted one.
+            "socket_timeout": 5,
+            "socket_connect_timeout": 5,
+            # kombu turns TCP keepalive off unless asked: a dead peer on an idle socket is seen.
+            "socket_keepalive": True,
             "health_check_interval": 10,
             # Take queues strictly in the order the worker lists them: interactive first.
             "queue_order_strategy": "priority",
+            # With Sentinels: the primary's name, and the Sentinels' own password and TLS.
+            **broker_transport_options(settings),
         },
+        broker_use_ssl=broker_tls(settings),
+        # A publish outlasts a failover (the Sentinels' detection and the promotion): Celery's
+        # default of three tries within a second failed publishes that a second later would
+        # have reached the promoted replica.
+        task_publish_retry_policy=publish_retry_policy(settings),
+        # A Redis that refuses a command (MASTERDOWN, READONLY from a demoted primary behind a
+        # plain URL) is a broker to reconnect to, not a reason for the worker to exit.
+        broker_channel_error_retry=True,
         # Keep retrying the broker forever: a Redis restart must not take workers down.
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
+        # ... every half second, so that consumers are back as soon as a failover ends.
+        worker_consumer="fleet.broker.consumer:Consumer",
         # The hard limit of one step attempt (enforced by the prefork pool; gRPC deadlines
         # bound inference calls on thread pools).
         task_time_limit=settings.step_time_limit_s,
@@ -79,6 +96,14 @@ def create_app(settings: Settings) -> Celery:
         worker_redirect_stdouts=False,
     )
     return app
+
+
+def publish_retry_policy(settings: Settings) -> dict[str, float]:
+    """Celery's retry of a publish that lost the broker: every half second for
+    ``FLEET_REDIS_RECONNECT_WAIT_S`` (at least three tries)."""
+    step = 0.5
+    return {"max_retries": max(3, int(settings.redis_reconnect_wait_s / step) + 1), "interval_start": 0,
+            "interval_step": step, "interval_max": step}
 
 
 STEP_TASKS = frozenset({"fleet.llm", "fleet.tool"})

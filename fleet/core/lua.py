@@ -27,6 +27,8 @@ import redis
 from redis.client import Pipeline
 from redis.exceptions import NoScriptError
 
+from fleet.core.replication import ReplicaWait
+
 _SHARED = Path(__file__).with_name("lua_fragments")
 _INCLUDE = re.compile(r"^--!include\s+(\S+)\s*$", re.MULTILINE)
 _KEYS_IN_NAME = re.compile(r"-(\d+)\.lua$")
@@ -102,14 +104,20 @@ def scripts() -> list[LuaScript]:
         return list(_registry.values())
 
 
-def execute(pipe: Pipeline, raise_on_error: bool = True) -> list[Any]:
+def execute(pipe: Pipeline, raise_on_error: bool = True, wait: "ReplicaWait | None" = None,
+            what: str = "a write") -> list[Any]:
     """Run a pipeline that holds script calls: one round trip, and one more to load and run
     again, in their order, the calls that found their script unknown (``NOSCRIPT``).
+
+    With ``wait``, each round trip ends with its barrier (:mod:`fleet.core.replication`): the
+    replicas hold what the pipeline wrote before this returns (``what`` names it in the log
+    when they do not).
 
     Raises the first error of the pipeline's replies unless ``raise_on_error`` is False.
     """
     stack = [args for args, _ in pipe.command_stack]
-    replies = pipe.execute(raise_on_error=False)
+    barrier = wait.queue(pipe) if wait is not None else 0
+    replies = _without_barrier(pipe.execute(raise_on_error=False), barrier, wait, what)
     missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
     if missing:
         # The pipeline was reset by its run: reuse it for the calls that did not run.
@@ -121,7 +129,8 @@ def execute(pipe: Pipeline, raise_on_error: bool = True) -> list[Any]:
             pipe.script_load(script.script)
         for i in missing:
             pipe.execute_command(*stack[i])
-        redone = pipe.execute(raise_on_error=False)[len(shas):]
+        barrier = wait.queue(pipe) if wait is not None else 0
+        redone = _without_barrier(pipe.execute(raise_on_error=False), barrier, wait, what)[len(shas):]
         for i, reply in zip(missing, redone):
             replies[i] = reply
     if raise_on_error:
@@ -129,3 +138,10 @@ def execute(pipe: Pipeline, raise_on_error: bool = True) -> list[Any]:
             if isinstance(reply, Exception):
                 raise reply
     return replies
+
+
+def _without_barrier(replies: list[Any], barrier: int, wait: "ReplicaWait | None", what: str) -> list[Any]:
+    if not barrier or wait is None:
+        return replies
+    wait.check(replies[-1], what)
+    return replies[:-barrier]

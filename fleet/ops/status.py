@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from fleet.broker.queues import all_queues
-from fleet.connections import redis_client
+from fleet.connections import primary_address, redis_client
 from fleet.inference.replicas import ReplicaBoard
 from fleet.inference.triton import TritonClient
 from fleet.ops.gauges import oldest_age_s
@@ -22,7 +22,7 @@ from fleet.settings import PRIORITY_CLASSES, Settings
 def collect(settings: Settings) -> dict[str, Any]:
     """A snapshot of the fleet, as one JSON-serializable object."""
     report: dict[str, Any] = {
-        "redis": {"url": _redact(settings.redis_url), "up": False},
+        "redis": {"url": _redis_target(settings), "up": False},
         # Any replica ready is enough to serve; "pool" says which are.
         "triton": {"model": settings.triton_model, "server_ready": False, "model_ready": False},
         "pool": {"policy": settings.batch_policy, "routing": settings.routing, "replicas": []},
@@ -35,6 +35,9 @@ def collect(settings: Settings) -> dict[str, Any]:
     try:
         client.ping()
         report["redis"]["up"] = True
+        primary = primary_address(client)
+        if primary is not None:
+            report["redis"]["primary"] = f"{primary[0]}:{primary[1]}"
         now = time.time()
         report["queues"] = [
             {"name": q, "depth": client.llen(q), "oldest_age_s": oldest_age_s(client, q, now)}
@@ -74,6 +77,13 @@ def collect(settings: Settings) -> dict[str, Any]:
         finally:
             app.close()
     return report
+
+
+def _redis_target(settings: Settings) -> str:
+    """Where the fleet's Redis is, without its password: the URL, or the Sentinels and the name."""
+    if settings.redis_sentinels:
+        return f"sentinel://{','.join(settings.redis_sentinels)} (primary {settings.redis_master_name})"
+    return _redact(settings.redis_url)
 
 
 def _redact(url: str) -> str:

@@ -24,6 +24,7 @@ import redis
 
 from fleet.connections import redis_client
 from fleet.core import lua
+from fleet.core.replication import ReplicaWait
 from fleet.errors import AmbiguousRunId, InvalidSubmission, RunNotFound
 from fleet.keys import active_field
 from fleet.run.codec import (
@@ -53,7 +54,7 @@ PipeCommand = Callable[[Any], Any]
 _TERMINAL_TABLE = "local TERMINAL = {" + ", ".join(f"{s} = true" for s in sorted(TERMINAL)) + "}\n"
 _COMMIT_STEP = lua.load(__file__, "commit_step-3.lua")
 _TRANSITION = lua.load(__file__, "transition-7.lua", prelude=_TERMINAL_TABLE)
-_PROMOTE = lua.load(__file__, "promote-7.lua", prelude=_TERMINAL_TABLE)
+_PROMOTE = lua.load(__file__, "promote-8.lua", prelude=_TERMINAL_TABLE)
 _REOPEN = lua.load(__file__, "reopen-1.lua")
 _REF = re.compile(RUN_REF_PATTERN)
 
@@ -66,6 +67,23 @@ class RunStore:
         self.keys = settings.keys
         self.redis = client or redis_client(settings)
         self.index = RunIndex(settings, self.redis)
+        self.wait = ReplicaWait.from_settings(settings)
+
+    def epoch(self) -> tuple[str, int] | None:
+        """The primary this store writes to now: taken before writes that :meth:`replicated`
+        then confirms."""
+        return self.wait.epoch(self.redis)
+
+    def replicated(self, what: str, since: tuple[str, int] | None = None) -> bool:
+        """Wait until the replicas hold everything written before now (see
+        :mod:`fleet.core.replication`): before the fleet acts on a write that must survive a
+        failover. Whether they do (a shortfall is logged, and the fleet goes on).
+
+        Raises:
+            PrimaryChanged: the primary is no longer ``since`` (:meth:`epoch`, taken before the
+                writes): they may be lost.
+        """
+        return self.wait.confirm(self.redis, what, since)
 
     # --- keys -----------------------------------------------------------------------
     def run_key(self, run_id: str) -> str:
@@ -75,9 +93,9 @@ class RunStore:
         return self.keys.events(run_id)
 
     # --- records --------------------------------------------------------------------
-    def create(self, record: RunRecord) -> None:
+    def create(self, record: RunRecord, *extra: PipeCommand) -> None:
         """Store a new run record (status queued), its first event and its entries in the runs
-        index, in one transaction."""
+        index, with ``extra`` commands (each queues itself on the same transaction)."""
         fields = hash_fields(record)
         key = self.run_key(record.id)
         pipe = self.redis.pipeline()
@@ -92,6 +110,8 @@ class RunStore:
         pipe.expire(self.events_key(record.id), self.settings.run_ttl_s)
         pipe.zadd(self.keys.active_runs, {record.id: record.created_at})
         self.index.add_commands(pipe, record)
+        for command in extra:
+            command(pipe)
         pipe.execute()
 
     def delete(self, run_id: str) -> None:
@@ -225,11 +245,13 @@ class RunStore:
             _PROMOTE(
                 pipe, keys=[self.keys.queued_run(record.id), self.run_key(record.id), self.events_key(record.id),
                       self.keys.active_runs, self.keys.dispatching, self.keys.dispatched,
-                      self.keys.tenant_active],
+                      self.keys.tenant_active, self.keys.backlog_runs],
                 args=[record.id, record.status, ttl, EVENTS_MAXLEN, now, self.keys.runs_index_base, len(pairs) // 2,
                       *pairs, *event],
             )
-        return [bool(x) for x in lua.execute(pipe)]
+        # Their chains are sent next: the records must be on a replica first, or a publish that
+        # retries its way to a promoted replica would name runs that are not there.
+        return [bool(x) for x in lua.execute(pipe, wait=self.wait, what=f"{len(records)} dispatched runs")]
 
     def _end_queued(self, run_id: str, status: RunStatus, fields: dict[str, Any]) -> bool | None:
         """End a run still in the backlog; None when it is not there (anymore)."""
@@ -285,7 +307,8 @@ class RunStore:
         )
         for command in extra:
             command(pipe)
-        done = lua.execute(pipe)[0]
+        # The next step is published once this returns: the commit must be on a replica first.
+        done = lua.execute(pipe, wait=self.wait, what=f"run {run_id}: step {step.key}'s commit")[0]
         if done == -1:
             raise RunNotFound(f"no run '{run_id}'")
         return bool(done)

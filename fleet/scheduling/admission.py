@@ -48,7 +48,7 @@ from fleet.scheduling.backlog import Backlog
 from fleet.scheduling.capacity import Capacity
 from fleet.scheduling.forecast import Forecaster
 from fleet.scheduling.idempotency import IdempotencyKeys, named_run
-from fleet.scheduling.quotas import QuotaGate
+from fleet.scheduling.quotas import Claim, QuotaGate
 from fleet.scheduling.reservation import Held, Reservation
 from fleet.scheduling.submission import Admitted, Submission, fingerprint, parse_submission
 from fleet.settings import PriorityClass, Settings
@@ -118,14 +118,19 @@ class Admission:
             return self._to_backlog(c, tenant)
         run_id = new_run_id()
         with Reservation(f"run {run_id}") as held:
-            self._quota(held, tenant, sub.priority, 1)
+            _, places = self._quota(held, tenant, sub.priority, 1, run_id)
             self._capacity(held, c, run_id)
             repeat = self._claim(held, tenant, c, run_id)
             if repeat is not None:  # the same key, claimed meanwhile by another submission
                 return repeat, False
             record = self._record(c, tenant, run_id, time.time(), turns=self._turns(tenant, sub))
-            self._store(held, record)
+            since = self.store.epoch()
+            self._store(held, record, places)
             self.send(record, c.agent)
+            # The caller is given the run's id next: its record and its first step message must
+            # be on a replica, or a failover could leave an id that names nothing (a failover in
+            # between refuses the submission: the caller's retry, same key, admits it again).
+            self.store.replicated(f"run {run_id}: admission", since)
             held.commit()
         log.info("run %s: accepted (tenant %s, agent %s, %s, deadline in %.1fs)", run_id, tenant, c.agent.name,
                  sub.priority, c.deadline_s)
@@ -134,9 +139,9 @@ class Admission:
     def _to_backlog(self, c: _Checked, tenant: str) -> tuple[str, bool]:
         """A batch run's gates past idempotency: quota, batch depth, into the backlog."""
         with Reservation(f"a batch run of {c.agent.name}") as held:
-            self._quota(held, tenant, "batch", 1)
+            _, places = self._quota(held, tenant, "batch", 1)
             self.forecaster.batch_room(1)
-            [result] = self._queue([c], tenant, None)
+            [result] = self._queue([c], tenant, None, places)
             if result.created:
                 held.commit()
         if result.error is not None:
@@ -165,11 +170,13 @@ class Admission:
         deadline_s = sub.deadline_s or self.settings.deadline_s(sub.priority)
         return _Checked(index, sub, agent, clean, deadline_s, fingerprint(sub))
 
-    def _quota(self, held: Reservation, tenant: str, priority: PriorityClass, n: int) -> Held:
-        """Count ``n`` runs of the class as the tenant's, or raise QuotaExceeded."""
-        self.quotas.take(tenant, priority, n)
+    def _quota(self, held: Reservation, tenant: str, priority: PriorityClass, n: int,
+               token: str = "") -> tuple[Held, Claim]:
+        """Count ``n`` runs of the class as the tenant's, or raise QuotaExceeded; the claim that
+        the runs' records settle."""
+        claim = self.quotas.take(tenant, priority, n, token=token)
         return held.took(f"{n} {priority} quota places of tenant {tenant}",
-                         lambda left: self.quotas.give_back(tenant, priority, left), n)
+                         lambda left: self.quotas.give_back(tenant, priority, left, claim), n), claim
 
     def _capacity(self, held: Reservation, c: _Checked, run_id: str) -> None:
         """An interactive run joins the ledger of admitted runs if its predicted wait fits its
@@ -191,8 +198,8 @@ class Admission:
     def _turns(self, tenant: str, sub: Submission) -> list[dict[str, Any]]:
         return self.sessions.turns(tenant, sub.session_id) if sub.session_id else []
 
-    def _store(self, held: Reservation, record: RunRecord) -> None:
-        self.store.create(record)
+    def _store(self, held: Reservation, record: RunRecord, places: Claim) -> None:
+        self.store.create(record, self.quotas.settle(places, 1))
         held.took("its run record", lambda _: self.store.delete(record.id))
 
     def send(self, record: RunRecord, agent: AgentDef) -> None:
@@ -240,7 +247,7 @@ class Admission:
         """Batch items into the backlog: places for all of them, then as many as the batch
         depth has room for, in chunks; places of items that made no new run are given back."""
         with Reservation(f"{len(backlogged)} batch runs") as held:
-            places = self._quota(held, tenant, "batch", len(backlogged))
+            places, claim = self._quota(held, tenant, "batch", len(backlogged))
             room = self.forecaster.batch_room(len(backlogged))
             for c in backlogged[room:]:
                 results[c.index] = Admitted(error=Overloaded(
@@ -249,7 +256,7 @@ class Admission:
             for start in range(0, room, _CHUNK):
                 chunk = backlogged[start:min(room, start + _CHUNK)]
                 try:
-                    queued = self._full_redis(lambda: self._queue(chunk, tenant, batch), "a chunk of batch runs")
+                    queued = self._full_redis(lambda: self._queue(chunk, tenant, batch, claim), "a chunk of batch runs")
                 except Overloaded as exc:
                     if start == 0:
                         raise
@@ -261,7 +268,7 @@ class Admission:
                     results[c.index] = result
             places.keep(sum(1 for c in backlogged if (r := results[c.index]) is not None and r.created))
 
-    def _queue(self, chunk: list[_Checked], tenant: str, batch: str | None) -> list[Admitted]:
+    def _queue(self, chunk: list[_Checked], tenant: str, batch: str | None, places: Claim) -> list[Admitted]:
         """Put checked batch submissions into the tenant's backlog: claim their idempotency keys
         (one round trip), then write the new runs' compact records, their backlog entries and
         the batch job's run list (one transaction: all or nothing)."""
@@ -289,7 +296,7 @@ class Admission:
             new.append(self._record(c, tenant, run_id, now, batch=batch))
             out.append(Admitted(run_id, True))
         if new:
-            self._write_backlog(new, tenant, batch)
+            self._write_backlog(new, tenant, batch, places)
         return out
 
     @staticmethod
@@ -301,10 +308,12 @@ class Admission:
         except IdempotencyConflict as exc:
             return Admitted(error=exc)
 
-    def _write_backlog(self, new: list[RunRecord], tenant: str, batch: str | None) -> None:
+    def _write_backlog(self, new: list[RunRecord], tenant: str, batch: str | None, places: Claim) -> None:
+        since = self.store.epoch()
         write = self.store.redis.pipeline(transaction=True)
         for record in new:
             self.store.queue_compact(write, record)
+        self.quotas.settle(places, len(new))(write)
         self.backlog.queue_push(write, tenant, [rec.id for rec in new])
         if batch is not None:
             write.rpush(self.settings.keys.batch_runs(tenant, batch), *[rec.id for rec in new])
@@ -315,6 +324,7 @@ class Admission:
             # Nothing was queued: the keys must not name runs that do not exist.
             self.keys.release(tenant, *[rec.idempotency_key for rec in new if rec.idempotency_key])
             raise
+        self.store.replicated(f"{len(new)} batch runs of tenant {tenant}: admission", since)
         log.info("%d batch run(s) of tenant %s queued in its backlog%s", len(new), tenant,
                  f" (batch {batch})" if batch else "")
 

@@ -77,6 +77,7 @@ class Backlog:
             k = self.keys
             _PUSH(pipe, keys=[k.backlog(tenant), k.backlogged, k.fair_vtime, k.backlog_size, k.fair_clock],
                   args=[tenant, *run_ids])
+            pipe.hincrby(k.backlog_runs, tenant, len(run_ids))
 
     def pop(self, n: int, tenants: list[str] | None = None) -> list[Popped]:
         """Take up to ``n`` runs by fair share (see the module docstring)."""

@@ -29,6 +29,7 @@ from celery import Celery
 from fleet.broker.queues import queue_name
 from fleet.core import tracing
 from fleet.core.loops import BackgroundLoop, Leadership
+from fleet.core.replication import PrimaryChanged
 from fleet.run.agent import AgentDef
 from fleet.run.records import TERMINAL, RunRecord
 from fleet.run.sessions import Sessions
@@ -113,16 +114,33 @@ class Dispatcher:
             elif rec.session_id:
                 rec.session = Sessions(self.settings, self.store.redis).turns(rec.tenant, rec.session_id)
         created = self.store.promote(ready, now)
-        sent = 0
+        since = self.store.epoch()
+        to_send = []
         for rec, ok in zip(ready, created):
             if not ok or rec.status in TERMINAL:
                 if rec.status in TERMINAL and ok:
                     log.info("run %s: %s in the backlog", rec.id, rec.status, extra={"run_id": rec.id})
                 continue
             self._send(rec)
-            sent += 1
-        self.dispatched += sent
-        return sent
+            to_send.append(rec)
+        self._replicated(to_send, since)
+        self.dispatched += len(to_send)
+        return len(to_send)
+
+    def _replicated(self, sent: list[RunRecord], since: tuple[str, int] | None) -> None:
+        """Wait until the chains just sent are on a replica. Their runs left the backlog for good
+        (their records are on a replica already, see :meth:`RunStore.promote`): a chain lost in a
+        failover would leave its run with no message until the reconciler's stall time. So when
+        a failover came between, they are sent again (a step that arrives twice commits once)."""
+        if not sent:
+            return
+        try:
+            self.store.replicated(f"{len(sent)} dispatched runs' chains", since)
+        except PrimaryChanged as exc:
+            log.warning("%s; sending the %d chains again", exc, len(sent))
+            for rec in sent:
+                self._send(rec)
+            self.store.replicated(f"{len(sent)} dispatched runs' chains, sent again")
 
     def _send(self, record: RunRecord) -> None:
         with tracing.resumed(record.traceparent, f"dispatch {record.agent}", {"fleet.run_id": record.id}):

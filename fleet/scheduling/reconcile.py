@@ -10,6 +10,10 @@ exist (a long batch backlog) just refreshes the run's index entry. The same pass
 the runs index the runs whose record expired (:meth:`fleet.run.index.RunIndex.trim`).
 
 A re-dispatch can at worst duplicate a step message; steps commit once, so it is safe.
+
+Every ``FLEET_RECOUNT_INTERVAL_S``, and in the first pass after a failover (the primary it
+follows changed), a pass also recounts the tenants' places and the ledger of admitted runs from
+the run records (:mod:`fleet.scheduling.recount`): what a fault left wrong there is put right.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from celery import Celery
 
 from fleet.broker.chains import build_chain
 from fleet.broker.queues import all_queues
+from fleet.connections import primary_epoch
 from fleet.core import tracing
 from fleet.core.loops import BackgroundLoop, Leadership
 from fleet.errors import RunNotFound
@@ -29,6 +34,7 @@ from fleet.run.agent import AgentDef
 from fleet.run.plan import StepPos, next_step, remaining_steps
 from fleet.run.state import RunState
 from fleet.run.store import RunStore
+from fleet.scheduling.recount import Recount
 from fleet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,8 @@ class Reconciler:
 
     def __init__(self, settings: Settings, app: Celery, agents: dict[str, AgentDef], store: RunStore) -> None:
         self.settings, self.app, self.agents, self.store = settings, app, agents, store
+        self.recount = Recount(settings, store.redis, agents)
+        self._recounted: tuple[float, tuple[str, int] | None] | None = None  # when, and on which primary
 
     def messages_in_flight(self) -> set[str]:
         """Run ids that have a step message in a queue or unacknowledged."""
@@ -111,4 +119,17 @@ class Reconciler:
     def _pass(self) -> bool:
         self.sweep()
         self.store.index.trim()
+        self.maybe_recount()
         return False  # the next sweep comes after the interval, whatever this one found
+
+    def maybe_recount(self, now: float | None = None) -> bool:
+        """Recount when one is due, or when the primary changed since the last (a failover may
+        have kept a count's change and lost its run's, or the reverse); whether it did."""
+        now = time.monotonic() if now is None else now
+        primary = primary_epoch(self.store.redis)
+        last = self._recounted
+        if last is not None and now - last[0] < self.settings.recount_interval_s and primary == last[1]:
+            return False
+        self.recount.run()
+        self._recounted = (now, primary)
+        return True

@@ -105,6 +105,7 @@ class Replayer:
         rerun: dict[str, int] = {}
         for step, iteration in rest:
             rerun.setdefault(step.name, iteration)
+        since = self.store.epoch()
         if self.store.exists(entry.run_id):
             reopened = self.store.reopen(entry.run_id, rerun, {"input": clean, "deadline_at": repr(deadline)},
                                          outputs=step_outputs)
@@ -121,6 +122,9 @@ class Replayer:
         with tracing.resumed(run.traceparent, f"replay {agent.name}", {"fleet.run_id": entry.run_id}):
             build_chain(self.app, self.settings, agent, entry.run_id, entry.priority,
                         start=start.name, iteration=start.iteration).apply_async()
+        # The replay is reported done next: the reopened record and its first step message must
+        # be on a replica (a failover in between raises: the operator replays it again).
+        self.store.replicated(f"run {entry.run_id}: replay", since)
         record = {"replayed_at": now, "patch": patch, "run_id": entry.run_id}
         history = json.loads(self.store.redis.hget(self._replays, entry_id) or "[]")
         self.store.redis.hset(self._replays, entry_id, json.dumps([*history, record]))

@@ -271,9 +271,12 @@ class StepPipeline:
             attempts=attempts, first_failure_at=(ctx.record.started_at if ctx.record else None) or now,
             last_failure_at=now, worker=self.rt.worker,
         )
+        since = self.store.epoch()
         entry.id = self.rt.dead_letters.add(entry)
         moved = self.store.end(ctx.run_id, "dead_lettered", dead_letter_id=entry.id,
                                error={"type": type(exc).__name__, "message": str(exc), "step": ctx.key})
+        # The message is acknowledged next: the entry and the run's end must be on a replica.
+        self.store.replicated(f"run {ctx.run_id}: dead letter {entry.id}", since)
         log.warning("run %s: step %s dead-lettered as %s: %s: %s", ctx.run_id, ctx.key, entry.id,
                     type(exc).__name__, exc, extra={"run_id": ctx.run_id})
         for hook in self.hooks:

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 from celery import Celery, Task, signature
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject, Retry
 from kombu.exceptions import OperationalError
 
 from fleet.broker.app import SENT_AT_HEADER
@@ -61,7 +61,8 @@ class StepTask(Task):
         try:
             while True:
                 try:
-                    self._act(msg, self.pipeline.process(msg, again=again))
+                    outcome = self.pipeline.process(msg, again=again)
+                    self._act_replicated(msg, outcome)
                     return
                 except (redis.exceptions.ResponseError, OperationalError) as exc:
                     if not is_redis_full(exc):
@@ -82,6 +83,21 @@ class StepTask(Task):
             log.warning("run %s: step %s: lost Redis (%s); handing the step back", run_id, step, exc,
                         extra={"run_id": run_id})
             raise Reject(str(exc), requeue=True) from None
+
+    def _act_replicated(self, msg: Delivery, outcome: Outcome) -> None:
+        """:meth:`_act`, then wait until what it published is on a replica: this message is
+        acknowledged next, and a next step's message lost in a failover would leave its run
+        with none (a failover in between hands this message back instead)."""
+        store = self.pipeline.store
+        since = store.epoch()
+        what = f"run {msg.run_id}: what follows step {step_key(msg.step, msg.iteration)}"
+        try:
+            self._act(msg, outcome)
+        except (Retry, Ignore):  # a retry or the next loop iteration was published
+            store.replicated(what, since)
+            raise
+        if isinstance(outcome, Advance):
+            store.replicated(what, since)
 
     def _act(self, msg: Delivery, outcome: Outcome) -> None:
         """Turn the pipeline's outcome into broker actions."""

@@ -61,14 +61,16 @@ def _client(settings: Settings | None = None):  # noqa: ANN202 - the import stay
 @main.command()
 @click.option("--demo", is_flag=True, help="Submit interactive and batch runs once the stack is up.")
 @click.option("--exit-after-demo", is_flag=True, help="Stop the stack when the demo is done.")
-def up(demo: bool, exit_after_demo: bool) -> None:
+@click.option("--ha", is_flag=True, help="Redis as a primary, two replicas and three Sentinels (kill the primary "
+              "to see a failover).")
+def up(demo: bool, exit_after_demo: bool, ha: bool) -> None:
     """Start the local stack in the foreground: Redis, Triton, workers, Flower."""
     from fleet.logs import setup_logging
     from fleet.surfaces.stack import up as stack_up
 
     settings = Settings()
     setup_logging("WARNING")
-    sys.exit(stack_up(settings, demo=demo, exit_after_demo=exit_after_demo))
+    sys.exit(stack_up(settings, demo=demo, exit_after_demo=exit_after_demo, ha=ha))
 
 
 @main.command()
@@ -398,7 +400,8 @@ def status(as_json: bool) -> None:
         _emit(report)
         return
     r = report["redis"]
-    click.echo(f"redis   {r['url']}  {'up' if r['up'] else 'DOWN'}")
+    primary = f"  primary {r['primary']}" if r.get("primary") else ""
+    click.echo(f"redis   {r['url']}  {'up' if r['up'] else 'DOWN'}{primary}")
     t = report["triton"]
     pool = report["pool"]
     click.echo(f"triton  model {t['model']}, {len(pool['replicas'])} replica(s), batch policy {pool['policy']}, "

@@ -1,4 +1,10 @@
-"""The local stack behind ``fleet up``: Redis, Triton with the dev model, workers, Flower, a demo."""
+"""The local stack behind ``fleet up``: Redis, Triton with the dev model, workers, Flower, a demo.
+
+``fleet up --ha`` runs Redis as it runs where it must survive losing a host: a primary, two
+replicas and three Sentinels (:mod:`fleet.ops.redis_ha`), every process of the stack following
+the primary through the Sentinels. ``kill -9`` the primary (``fleet status`` names it) and the
+stack goes on with a promoted replica.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,10 @@ from pathlib import Path
 
 from fleet.broker.app import create_app
 from fleet.broker.queues import worker_queues
+from fleet.connections import redis_client
 from fleet.core import tracing
 from fleet.inference.triton import TritonClient
-from fleet.ops import launch
+from fleet.ops import launch, redis_ha
 from fleet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,6 +38,8 @@ class Stack:
     settings: Settings
     procs: launch.Processes
     flower_url: str
+    #: Processes whose death the stack outlives: the Redis servers behind Sentinels.
+    expendable: frozenset[str] = frozenset()
 
     def stop(self) -> None:
         self.procs.stop()
@@ -63,25 +72,26 @@ def _is_loopback(address: str) -> bool:
     return address in ("127.0.0.1", "localhost", "::1")
 
 
-def start_stack(settings: Settings, say=print) -> Stack:  # noqa: ANN001
-    """Start every component the fleet needs here, reusing Redis/Triton the environment names."""
+def start_stack(settings: Settings, say=print, ha: bool = False) -> Stack:  # noqa: ANN001
+    """Start every component the fleet needs here, reusing Redis/Triton the environment names
+    (``ha``: a Redis primary, two replicas and three Sentinels when it names none)."""
     data = settings.data_dir
     procs = launch.Processes(data / "logs")
     try:
-        return _start(settings, procs, data, say)
+        return _start(settings, procs, data, say, ha)
     except BaseException:
         procs.stop()
         raise
 
 
-def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stack:  # noqa: ANN001
+def _start(settings: Settings, procs: launch.Processes, data: Path, say, ha: bool) -> Stack:  # noqa: ANN001
     if not _is_loopback(settings.bind_address) and (settings.flower_basic_auth is None or not settings.api_key_list()):
         raise SystemExit(
             f"refusing to listen on {settings.bind_address} without authentication: "
             "set FLEET_FLOWER_BASIC_AUTH and FLEET_API_KEYS"
         )
     # What the stack's processes (and CLI commands beside it) are told, on top of the environment.
-    env = {"FLEET_REDIS_URL": _redis(settings, procs, data, say), **_triton(settings, procs, data, say)}
+    env = {**_redis(settings, procs, data, say, ha), **_triton(settings, procs, data, say)}
     # Flower's login: the operator's, or one made for this stack (shown below, kept in
     # stack.env for the CLI beside it).
     flower_auth = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else None
@@ -117,7 +127,8 @@ def _start(settings: Settings, procs: launch.Processes, data: Path, say) -> Stac
     for name, metrics_port in metrics_ports.items():
         say(f"metrics    {name} http://{settings.bind_address}:{metrics_port}/metrics")
     say(f"logs       {procs.log_dir}/")
-    return Stack(stack_settings, procs, flower_url)
+    expendable = frozenset(n for n in procs.children if ha and n.startswith("redis-"))
+    return Stack(stack_settings, procs, flower_url, expendable)
 
 
 def _as_init(env: dict[str, str]) -> dict[str, str]:
@@ -125,16 +136,35 @@ def _as_init(env: dict[str, str]) -> dict[str, str]:
     return {k.removeprefix("FLEET_").lower(): v for k, v in env.items() if k.startswith("FLEET_")}
 
 
-def _redis(settings: Settings, procs: launch.Processes, data: Path, say) -> str:  # noqa: ANN001
-    """The stack's Redis: the one ``FLEET_REDIS_URL`` names if it answers, else one started here."""
-    if "FLEET_REDIS_URL" in os.environ and launch.redis_answers(settings.redis_url):
+def _redis(settings: Settings, procs: launch.Processes, data: Path, say, ha: bool) -> dict[str, str]:  # noqa: ANN001
+    """The stack's Redis, as the variables that name it: the Sentinels or the URL the environment
+    names if they answer, else a topology (``ha``) or one Redis started here."""
+    if settings.redis_sentinels and _answers(settings):
+        say(f"redis      reusing the primary {settings.redis_master_name} of the Sentinels {','.join(settings.redis_sentinels)}")
+        return {}
+    if "FLEET_REDIS_URL" in os.environ and not ha and launch.redis_answers(settings.redis_url):
         say(f"redis      reusing {settings.redis_url}")
-        return settings.redis_url
+        return {"FLEET_REDIS_URL": settings.redis_url}
+    if ha:
+        topology = redis_ha.start_redis_ha(procs, data / "redis-ha")
+        say(f"redis      primary {topology.primary().address}, replicas "
+            f"{', '.join(n.address for n in topology.nodes[1:])}, Sentinels {', '.join(topology.sentinels)} "
+            f"(down after {topology.down_after_ms} ms; generated passwords in {STACK_ENV})")
+        say("redis      kill -9 the primary to see a failover: `fleet status` names the primary of the moment")
+        return topology.env()
     # A password even on loopback: every local process can reach a loopback port.
     url = launch.start_redis(procs, data / "redis", password=launch.new_secret())
     say(f"redis      started on {url.rpartition('@')[2]} with a generated password "
         f"(AOF in {data / 'redis'}; the URL is in {STACK_ENV})")
-    return url
+    return {"FLEET_REDIS_URL": url}
+
+
+def _answers(settings: Settings) -> bool:
+    try:
+        return bool(redis_client(settings, socket_timeout=2, socket_connect_timeout=2,
+                                 retry=None).ping())
+    except Exception:  # noqa: BLE001 - not there
+        return False
 
 
 def _triton(settings: Settings, procs: launch.Processes, data: Path, say) -> dict[str, str]:  # noqa: ANN001
@@ -206,7 +236,8 @@ def run_demo(settings: Settings, say=print) -> int:  # noqa: ANN001
     return failures
 
 
-def up(settings: Settings, demo: bool = False, exit_after_demo: bool = False, say=print) -> int:  # noqa: ANN001
+def up(settings: Settings, demo: bool = False, exit_after_demo: bool = False, say=print,  # noqa: ANN001
+       ha: bool = False) -> int:
     """Start the stack in the foreground until Ctrl-C (or after the demo, if asked)."""
     stop = threading.Event()
 
@@ -215,7 +246,7 @@ def up(settings: Settings, demo: bool = False, exit_after_demo: bool = False, sa
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    stack = start_stack(settings, say)
+    stack = start_stack(settings, say, ha)
     code = 0
     try:
         if demo:
@@ -227,8 +258,13 @@ def up(settings: Settings, demo: bool = False, exit_after_demo: bool = False, sa
             say("in another shell here: fleet runs list / fleet runs show ID --timeline (an id above will do) / "
                 "fleet status / fleet agents / "
                 "fleet submit calculator --input '{\"question\": \"What is 6*7?\"}' --wait")
+            lost: set[str] = set()
             while not stop.wait(1.0):
                 dead = [n for n, p in stack.procs.children.items() if p.poll() is not None]
+                for name in sorted(set(dead) & stack.expendable - lost):
+                    lost.add(name)
+                    say(f"redis      {name} exited; the Sentinels promote a replica, the stack goes on")
+                dead = [n for n in dead if n not in stack.expendable]
                 if dead:
                     say(f"stopping: {', '.join(dead)} exited (see {stack.procs.log_dir})")
                     code = 1

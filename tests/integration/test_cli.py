@@ -223,3 +223,52 @@ def test_runs_list_filters_pages_and_its_short_ids_are_taken_back(fleet):
     assert bad_status.returncode == 2 and json.loads(bad_status.stdout)["field"].startswith("status")
     too_short = run_cli(fleet, "runs", "show", short[:4], "--json", check=False)
     assert too_short.returncode == 2 and json.loads(too_short.stdout)["field"] == "run_id"
+
+
+def test_fleet_up_ha_serves_on_after_its_primary_is_killed(tmp_path: Path):
+    """``fleet up --ha``: a primary, two replicas and three Sentinels behind the whole stack;
+    the primary killed with ``kill -9``, the stack's own processes serve the next run from the
+    promoted replica, and Ctrl-C leaves nothing behind."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(FLEET_FLOWER_PORT="0", FLEET_GATEWAY_PORT="0")
+    proc = subprocess.Popen([*CLI, "up", "--ha"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if line.startswith("fleet is up"):
+                break
+        started = _tree(proc.pid)
+        stack_env = dict(line.split("=", 1) for line in (tmp_path / ".fleet" / "stack.env").read_text().splitlines())
+        cli_env = {**env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+
+        def cli(*args: str) -> dict:
+            out = subprocess.run([*CLI, *args], cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stdout + out.stderr
+            return json.loads(out.stdout)
+
+        before = cli("status", "--json")["redis"]
+        port = int(before["primary"].rsplit(":", 1)[1])
+        # redis-server names itself by its address (its process title), among the stack's processes.
+        titles = {p: " ".join(psutil.Process(p).cmdline()).split() for p in started}
+        servers = [p for p, title in titles.items() if f"127.0.0.1:{port}" in title and "[sentinel]" not in title]
+        assert len(servers) == 1, (port, titles)
+        server = servers[0]
+        os.kill(server, signal.SIGKILL)
+        run = cli("submit", "calculator", "--input", '{"question": "What is 6 * 7?"}', "--wait", "--json")
+        after = cli("status", "--json")["redis"]
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        lines.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines)
+    assert "FLEET_REDIS_SENTINELS" in stack_env and "FLEET_REDIS_URL" not in stack_env
+    assert "redis      primary 127.0.0.1:" in output and len(stack_env["FLEET_REDIS_SENTINELS"].split(",")) == 3
+    assert before["up"] and after["up"] and after["primary"] != before["primary"]
+    assert "exited; the Sentinels promote a replica, the stack goes on" in output
+    assert (run["status"], run["result"]) == ("succeeded", "The answer is 42.")
+    assert proc.returncode == 0, output
+    assert _alive(started - {proc.pid}) == [], "left behind"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
 import uuid
 
 import pytest
@@ -18,6 +17,7 @@ from fleet.errors import Overloaded
 from fleet.ops import launch
 from fleet.run.records import TERMINAL
 from fleet.surfaces.client import FleetClient
+from tests.support.tls import tls_files
 
 from .conftest import REPO, TEST_SIM_PARAMS, Fleet, TritonInfo, make_settings, tally
 
@@ -200,31 +200,13 @@ def test_redis_at_its_memory_limit_refuses_submissions_and_steps_wait(outage, re
         client.close()
 
 
-def _tls_files(root) -> dict[str, str]:  # noqa: ANN001
-    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
-    root.mkdir(parents=True, exist_ok=True)
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-            "-subj", "/CN=fleet test CA")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-            "-subj", "/CN=127.0.0.1")
-    (root / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.crt", "-days", "1", "-extfile", "ext")
-    return {"tls-cert-file": str(root / "server.crt"), "tls-key-file": str(root / "server.key"),
-            "tls-ca-cert-file": str(root / "ca.crt"), "tls-auth-clients": "no"}
-
-
 def test_a_fleet_over_tls_to_a_password_protected_redis(outage, tmp_path):
     _, servers = outage
     procs = launch.Processes(tmp_path / "logs")
     port = launch.free_port()
     try:
         url = launch.start_redis(procs, tmp_path / "redis", password="tls-test-pw",
-                                 config={"tls-port": str(port), **_tls_files(tmp_path / "tls")})
+                                 config={"tls-port": str(port), **tls_files(tmp_path / "tls")})
         assert url.startswith("rediss://")
         # Neither plain text nor a missing password gets in.
         with pytest.raises((redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):

@@ -42,6 +42,10 @@ FLEET_VARS_OUTSIDE_SETTINGS = {"FLEET_API_KEYS"}
 AUTHENTICATED_SERVICES = {"gateway", "flower", "grafana"}
 
 WORKER_SERVICES = {"inference-interactive", "inference-shared", "tools"}
+REDIS_SERVERS = {"redis-0", "redis-1", "redis-2"}
+SENTINELS = {"sentinel-0", "sentinel-1", "sentinel-2"}
+# Every process of the fleet's own image: each finds Redis through the Sentinels.
+FLEET_SERVICES = {"gateway", "flower", *WORKER_SERVICES}
 INFERENCE_SERVICES = {"inference-interactive", "inference-shared"}
 
 
@@ -195,9 +199,10 @@ def test_model_capacity_in_config_pbtxt_is_the_engines() -> None:
 
 def test_compose_parses_with_the_expected_services() -> None:
     services = _services()
-    expected = {"redis", "triton-0", "triton-1", "gateway", "flower", "prometheus", "grafana"} | WORKER_SERVICES
+    expected = {"triton-0", "triton-1", "gateway", "flower", "prometheus", "grafana"} | WORKER_SERVICES | REDIS_SERVERS | SENTINELS
     assert expected <= set(services)
     assert "triton" not in services, "Triton runs as replicas triton-0, triton-1, ..."
+    assert "redis" not in services, "Redis runs as servers redis-0, redis-1, redis-2 behind Sentinels"
     for name, service in services.items():
         assert "image" in service or "build" in service, name
 
@@ -381,21 +386,67 @@ def test_published_ports_are_unique_and_guarded() -> None:
             seen[key] = name
             if host_ip != "127.0.0.1":
                 assert name in AUTHENTICATED_SERVICES, f"{name} is published beyond loopback without auth"
-    assert {n for n in seen.values()} >= {"redis", "gateway", "flower", "grafana"}
-    assert all(ip == "127.0.0.1" for (ip, _), n in seen.items() if n == "redis")
+    assert {n for n in seen.values()} >= {"gateway", "flower", "grafana"}
+    # Redis servers and Sentinels are reached over the compose network only (by the names the
+    # Sentinels announce, which the host cannot resolve).
+    assert not set(seen.values()) & (REDIS_SERVERS | SENTINELS)
     assert not set(seen.values()) & set(_triton_services()), "Triton has no auth: keep it off the host's ports"
 
 
-def test_redis_is_durable_and_password_protected() -> None:
-    redis = _services()["redis"]
-    command = " ".join(_command(redis))
-    assert "--appendonly yes" in command
-    # The password reaches Redis through a private config file, never its command line.
-    assert "requirepass %s" in command and "umask 077" in command and "--requirepass" not in command
-    assert any(str(v).endswith(":/data") for v in redis["volumes"])
-    for name in ("gateway", "flower", *WORKER_SERVICES):
-        url = _env_mapping(_services()[name])["FLEET_REDIS_URL"]
-        assert "${REDIS_PASSWORD" in url and "@redis:6379" in url, name
+def test_redis_servers_are_durable_password_protected_and_replicate_redis_0() -> None:
+    services = _services()
+    for name in sorted(REDIS_SERVERS):
+        server = services[name]
+        command = " ".join(_command(server))
+        assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command, name
+        # The password reaches Redis through a private config file, never its command line;
+        # masterauth lets any of them follow whichever is the primary.
+        assert "requirepass %s" in command and "masterauth %s" in command and "umask 077" in command, name
+        assert "--requirepass" not in command and "--masterauth" not in command, name
+        # Announced by its compose name, which survives a restart (an IP does not).
+        assert "replica-announce-ip" in command and _env_mapping(server)["REDIS_NAME"] == name
+        assert any(str(v) == f"{name}-data:/data" for v in server["volumes"]), name
+        assert "6379" in {str(p) for p in server["expose"]}
+    replica_of = {name: _env_mapping(services[name])["REDIS_REPLICA_OF"] for name in REDIS_SERVERS}
+    assert replica_of == {"redis-0": "", "redis-1": "redis-0", "redis-2": "redis-0"}
+
+
+def test_sentinels_watch_redis_0_by_majority_with_their_own_password() -> None:
+    services = _services()
+    for name in sorted(SENTINELS):
+        sentinel = services[name]
+        command = " ".join(_command(sentinel))
+        assert command.rstrip().endswith("--sentinel") and "redis-server /data/sentinel.conf" in command, name
+        # Two of three must agree that the primary is down: one cut off from the others
+        # can neither call it down nor promote a replica.
+        assert "sentinel monitor fleet redis-0 6379 2" in command, name
+        assert "requirepass $$REDIS_SENTINEL_PASSWORD" in command and "sentinel auth-pass fleet $$REDIS_PASSWORD" in command
+        assert "sentinel sentinel-pass $$REDIS_SENTINEL_PASSWORD" in command
+        assert "sentinel announce-hostnames yes" in command and "sentinel resolve-hostnames yes" in command
+        assert "down-after-milliseconds fleet $$REDIS_DOWN_AFTER_MS" in command
+        assert _env_mapping(sentinel)["SENTINEL_NAME"] == name
+        # It rewrites its file as it learns the topology: a volume of its own, written once.
+        assert any(str(v) == f"{name}-data:/data" for v in sentinel["volumes"]), name
+        assert "[ ! -f /data/sentinel.conf ]" in command, name
+        assert "26379" in {str(p) for p in sentinel["expose"]}
+    assert len(SENTINELS) % 2 == 1
+
+
+def test_fleet_services_follow_the_primary_through_the_sentinels() -> None:
+    services = _services()
+    for name in sorted(FLEET_SERVICES):
+        env = _env_mapping(services[name])
+        assert "FLEET_REDIS_URL" not in env, f"{name}: Redis is found through the Sentinels"
+        settings = Settings(_env_file=None, redis_sentinels=env["FLEET_REDIS_SENTINELS"],
+                            redis_master_name=env["FLEET_REDIS_MASTER_NAME"])
+        assert {h for h, _ in settings.sentinel_addresses()} == SENTINELS, name
+        assert {p for _, p in settings.sentinel_addresses()} == {26379}
+        assert settings.redis_master_name == "fleet" and settings.wait_replicas() == 1
+        assert "${REDIS_PASSWORD:?" in env["FLEET_REDIS_PASSWORD"], name
+        assert "${REDIS_SENTINEL_PASSWORD:?" in env["FLEET_REDIS_SENTINEL_PASSWORD"], name
+        depends = services[name]["depends_on"]
+        assert {d for d in depends if d in SENTINELS} == SENTINELS, name
+        assert all(depends[d]["condition"] == "service_healthy" for d in SENTINELS | {"redis-0"}), name
 
 
 def test_worker_queues_match_routing() -> None:
@@ -897,9 +948,13 @@ def test_scaled_objects_target_deployments_and_their_queues() -> None:
         queues = set(_queues_of(_containers(deployments[target])[0]["args"]))
         spec = obj["spec"]
         assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], name
+        config = _k8s("ConfigMap")["fleet-config"]["data"]
         for trigger in spec["triggers"]:
-            assert trigger["type"] == "redis"
+            # KEDA asks the Sentinels for the primary, as the fleet does.
+            assert trigger["type"] == "redis-sentinel"
             meta = trigger["metadata"]
+            assert meta["addresses"].split(",") == config["FLEET_REDIS_SENTINELS"].split(","), name
+            assert meta["sentinelMaster"] == config["FLEET_REDIS_MASTER_NAME"], name
             assert meta["listName"] in queues, f"{name}: {meta['listName']} is not consumed by {target}"
             assert int(meta["listLength"]) >= 1
             assert trigger["authenticationRef"]["name"] in auths
@@ -981,6 +1036,7 @@ def test_network_policies_let_only_fleet_pods_reach_triton_redis_and_flower() ->
     assert allowed_from("triton", "http")[:2] == ({"gateway"}, set())
     redis_from, redis_ns, redis_open = allowed_from("redis")
     assert redis_from == set(pods) and redis_ns == {"keda"} and not redis_open  # every fleet pod, and KEDA
+    assert allowed_from("redis-sentinel") == (set(pods), {"keda"}, False)
     flower_from, _, flower_open = allowed_from("flower")
     assert flower_from == set(pods) and not flower_open
     assert allowed_from("gateway")[2]  # the front door, behind its API keys

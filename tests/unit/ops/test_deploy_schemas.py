@@ -138,6 +138,6 @@ def test_compose_matches_the_compose_specification(schemas):
     errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(compose)]
     assert errors == []
     broken = copy.deepcopy(compose)
-    broken["services"]["redis"]["ports"] = 6379
-    broken["services"]["redis"]["restart"] = ["always"]
+    broken["services"]["gateway"]["ports"] = 6379
+    broken["services"]["gateway"]["restart"] = ["always"]
     assert len(list(validator.iter_errors(broken))) >= 2

@@ -2,9 +2,10 @@
 -- with its status event, in the runs index (a backlog run is indexed from here on), in the
 -- active index unless the status is terminal (a run ended in the backlog), out of the
 -- dispatching set; a terminal one gives its tenant's place back (fleet.scheduling.quotas).
+-- The tenant's count of compact records goes down in the same step.
 -- Returns 0 when the compact record is gone (dispatched or ended).
 -- KEYS: compact record, run hash, events stream, active index, dispatching set, dispatched hash,
--- tenants' active counts.
+-- tenants' active counts, backlog runs per tenant.
 -- ARGV: run id, status, TTL, events maxlen, now, runs index base, n = number of field/value
 -- pairs, the pairs, then the event's extra pairs.
 --!include active_field.lua
@@ -14,6 +15,7 @@ local n = tonumber(ARGV[7])
 local fields = {}
 for i = 8, 7 + 2 * n do table.insert(fields, ARGV[i]) end
 redis.call('HSET', KEYS[2], unpack(fields))
+redis.call('HINCRBY', KEYS[8], redis.call('HGET', KEYS[2], 'tenant') or 'default', -1)
 local event = {'type', 'status', 'status', ARGV[2]}
 for i = 8 + 2 * n, #ARGV do table.insert(event, ARGV[i]) end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(event))

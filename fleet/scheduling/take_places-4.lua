@@ -1,8 +1,11 @@
 -- Take n places for a tenant's runs of a class, or say which quota refuses
 -- (fleet.scheduling.quotas.QuotaGate.take).
--- KEYS: active counts (hash), the tenant's submission bucket (hash), the day's tokens (hash).
+-- The places taken are also noted as the admission's claim, which it settles when its runs are
+-- recorded (or gives back): a recount (fleet.scheduling.recount) counts claims beside the runs.
+-- KEYS: active counts (hash), the tenant's submission bucket (hash), the day's tokens (hash),
+-- the claims (hash).
 -- ARGV: count field, n, active limit (-1: none), rate (-1: none), burst, now, tokens limit (-1),
--- tenant, seconds to the day's end.
+-- tenant, seconds to the day's end, the claim's field.
 -- Returns {1} when taken, or {0, quota, retry after (s), detail}.
 local n = tonumber(ARGV[2])
 local tokens_limit = tonumber(ARGV[7])
@@ -27,4 +30,5 @@ if rate > 0 then
   redis.call('EXPIRE', KEYS[2], math.ceil(burst / rate) + 60)
 end
 redis.call('HINCRBY', KEYS[1], ARGV[1], n)
+redis.call('HINCRBY', KEYS[4], ARGV[10], n)
 return {1}
