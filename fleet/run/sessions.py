@@ -2,7 +2,7 @@
 
 Sessions belong to a tenant: the same session id of two tenants names two sessions.
 Each finished turn (the run's input and result) is appended to a capped Redis list with a
-TTL. A run snapshots the session's turns when it is admitted, so every step of the run sees
+TTL, once per run (a worker that dies between the turn and the run's end writes it again). A run snapshots the session's turns when it is admitted, so every step of the run sees
 the same history; its templates read it as ``{session.transcript}``.
 """
 
@@ -13,8 +13,11 @@ from typing import Any
 
 import redis
 
+from fleet.core import lua
 from fleet.run.template import as_text
 from fleet.settings import Settings
+
+_APPEND = lua.load(__file__, "append_turn-1.lua")
 
 
 class Sessions:
@@ -32,13 +35,10 @@ class Sessions:
         return [json.loads(t) for t in self.redis.lrange(self.key(tenant, session_id), 0, -1)]
 
     def append(self, tenant: str, session_id: str, run_id: str, input: dict[str, Any], result: Any) -> None:
-        """Record a finished turn and extend the session's life."""
-        key = self.key(tenant, session_id)
-        pipe = self.redis.pipeline()
-        pipe.rpush(key, json.dumps({"run_id": run_id, "input": input, "result": result}))
-        pipe.ltrim(key, -self.settings.session_max_turns, -1)
-        pipe.expire(key, self.settings.session_ttl_s)
-        pipe.execute()
+        """Record a finished turn (unless this run's is there already) and extend the session's life."""
+        _APPEND(self.redis, keys=[self.key(tenant, session_id)],
+                args=[run_id, json.dumps({"run_id": run_id, "input": input, "result": result}),
+                      self.settings.session_max_turns, self.settings.session_ttl_s])
 
 
 def transcript(turns: list[dict[str, Any]]) -> str:

@@ -287,6 +287,8 @@ class StepPipeline:
     # --- the run's end --------------------------------------------------------------
     def _end(self, ctx: StepContext, status: RunStatus, **fields: Any) -> bool:
         """End the run with ``status`` unless it already ended; True if this step ended it."""
+        for hook in self.hooks:
+            hook.before_run_end(ctx, status, fields)
         if not self.store.end(ctx.run_id, status, **fields):
             return False
         self._ended(ctx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -250,3 +251,21 @@ def test_each_queue_is_bound_to_its_own_exchange_alone(fleet):
     r = fleet.client.store.redis
     for queue in all_queues(fleet.settings):
         assert [m.split(BINDING_SEP) for m in r.smembers(binding_key(queue))] == [[queue, "", queue]]
+
+
+def test_a_turn_is_in_its_session_once_whenever_its_runs_end_is_seen(fleet):
+    from fleet.run.sessions import Sessions
+
+    session = f"s-{uuid.uuid4().hex[:6]}"
+    sessions = Sessions(fleet.settings, fleet.client.store.redis)
+    seen_at_end = []
+    for k in range(5):  # each turn sent the moment the last one's end is seen
+        run_id = fleet.client.submit("chat", {"message": f"turn {k}"}, session_id=session)
+        assert fleet.client.wait(run_id, timeout=30).status == "succeeded"
+        seen_at_end.append([t["run_id"] for t in sessions.turns("default", session)][-1] == run_id)
+    assert seen_at_end == [True] * 5
+    # A worker that died between the turn and the run's end writes it again: still one turn.
+    turns = sessions.turns("default", session)
+    last = turns[-1]
+    sessions.append("default", session, last["run_id"], last["input"], last["result"])
+    assert sessions.turns("default", session) == turns

@@ -14,6 +14,7 @@ point              what a hook may do there                                    h
 ``after_commit``   observe a committed step                                    metrics
 ``on_retry``       observe an attempt that failed and goes back to its queue   metrics, spans
 ``on_dead_letter`` observe a step written to the dead-letter store             metrics, Sentry
+``before_run_end`` write what must exist once the run's end can be seen        session turns
 ``on_run_end``     observe a run that reached a terminal status                summary, usage, ...
 =================  ==========================================================  ===================
 
@@ -61,6 +62,11 @@ class Hook:
 
     def on_dead_letter(self, ctx: StepContext, exc: BaseException, entry: DeadLetter) -> None:
         """The step failed for good and was written to the dead-letter store."""
+
+    def before_run_end(self, ctx: StepContext, status: str, fields: dict[str, Any]) -> None:
+        """The step is about to end the run with ``status`` (and ``fields``, e.g. its result): what a
+        client that sees the end reads next must be written here (it may be written again, should
+        the worker die before the end is)."""
 
     def on_run_end(self, ctx: StepContext, run: RunRecord) -> None:
         """The run reached a terminal status in this step."""

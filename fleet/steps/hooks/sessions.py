@@ -1,8 +1,10 @@
-"""Sessions: a run that succeeded adds its turn (input and result) to its session."""
+"""Sessions: a run that succeeds adds its turn (input and result) to its session, before its end
+can be seen, so that the next turn a client sends once it has the answer sees this one."""
 
 from __future__ import annotations
 
-from fleet.run.records import RunRecord
+from typing import Any
+
 from fleet.run.sessions import Sessions
 from fleet.steps.context import StepContext
 from fleet.steps.hooks import Hook
@@ -12,6 +14,7 @@ class SessionTurns(Hook):
     def __init__(self, sessions: Sessions) -> None:
         self.sessions = sessions
 
-    def on_run_end(self, ctx: StepContext, run: RunRecord) -> None:
-        if run.status == "succeeded" and run.session_id:
-            self.sessions.append(run.tenant, run.session_id, run.id, run.input, run.result)
+    def before_run_end(self, ctx: StepContext, status: str, fields: dict[str, Any]) -> None:
+        run = ctx.run
+        if status == "succeeded" and run.session_id:
+            self.sessions.append(run.tenant, run.session_id, run.id, run.input, fields.get("result"))
