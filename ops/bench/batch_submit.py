@@ -18,9 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from fleet.connections import redis_client
-from fleet.ops import launch
-from fleet.settings import Settings
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "ops" / "bench"))
+
+from common import provenance  # noqa: E402
+
+from fleet.connections import redis_client  # noqa: E402
+from fleet.ops import launch  # noqa: E402
+from fleet.settings import Settings  # noqa: E402
 
 
 def main() -> None:
@@ -28,6 +34,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=20_000)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    started = time.time()
     root = Path(tempfile.mkdtemp(prefix="batch-submit-"))
     procs = launch.Processes(root / "logs")
     try:
@@ -60,7 +67,8 @@ def main() -> None:
     text = "\n".join(["| measure | result |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
     print(text)
     if args.out:
-        args.out.write_text(f"`{' '.join(['python', *sys.argv])}`\n\n{text}\n")
+        header = ["# Batch submission: one client filling the backlog", "", *provenance(time.time() - started), ""]
+        args.out.write_text("\n".join([*header, text, ""]))
 
 
 if __name__ == "__main__":

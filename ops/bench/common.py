@@ -39,7 +39,7 @@ def provenance(elapsed_s: float, command: str | None = None) -> list[str]:
     return [f"Command: `{command or command_line()}`  ",
             f"Commit: `{commit()}`  ",
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-            f"took {elapsed_s / 60:.1f} min."]
+            f"took {elapsed_s / 60:.1f} min.  "]
 
 
 def pct(values: list[float], q: float) -> float:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -42,6 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1].parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "ops" / "bench"))
+
+from common import provenance  # noqa: E402
 
 from fleet.broker.queues import worker_queues  # noqa: E402
 from fleet.ops import launch, redis_ha  # noqa: E402
@@ -205,13 +207,6 @@ def failovers(env: dict[str, str], procs: launch.Processes, topology: redis_ha.R
 
 # --- the report -----------------------------------------------------------------------------
 
-def commit_of_tree() -> str:
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return sha + (" (with uncommitted changes)" if dirty else "")
-
-
 def render(args, cost: dict, run: dict, down_after_ms: int, elapsed: float, load: tuple[float, float]) -> str:  # noqa: ANN001
     command = (f"python ops/bench/failover.py --kills {args.kills} --interactive-rate {args.interactive_rate:g} "
                f"--batch-rate {args.batch_rate:g} --commits {args.commits} --settle {args.settle:g}"
@@ -220,11 +215,9 @@ def render(args, cost: dict, run: dict, down_after_ms: int, elapsed: float, load
     kills = run["kills"]
     lines = [
         "# Failover benchmark: Redis losing its primary under load", "",
-        f"Commit: `{commit_of_tree()}`  ",
-        f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split()[2]}; "
-        f"took {elapsed / 60:.1f} min; 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
+        *provenance(elapsed, command),
+        f"Redis {subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split()[2]}; "
+        f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
         "(other work shared the machine).  ",
         f"Redis: a primary, two replicas, three Sentinels (quorum 2, down-after-milliseconds {down_after_ms}), all "
         "on this machine. Fleet: production delivery settings (visibility timeout, stall time, reconciler "

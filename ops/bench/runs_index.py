@@ -11,35 +11,32 @@ and short-id lookups on it. Prints a table and writes it with the commit and the
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fleet.connections import redis_client
-from fleet.ops import launch
-from fleet.run.records import RunRecord, new_run_id
-from fleet.run.store import RunStore
-from fleet.settings import Settings
-from fleet.surfaces.client import FleetClient
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "ops" / "bench"))
+
+from common import provenance  # noqa: E402
+
+from fleet.connections import redis_client  # noqa: E402
+from fleet.ops import launch  # noqa: E402
+from fleet.run.records import RunRecord, new_run_id  # noqa: E402
+from fleet.run.store import RunStore  # noqa: E402
+from fleet.settings import Settings  # noqa: E402
+from fleet.surfaces.client import FleetClient  # noqa: E402
 
 TENANTS = ("search", "reports", "support")
 AGENTS = ("calculator", "writer", "solver", "chat")
 ENDINGS = (("succeeded", 0.90), ("failed", 0.04), ("dead_lettered", 0.03), ("cancelled", 0.02), ("expired", 0.01))
 ERRORS = {"failed": "TransientError: Triton timed out after 30s", "dead_lettered": "PermanentError: tool input invalid",
           "cancelled": "RunCancelled: cancelled by request", "expired": "DeadlineExceeded: deadline passed"}
-
-
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[2]
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    return head.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
 
 
 def _make(store: RunStore, n: int, now: float, endings: tuple[tuple[str, float], ...], seed: int = 1) -> None:
@@ -133,10 +130,7 @@ def main() -> None:
         procs.stop()
     mix = ", ".join(f"{name} {share:.0%}" for name, share in ENDINGS)
     lines = [f"# Runs index: bytes per run and listings over {args.runs:,} runs", "",
-             f"Command: `python {' '.join(sys.argv)}`  ",
-             f"Commit: {_commit()}  ",
-             f"Machine: {platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, Python "
-             f"{platform.python_version()}, shared with other work; took {(time.time() - started) / 60:.1f} min.  ",
+             *provenance(time.time() - started),
              f"Runs: {len(TENANTS)} tenants, {len(AGENTS)} agents, both classes, created over the last 24 h; "
              f"endings {mix}.", "",
              "| index bytes per run | result |", "|---|---|",

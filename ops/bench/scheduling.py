@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -53,6 +52,9 @@ import redis
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "ops" / "bench"))
+
+from common import provenance  # noqa: E402
 
 from fleet.broker.queues import worker_queues  # noqa: E402
 from fleet.errors import Overloaded  # noqa: E402
@@ -618,6 +620,8 @@ def _command(args) -> str:  # noqa: ANN001
         parts.append("--costs")
     if not (args.scaling or args.kill or args.costs):
         parts.append(f"--policies {args.policies}")
+    if args.out:
+        parts.append(f"--out {args.out}")
     return " ".join(p for p in parts if p)
 
 
@@ -630,9 +634,7 @@ def _header(args, ran: dict, elapsed: float) -> list[str]:  # noqa: ANN001
     """Command, machine and model lines every report starts with."""
     m = ran["model"]
     return ["# Scheduling benchmark", "",
-            f"Command: `{_command(args)}`  ",
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-            f"took {elapsed / 60:.1f} min.  ",
+            *provenance(elapsed, _command(args)),
             f"Dev model on each of {args.replicas} Triton replica(s), its config as Triton loaded it: "
             f"ttft {m['ttft_ms']} ms, prefill {m['prefill_ms_per_token']} ms/token, {m['tpot_ms']} ms/token, "
             f"load factor {m['load_factor']}, max {m['max_num_seqs']} sequences."]

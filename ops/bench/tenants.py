@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -40,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scheduling as sched  # noqa: E402  (the pool shapes, the stack and the load generators)
+from common import provenance  # noqa: E402
 
 from fleet.broker.queues import queue_name  # noqa: E402
 from fleet.ops import launch  # noqa: E402
@@ -261,13 +260,12 @@ def render(args, pool: dict, ran: dict, scale: dict, alone: dict, even: dict, he
            elapsed: float) -> str:
     m = ran["model"]
     command = (f"python ops/bench/tenants.py --pool {args.pool} --big {args.big} --small {args.small} "
-               f"--scale {args.scale} --rate {args.rate:g} --window {args.window:g}")
+               f"--scale {args.scale} --rate {args.rate:g} --window {args.window:g}"
+               + (f" --out {args.out}" if args.out else ""))
     window, why = ran["weights 1:1"]["window"]
     lines = [
         "# Tenants benchmark: batch backlog and fair share", "",
-        f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"took {elapsed / 60:.1f} min.  ",
+        *provenance(elapsed, command),
         f"Dev model on one Triton replica, its config as Triton loaded it: ttft {m['ttft_ms']} ms, prefill "
         f"{m['prefill_ms_per_token']} ms/token, {m['tpot_ms']} ms/token, load factor {m['load_factor']}, max "
         f"{m['max_num_seqs']} sequences; one model call of {pool['tokens']} tokens per run.  ",

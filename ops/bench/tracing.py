@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -39,6 +38,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "ops" / "bench"))
+
+from common import provenance  # noqa: E402
 
 from fleet.broker.queues import worker_queues  # noqa: E402
 from fleet.core import tracing  # noqa: E402
@@ -285,12 +287,11 @@ def render(args, modes: list[Mode], micro: tuple[float, float], sink: Sink, elap
     paired = [b - a for a, b in zip(off.one, on.one)]  # the same moment of the machine for both
     q1, _, q3 = statistics.quantiles(paired, n=4)
     command = (f"python ops/bench/tracing.py --rounds {args.rounds} --sequential {args.sequential} "
-               f"--concurrent {args.concurrent} --threads {args.threads}")
+               f"--concurrent {args.concurrent} --threads {args.threads}"
+               + (f" --out {args.out}" if args.out else ""))
     lines = [
         "# What tracing costs a step", "",
-        f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"took {elapsed / 60:.1f} min.  ",
+        *provenance(elapsed, command),
         f"Each run: {STEPS} steps (5 one-token model calls on a zero-latency dev model, 5 tool calls); per mode "
         f"an inference worker of {args.threads} threads and a tool worker of 2 processes. Tracing on: the workers "
         "export to a local OTLP receiver and Triton runs in its OpenTelemetry trace mode "
