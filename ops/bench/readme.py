@@ -7,7 +7,8 @@ README marks each place a result goes:
     <!-- /results -->
 
 and this script fills it with that section of that file (a section runs from its heading to the
-next heading of the same or a higher level; ``"*"`` takes the whole report but its title), opened
+next heading of the same or a higher level; ``"*"`` takes the whole report but its title and its
+Command and Commit lines), opened
 by a line naming the file, the command that made it and its commit. A unit test checks that
 README holds what this script would write, so a figure can only change with its results file.
 
@@ -32,7 +33,8 @@ def section(text: str, title: str) -> str:
     lines = text.splitlines()
     if title == "*":
         start = next(i for i, line in enumerate(lines) if line.startswith("# ")) + 1
-        body = lines[start:]
+        # The block's first line names the command and the commit already.
+        body = [line for line in lines[start:] if not re.match(r"(Command|Commit): `", line)]
     else:
         found = [i for i, line in enumerate(lines) if HEADING.match(line) and HEADING.match(line).group(2) == title]
         if not found:

@@ -298,6 +298,7 @@ def render(args, modes: list[Mode], micro: tuple[float, float], sink: Sink, elap
         f"({sink.requests} exports, {sink.bytes / 1e6:.1f} MB of spans received); the submitting client is "
         f"untraced for both. {args.rounds} rounds; in each, {args.sequential} runs per mode one at a time, off "
         f"and on in turn, then {args.concurrent} runs at once per mode.", "",
+        "## Per step", "",
         "| measure | tracing off | tracing on | on - off |", "|---|---|---|---|",
         f"| per step, one run at a time: median over {len(off.one)} runs (ms) | {med(off.one):.3f} | "
         f"{med(on.one):.3f} | {med(paired):+.3f} (median of run pairs; quartiles {q1:+.3f} / {q3:+.3f}) |",

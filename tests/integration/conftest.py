@@ -10,11 +10,13 @@ Each test module gets its own key and queue prefix, and its own worker processes
 from __future__ import annotations
 
 import os
+import platform
 
 # Tests start workers (fork, then exec) while gRPC channels of the test process may be busy;
 # gRPC's fork handlers then run in a child that only goes on to exec, and can crash it.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import socket
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -230,6 +232,20 @@ def reliability_report():
     return record
 
 
+def _provenance(config, out: Path) -> list[str]:  # noqa: ANN001
+    """The command, commit and machine of the run that made the report (as every results file names them)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    where = out.relative_to(REPO) if out.is_relative_to(REPO) else out
+    env = f"FLEET_RELIABILITY_OUT={where} " if os.environ.get("FLEET_RELIABILITY_OUT") else ""
+    command = f"{env}python -m pytest {' '.join(config.invocation_params.args)}".strip()
+    dirty = " +changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    return [f"Command: `{command}`  ",
+            f"Commit: `{git('rev-parse', '--short=12', 'HEAD') + dirty}`  ",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.  "]
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN001, ARG001
     if not _RELIABILITY:
         return
@@ -242,7 +258,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN0
     # The same as a Markdown table: README's reliability figures are this file of a full run.
     out = Path(os.environ.get("FLEET_RELIABILITY_OUT", REPO / ".fleet" / "reliability.md"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["| scenario | submitted | completed | dead-lettered | lost | note |", "|---|---|---|---|---|---|"]
+    lines = ["# Reliability: every run of every fault scenario counted", "", *_provenance(config, out), "",
+             "| scenario | submitted | completed | dead-lettered | lost | note |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['scenario'].strip()} | {r['submitted']} | {r['completed']} | {r['dead_lettered']} | {r['lost']} "
               f"| {r['note']} |" for r in _RELIABILITY]
     out.write_text("\n".join(lines) + "\n")
