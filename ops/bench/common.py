@@ -24,6 +24,10 @@ def commit() -> str:
     return head + (" +changes" if dirty else "")
 
 
+# Read when the benchmark starts: what it ran is the tree as it was then, not when the report is written.
+STARTED_ON = commit()
+
+
 def command_line() -> str:
     """The command as it was typed, relative to the repository."""
     script = Path(sys.argv[0]).resolve()
@@ -37,7 +41,7 @@ def command_line() -> str:
 def provenance(elapsed_s: float, command: str | None = None) -> list[str]:
     """Lines naming the command, the commit and the machine of a report."""
     return [f"Command: `{command or command_line()}`  ",
-            f"Commit: `{commit()}`  ",
+            f"Commit: `{STARTED_ON}`  ",
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
             f"took {elapsed_s / 60:.1f} min.  "]
 
