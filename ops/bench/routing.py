@@ -437,13 +437,13 @@ def show(settings: Settings, client: FleetClient, until: float) -> None:
         time.sleep(2.0)  # a display period
 
 
-def watch_hits(pool: Pool, n: int, until: float, kill_at: float | None) -> list[tuple[float, float, float]]:
-    """The engines' summed prefix counters every 2 s; the last replica killed at ``kill_at`` (s)."""
+def watch_hits(pool: Pool, n: int, until: float, kill_at: float | None) -> list[tuple[float, dict]]:
+    """Each engine's prefix counters (hits, queries) every 2 s; the last replica killed at ``kill_at`` (s)."""
     start, points, killed = time.time(), [], False
     while time.time() < until:
         c = pool.counters(n)
-        points.append((time.time() - start, sum(v.get("vllm:prefix_cache_hits_total", 0) for v in c.values()),
-                       sum(v.get("vllm:prefix_cache_queries_total", 0) for v in c.values())))
+        points.append((time.time() - start, {r: (v.get("vllm:prefix_cache_hits_total", 0),
+                                                 v.get("vllm:prefix_cache_queries_total", 0)) for r, v in c.items()}))
         if kill_at is not None and not killed and time.time() - start >= kill_at:
             pool.procs.stop(f"triton-{n - 1}", sig=signal.SIGKILL)
             killed = True
@@ -510,7 +510,11 @@ def render_kill(k: dict, args: argparse.Namespace) -> list[str]:
         inside = [p for p in pts if a <= p[0] <= b]
         if len(inside) < 2:
             return "n/a"
-        dh, dq = inside[-1][1] - inside[0][1], inside[-1][2] - inside[0][2]
+        # Per engine, over the engines that answered at both ends: a killed one's counters are gone.
+        first, last = inside[0][1], inside[-1][1]
+        both = first.keys() & last.keys()
+        dh = sum(last[r][0] - first[r][0] for r in both)
+        dq = sum(last[r][1] - first[r][1] for r in both)
         return f"{dh / dq:.1%}" if dq > 0 else "n/a"
 
     kill = args.window / 3
