@@ -28,6 +28,7 @@ def commit() -> str:
 
 # Read when the benchmark starts: what it ran is the tree as it was then, not when the report is written.
 STARTED_ON = commit()
+LOAD_AT_START = os.getloadavg()[0]
 
 
 def command_line() -> str:
@@ -45,7 +46,8 @@ def provenance(elapsed_s: float, command: str | None = None) -> list[str]:
     return [f"Command: `{command or command_line()}`  ",
             f"Commit: `{STARTED_ON}`  ",
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-            f"took {elapsed_s / 60:.1f} min.  "]
+            f"took {elapsed_s / 60:.1f} min; 1-minute load average {LOAD_AT_START:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end.  "]
 
 
 def pct(values: list[float], q: float) -> float:

@@ -216,9 +216,7 @@ def render(args, cost: dict, run: dict, down_after_ms: int, elapsed: float, load
     lines = [
         "# Failover benchmark: Redis losing its primary under load", "",
         *provenance(elapsed, command),
-        f"Redis {subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split()[2]}; "
-        f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
-        "(other work shared the machine).  ",
+        f"Redis {subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split()[2]}.  ",
         f"Redis: a primary, two replicas, three Sentinels (quorum 2, down-after-milliseconds {down_after_ms}), all "
         "on this machine. Fleet: production delivery settings (visibility timeout, stall time, reconciler "
         f"interval at their defaults); workers {', '.join(f'{n} ({t} {p})' for n, (_, _, p, t) in WORKERS.items())}; "
