@@ -72,6 +72,8 @@ class ReplicaState:
     routes: dict[str, int] = field(default_factory=dict)  # calls routed here, by reason
     route_blocks: int = 0  # prompt blocks of the calls routed here
     route_hit_blocks: int = 0  # of which the router expected cached here
+    batch_limit: int | None = None  # most requests in flight at which batch may take a slot (objectives)
+    measured: dict[str, float] = field(default_factory=dict)  # engine latencies, p99 over recent scrapes
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "grpc_url": self.grpc_url, "state": "up" if self.up else "down",
@@ -81,7 +83,8 @@ class ReplicaState:
                 "kv_blocks": self.kv_blocks, "kv_usage": self.kv_usage,
                 "prefix_hit_rate": (self.prefix_hits / self.prefix_queries) if self.prefix_queries else None,
                 "routes": self.routes, "route_expected_hit_rate":
-                    (self.route_hit_blocks / self.route_blocks) if self.route_blocks else None}
+                    (self.route_hit_blocks / self.route_blocks) if self.route_blocks else None,
+                "batch_limit": self.batch_limit, "measured_p99_s": self.measured}
 
 
 class ReplicaBoard:
@@ -112,7 +115,9 @@ class ReplicaBoard:
                               preempted=_int(h.get("preempted")) or 0, kv_blocks=_int(h.get("kv_blocks")),
                               kv_usage=_float(h.get("kv_usage")), prefix_queries=_float(h.get("prefix_queries")),
                               prefix_hits=_float(h.get("prefix_hits")), route_blocks=_int(h.get("route_blocks")) or 0,
-                              route_hit_blocks=_int(h.get("route_hit_blocks")) or 0)
+                              route_hit_blocks=_int(h.get("route_hit_blocks")) or 0,
+                              batch_limit=_int(h.get("batch_limit")))
+            st.measured = {k[len("p99_"):]: float(v) for k, v in h.items() if k.startswith("p99_")}
             st.routes = {k[len("route_"):]: int(v) for k, v in h.items()
                          if k.startswith("route_") and k not in ("route_blocks", "route_hit_blocks")}
             st.inflight = dict(zip(PRIORITY_CLASSES, counts))
