@@ -4,20 +4,25 @@ interactive requests within their time to first token (TTFT) and time per output
 In a continuous-batching engine every running sequence slows each step for all of them, so the
 latency an interactive request sees depends on how many sequences run beside it. The engine
 tells how long its tokens took (vLLM's ``vllm:time_to_first_token_seconds`` and
-``vllm:time_per_output_token_seconds`` histograms) and how many sequences run
-(``vllm:num_requests_running``). Between two scrapes the learner takes the histograms'
-difference (its count and sum: the mean latency of the tokens of that interval) and the mean
-running count, and fits, weighting each interval by its tokens and by its age (an
-observation counts half after ``halflife_s``, so it follows an engine whose behaviour changes)::
+``vllm:time_per_output_token_seconds`` histograms). Between two scrapes the learner takes the
+histograms' difference (its count and sum: the mean latency of the tokens of that interval) and
+the mean occupancy (the requests the fleet has in flight at the replica, the unit the slot script
+limits, or the engine's running sequences when more: calls from outside the fleet), and fits,
+weighting each interval by its tokens and by its age (an observation counts half after
+``halflife_s``, so it follows an engine whose behaviour changes)::
 
-    mean latency(n) = a + b * n          (n: sequences running)
+    mean latency(n) = a + b * n          (n: requests in flight)
     p99(n)          = mean latency(n) * tail
 
-``tail`` is the high quantile of how far an interval's mean stood above the fit (at least 1).
-The occupancy limit is the largest ``n`` whose predicted p99 of every objective stays within
-``margin`` times the objective; batch requests take a slot at the replica only while fewer
-requests than that are in flight there (interactive ones always may). With no objective, or
-before the engine has been seen at two occupancies, there is no limit.
+A request's time per output token is the mean of its gaps between tokens, so the mean of an
+interval's gaps predicts it; the objectives are p99 over requests.
+
+``tail`` is how far an interval's mean typically stands above the fit (:data:`TAIL_QUANTILE`,
+at least 1). The occupancy limit is the largest ``n`` whose predicted p99 of every objective
+stays within ``margin`` times the objective; batch requests take a slot at the replica only while
+fewer requests than that are in flight there (interactive ones always may; 0 when even one
+request alone would miss an objective). With no objective, or before the engine has been seen at
+two occupancies, there is no limit.
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ from dataclasses import dataclass
 
 #: Intervals kept per latency (older ones count for almost nothing after a few half-lives).
 KEPT = 2000
-#: The quantile of an interval's mean over the fit that sets ``tail`` (a higher one would take the
-#: intervals in which the running count changed, their tokens counted at the mean of its two ends).
-TAIL_QUANTILE = 0.9
+#: The quantile of an interval's mean over the fit that sets ``tail``. Intervals scatter about the
+#: fit mostly because requests start and end inside them (an interval's occupancy is the mean of its
+#: two ends): a high quantile of that scatter measures the sampling, not what a request sees, and
+#: (measured on the dev model) halved the occupancy an objective allows. The median keeps a bias of
+#: the fit's line; ``margin`` carries the tail.
+TAIL_QUANTILE = 0.5
 #: The most ``tail`` may be: a burst of slow intervals must not shut batch out for good.
 TAIL_MAX = 2.0
 #: Occupancies must spread this much (weighted variance, in sequences squared) for a slope.
@@ -72,7 +80,7 @@ class Histogram:
 
 @dataclass(frozen=True)
 class Model:
-    """One latency as a function of the sequences running: ``(a + b * n) * tail`` at p99."""
+    """One latency as a function of the requests in flight: ``(a + b * n) * tail`` at p99."""
 
     a: float
     b: float
@@ -89,17 +97,17 @@ class Model:
 
 
 class _Fit:
-    """Intervals of one latency: (when, mean running, mean latency, tokens)."""
+    """Intervals of one latency: (when, mean occupancy, mean latency, tokens)."""
 
     def __init__(self) -> None:
         self.seen: deque[tuple[float, float, float, float]] = deque(maxlen=KEPT)
         self.model: Model | None = None
         self.recent: Histogram | None = None  # the decayed sum of interval histograms
 
-    def add(self, now: float, running: float, delta: Histogram, decay: float) -> None:
+    def add(self, now: float, occupancy: float, delta: Histogram, decay: float) -> None:
         if delta.count <= 0:
             return
-        self.seen.append((now, running, delta.total / delta.count, delta.count))
+        self.seen.append((now, occupancy, delta.total / delta.count, delta.count))
         if self.recent is None or self.recent.bounds != delta.bounds:
             self.recent = delta
         else:
@@ -135,29 +143,30 @@ def _weighted_quantile(pairs: list[tuple[float, float]], q: float) -> float:
 
 
 class OccupancyLearner:
-    """What one replica's engine has shown of its latencies against its running sequences."""
+    """What one replica's engine has shown of its latencies against its occupancy."""
 
     def __init__(self, halflife_s: float) -> None:
         self.halflife_s = halflife_s
         self._fits = {name: _Fit() for name in LATENCIES}
         self._last: dict[str, Histogram] = {}
         self._last_at: float | None = None
-        self._last_running: int | None = None
+        self._last_occupancy: int | None = None
 
-    def observe(self, running: int, histograms: dict[str, Histogram | None], now: float | None = None) -> None:
-        """One scrape of the engine: its running sequences and its cumulative latency histograms."""
+    def observe(self, occupancy: int, histograms: dict[str, Histogram | None], now: float | None = None) -> None:
+        """One scrape of the engine: its occupancy (requests in flight there) and its cumulative latency
+        histograms."""
         now = time.monotonic() if now is None else now
         decay = 1.0 if self._last_at is None else 0.5 ** ((now - self._last_at) / self.halflife_s)
-        mean_running = running if self._last_running is None else (running + self._last_running) / 2
+        mean = occupancy if self._last_occupancy is None else (occupancy + self._last_occupancy) / 2
         for name in LATENCIES:
             h = histograms.get(name)
             if h is None:
                 continue
             delta = h.minus(self._last.get(name))
             if delta is not None:
-                self._fits[name].add(now, mean_running, delta, decay)
+                self._fits[name].add(now, mean, delta, decay)
             self._last[name] = h
-        self._last_at, self._last_running = now, running
+        self._last_at, self._last_occupancy = now, occupancy
         for fit in self._fits.values():
             fit.refit(now, self.halflife_s)
 
@@ -167,8 +176,9 @@ class OccupancyLearner:
 
     def limit(self, objectives: dict[str, float], margin: float, capacity: int) -> int | None:
         """The most requests in flight at which batch may still take a slot: the largest occupancy
-        whose predicted p99 holds every objective within ``margin``; at least 1 (batch is never
-        shut out of an idle replica), None when nothing limits it below ``capacity``."""
+        whose predicted p99 holds every objective within ``margin``; 0 when not even one request
+        holds them (the objectives come first: batch waits), None when nothing limits it below
+        ``capacity``."""
         most = math.inf
         for name, objective in objectives.items():
             model = self.model(name)
@@ -176,7 +186,7 @@ class OccupancyLearner:
                 most = min(most, model.most(objective * margin))
         if most >= capacity:
             return None
-        return max(1, math.floor(most))
+        return max(0, math.floor(most))
 
     def measured(self) -> dict[str, float]:
         """Each latency's p99 over the recent scrapes (decayed), as far as seen."""

@@ -61,7 +61,7 @@ def test_a_tighter_objective_gives_a_lower_limit_and_none_when_everything_holds(
     # step time at n: 0.01 * (1 + 0.05 (n - 1)) <= 0.9 * 0.02 -> n <= 17
     assert limits[0] == pytest.approx(17, abs=2)
     assert learner.limit({"tpot": 1.0}, 0.9, capacity=64) is None
-    assert learner.limit({"tpot": 0.001}, 0.9, capacity=64) == 1  # never shut out of an idle replica
+    assert learner.limit({"tpot": 0.001}, 0.9, capacity=64) == 0  # the objective first: batch waits
     assert learner.limit({"ttft": 0.001}, 0.9, capacity=64) is None  # nothing learned of it yet
 
 
