@@ -45,6 +45,8 @@ TAIL_MAX = 2.0
 #: Occupancies must spread this much (weighted variance, in sequences squared) for a slope.
 SPREAD_MIN = 0.25
 LATENCIES = ("ttft", "tpot")
+#: How often the fits are made again (a fit reads every interval kept; scrapes come every 0.1 s).
+REFIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class OccupancyLearner:
         self._last: dict[str, Histogram] = {}
         self._last_at: float | None = None
         self._last_occupancy: int | None = None
+        self._fitted_at: float | None = None
 
     def observe(self, occupancy: int, histograms: dict[str, Histogram | None], now: float | None = None) -> None:
         """One scrape of the engine: its occupancy (requests in flight there) and its cumulative latency
@@ -167,8 +170,11 @@ class OccupancyLearner:
                 self._fits[name].add(now, mean, delta, decay)
             self._last[name] = h
         self._last_at, self._last_occupancy = now, occupancy
-        for fit in self._fits.values():
-            fit.refit(now, self.halflife_s)
+        if self._fitted_at is None or now - self._fitted_at >= REFIT_S or any(
+                f.model is None for f in self._fits.values() if f.seen):
+            self._fitted_at = now
+            for fit in self._fits.values():
+                fit.refit(now, self.halflife_s)
 
     def model(self, name: str) -> Model | None:
         """The fitted ``name`` latency (``'ttft'`` or ``'tpot'``), None before two occupancies were seen."""
