@@ -204,6 +204,12 @@ class Settings(BaseSettings):
     inference_interactive_concurrency: int = Field(
         8, ge=1, description="Threads of the inference worker that takes interactive work only."
     )
+    inference_borrow: bool = Field(
+        False,
+        description="The interactive-only inference worker also takes batch steps while its threads are idle, "
+        "and gives a thread back as soon as an interactive step waits in its queue: the batch call is cancelled "
+        "at Triton and its step goes back to the batch queue, with no attempt spent.",
+    )
     tool_concurrency: int = Field(4, ge=1, description="Processes per tool worker.")
 
     # --- Scheduling and admission ------------------------------------------------------
