@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from fleet.broker.queues import queue_name
 from tests.support.waiting import wait_until
 
 from .conftest import close_fleet, model_metrics, new_fleet
@@ -54,3 +55,19 @@ def test_a_borrowed_thread_is_handed_back_at_once_and_its_step_commits_once(lend
                    if e["type"] == "step" and e.get("step") == ramble.key and e.get("status") == "done"]
     assert len(done_events) == 1  # committed once
     assert len(run.result.split()) == 2000  # the whole output, sent again from the start
+
+
+def test_a_handed_back_step_goes_to_the_head_of_its_queue(lending_fleet):
+    f = lending_fleet
+    first = f.client.submit("slow", {"topic": "rivers"}, priority="batch")
+    wait_until(lambda: _ramble_running(f, first), 30, "the first batch step on the only thread")
+    second = f.client.submit("slow", {"topic": "hills"}, priority="batch")
+    queue = queue_name(f.settings, "llm", "batch")
+    wait_until(lambda: f.client.store.redis.llen(queue) >= 1, 30, "the second batch step waiting in its queue")
+
+    person = f.client.submit("oneshot", {"topic": "tea"})
+    assert f.client.wait(person, timeout=30).status == "succeeded"
+    runs = [f.client.wait(r, timeout=120) for r in (first, second)]
+    assert [r.status for r in runs] == ["succeeded", "succeeded"]
+    # handed back ahead of the step that waited behind it: the first runs again before the second
+    assert runs[0].steps[0].finished_at <= runs[1].steps[0].started_at
