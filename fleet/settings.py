@@ -208,7 +208,7 @@ class Settings(BaseSettings):
         False,
         description="The interactive-only inference worker also takes batch steps while its threads are idle, "
         "and gives a thread back as soon as an interactive step waits in its queue: the batch call is cancelled "
-        "at Triton and its step goes back to the batch queue, with no attempt spent.",
+        "at Triton and its step goes back to the head of the batch queue, with no attempt spent.",
     )
     tool_concurrency: int = Field(4, ge=1, description="Processes per tool worker.")
 

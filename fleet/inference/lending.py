@@ -6,8 +6,9 @@ queue (after its interactive one, so an idle thread always takes interactive wor
 its :class:`Lender` watches the interactive queue while batch calls run on its threads: the
 moment an interactive step waits there, the youngest borrowed call is cancelled at Triton (the
 engine frees its sequence at its next step), its step goes back to the batch queue with no
-attempt spent (:class:`fleet.errors.HandedBack`), and the freed thread takes the interactive
-step. The step runs again from the start elsewhere and is committed once.
+attempt spent (:class:`fleet.errors.HandedBack`), at the head of the batch queue
+(:data:`fleet.broker.consumer.TO_THE_HEAD`), and the freed thread takes the interactive step.
+The step runs again from the start and is committed once.
 """
 
 from __future__ import annotations
