@@ -91,7 +91,8 @@ class PoolMonitor:
         learner = self.learners.get(state.name)
         if learner is None or learner.halflife_s != self.settings.objective_halflife_s:
             learner = self.learners[state.name] = OccupancyLearner(self.settings.objective_halflife_s)
-        learner.observe(max(engine.running, sum(state.inflight.values())), dict(engine.latencies))
+        learner.observe(max(engine.running, sum(state.inflight.values())), dict(engine.latencies),
+                        interactive=state.inflight.get("interactive", 0))
         objectives = self.settings.objectives()
         limit = (learner.limit(objectives, self.settings.objective_margin, state.capacity or 0)
                  if objectives else None)

@@ -19,7 +19,8 @@ interval's gaps predicts it; the objectives are p99 over requests.
 
 ``tail`` is how far an interval's mean typically stands above the fit (:data:`TAIL_QUANTILE`,
 at least 1). The occupancy limit is the largest ``n`` whose predicted p99 of every objective
-stays within ``margin`` times the objective; batch requests take a slot at the replica only while
+stays within ``margin`` times the objective, less the interactive requests that may arrive on top
+of it (:meth:`OccupancyLearner.headroom`); batch requests take a slot at the replica only while
 fewer requests than that are in flight there (interactive ones always may; 0 when even one
 request alone would miss an objective). With no objective, or before the engine has been seen at
 two occupancies, there is no limit.
@@ -45,6 +46,8 @@ TAIL_MAX = 2.0
 #: Occupancies must spread this much (weighted variance, in sequences squared) for a slope.
 SPREAD_MIN = 0.25
 LATENCIES = ("ttft", "tpot")
+#: The quantile of interactive requests in flight kept free above the batch limit.
+HEADROOM_QUANTILE = 0.95
 #: How often the fits are made again (a fit reads every interval kept; scrapes come every 0.1 s).
 REFIT_S = 1.0
 
@@ -154,11 +157,16 @@ class OccupancyLearner:
         self._last_at: float | None = None
         self._last_occupancy: int | None = None
         self._fitted_at: float | None = None
+        self._interactive: deque[tuple[float, int]] = deque(maxlen=KEPT)
 
-    def observe(self, occupancy: int, histograms: dict[str, Histogram | None], now: float | None = None) -> None:
-        """One scrape of the engine: its occupancy (requests in flight there) and its cumulative latency
-        histograms."""
+    def observe(self, occupancy: int, histograms: dict[str, Histogram | None], now: float | None = None,
+                interactive: int = 0) -> None:
+        """One scrape of the engine: its occupancy (requests in flight there, ``interactive`` of them
+        interactive) and its cumulative latency histograms."""
         now = time.monotonic() if now is None else now
+        self._interactive.append((now, interactive))
+        while self._interactive and self._interactive[0][0] < now - self.halflife_s:
+            self._interactive.popleft()
         decay = 1.0 if self._last_at is None else 0.5 ** ((now - self._last_at) / self.halflife_s)
         mean = occupancy if self._last_occupancy is None else (occupancy + self._last_occupancy) / 2
         for name in LATENCIES:
@@ -192,7 +200,14 @@ class OccupancyLearner:
                 most = min(most, model.most(objective * margin))
         if most >= capacity:
             return None
-        return max(0, math.floor(most))
+        return max(0, math.floor(most - self.headroom()))
+
+    def headroom(self) -> int:
+        """Interactive requests that arrive on top of a full batch (batch stops at the limit; they do
+        not): the :data:`HEADROOM_QUANTILE` of the interactive requests in flight over the last
+        ``halflife_s``, so that the occupancy an interactive request meets stays within what holds."""
+        seen = sorted(n for _, n in self._interactive)
+        return seen[min(len(seen) - 1, int(HEADROOM_QUANTILE * len(seen)))] if seen else 0
 
     def measured(self) -> dict[str, float]:
         """Each latency's p99 over the recent scrapes (decayed), as far as seen."""

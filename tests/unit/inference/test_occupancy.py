@@ -116,3 +116,15 @@ def test_the_histograms_are_read_under_vllms_names():
     ])
     found = latency_histograms(text, "m")
     assert found == {"tpot": Histogram((0.01, 0.025), (1.0, 3.0, 3.0), 0.06, 3.0)}
+
+
+def test_the_limit_leaves_room_for_the_interactive_requests_that_arrive_on_top():
+    learner, engine = OccupancyLearner(halflife_s=30), FakeEngine(base=0.01, slope=0.05)
+    feed(learner, engine, [4, 16, 8, 32, 2, 24])
+    alone = learner.limit({"tpot": 0.02}, 0.9, capacity=64)
+    learner.observe(8, {"tpot": engine.run(8)}, now=100.0, interactive=3)
+    assert learner.headroom() >= 0
+    for k in range(40):
+        learner.observe(8, {"tpot": engine.run(8)}, now=101.0 + k * 0.1, interactive=3)
+    assert learner.headroom() == 3
+    assert learner.limit({"tpot": 0.02}, 0.9, capacity=64) == alone - 3
