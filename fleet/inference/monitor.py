@@ -94,8 +94,9 @@ class PoolMonitor:
         learner.observe(max(engine.running, sum(state.inflight.values())), dict(engine.latencies),
                         interactive=state.inflight.get("interactive", 0))
         objectives = self.settings.objectives()
-        limit = (learner.limit(objectives, self.settings.objective_margin, state.capacity or 0)
-                 if objectives else None)
+        # No limit is needed where the policy's own room (capacity and pipeline) holds the objectives.
+        room = (state.capacity or 0) + (state.pipeline if self.settings.batch_policy == "preempt" else 0)
+        limit = learner.limit(objectives, self.settings.objective_margin, room) if objectives else None
         self.board.set_occupancy(state.name, learner.measured(), limit)
 
     def loop(self) -> BackgroundLoop:

@@ -189,6 +189,7 @@ class OccupancyLearner:
         return self._fits[name].model
 
     def limit(self, objectives: dict[str, float], margin: float, capacity: int) -> int | None:
+        # ``capacity``: the most requests in flight the batch policy itself lets a replica have.
         """The most requests in flight at which batch may still take a slot: the largest occupancy
         whose predicted p99 holds every objective within ``margin``; 0 when not even one request
         holds them (the objectives come first: batch waits), None when nothing limits it below

@@ -220,7 +220,7 @@ def plot(results: list[dict], path: Path) -> None:
         for row, (key, unit, scale) in enumerate((("tpot_p99", "ms", 1000), ("ttft_p99", "s", 1))):
             ax = axes[row][col]
             for kind, (style, color) in styles.items():
-                pts = [p for p in res["points"] if p["kind"] == kind]
+                pts = sorted((p for p in res["points"] if p["kind"] == kind), key=lambda p: p["vs_vanilla"])
                 if pts:
                     ax.plot([p["vs_vanilla"] for p in pts], [p[key] * scale for p in pts], style, color=color,
                             label=kind)
