@@ -205,10 +205,13 @@ class OccupancyLearner:
 
     def headroom(self) -> int:
         """Interactive requests that arrive on top of a full batch (batch stops at the limit; they do
-        not): the :data:`HEADROOM_QUANTILE` of the interactive requests in flight over the last
-        ``halflife_s``, so that the occupancy an interactive request meets stays within what holds."""
+        not): how far the interactive requests in flight rise above their median, at the
+        :data:`HEADROOM_QUANTILE`, over the last ``halflife_s`` (those at the median were in flight
+        when batch took its slots, and counted then)."""
         seen = sorted(n for _, n in self._interactive)
-        return seen[min(len(seen) - 1, int(HEADROOM_QUANTILE * len(seen)))] if seen else 0
+        if not seen:
+            return 0
+        return seen[min(len(seen) - 1, int(HEADROOM_QUANTILE * len(seen)))] - seen[len(seen) // 2]
 
     def measured(self) -> dict[str, float]:
         """Each latency's p99 over the recent scrapes (decayed), as far as seen."""

@@ -122,9 +122,10 @@ def test_the_limit_leaves_room_for_the_interactive_requests_that_arrive_on_top()
     learner, engine = OccupancyLearner(halflife_s=30), FakeEngine(base=0.01, slope=0.05)
     feed(learner, engine, [4, 16, 8, 32, 2, 24])
     alone = learner.limit({"tpot": 0.02}, 0.9, capacity=64)
-    learner.observe(8, {"tpot": engine.run(8)}, now=100.0, interactive=3)
-    assert learner.headroom() >= 0
-    for k in range(40):
-        learner.observe(8, {"tpot": engine.run(8)}, now=101.0 + k * 0.1, interactive=3)
+    for k in range(40):  # a steady 3: in flight when batch took its slots, nothing arrives on top
+        learner.observe(8, {"tpot": engine.run(8)}, now=100.0 + k * 0.1, interactive=3)
+    assert learner.headroom() == 0
+    for k in range(100):  # 1 most of the time, 4 now and then: 3 arrive on top of a full batch
+        learner.observe(8, {"tpot": engine.run(8)}, now=104.0 + k * 0.1, interactive=4 if k % 10 == 0 else 1)
     assert learner.headroom() == 3
     assert learner.limit({"tpot": 0.02}, 0.9, capacity=64) == alone - 3
