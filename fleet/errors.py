@@ -17,7 +17,10 @@
      ├── DeadlineExceeded      the run's deadline passed; the run expires, nothing more runs
      ├── BudgetExceeded        the run's token or cost budget is spent; it ends budget_exceeded
      │                         before its next model call
-     └── RunCancelled          the run was cancelled; its remaining steps are skipped
+     ├── RunCancelled          the run was cancelled; its remaining steps are skipped
+     └── HandedBack            a batch step on a thread borrowed from interactive work gave the
+                               thread back: its call was cancelled at Triton and the step goes
+                               back to its queue (no failure, no attempt spent)
 
 A step body raises; the base task decides what happens (retry, dead letter, expire).
 Any exception that is not a :class:`FleetError` is treated as permanent: retrying a bug
@@ -115,6 +118,11 @@ class BudgetExceeded(FleetError):
 
 class RunCancelled(FleetError):
     """The run was cancelled while this step waited or ran."""
+
+
+class HandedBack(FleetError):
+    """A batch step ran on a thread borrowed from interactive work, and an interactive step now
+    waits for it: its model call was cancelled and the step goes back to its queue."""
 
 
 # gRPC status codes Triton returns, by what they mean for a retry. Triton's python backend

@@ -204,6 +204,12 @@ class Settings(BaseSettings):
     inference_interactive_concurrency: int = Field(
         8, ge=1, description="Threads of the inference worker that takes interactive work only."
     )
+    inference_borrow: bool = Field(
+        False,
+        description="The interactive-only inference worker also takes batch steps while its threads are idle, "
+        "and gives a thread back as soon as an interactive step waits in its queue: the batch call is cancelled "
+        "at Triton and its step goes back to the head of the batch queue, with no attempt spent.",
+    )
     tool_concurrency: int = Field(4, ge=1, description="Processes per tool worker.")
 
     # --- Scheduling and admission ------------------------------------------------------
@@ -266,6 +272,28 @@ class Settings(BaseSettings):
         8192, ge=16,
         description="Blocks of prompts the router remembers per replica when the engine does not report its "
         "KV cache size (vllm:cache_config_info); the oldest are forgotten first, as the engine evicts.",
+    )
+    objective_ttft_p99_s: float | None = Field(
+        None, gt=0,
+        description="Interactive latency objective: time to first token, p99, in seconds. Set (with or "
+        "without FLEET_OBJECTIVE_TPOT_P99_S), the pool monitor learns per replica how the engine's "
+        "latencies grow with its running sequences and holds batch to the occupancy that keeps the "
+        "predicted interactive p99 within FLEET_OBJECTIVE_MARGIN of it; unset, batch occupancy is the "
+        "batch policy's alone.",
+    )
+    objective_tpot_p99_s: float | None = Field(
+        None, gt=0,
+        description="Interactive latency objective: time per output token (between two tokens), p99, in "
+        "seconds; see FLEET_OBJECTIVE_TTFT_P99_S.",
+    )
+    objective_margin: float = Field(
+        0.9, gt=0, le=1,
+        description="With an objective: the fraction of it that the predicted interactive p99 is held within.",
+    )
+    objective_halflife_s: float = Field(
+        30.0, gt=0,
+        description="With an objective: how fast the occupancy learner forgets what it saw of an engine (an "
+        "observation counts half after this long), so it follows an engine whose behaviour changes.",
     )
     replica_probe_interval_s: float = Field(
         0.5, gt=0, description="How often a replica that is down is probed to rejoin the pool.",
@@ -503,6 +531,11 @@ class Settings(BaseSettings):
         specs = json.dumps([t.model_dump(mode="json") | {"keys": [k.get_secret_value() for k in t.keys]}
                             for t in self.tenants])
         return _registry(specs, self.tenants_file, stamp, self.api_keys, self.admin_keys)
+
+    def objectives(self) -> dict[str, float]:
+        """The interactive latency objectives that are set: ``{"ttft": s, "tpot": s}``, either or none."""
+        found = {"ttft": self.objective_ttft_p99_s, "tpot": self.objective_tpot_p99_s}
+        return {k: v for k, v in found.items() if v is not None}
 
     def deadline_s(self, priority: PriorityClass) -> float:
         """Default deadline, in seconds from submission, of a run of this class."""

@@ -28,9 +28,15 @@ from typing import Any
 
 import redis
 from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu.transport import virtual
 
 #: Seconds between rounds of connection attempts (a round asks every Sentinel once).
 RECONNECT_INTERVAL_S = 0.5
+#: Ids of step tasks whose message, when rejected to be requeued, goes to the head of its queue
+#: rather than to its end: a step that gave its borrowed thread back to interactive work
+#: (:mod:`fleet.inference.lending`) is the next one a thread takes. The task adds its id before it
+#: rejects, in the process that received the message.
+TO_THE_HEAD: set[str] = set()
 
 
 class Consumer(CeleryConsumer):
@@ -53,6 +59,17 @@ class Consumer(CeleryConsumer):
             channel.basic_ack = self._ack
             channel.basic_reject = functools.partial(self._reject, channel.qos)
         super().on_connection_error_after_connected(exc)
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        handle = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message: Any) -> Any:
+            task_id = (message.headers or {}).get("id")
+            if task_id is not None:
+                message.reject = functools.partial(_reject, message, message.reject, task_id)
+            return handle(message)
+
+        return on_task_received
 
     def _qos(self) -> Any:
         """The unacknowledged-message bookkeeping of the current connection."""
@@ -77,3 +94,16 @@ class Consumer(CeleryConsumer):
                 qos.channel._do_restore_message(message._raw, info["exchange"], info["routing_key"], pipe,
                                                 leftmost=True)
             pipe.execute()
+
+
+def _reject(message: Any, reject: Any, task_id: str, requeue: bool = False) -> None:
+    """``message.reject``, except that a message of :data:`TO_THE_HEAD` goes back to the end of its
+    list that the Redis transport pops next (it pushes new messages to the other end)."""
+    restore = getattr(message.channel.qos, "restore_by_tag", None)
+    if not (requeue and task_id in TO_THE_HEAD) or restore is None:
+        reject(requeue=requeue)
+        return
+    TO_THE_HEAD.discard(task_id)
+    restore(message.delivery_tag, leftmost=False)
+    virtual.QoS.ack(message.channel.qos, message.delivery_tag)  # out of the delivered set, as a reject does
+    message._state = "REJECTED"

@@ -46,7 +46,7 @@ local total_load, total_cap = 0, 0
 for j = 0, n - 1 do
   local i = (tonumber(ARGV[9]) + j) % n + 1
   local b = base(i)
-  local st = redis.call('HMGET', KEYS[b + 1], 'state', 'capacity', 'pipeline')
+  local st = redis.call('HMGET', KEYS[b + 1], 'state', 'capacity', 'pipeline', 'batch_limit')
   if st[1] == 'up' and st[2] then
     up = up + 1
     table.insert(order, i)
@@ -76,6 +76,8 @@ for j = 0, n - 1 do
       end
       room = cap - reserve - nb
     end
+    -- the pool monitor's occupancy for the latency objectives: batch takes no slot at or above it
+    if class == 'batch' and st[4] then room = math.min(room, tonumber(st[4]) - ni - nb) end
     free[i] = room
     if room > best_free then best, best_free = i, room end
   end

@@ -14,7 +14,12 @@ One worker of the fleet runs it at a time (a Redis lock that its holder renews).
   outside the engine's batch). The depth grows while the engine has a free slot although
   the fleet sends all it may, and shrinks as soon as requests wait inside the engine, where
   its first-come-first-served queue would put them ahead of an interactive request
-  (beyond :data:`WAITING_TOLERATED`).
+  (beyond :data:`WAITING_TOLERATED`);
+- learns from each engine's latency histograms how its time to first token and time per output
+  token grow with its running sequences (:mod:`fleet.inference.occupancy`): the p99 it measures
+  is shown by ``fleet status``, and with ``FLEET_OBJECTIVE_*`` set, the occupancy at which batch
+  stops taking slots at the replica (``batch_limit`` in its hash; the slot script reads it) is the
+  largest that keeps the predicted interactive p99 within the objectives.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from collections.abc import Callable
 import redis
 
 from fleet.core.loops import BackgroundLoop, Leadership
-from fleet.inference.replicas import ReplicaBoard, ReplicaState, check, engine_metrics
+from fleet.inference.occupancy import OccupancyLearner
+from fleet.inference.replicas import EngineMetrics, ReplicaBoard, ReplicaState, check, engine_metrics
 from fleet.inference.triton import TritonClient
 from fleet.settings import ReplicaSpec, Settings
 
@@ -57,6 +63,7 @@ class PoolMonitor:
         self.triton = triton
         self._client = client
         self._probed: dict[str, float] = {}
+        self.learners: dict[str, OccupancyLearner] = {}
 
     def tick(self) -> bool:
         """One look at every replica (the lock holder's work)."""
@@ -72,10 +79,25 @@ class PoolMonitor:
                 if engine is None:
                     continue
                 self.board.set_cache(state.name, engine)
+                self._learn(state, engine)
                 if self.settings.batch_policy == "preempt":
                     depth = next_pipeline(state, engine.running, engine.waiting, limit=self.settings.pipeline_max)
                     self.board.set_engine(state.name, engine.running, engine.waiting, depth)
         return False
+
+    def _learn(self, state: ReplicaState, engine: EngineMetrics) -> None:
+        """What the engine's latencies say of its occupancy: the p99 measured, and with an objective
+        the occupancy at which batch stops taking slots there (:mod:`fleet.inference.occupancy`)."""
+        learner = self.learners.get(state.name)
+        if learner is None or learner.halflife_s != self.settings.objective_halflife_s:
+            learner = self.learners[state.name] = OccupancyLearner(self.settings.objective_halflife_s)
+        learner.observe(max(engine.running, sum(state.inflight.values())), dict(engine.latencies),
+                        interactive=state.inflight.get("interactive", 0))
+        objectives = self.settings.objectives()
+        # No limit is needed where the policy's own room (capacity and pipeline) holds the objectives.
+        room = (state.capacity or 0) + (state.pipeline if self.settings.batch_policy == "preempt" else 0)
+        limit = learner.limit(objectives, self.settings.objective_margin, room) if objectives else None
+        self.board.set_occupancy(state.name, learner.measured(), limit)
 
     def loop(self) -> BackgroundLoop:
         """The monitor's loop: a look at every replica each FLEET_ENGINE_POLL_INTERVAL_S, by one

@@ -31,10 +31,10 @@ from typing import Any
 import redis
 
 from fleet.core.listener import Listener
-from fleet.errors import ReplicaUnavailable
+from fleet.errors import HandedBack, ReplicaUnavailable, RunCancelled
 from fleet.inference.replicas import ReplicaBoard, check
 from fleet.inference.routing import RouteRequest, prefix_blocks
-from fleet.inference.slots import Slots
+from fleet.inference.slots import Lease, Slots
 from fleet.inference.triton import Generation, TritonClient
 from fleet.run.cancel import CancelScope
 from fleet.settings import PriorityClass, Settings
@@ -47,6 +47,7 @@ class _Call:
 
     def __init__(self) -> None:
         self.preempted = False
+        self.handed_back = False  # a borrowed thread taken back (preempted too)
         self._call: Any = None
         self._lock = threading.Lock()
 
@@ -64,6 +65,10 @@ class _Call:
         if call is not None:
             call.cancel()
 
+    def hand_back(self) -> None:
+        self.handed_back = True
+        self.preempt()
+
 
 class InferencePool:
     """Model calls of one worker process over the pool's replicas."""
@@ -79,6 +84,10 @@ class InferencePool:
         self._lock = threading.Lock()
         self._checked = False
         self._turn = itertools.count()
+        #: Batch calls run on threads borrowed from interactive work (FLEET_INFERENCE_BORROW), by token:
+        #: when they started and their link.
+        self.borrowing = False
+        self._borrowed: dict[str, tuple[float, _Call]] = {}
         listener.on(settings.keys.preempt_channel, self._preempt)
         listener.on(settings.keys.slot_channel, self._slot_news)
 
@@ -135,36 +144,75 @@ class InferencePool:
             token, link = uuid.uuid4().hex, _Call()
             with self._lock:
                 self._calls[token] = link
+                if self.borrowing and priority == "batch":
+                    self._borrowed[token] = (time.monotonic(), link)
             try:
                 started = time.monotonic()
-                lease = self.slots.acquire(priority, deadline_at, cancel.cancelled, preemptible, token=token,
-                                           route=route)
+                lease = self._lease(priority, deadline_at, cancel, link, preemptible, token, route, request_id)
                 waited += time.monotonic() - started
                 try:
                     gen = call(lease.replica, lambda c: (cancel.bind(c), link.bind(c)),
                                (lambda: self.slots.started(lease)) if priority == "interactive" else None)
                 except Exception as exc:
-                    if link.preempted:
-                        preemptions += 1
-                        log.info("request %s preempted at %s for an interactive request; sending it again",
-                                 request_id, lease.replica)
-                        continue
-                    if isinstance(exc, ReplicaUnavailable) and failovers < 2 * len(self.specs):
-                        failovers += 1
-                        self.board.mark_down(lease.replica, str(exc))
-                        log.warning("request %s: replica %s lost (%s); sending it to another replica",
-                                    request_id, lease.replica, exc)
-                        continue
-                    raise
+                    again = self._send_again(exc, link, lease.replica, request_id, failovers)
+                    if again is None:
+                        raise
+                    preemptions, failovers = preemptions + (again == "preempted"), failovers + (again == "failover")
+                    continue
                 finally:
                     self.slots.release(lease)
             finally:
                 with self._lock:
                     self._calls.pop(token, None)
+                    self._borrowed.pop(token, None)
             gen.replica, gen.preemptions, gen.failovers, gen.slot_wait_s = (
                 lease.replica, preemptions, failovers, waited)
             gen.route, gen.hit_blocks, gen.prompt_blocks = lease.reason, lease.hit_blocks, len(route.blocks)
             return gen
+
+    def _lease(self, priority: PriorityClass, deadline_at: float, cancel: CancelScope, link: _Call,
+               preemptible: bool, token: str, route: RouteRequest, request_id: str) -> Lease:
+        """A slot for the call, waiting as long as the run may (or until its thread is taken back)."""
+        try:
+            return self.slots.acquire(priority, deadline_at, lambda: cancel.cancelled() or link.handed_back,
+                                      preemptible, token=token, route=route)
+        except RunCancelled:
+            if link.handed_back and not cancel.cancelled():
+                raise HandedBack(f"request {request_id}: its thread went back to interactive work") from None
+            raise
+
+    def _send_again(self, exc: Exception, link: _Call, replica: str, request_id: str, failovers: int) -> str | None:
+        """Why a failed call is sent again (``'preempted'``, ``'failover'``), or None: it failed.
+
+        Raises:
+            HandedBack: the call ran on a borrowed thread, which interactive work took back.
+        """
+        if link.handed_back:
+            log.info("request %s: cancelled at %s, its thread going back to interactive work", request_id, replica)
+            raise HandedBack(f"request {request_id}: its thread went back to interactive work") from None
+        if link.preempted:
+            log.info("request %s preempted at %s for an interactive request; sending it again", request_id, replica)
+            return "preempted"
+        if isinstance(exc, ReplicaUnavailable) and failovers < 2 * len(self.specs):
+            self.board.mark_down(replica, str(exc))
+            log.warning("request %s: replica %s lost (%s); sending it to another replica", request_id, replica, exc)
+            return "failover"
+        return None
+
+    # --- borrowed threads ---------------------------------------------------------------
+    def borrowed(self) -> int:
+        """Batch calls of this process running on threads borrowed from interactive work."""
+        with self._lock:
+            return sum(1 for _, link in self._borrowed.values() if not link.handed_back)
+
+    def hand_back_youngest(self) -> bool:
+        """Cancel the youngest borrowed batch call (its step goes back to its queue); False when none."""
+        with self._lock:
+            live = [(started, link) for started, link in self._borrowed.values() if not link.handed_back]
+        if not live:
+            return False
+        max(live, key=lambda item: item[0])[1].hand_back()
+        return True
 
     # --- what the listener hears ----------------------------------------------------------
     def _preempt(self, token: str) -> None:

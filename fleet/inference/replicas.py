@@ -15,6 +15,7 @@ A replica's capacity (most sequences its engine runs at once) comes from its ent
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import urllib.request
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import redis
 
 from fleet.errors import ReplicaUnavailable
+from fleet.inference.occupancy import Histogram
 from fleet.inference.slots import LEASE_TTL_S
 from fleet.inference.triton import TritonClient
 from fleet.settings import PRIORITY_CLASSES, ReplicaSpec, Settings
@@ -32,6 +34,11 @@ log = logging.getLogger(__name__)
 _METRIC_LINE = re.compile(
     r'^(vllm:(?:num_requests_running|num_requests_waiting|kv_cache_usage_perc|prefix_cache_queries_total'
     r'|prefix_cache_hits_total|cache_config_info))\{([^}]*)\}\s+([0-9.eE+-]+)$', re.MULTILINE)
+_HISTOGRAM_LINE = re.compile(
+    r'^vllm:(time_to_first_token|time_per_output_token)_seconds_(bucket|sum|count)\{([^}]*)\}\s+([0-9.eE+-]+)$',
+    re.MULTILINE)
+#: The engine's latency histograms by the names the occupancy learner gives them.
+_LATENCY = {"time_to_first_token": "ttft", "time_per_output_token": "tpot"}
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
@@ -46,6 +53,7 @@ class EngineMetrics:
     prefix_hits: float | None = None  # vllm:prefix_cache_hits_total, in tokens
     kv_blocks: int | None = None  # num_gpu_blocks of vllm:cache_config_info
     block_size: int | None = None  # block_size of vllm:cache_config_info
+    latencies: dict[str, Histogram] = field(default_factory=dict)  # 'ttft', 'tpot': the engine's histograms
 
 
 @dataclass
@@ -72,6 +80,8 @@ class ReplicaState:
     routes: dict[str, int] = field(default_factory=dict)  # calls routed here, by reason
     route_blocks: int = 0  # prompt blocks of the calls routed here
     route_hit_blocks: int = 0  # of which the router expected cached here
+    batch_limit: int | None = None  # most requests in flight at which batch may take a slot (objectives)
+    measured: dict[str, float] = field(default_factory=dict)  # engine latencies, p99 over recent scrapes
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "grpc_url": self.grpc_url, "state": "up" if self.up else "down",
@@ -81,7 +91,8 @@ class ReplicaState:
                 "kv_blocks": self.kv_blocks, "kv_usage": self.kv_usage,
                 "prefix_hit_rate": (self.prefix_hits / self.prefix_queries) if self.prefix_queries else None,
                 "routes": self.routes, "route_expected_hit_rate":
-                    (self.route_hit_blocks / self.route_blocks) if self.route_blocks else None}
+                    (self.route_hit_blocks / self.route_blocks) if self.route_blocks else None,
+                "batch_limit": self.batch_limit, "measured_p99_s": self.measured}
 
 
 class ReplicaBoard:
@@ -112,7 +123,9 @@ class ReplicaBoard:
                               preempted=_int(h.get("preempted")) or 0, kv_blocks=_int(h.get("kv_blocks")),
                               kv_usage=_float(h.get("kv_usage")), prefix_queries=_float(h.get("prefix_queries")),
                               prefix_hits=_float(h.get("prefix_hits")), route_blocks=_int(h.get("route_blocks")) or 0,
-                              route_hit_blocks=_int(h.get("route_hit_blocks")) or 0)
+                              route_hit_blocks=_int(h.get("route_hit_blocks")) or 0,
+                              batch_limit=_int(h.get("batch_limit")))
+            st.measured = {k[len("p99_"):]: float(v) for k, v in h.items() if k.startswith("p99_")}
             st.routes = {k[len("route_"):]: int(v) for k, v in h.items()
                          if k.startswith("route_") and k not in ("route_blocks", "route_hit_blocks")}
             st.inflight = dict(zip(PRIORITY_CLASSES, counts))
@@ -159,6 +172,20 @@ class ReplicaBoard:
         found = {k: v for k, v in found.items() if v is not None and not (k == "kv_blocks" and v <= 0)}
         if found:
             self.redis.hset(self.settings.keys.replica(name), mapping=found)
+
+
+    def set_occupancy(self, name: str, measured: dict[str, float], batch_limit: int | None) -> None:
+        """The engine's latencies as measured (p99 by ``'ttft'``, ``'tpot'``), and the most requests
+        in flight at which batch may take a slot there (None: no such limit)."""
+        key = self.settings.keys.replica(name)
+        pipe = self.redis.pipeline(transaction=False)
+        if measured:
+            pipe.hset(key, mapping={f"p99_{k}": round(v, 6) for k, v in measured.items()})
+        if batch_limit is None:
+            pipe.hdel(key, "batch_limit")
+        else:
+            pipe.hset(key, "batch_limit", batch_limit)
+        pipe.execute()
 
 
 def probe(settings: Settings, spec: ReplicaSpec, client: TritonClient) -> int:
@@ -214,11 +241,33 @@ def engine_metrics(metrics_url: str, model: str, timeout_s: float = 1.0) -> Engi
     if "vllm:num_requests_running" not in found or "vllm:num_requests_waiting" not in found:
         return None
     return EngineMetrics(
+        latencies=latency_histograms(text, model),
         running=int(found["vllm:num_requests_running"]), waiting=int(found["vllm:num_requests_waiting"]),
         kv_usage=found.get("vllm:kv_cache_usage_perc"), prefix_queries=found.get("vllm:prefix_cache_queries_total"),
         prefix_hits=found.get("vllm:prefix_cache_hits_total"),
         kv_blocks=_int(info.get("num_gpu_blocks")) if info.get("num_gpu_blocks", "None") != "None" else None,
         block_size=_int(info.get("block_size")) if info.get("block_size", "None") != "None" else None)
+
+
+def latency_histograms(text: str, model: str) -> dict[str, Histogram]:
+    """The engine's TTFT and TPOT histograms for ``model`` in a metrics page (vLLM's names), by
+    ``'ttft'`` and ``'tpot'``; series of several engine instances add up."""
+    parts: dict[str, dict[str, dict[float, float]]] = {}
+    for metric, kind, labels, value in _HISTOGRAM_LINE.findall(text):
+        named = dict(_LABEL.findall(labels))
+        if model not in (named.get("model"), named.get("model_name")):
+            continue
+        where = parts.setdefault(_LATENCY[metric], {"bucket": {}, "sum": {}, "count": {}})
+        le = float(named["le"]) if kind == "bucket" else 0.0  # float("+Inf") is inf
+        where[kind][le] = where[kind].get(le, 0.0) + float(value)
+    out = {}
+    for name, p in parts.items():
+        if not p["count"] or not p["bucket"]:
+            continue
+        bounds = sorted(p["bucket"])
+        finite = tuple(b for b in bounds if math.isfinite(b))
+        out[name] = Histogram(finite, tuple(p["bucket"][b] for b in bounds), p["sum"].get(0.0, 0.0), p["count"][0.0])
+    return out
 
 
 def engine_state(metrics_url: str, model: str, timeout_s: float = 1.0) -> tuple[int, int] | None:

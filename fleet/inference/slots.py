@@ -19,6 +19,11 @@ reserve    batch < C - reserve (recent peak)    always (the engine queues what i
 static     batch < FLEET_BATCH_INFLIGHT_MAX     always
 =========  ===================================  ==========================================
 
+Under every policy, with latency objectives set (``FLEET_OBJECTIVE_*``), a batch request also
+finds no room at a replica once the requests in flight there reach its ``batch_limit``: the
+occupancy the pool monitor learned keeps the interactive p99 within the objectives
+(:mod:`fleet.inference.occupancy`). A replica without one has no such limit.
+
 Under ``preempt`` an interactive request also preempts the youngest batch requests sent
 beyond the replica's capacity, so that at most ``K - FLEET_PREEMPT_VICTIMS`` of them stay
 ahead of it in the engine's first-come-first-served queue (about ``K`` find a freed

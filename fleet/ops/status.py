@@ -10,7 +10,7 @@ import redis
 
 from fleet.broker.queues import all_queues
 from fleet.connections import primary_address, redis_client
-from fleet.inference.replicas import ReplicaBoard
+from fleet.inference.replicas import ReplicaBoard, ReplicaState
 from fleet.inference.triton import TritonClient
 from fleet.ops.gauges import oldest_age_s
 from fleet.scheduling.backlog import Backlog
@@ -45,6 +45,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         ]
         states = ReplicaBoard(settings, client).states()
         report["pool"]["replicas"] = [st.as_dict() for st in states]
+        report["pool"]["objectives"] = objectives(settings, states)
         report["inflight"] = {p: sum(st.inflight[p] for st in states) for p in PRIORITY_CLASSES}
         backlog = Backlog(settings, client)
         report["backlog"] = {"queued": backlog.sizes(), "dispatched": backlog.in_flight_count(),
@@ -77,6 +78,16 @@ def collect(settings: Settings) -> dict[str, Any]:
         finally:
             app.close()
     return report
+
+
+def objectives(settings: Settings, states: list[ReplicaState]) -> dict[str, dict[str, float | None]]:
+    """Each interactive latency objective beside what the engines measure (the worst replica's p99
+    over its recent scrapes), set or not."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name, objective in (("ttft", settings.objective_ttft_p99_s), ("tpot", settings.objective_tpot_p99_s)):
+        seen = [st.measured[name] for st in states if st.up and name in st.measured]
+        out[f"{name}_p99_s"] = {"objective": objective, "measured": max(seen) if seen else None}
+    return out
 
 
 def _redis_target(settings: Settings) -> str:

@@ -33,7 +33,7 @@ from typing import Any
 import redis
 
 from fleet.core.redis_full import is_redis_full, wait_for_room
-from fleet.errors import BudgetExceeded, DeadlineExceeded, FleetError, RunCancelled, RunNotFound
+from fleet.errors import BudgetExceeded, DeadlineExceeded, FleetError, HandedBack, RunCancelled, RunNotFound
 from fleet.run.agent import AgentDef
 from fleet.run.deadletter import DeadLetter
 from fleet.run.plan import Exhausted, Finished, StepPos, is_skipped, next_step, result_of, step_index
@@ -122,6 +122,9 @@ class StepPipeline:
         except BaseException as exc:  # noqa: BLE001 - every failure is classified in _failed
             if is_redis_full(exc):
                 raise  # not the step's failure: the task waits for room and goes on
+            if isinstance(exc, HandedBack):
+                self._handed_back(ctx)
+                raise  # not the step's failure: the task puts it back in its queue
             return self._failed(ctx, exc)
         self._commit(ctx)
         return self._advance(ctx)
@@ -216,6 +219,18 @@ class StepPipeline:
             self._end(ctx, "failed", error={"type": "LoopExhausted", "message": nxt.message})
             return STOP
         return Advance(nxt, ctx.agent, ctx.run.priority)
+
+    def _handed_back(self, ctx: StepContext) -> None:
+        """The step gave its borrowed thread back to interactive work: this delivery spent no
+        attempt and does not count as one that never finished (it goes back to its queue)."""
+        record = ctx.record
+        if record is not None:
+            record.attempts = max(0, record.attempts - (0 if ctx.again else 1))
+            self.store.put_step(ctx.run_id, record)
+        if not ctx.again:
+            self.store.redis.decr(self._deliveries_key(ctx))
+        log.info("run %s: step %s handed its thread back to interactive work; it goes back to its queue",
+                 ctx.run_id, ctx.key, extra={"run_id": ctx.run_id})
 
     # --- failures -------------------------------------------------------------------
     def _failed(self, ctx: StepContext, exc: BaseException) -> Outcome:

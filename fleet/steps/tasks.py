@@ -22,8 +22,10 @@ from kombu.exceptions import OperationalError
 
 from fleet.broker.app import SENT_AT_HEADER
 from fleet.broker.chains import build_chain, next_iteration_chain
+from fleet.broker.consumer import TO_THE_HEAD
 from fleet.core import tracing
 from fleet.core.redis_full import is_redis_full, wait_for_room
+from fleet.errors import HandedBack
 from fleet.run.plan import StepPos
 from fleet.run.records import step_key
 from fleet.settings import Settings
@@ -76,6 +78,12 @@ class StepTask(Task):
                     log.info("run %s: step %s: Redis has room again; going on", run_id, step,
                              extra={"run_id": run_id})
                     again = True
+        except HandedBack as exc:
+            # Its thread was borrowed from interactive work, which wants it back: the step goes
+            # back to the head of its queue, to run again from the start (committed once).
+            if self.request.id:
+                TO_THE_HEAD.add(self.request.id)
+            raise Reject(str(exc), requeue=True) from None
         except _INFRA_ERRORS as exc:
             # Redis (broker and store) went away mid-step. Nothing is lost: the message goes
             # back to its queue, or stays unacknowledged and is restored after the visibility

@@ -64,8 +64,23 @@ def _on_ready(sender, **_: object) -> None:  # noqa: ANN001
         Dispatcher(settings, create_app(settings), rt.agents, rt.store).loop().start()
     if settings.scheduling == "fleet" and set(queues) & set(worker_queues(settings, "llm")):
         PoolMonitor(settings, rt.store.redis, rt.pool.client).loop().start()
+    if settings.scheduling == "fleet" and settings.inference_borrow and \
+            queues == worker_queues(settings, "llm", ("interactive",)):
+        _lend_threads(sender, rt, queues[0])
     try:
         metrics.serve(settings)
     except OSError as exc:
         # The worker still serves steps; Prometheus sees the target down and alerts.
         log.error("metrics: cannot listen on port %s: %s", settings.metrics_port, exc)
+
+
+def _lend_threads(consumer, rt, interactive: str) -> None:  # noqa: ANN001
+    """The interactive-only inference worker also takes batch steps while its threads are idle, and
+    takes a thread back when interactive work waits (:mod:`fleet.inference.lending`)."""
+    from fleet.broker.queues import queue_name
+    from fleet.inference.lending import Lender
+
+    rt.pool.borrowing = True
+    consumer.add_task_queue(queue_name(settings, "llm", "batch"))  # after the interactive queue: taken second
+    Lender(rt.store.redis, rt.pool, interactive).loop().start()
+    log.info("lending idle threads to batch steps; taken back when an interactive step waits in %s", interactive)

@@ -420,6 +420,15 @@ def status(as_json: bool) -> None:
         cache = _cache_line(rep)
         if cache:
             click.echo(f"  {'':<22} {cache}")
+        if rep.get("batch_limit") is not None:
+            click.echo(f"  {'':<22} batch takes a slot while fewer than {rep['batch_limit']} requests are in flight")
+    objectives = pool.get("objectives") or {}
+    if objectives:
+        click.echo("objectives (interactive p99: objective / measured by the engines)")
+        for name, o in objectives.items():
+            goal = f"{o['objective']:.3f}s" if o["objective"] is not None else "none"
+            seen = f"{o['measured']:.3f}s" if o["measured"] is not None else "-"
+            click.echo(f"  {name:<12} {goal} / {seen}")
     click.echo(f"flower  {report['flower_url']}")
     click.echo(f"gateway {report['gateway_url']}")
     click.echo("queues")

@@ -192,3 +192,21 @@ def test_static_and_reserve_policies_cap_batch_per_replica(pool):
     for lease in interactive:
         reserve.release(lease)
     assert reserve.try_acquire("batch", "b") == "full"  # the recent peak of 3 still holds its reserve
+
+
+def test_batch_stops_at_the_occupancy_the_objectives_allow_and_interactive_never_does(pool):
+    slots = pool(capacity=8, triton_replicas=ONE)
+    key = slots.settings.keys.replica("gpu-0")
+    slots.redis.hset(key, "batch_limit", 3)
+    slots.started(take(slots, "interactive", 1)[0])
+    take(slots, "batch", 2)  # 1 + 2 in flight: the limit of 3
+    assert slots.try_acquire("batch", "b") == "full"
+    more = take(slots, "interactive", 2)  # interactive is never held by it
+    for lease in more:
+        slots.started(lease)  # (interactive requests still starting would keep batch away)
+    slots.redis.hset(key, "batch_limit", 6)
+    assert isinstance(slots.try_acquire("batch", "b"), Lease)  # 6 in flight now
+    assert slots.try_acquire("batch", "c") == "full"
+    slots.redis.hdel(key, "batch_limit")  # no objective: the policy's room alone (8)
+    take(slots, "batch", 2)
+    assert slots.try_acquire("batch", "d") == "full"

@@ -366,3 +366,24 @@ def test_a_sequence_on_its_way_in_is_arriving_not_waiting(engine_factory) -> Non
     engine.submit("far off", {"max_tokens": 2}, FakeSink())
     stats = engine.stats()
     assert (stats.waiting, stats.arriving, stats.slot_waits) == (0, 1, 0)
+
+
+def test_engine_reports_each_first_token_and_each_gap_between_tokens(engine_factory) -> None:
+    cfg = SimConfig(ttft_ms=30, prefill_ms_per_token=0, tpot_ms=5, load_factor=0)
+    engine = engine_factory(cfg)
+    sinks = [FakeSink() for _ in range(3)]
+    for i, sink in enumerate(sinks):
+        engine.submit(f"prompt {i}", {"max_tokens": 4}, sink)
+    assert all(s.done.wait(WAIT_S) for s in sinks)
+    ttft, tpot = engine.drain_latencies()
+    # vLLM's histograms: one time to first token per sequence, one gap per later token
+    assert len(ttft) == 3 and len(tpot) == 3 * 3
+    assert all(t >= 0.03 for t in ttft)
+    assert all(0.004 <= t < 1.0 for t in tpot)
+    assert engine.drain_latencies() == ([], [])
+
+
+def test_latency_buckets_are_the_vllm_backends() -> None:
+    assert dev_engine.TTFT_BUCKETS_S[0] == 0.001 and dev_engine.TTFT_BUCKETS_S[-1] == 10.0
+    assert len(dev_engine.TTFT_BUCKETS_S) == 16 and len(dev_engine.TPOT_BUCKETS_S) == 13
+    assert list(dev_engine.TPOT_BUCKETS_S) == sorted(dev_engine.TPOT_BUCKETS_S)

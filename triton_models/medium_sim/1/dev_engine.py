@@ -574,6 +574,8 @@ class Sequence:
         hashes: Chained hashes of the prompt's full KV blocks.
         cached_tokens: Prompt tokens found in the prefix cache when it was admitted.
         alloc: Its KV blocks while it runs.
+        arrived_at: Monotonic time it was submitted (its time to first token counts from it).
+        last_token_at: Monotonic time its last token was sent.
     """
 
     seq_id: int
@@ -591,6 +593,17 @@ class Sequence:
     hashes: list[bytes] = field(default_factory=list)
     cached_tokens: int = 0
     alloc: Allocation | None = None
+    arrived_at: float = 0.0
+    last_token_at: float = 0.0
+
+
+#: Latencies kept for the metrics thread at most (it drains them every few tens of ms).
+LATENCIES_KEPT = 200_000
+#: Bucket bounds (seconds) of the histograms the vLLM backend of the pinned Triton image exports
+#: (triton-inference-server/vllm_backend r25.12, src/utils/metrics.py): ``vllm:time_to_first_token_seconds``
+#: and ``vllm:time_per_output_token_seconds`` (observed per token: vLLM's inter-token latencies).
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TPOT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 
 @dataclass
@@ -677,6 +690,8 @@ class Engine:
         self._stopping = threading.Event()
         self._counter = 0
         self._stats = EngineStats()
+        self._ttft: deque[float] = deque(maxlen=LATENCIES_KEPT)
+        self._tpot: deque[float] = deque(maxlen=LATENCIES_KEPT)
         self._cache = PrefixCache(cfg.num_gpu_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self._trace = _BlockTrace(cfg.block_trace_dir, name)
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
@@ -743,6 +758,7 @@ class Engine:
             stream=stream,
             prompt_tokens=prompt_tokens,
             hashes=hashes,
+            arrived_at=time.monotonic(),
         )
         with self._cv:
             self._waiting.append(seq)
@@ -767,6 +783,15 @@ class Engine:
             snap.prefix_queries, snap.prefix_hits, snap.kv_evicted_blocks = cache.queries, cache.hits, cache.evicted_blocks
             snap.kv_usage = self._cache.used_fraction
             return snap
+
+    def drain_latencies(self) -> tuple[list[float], list[float]]:
+        """The times to first token and the times between two tokens of a sequence (vLLM's
+        ``time_to_first_token`` and ``inter_token_latency``), in seconds, since the last drain."""
+        with self._cv:
+            ttft, tpot = list(self._ttft), list(self._tpot)
+            self._ttft.clear()
+            self._tpot.clear()
+        return ttft, tpot
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the engine; queued and active requests fail with UNAVAILABLE.
@@ -936,6 +961,9 @@ class Engine:
         cancelled = 0
         completed = 0
         produced = 0
+        now = time.monotonic()
+        ttft: list[float] = []
+        tpot: list[float] = []
         for seq in active:
             if self._is_cancelled(seq):
                 cancelled += 1
@@ -949,6 +977,11 @@ class Engine:
                 done.append(seq)
                 continue
             token = seq.tokens[seq.sent]
+            if seq.sent:
+                tpot.append(now - seq.last_token_at)
+            else:
+                ttft.append(now - seq.arrived_at)
+            seq.last_token_at = now
             seq.sent += 1
             last = seq.sent >= len(seq.tokens)
             produced += 1
@@ -966,3 +999,5 @@ class Engine:
             self._stats.completed += completed
             self._stats.tokens += produced
             self._stats.steps += 1
+            self._ttft.extend(ttft)
+            self._tpot.extend(tpot)

@@ -26,6 +26,8 @@ if _HERE not in sys.path:
 
 from dev_engine import (  # noqa: E402
     INVALID_ARG,
+    TPOT_BUCKETS_S,
+    TTFT_BUCKETS_S,
     UNAVAILABLE,
     Engine,
     SimConfig,
@@ -137,7 +139,9 @@ class _EngineMetrics:
     """The engine's state on Triton's metrics port, under the names the medium model's Triton
     exports vLLM's (``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
     ``vllm:request_success_total``, ``vllm:kv_cache_usage_perc``, ``vllm:prefix_cache_queries_total``,
-    ``vllm:prefix_cache_hits_total``, ``vllm:cache_config_info``; see ``triton_models/medium/1/model.py``),
+    ``vllm:prefix_cache_hits_total``, ``vllm:cache_config_info``; see ``triton_models/medium/1/model.py``)
+    and the vLLM backend's own latency histograms (``vllm:time_to_first_token_seconds``,
+    ``vllm:time_per_output_token_seconds``, with its bucket bounds),
     plus what only the simulator knows: its capacity
     (``medium_sim:max_num_seqs``), the most sequences it ever ran at once and its decode
     steps. Published every ``interval_s`` by a thread (each update is a call into the server).
@@ -182,6 +186,14 @@ class _EngineMetrics:
         self._kv_usage = metric("vllm:kv_cache_usage_perc", gauge, "KV-cache usage (1 means 100 percent).")
         self._prefix_queries = metric("vllm:prefix_cache_queries_total", counter, "Prefix cache queries, in tokens.")
         self._prefix_hits = metric("vllm:prefix_cache_hits_total", counter, "Prefix cache hits, in tokens.")
+        # The vLLM backend's latency histograms, with its names and bucket bounds.
+        histogram = pb_utils.MetricFamily.HISTOGRAM
+        self._ttft = family("vllm:time_to_first_token_seconds", histogram,
+                            "Histogram of time to first token in seconds.").Metric(
+            labels=labels, buckets=list(TTFT_BUCKETS_S))
+        self._tpot = family("vllm:time_per_output_token_seconds", histogram,
+                            "Histogram of time per output token in seconds.").Metric(
+            labels=labels, buckets=list(TPOT_BUCKETS_S))
         cfg = engine.cfg
         # vLLM's cache configuration as labels of a gauge set to 1 (vLLM's own form of it).
         self._cache_info = family("vllm:cache_config_info", gauge, "Information of the KV cache configuration.").Metric(labels={
@@ -213,6 +225,11 @@ class _EngineMetrics:
         self._prefix_queries.increment(stats.prefix_queries - self._sent_prefix[0])
         self._prefix_hits.increment(stats.prefix_hits - self._sent_prefix[1])
         self._sent_prefix = (stats.prefix_queries, stats.prefix_hits)
+        ttft, tpot = self._engine.drain_latencies()
+        for value in ttft:
+            self._ttft.observe(value)
+        for value in tpot:
+            self._tpot.observe(value)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval_s):
