@@ -54,7 +54,8 @@ class StepBodies:
                 self.store.emit(run.id, {"type": "token", "step": record.key, "text": text})
         model = step.model or self.default_model
         form = self.formats.of(model)
-        prompt = build_prompt(agent, step, run, ctx.delivery.iteration)
+        prompt = build_prompt(agent, step, run, ctx.delivery.iteration,
+                              view=view if ctx.parallel is not None else None)
         rendered = form.render(prompt)
         sampling = {**step.sampling_parameters(), **form.sampling(prompt)}
         clip = allowance.clip(rendered.text, step.max_tokens, form.count(rendered)) if allowance is not None else None
@@ -75,6 +76,8 @@ class StepBodies:
         if clip is not None:
             clip.check(gen.tokens_out)
         text = gen.text.strip()
+        if step.parse == "tool_calls":
+            return form.parse_tool_calls(text)
         return form.parse_tool_call(text) if step.parse == "tool_call" else text
 
     @staticmethod
@@ -82,7 +85,10 @@ class StepBodies:
         """Run the step's tool, or the tool a model step chose among the allowed ones."""
         if step.tool is not None:
             return run_tool(step.tool, render(step.input or "", view))
-        call = view["steps"].get(step.tool_from)
+        if step.tool_from == "item":  # a map's branch: its item is the tool call
+            call = view.get("branch", {}).get("item")
+        else:
+            call = view["steps"].get(step.tool_from)
         if not isinstance(call, dict) or "tool" not in call:
             raise PermanentError(f"step '{step.tool_from}' did not produce a tool call: {call!r}")
         if call["tool"] not in step.allowed_tools:

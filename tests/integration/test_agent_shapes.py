@@ -1,0 +1,69 @@
+"""Agents that fan out and wait, end to end on real Redis, Triton and workers: several tool
+calls from one model reply run at once, a map over a list joins once even when a worker is
+killed mid fan-out, and a run parks on a wait step until a signal resumes it."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from .conftest import running_fleet, tally
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def sfleet(redis_url, triton, session_dir):
+    yield from running_fleet(redis_url, triton, session_dir, "s", step_time_limit_s=10, visibility_timeout_s=12, stall_after_s=15,
+                             reconcile_interval_s=0.5)
+
+
+def _done_events(client, run_id: str) -> list[str]:
+    return [e["step"] for e in client.events(run_id, timeout=1) if e["type"] == "step" and e["status"] == "done"]
+
+
+def test_several_tool_calls_from_one_reply_run_in_parallel_and_join_once(sfleet):
+    run_id = sfleet.client.submit("multicalc", {"question": "What are 12 * 7 and 3 + 4 and 100 / 8?"})
+    assert tally(sfleet.client, [run_id], 60)["completed"] == 1
+    run = sfleet.client.get(run_id)
+    assert run.status == "succeeded", run.error
+    assert [c["input"] for c in run.outputs["plan"]["calls"]] == ["12 * 7", "3 + 4", "100 / 8"]
+    assert run.outputs["act"] == [84, 7, 12.5]
+    assert [run.outputs[f"act#{i}"] for i in (1, 2, 3)] == [84, 7, 12.5]
+    assert sorted(_done_events(sfleet.client, run_id)) == ["act", "act#1", "act#2", "act#3", "answer", "plan"]
+    kinds = {s.key: s.kind for s in run.steps}
+    assert kinds["act"] == "parallel" and kinds["act#2"] == "tool"
+
+
+def test_a_failed_branch_is_kept_as_its_error_when_the_step_keeps_what_succeeded(sfleet):
+    run_id = sfleet.client.submit("multicalc", {"question": "What are 1 / 0 and 2 + 2?"})
+    tally(sfleet.client, [run_id], 60)
+    run = sfleet.client.get(run_id)
+    assert run.status == "succeeded", run.error
+    assert run.outputs["act"][1] == 4 and "division by zero" in run.outputs["act"][0]["error"]
+
+
+def test_a_worker_killed_mid_fan_out_loses_nothing_and_the_join_runs_once(sfleet):
+    items = "; ".join(f"topic {i}" for i in range(12))
+    ids = [sfleet.client.submit("fanout", {"items": items}, priority="batch") for _ in range(4)]
+    for event in sfleet.client.events(ids[0], timeout=60):
+        if event["type"] == "step" and event["status"] == "done" and event["step"].startswith("summarize#"):
+            break
+    worker = sfleet.procs.children.pop("inference")
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    sfleet.start_worker("inference", "llm", "threads", 8)
+    counts = tally(sfleet.client, ids, timeout=120)
+    assert counts["completed"] == len(ids) and counts["lost"] == 0, (
+        counts, [sfleet.client.get(r).error for r in ids])
+    redelivered = sum(s.attempts > 1 for r in ids for s in sfleet.client.get(r).steps if s.key.startswith("summarize#"))
+    assert redelivered > 0  # the kill hit branches in flight
+    for run_id in ids:
+        run = sfleet.client.get(run_id)
+        assert run.status == "succeeded", (run_id, run.error)
+        done = _done_events(sfleet.client, run_id)
+        assert done.count("summarize") == 1, done  # joined once
+        assert sorted(d for d in done if d.startswith("summarize#")) == sorted(f"summarize#{i}" for i in range(1, 13))
+        assert len(run.outputs["summarize"]) == 12 and all(isinstance(o, str) for o in run.outputs["summarize"])
