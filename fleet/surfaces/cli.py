@@ -289,6 +289,33 @@ def runs_show(run_id: str, as_timeline: bool, as_json: bool) -> None:
         _print_run(run, timeline=as_timeline)
 
 
+@runs.command("signal")
+@click.argument("run_id")
+@click.argument("name")
+@click.option("--payload", "payload", default="null", show_default=True, help="The signal's JSON payload.")
+@click.option("--json", "as_json", is_flag=True)
+def runs_signal(run_id: str, name: str, payload: str, as_json: bool) -> None:
+    """Deliver the signal NAME with a JSON payload to a run (its id or a short one): a run
+    waiting for it resumes; a signal that comes before its wait is kept for it."""
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        _fail("--payload is not valid JSON", as_json, 2)
+    try:
+        with _client() as client:
+            run_id = client.resolve(run_id)
+            outcome = client.signal(run_id, name, value)
+            status_now = client.get(run_id).status
+    except RunNotFound as exc:
+        _fail(str(exc), as_json)
+    except InvalidSubmission as exc:
+        _fail(str(exc), as_json, 2, field=exc.field, candidates=getattr(exc, "candidates", None))
+    if as_json:
+        _emit({"run_id": run_id, "signal": name, "outcome": outcome, "status": status_now})
+    else:
+        click.echo(f"run {run_id}: signal {name} {outcome} (status {status_now})")
+
+
 @runs.command("cancel")
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True)

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+import uuid
 
+import httpx
 import pytest
 
-from .conftest import running_fleet, tally
+from .conftest import running_fleet, served_gateway, tally
 
 pytestmark = pytest.mark.integration
 
@@ -67,3 +70,44 @@ def test_a_worker_killed_mid_fan_out_loses_nothing_and_the_join_runs_once(sfleet
         assert done.count("summarize") == 1, done  # joined once
         assert sorted(d for d in done if d.startswith("summarize#")) == sorted(f"summarize#{i}" for i in range(1, 13))
         assert len(run.outputs["summarize"]) == 12 and all(isinstance(o, str) for o in run.outputs["summarize"])
+
+
+def _until(predicate, timeout_s: float = 30.0) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_a_run_parks_at_a_wait_holding_no_worker_and_resumes_on_its_signal_over_http(sfleet):
+    run_id = sfleet.client.submit("approval", {"request": "Refund order 42"}, deadline_s=120)
+    _until(lambda: sfleet.client.get(run_id).status == "waiting")
+    run = sfleet.client.get(run_id)
+    assert run.waiting_for == "approve" and run.wait_until > time.time() + 3600
+    assert sfleet.client.store.parked() >= 1
+    assert run_id not in sfleet.client.store.stalled(time.time() + 3600)  # nothing for the reconciler to resend
+    with served_gateway(sfleet.settings) as url:
+        with httpx.Client(base_url=url) as http:
+            wrong = http.post(f"/v1/runs/{run_id}/signals/other", json={"x": 1})
+            assert wrong.json()["outcome"] == "kept" and wrong.json()["status"] == "waiting"
+            sent = http.post(f"/v1/runs/{run_id}/signals/approve", json={"note": "ok, refund it"})
+            assert sent.status_code == 200, sent.text
+            assert sent.json()["outcome"] == "resumed"
+            assert http.post(f"/v1/runs/{uuid.uuid4().hex}/signals/approve", json={}).status_code == 404
+    done = sfleet.client.wait(run_id, timeout=60)
+    assert done.status == "succeeded", done.error
+    assert done.outputs["approval"] == {"note": "ok, refund it"}
+    assert [s.kind for s in done.steps if s.key == "approval"] == ["wait"]
+
+
+def test_a_signal_before_its_wait_is_kept_and_a_timeout_follows_the_declared_path(sfleet):
+    early = sfleet.client.submit("hold", {"text": "abc"})
+    assert sfleet.client.signal(early, "go", "early bird") in ("kept", "resumed")
+    assert sfleet.client.wait(early, timeout=30).result == "drib ylrae"
+    late = sfleet.client.submit("hold", {"text": "abc"})
+    _until(lambda: sfleet.client.get(late).status in ("waiting", "succeeded"))
+    run = sfleet.client.wait(late, timeout=30)  # the reconciler's loop times it out after 2 s
+    assert run.status == "succeeded" and run.outputs["pause"] == {"timed_out": True}
+    assert sfleet.client.signal(late, "go", 1) == "ended"
