@@ -92,7 +92,10 @@ class LlmStep(_StepBase):
 
     kind: Literal["llm"]
     prompt: str
-    model: str | None = Field(None, description="Triton model; the fleet's default when unset.")
+    model: str | None = Field(None, description="A model of the fleet's catalog, or a role FLEET_MODEL_ROLES maps "
+                              "to one; the fleet's default when unset.")
+    fallback: str | None = Field(None, description="A model or role the call runs on when the step's model has "
+                                 "no replica up or its predicted wait would miss the run's deadline.")
     max_tokens: int = Field(64, gt=0, le=8192)
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -230,6 +233,18 @@ class AgentDef(BaseModel):
         wait steps are not among them (see :meth:`shaped` and :meth:`step_at`)."""
         for step in self.steps:
             if isinstance(step, LoopStep):
+                for inner in step.body:
+                    yield inner, step
+            elif not isinstance(step, Shaped):
+                yield step, None
+
+    def iter_steps_with_branches(self) -> Iterator[tuple[LlmStep | ToolStep, LoopStep | None]]:
+        """:meth:`iter_steps`, and the branch steps of parallel steps (with no loop)."""
+        for step in self.steps:
+            if isinstance(step, ParallelStep):
+                for body in step.branches or [step.branch]:  # type: ignore[list-item]
+                    yield body, None
+            elif isinstance(step, LoopStep):
                 for inner in step.body:
                     yield inner, step
             elif not isinstance(step, Shaped):

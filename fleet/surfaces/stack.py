@@ -8,6 +8,7 @@ stack goes on with a promoted replica.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -177,12 +178,18 @@ def _triton(settings: Settings, procs: launch.Processes, data: Path, say) -> dic
     # With tracing on, Triton's own spans (queue, compute) join each run's trace.
     trace = (launch.triton_trace_args(tracing.traces_url(os.environ))
              if tracing.wanted(settings.tracing, os.environ) else None)
-    ep = launch.start_triton(procs, data / "triton", [settings.triton_model], address=settings.bind_address,
-                             trace=trace)
-    say(f"triton     ready: grpc {ep.grpc_url}, http {ep.http_url}, model {settings.triton_model}"
+    # The catalog's models that the repository holds; beside the medium model's simulator, the
+    # small model's, which the role "small" names unless FLEET_MODEL_ROLES says otherwise.
+    models = [m for m in settings.catalog() if (launch.MODEL_REPOSITORY / m).is_dir()] or [settings.triton_model]
+    roles: dict[str, str] = {}
+    if settings.triton_model == "medium_sim" and not settings.model_roles and "small_sim" not in models:
+        models.append("small_sim")
+        roles = {"FLEET_MODEL_ROLES": json.dumps({"small": "small_sim"})}
+    ep = launch.start_triton(procs, data / "triton", models, address=settings.bind_address, trace=trace)
+    say(f"triton     ready: grpc {ep.grpc_url}, http {ep.http_url}, models {', '.join(models)}"
         + (f", traces to {tracing.traces_url(os.environ)}" if trace else ""))
     return {"FLEET_TRITON_GRPC_URL": ep.grpc_url, "FLEET_TRITON_HTTP_URL": ep.http_url,
-            "FLEET_TRITON_METRICS_URL": ep.metrics_url}
+            "FLEET_TRITON_METRICS_URL": ep.metrics_url, **roles}
 
 
 def _workers(settings: Settings, procs: launch.Processes, env: dict[str, str]) -> tuple[list[str], dict[str, int]]:
