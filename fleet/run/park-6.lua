@@ -2,8 +2,10 @@
 -- already came (a signal is kept from its arrival): then the wait step commits with the
 -- signal's payload at once. A parked run leaves the index of runs in progress (the reconciler
 -- resends none of its steps: it has no message, by design) and enters the sorted set of waits,
--- scored by its timeout, that the reconciler's loop scans (fleet.run.waits).
--- KEYS: run hash, events stream, active index, waits.
+-- scored by its timeout, that the reconciler's loop scans (fleet.run.waits); it leaves the
+-- ledger of admitted interactive runs too (fleet.scheduling.admitted): a parked run takes no
+-- interactive capacity, and admission predicts no wait for it.
+-- KEYS: run hash, events stream, active index, waits, admitted interactive runs, their steps.
 -- ARGV: wait step, signal name, timeout at, run id, events maxlen, the step's record JSON when
 -- it commits at once, runs index base.
 -- Returns 1 when parked, 2 when the step committed (the signal was there, or it was done),
@@ -28,4 +30,6 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'type', 'status', 'stat
            'waiting_for', ARGV[2], 'wait_until', ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
+redis.call('ZREM', KEYS[5], ARGV[4])
+redis.call('HDEL', KEYS[6], ARGV[4])
 return 1
