@@ -102,6 +102,10 @@ def _print_run(run, timeline: bool = False) -> None:  # noqa: ANN001
     latency = f"{run.latency_s:.2f}s" if run.latency_s is not None else "-"
     click.echo(f"run {run.id}  agent {run.agent}  {run.priority}  {run.status}  latency {latency}  "
                f"tokens {run.tokens_in} in / {run.tokens_out} out  cost {run.cost:.4g}")
+    if run.waiting_for:
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.wait_until or 0))
+        click.echo(f"waiting for signal {run.waiting_for!r} until {until} "
+                   f"(fleet runs signal {run.id[:8]} {run.waiting_for} --payload JSON)")
     if timeline:
         from fleet.surfaces.timeline import waterfall
 
@@ -111,7 +115,9 @@ def _print_run(run, timeline: bool = False) -> None:  # noqa: ANN001
         return
     for s in run.steps:
         dur = f"{s.duration_s:.3f}s" if s.duration_s is not None else "-"
-        click.echo(f"  {s.key:<16} {s.status:<8} {dur:>8}  attempts {s.attempts}  tokens {s.tokens_in}/{s.tokens_out}")
+        model = f"  model {s.model}{' (fallback)' if s.fallback else ''}" if s.model else ""
+        click.echo(f"  {s.key:<16} {s.status:<8} {dur:>8}  attempts {s.attempts}  tokens {s.tokens_in}/{s.tokens_out}"
+                   f"{model}")
     _print_ending(run)
 
 

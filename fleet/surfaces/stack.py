@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,11 +229,24 @@ def run_demo(settings: Settings, say=print) -> int:  # noqa: ANN001
         ("writer", {"topic": "why queues need deadlines"}, "batch"),
         ("writer", {"topic": "interactive work ahead of batch work"}, "batch"),
         ("solver", {"question": "What is 2 ^ 10 - 24?"}, "batch"),
+        # The agent shapes: tool calls at once, a map over a list, model routing, a wait.
+        ("multicalc", {"question": "What are 12 * 7 and 3 + 4 and 100 / 8?"}, "interactive"),
+        ("fanout", {"items": "queues; deadlines; retries; dead letters"}, "interactive"),
     ]
+    if "small" in settings.model_roles:
+        plan.append(("triage", {"message": "My invoice shows the wrong address."}, "interactive"))
     failures = 0
     with FleetClient(settings) as client:
         ids = [(client.submit(agent, inp, priority=prio), agent, prio) for agent, inp, prio in plan]
+        approval = client.submit("approval", {"request": "Please refund my last order."}, deadline_s=120)
+        ids.append((approval, "approval", "interactive"))
         say(f"demo       submitted {len(ids)} runs; waiting ...")
+        for _ in range(600):  # the approval run parks at its wait step; the demo approves it
+            if client.get(approval).status not in ("queued", "running"):
+                break
+            time.sleep(0.1)
+        say(f"demo       approval run {approval[:8]} is {client.get(approval).status}; signalling 'approve'")
+        client.signal(approval, "approve", {"note": "approved by the demo"})
         for run_id, agent, prio in ids:
             run = client.wait(run_id, timeout=120)
             failures += run.status != "succeeded"

@@ -177,8 +177,11 @@ def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
     output = "".join(lines)
     assert proc.returncode == 0, output
     assert "demo       all runs succeeded" in output
-    for agent, priority in (("calculator", "interactive"), ("solver", "interactive"), ("writer", "batch")):
+    for agent, priority in (("calculator", "interactive"), ("solver", "interactive"), ("writer", "batch"),
+                            ("multicalc", "interactive"), ("fanout", "interactive"), ("triage", "interactive"),
+                            ("approval", "interactive")):
         assert any(agent in line and priority in line and "succeeded" in line for line in output.splitlines())
+    assert "is waiting; signalling 'approve'" in output  # the approval run parked until the demo approved it
     assert "The answer is 87." in output
     assert "flower     http://127.0.0.1:" in output and "gateway    http://127.0.0.1:" in output
     assert "stopped." in output
@@ -186,7 +189,7 @@ def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
                        "redis with password": "answers", "flower api without login": 401,
                        "flower api with login": "lists workers", "triton model load": "refused",
                        "flower login on its command line": False}, secured
-    assert found == {"shown": 6, "timelines": 6, "listed": 6, "console pages": 6}, found
+    assert found == {"shown": 10, "timelines": 10, "listed": 10, "console pages": 10}, found
     alive = _alive(started - {proc.pid})
     assert alive == [], f"left behind: {alive}"
     assert not (tmp_path / ".fleet" / "stack.env").exists()
