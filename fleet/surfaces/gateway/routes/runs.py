@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import JsonValue
 
 from fleet.core import tracing
 from fleet.errors import RunNotFound
@@ -97,7 +98,7 @@ def cancel_run(run_id: RunId, scoped: Scoped) -> CancelResponse:
 
 @router.post("/{run_id}/signals/{name}", response_model=SignalResponse, responses={**ERRORS, **NOT_FOUND})
 def signal_run(run_id: RunId, name: Annotated[str, Path(pattern=r"^[a-z][a-z0-9_.-]*$", max_length=64)],
-               scoped: Scoped, payload: Annotated[Any, Body()] = None) -> SignalResponse:
+               scoped: Scoped, payload: Annotated[JsonValue, Body()] = None) -> SignalResponse:
     """Deliver the signal `name` with a JSON payload (the body): a run parked on it at a wait step
     resumes, and its next steps read the payload as that step's output; a signal that comes before
     its wait is kept for it. Another tenant's run is a 404."""
