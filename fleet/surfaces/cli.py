@@ -231,7 +231,7 @@ def _run_line(row, short: str, width: int) -> str:  # noqa: ANN001
 
 @runs.command("list")
 @click.option("--status", "statuses", multiple=True, metavar="STATUS",
-              help="Runs in this status (repeat, or comma-separate, for several): queued, running, succeeded, "
+              help="Runs in this status (repeat, or comma-separate, for several): queued, running, waiting, succeeded, "
                    "failed, dead_lettered, cancelled, expired, budget_exceeded.")
 @click.option("--agent", default=None, help="Runs of this agent.")
 @click.option("--priority", "--class", "priority", type=click.Choice(["interactive", "batch"]), default=None,

@@ -111,3 +111,18 @@ def test_a_signal_before_its_wait_is_kept_and_a_timeout_follows_the_declared_pat
     run = sfleet.client.wait(late, timeout=30)  # the reconciler's loop times it out after 2 s
     assert run.status == "succeeded" and run.outputs["pause"] == {"timed_out": True}
     assert sfleet.client.signal(late, "go", 1) == "ended"
+
+
+def test_cancelling_a_run_mid_fan_out_stops_its_branches_and_it_never_joins(sfleet):
+    items = "; ".join(f"slow topic {i}" for i in range(24))
+    run_id = sfleet.client.submit("fanout", {"items": items}, priority="batch")
+    for event in sfleet.client.events(run_id, timeout=60):
+        if event["type"] == "step" and event["status"] == "done" and event["step"].startswith("summarize#"):
+            break
+    assert sfleet.client.cancel(run_id)
+    time.sleep(3)  # whatever was in flight gives up or finishes
+    run = sfleet.client.get(run_id)
+    assert run.status == "cancelled"
+    assert "summarize" not in run.outputs and "combine" not in run.outputs
+    branches = [s for s in run.steps if s.key.startswith("summarize#")]
+    assert len(branches) < 24  # the branches not yet sent were never sent

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -193,6 +194,23 @@ def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
     alive = _alive(started - {proc.pid})
     assert alive == [], f"left behind: {alive}"
     assert not (tmp_path / ".fleet" / "stack.env").exists()
+
+
+def test_runs_signal_resumes_a_run_waiting_for_it(fleet):
+    run_id = fleet.client.submit("approval", {"request": "Refund order 7"}, deadline_s=120)
+    for _ in range(300):
+        if fleet.client.get(run_id).status == "waiting":
+            break
+        time.sleep(0.1)
+    shown = run_cli(fleet, "runs", "show", run_id[:8]).stdout
+    assert "waiting for signal 'approve'" in shown
+    out = json.loads(run_cli(fleet, "runs", "signal", run_id[:8], "approve", "--payload", '{"note": "yes"}',
+                             "--json").stdout)
+    assert out["outcome"] == "resumed" and out["run_id"] == run_id
+    run = fleet.client.wait(run_id, timeout=60)
+    assert run.status == "succeeded" and run.outputs["approval"] == {"note": "yes"}
+    bad = run_cli(fleet, "runs", "signal", run_id, "approve", "--payload", "{nope", check=False)
+    assert bad.returncode == 2 and "--payload is not valid JSON" in bad.stderr
 
 
 def test_runs_list_filters_pages_and_its_short_ids_are_taken_back(fleet):
