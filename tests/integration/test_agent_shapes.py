@@ -12,7 +12,9 @@ import uuid
 import httpx
 import pytest
 
-from .conftest import running_fleet, served_gateway, tally
+from fleet.ops import launch
+
+from .conftest import close_fleet, new_fleet, running_fleet, served_gateway, tally
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +128,24 @@ def test_cancelling_a_run_mid_fan_out_stops_its_branches_and_it_never_joins(sfle
     assert "summarize" not in run.outputs and "combine" not in run.outputs
     branches = [s for s in run.steps if s.key.startswith("summarize#")]
     assert len(branches) < 24  # the branches not yet sent were never sent
+
+
+def test_a_lost_branch_message_is_sent_again_and_the_join_still_runs_once(redis_url, triton, session_dir):
+    # Celery's chord would wait forever for a lost member; here the reconciler resends it.
+    f = new_fleet(redis_url, triton, session_dir, "l", step_time_limit_s=1, visibility_timeout_s=1.5,
+                  stall_after_s=2, reconcile_interval_s=0.5)
+    try:
+        run_id = f.client.submit("fanout", {"items": "alpha; beta; gamma; delta"}, deadline_s=60)
+        queue, r = f"{f.settings.key_prefix}.llm.interactive", f.client.store.redis
+        f.start_worker("tools", "tool", "threads", 2)  # splits the list and sends the 4 branches
+        launch.wait_until(lambda: r.llen(queue) == 4, 30, "the branches sent")
+        r.rpop(queue)  # one branch's message disappears, as in a crash mid-delivery
+        f.start_worker("inference", "llm", "threads", 4)
+        run = f.client.wait(run_id, timeout=60)
+        assert run.status == "succeeded", run.error
+        assert len(run.outputs["summarize"]) == 4 and all(isinstance(o, str) for o in run.outputs["summarize"])
+        assert _done_events(f.client, run_id).count("summarize") == 1
+        log = "".join((f.procs.log_dir / f"{name}.log").read_text() for name in ("tools", "inference"))
+        assert f"run {run_id}: no step message in flight" in log
+    finally:
+        close_fleet(f)
