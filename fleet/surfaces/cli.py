@@ -453,6 +453,12 @@ def status(as_json: bool) -> None:
         cache = _cache_line(rep)
         if cache:
             click.echo(f"  {'':<22} {cache}")
+    for name, replicas in report.get("models", {}).items():
+        up = sum(rep.get("state") == "up" for rep in replicas)
+        states = ", ".join(f"{rep['name']} {rep.get('state')}" for rep in replicas) or "none probed yet"
+        click.echo(f"model   {name}: {up} of {len(replicas)} replica(s) up ({states})")
+    if "parked" in report:
+        click.echo(f"parked  {report['parked']} run(s) waiting for a signal")
     click.echo(f"flower  {report['flower_url']}")
     click.echo(f"gateway {report['gateway_url']}")
     click.echo("queues")

@@ -16,6 +16,7 @@ from fleet.ops import launch
 from fleet.run.records import TERMINAL
 
 from .conftest import TEST_SIM_PARAMS, TritonInfo, close_fleet, new_fleet, tally
+from .test_cli import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +61,12 @@ def test_each_step_runs_on_the_model_it_names_and_is_priced_as_that_model(two_mo
     assert steps["answer"].cost == pytest.approx(steps["answer"].tokens_out * 1.0 / 1000)
     shown = f.client.get(run_id)
     assert [s.model for s in shown.steps] == ["small_sim", "medium_sim"]
+    status = json.loads(run_cli(f, "status", "--json").stdout)
+    assert [(r["name"], r["state"]) for r in status["models"]["small_sim"]] == [("small-1", "up")]
+    agents = json.loads(run_cli(f, "agents", "--json").stdout)["agents"]
+    triage = next(a for a in agents if a["name"] == "triage") if isinstance(agents, list) else agents["triage"]
+    assert [(st["name"], st["model"], st["fallback"]) for st in triage["steps"]] == [
+        ("classify", "small", None), ("answer", None, "small")]
 
 
 def test_with_the_medium_model_down_a_step_that_allows_it_falls_back_and_others_never_hang(two_models):
