@@ -7,7 +7,7 @@
 -- interactive capacity, and admission predicts no wait for it.
 -- KEYS: run hash, events stream, active index, waits, admitted interactive runs, their steps.
 -- ARGV: wait step, signal name, timeout at, run id, events maxlen, the step's record JSON when
--- it commits at once, runs index base.
+-- it commits at once, runs index base, its record JSON while it waits.
 -- Returns 1 when parked, 2 when the step committed (the signal was there, or it was done),
 -- 0 when the run ended, -1 without a run.
 --!include run_index.lua
@@ -24,7 +24,7 @@ if payload then
   return 2
 end
 redis.call('HSET', KEYS[1], 'status', 'waiting', 'waiting_for', ARGV[2], 'wait_until', ARGV[3],
-           'waiting_step', ARGV[1])
+           'waiting_step', ARGV[1], 'step:' .. ARGV[1], ARGV[8])
 index_move(ARGV[7], ARGV[4], KEYS[1], status, 'waiting')
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'type', 'status', 'status', 'waiting',
            'waiting_for', ARGV[2], 'wait_until', ARGV[3])

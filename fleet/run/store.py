@@ -70,6 +70,7 @@ class Join:
     step: str
     total: int
     names: list[str] | None = None
+    started_at: float | None = None  # when its first branch started
 
 
 class RunStore:
@@ -318,8 +319,10 @@ class RunStore:
         pipe = self.redis.pipeline(transaction=False)
         branch: list[Any] = []
         if join is not None:
-            record = StepRecord(key=join.step, name=join.step, kind="parallel", status="done",
-                                finished_at=time.time())
+            now = time.time()
+            record = StepRecord(key=join.step, name=join.step, kind="parallel", status="done", finished_at=now,
+                                started_at=join.started_at,
+                                duration_s=now - join.started_at if join.started_at is not None else None)
             branch = [join.step, join.total, record.model_dump_json(), ",".join(join.names or [])]
         _COMMIT_STEP(
             pipe, keys=[self.run_key(run_id), self.events_key(run_id), self.keys.active_runs],
@@ -341,11 +344,12 @@ class RunStore:
     def park(self, run_id: str, step: StepRecord, signal: str, timeout_at: float) -> int:
         """Park the run at a wait step until ``signal`` or ``timeout_at`` (``park-6.lua``): 1 when
         parked, 2 when the step committed at once (the signal came first), 0 when the run ended."""
-        step.status = "done"
+        parked = step.model_copy(update={"status": "running"})
+        step.status, step.finished_at, step.duration_s = "done", step.started_at, 0.0
         done = _PARK(self.redis, keys=[*self._wait_keys(run_id), self.keys.admitted("interactive"),
                                        self.keys.admitted_steps("interactive")],
                      args=[step.key, signal, repr(timeout_at), run_id, EVENTS_MAXLEN, step.model_dump_json(),
-                           self.keys.runs_index_base])
+                           self.keys.runs_index_base, parked.model_dump_json()])
         if done == -1:
             raise RunNotFound(f"no run '{run_id}'")
         return int(done)
@@ -364,6 +368,11 @@ class RunStore:
         record = StepRecord(key="", name="", kind="wait", status="done", finished_at=now)
         raw = self.redis.hget(self.run_key(run_id), "waiting_step")
         if raw:
+            parked = self.redis.hget(self.run_key(run_id), STEP + raw)
+            if parked:  # the record the wait started with: it says since when
+                record = StepRecord.model_validate_json(parked)
+                record.status, record.finished_at = "done", now
+                record.duration_s = now - record.started_at if record.started_at is not None else None
             record.key = record.name = raw
         done = _RESUME(self.redis, keys=self._wait_keys(run_id),
                        args=[name, json.dumps(payload), run_id, EVENTS_MAXLEN, record.model_dump_json(),

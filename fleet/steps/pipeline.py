@@ -236,7 +236,11 @@ class StepPipeline:
         for hook in self.hooks:
             extra += hook.commit_with(ctx)
         top = ctx.parallel
-        join = Join(top.name, branch_count(top, ctx.run), top.branch_names) if top is not None else None
+        join = None
+        if top is not None:
+            starts = [r.started_at for k, r in ctx.run.records.items() if k.startswith(top.name + "#") and r.started_at]
+            join = Join(top.name, branch_count(top, ctx.run), top.branch_names,
+                        min([*starts, record.started_at or record.finished_at]))
         committed = self._holding(ctx, lambda: self.store.finish_step(ctx.run_id, record, ctx.output, *extra,
                                                                       join=join))
         ctx.extra["committed"] = committed

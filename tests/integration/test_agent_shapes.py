@@ -40,6 +40,10 @@ def test_several_tool_calls_from_one_reply_run_in_parallel_and_join_once(sfleet)
     assert sorted(_done_events(sfleet.client, run_id)) == ["act", "act#1", "act#2", "act#3", "answer", "plan"]
     kinds = {s.key: s.kind for s in run.steps}
     assert kinds["act"] == "parallel" and kinds["act#2"] == "tool"
+    join = next(s for s in run.steps if s.key == "act")
+    assert join.started_at <= min(s.started_at for s in run.steps if s.key.startswith("act#"))
+    assert join.duration_s is not None and join.finished_at >= max(s.finished_at for s in run.steps
+                                                                    if s.key.startswith("act#"))
 
 
 def test_a_failed_branch_is_kept_as_its_error_when_the_step_keeps_what_succeeded(sfleet):
@@ -101,7 +105,8 @@ def test_a_run_parks_at_a_wait_holding_no_worker_and_resumes_on_its_signal_over_
     done = sfleet.client.wait(run_id, timeout=60)
     assert done.status == "succeeded", done.error
     assert done.outputs["approval"] == {"note": "ok, refund it"}
-    assert [s.kind for s in done.steps if s.key == "approval"] == ["wait"]
+    wait = next(s for s in done.steps if s.key == "approval")
+    assert wait.kind == "wait" and wait.status == "done" and wait.duration_s > 0.1  # parked since it started
 
 
 def test_a_signal_before_its_wait_is_kept_and_a_timeout_follows_the_declared_path(sfleet):
