@@ -57,7 +57,7 @@ _COMMIT_STEP = lua.load(__file__, "commit_step-3.lua")
 _TRANSITION = lua.load(__file__, "transition-7.lua", prelude=_TERMINAL_TABLE)
 _PROMOTE = lua.load(__file__, "promote-8.lua", prelude=_TERMINAL_TABLE)
 _REOPEN = lua.load(__file__, "reopen-1.lua")
-_PARK = lua.load(__file__, "park-6.lua", prelude=_TERMINAL_TABLE)
+_PARK = lua.load(__file__, "park-7.lua", prelude=_TERMINAL_TABLE)
 _RESUME = lua.load(__file__, "resume-4.lua", prelude=_TERMINAL_TABLE)
 _REF = re.compile(RUN_REF_PATTERN)
 
@@ -342,12 +342,12 @@ class RunStore:
         return [self.run_key(run_id), self.events_key(run_id), self.keys.active_runs, self.keys.waits]
 
     def park(self, run_id: str, step: StepRecord, signal: str, timeout_at: float) -> int:
-        """Park the run at a wait step until ``signal`` or ``timeout_at`` (``park-6.lua``): 1 when
+        """Park the run at a wait step until ``signal`` or ``timeout_at`` (``park-7.lua``): 1 when
         parked, 2 when the step committed at once (the signal came first), 0 when the run ended."""
         parked = step.model_copy(update={"status": "running"})
         step.status, step.finished_at, step.duration_s = "done", step.started_at, 0.0
         done = _PARK(self.redis, keys=[*self._wait_keys(run_id), self.keys.admitted("interactive"),
-                                       self.keys.admitted_steps("interactive")],
+                                       self.keys.admitted_steps("interactive"), self.keys.dispatched],
                      args=[step.key, signal, repr(timeout_at), run_id, EVENTS_MAXLEN, step.model_dump_json(),
                            self.keys.runs_index_base, parked.model_dump_json()])
         if done == -1:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from fleet.ops import launch
+from fleet.scheduling.recount import Recount
 
 from .conftest import close_fleet, new_fleet, running_fleet, served_gateway, tally
 
@@ -94,6 +95,9 @@ def test_a_run_parks_at_a_wait_holding_no_worker_and_resumes_on_its_signal_over_
     assert run.waiting_for == "approve" and run.wait_until > time.time() + 3600
     assert sfleet.client.store.parked() >= 1
     assert run_id not in sfleet.client.store.stalled(time.time() + 3600)  # nothing for the reconciler to resend
+    recounted = Recount(sfleet.settings, sfleet.client.store.redis, sfleet.client.agents).run()
+    assert not recounted.places  # a parked run keeps its tenant's place
+    assert run_id not in sfleet.client.store.redis.zrange(sfleet.settings.keys.admitted("interactive"), 0, -1)
     with served_gateway(sfleet.settings) as url:
         with httpx.Client(base_url=url) as http:
             wrong = http.post(f"/v1/runs/{run_id}/signals/other", json={"x": 1})
@@ -154,3 +158,11 @@ def test_a_lost_branch_message_is_sent_again_and_the_join_still_runs_once(redis_
         assert f"run {run_id}: no step message in flight" in log
     finally:
         close_fleet(f)
+
+
+def test_a_parked_batch_run_holds_no_place_in_the_dispatch_window(sfleet):
+    run_id = sfleet.client.submit("approval", {"request": "Refund order 9"}, priority="batch", deadline_s=300)
+    _until(lambda: sfleet.client.get(run_id).status == "waiting", 60)
+    assert run_id not in sfleet.client.store.redis.hkeys(sfleet.settings.keys.dispatched)
+    assert sfleet.client.signal(run_id, "approve", {"note": "later"}) == "resumed"
+    assert sfleet.client.wait(run_id, timeout=60).status == "succeeded"

@@ -4,8 +4,10 @@
 -- resends none of its steps: it has no message, by design) and enters the sorted set of waits,
 -- scored by its timeout, that the reconciler's loop scans (fleet.run.waits); it leaves the
 -- ledger of admitted interactive runs too (fleet.scheduling.admitted): a parked run takes no
--- interactive capacity, and admission predicts no wait for it.
--- KEYS: run hash, events stream, active index, waits, admitted interactive runs, their steps.
+-- interactive capacity, and admission predicts no wait for it; and, a batch run, the dispatched
+-- backlog runs (fleet.scheduling.dispatch): it holds no place in the dispatch window.
+-- KEYS: run hash, events stream, active index, waits, admitted interactive runs, their steps,
+-- dispatched backlog runs.
 -- ARGV: wait step, signal name, timeout at, run id, events maxlen, the step's record JSON when
 -- it commits at once, runs index base, its record JSON while it waits.
 -- Returns 1 when parked, 2 when the step committed (the signal was there, or it was done),
@@ -32,4 +34,5 @@ redis.call('ZREM', KEYS[3], ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
 redis.call('ZREM', KEYS[5], ARGV[4])
 redis.call('HDEL', KEYS[6], ARGV[4])
+redis.call('HDEL', KEYS[7], ARGV[4])
 return 1
