@@ -164,5 +164,9 @@ def result_of(agent: AgentDef, run: RunState) -> Any:
 
 
 def step_index(agent: AgentDef, name: str) -> int:
-    """Position of a step among the agent's executable steps."""
-    return [s.name for s, _ in agent.iter_steps()].index(name)
+    """Position of a step among the agent's steps (a loop's body steps each, a parallel or wait
+    step as one)."""
+    names: list[str] = []
+    for top in agent.steps:
+        names += [s.name for s in top.body] if isinstance(top, LoopStep) else [top.name]
+    return names.index(name)

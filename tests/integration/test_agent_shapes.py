@@ -166,3 +166,17 @@ def test_a_parked_batch_run_holds_no_place_in_the_dispatch_window(sfleet):
     assert run_id not in sfleet.client.store.redis.hkeys(sfleet.settings.keys.dispatched)
     assert sfleet.client.signal(run_id, "approve", {"note": "later"}) == "resumed"
     assert sfleet.client.wait(run_id, timeout=60).status == "succeeded"
+
+
+def test_a_failed_branch_dead_letters_the_run_and_its_replay_finishes_the_join(sfleet):
+    run_id = sfleet.client.submit("brittle", {"exprs": "1 + 1; 2 * 3; 7 / 0; 4 - 1"})
+    run = sfleet.client.wait(run_id, timeout=60)
+    assert run.status == "dead_lettered", run.status
+    entry, _ = sfleet.client.dlq_get(run.dead_letter_id)
+    assert (entry.step, entry.iteration, entry.error_type) == ("each", 3, "PermanentError")
+    assert entry.step_index == 1
+    # The list the map ran over, fixed: the failed branch and those never sent run; the others stay.
+    sfleet.client.dlq_replay(run.dead_letter_id, {"steps": {"split": ["1 + 1", "2 * 3", "7 / 1", "4 - 1"]}})
+    replayed = sfleet.client.wait(run_id, timeout=60)
+    assert replayed.status == "succeeded", replayed.error
+    assert replayed.result == [2, 6, 7, 3]
