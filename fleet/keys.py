@@ -253,6 +253,11 @@ class Keys:
         return self._k("workers", "")
 
     @property
+    def waits(self) -> str:
+        """Sorted set: runs parked at a wait step, scored by when their wait times out (fleet.run.waits)."""
+        return self._k("runs", "waits")
+
+    @property
     def reconcile_lock(self) -> str:
         """String with TTL: held by the one worker sweeping for stalled runs."""
         return self._k("reconcile", "lock")

@@ -60,6 +60,18 @@ class ModelSpec(BaseModel):
     tokenizer: Path | None = Field(
         None, description="The model's tokenizer file (tekken.json for the mistral format): prompts are rendered "
         "and counted with it.")
+    replicas: list[ReplicaSpec] | None = Field(
+        None, description="The Triton replicas serving it; unset: the fleet's (FLEET_TRITON_REPLICAS).")
+    price_per_1k_input_tokens: float | None = Field(None, ge=0, description="Its prices; unset: the fleet's.")
+    price_per_1k_output_tokens: float | None = Field(None, ge=0)
+    price_per_gpu_s: float | None = Field(None, ge=0)
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replica_strings(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"grpc_url": v} if isinstance(v, str) else v for v in value]
+        return value
 
 
 class Settings(BaseSettings):
@@ -142,6 +154,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="The served models' prompt formats and tokenizers (JSON list of {name, prompt_format, "
         "tokenizer}); a model not listed takes plain text (the dev model's layout).",
+    )
+    model_roles: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="Roles a step may name instead of a model (JSON object role -> model, e.g. "
+        '{"small": "small_sim"}); the role "default" is FLEET_TRITON_MODEL unless given.',
     )
     triton_connect_wait_s: float = Field(
         5.0, ge=0, description="How long a model call waits for an unreachable Triton before failing."
@@ -447,6 +464,40 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"not a JSON list of models: {exc}") from None
         return value
+
+    @field_validator("model_roles", mode="before")
+    @classmethod
+    def _roles_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not a JSON object of roles: {exc}") from None
+        return value
+
+    def catalog(self) -> list[str]:
+        """The models the inference pool serves: the default model, those in FLEET_MODELS and
+        those the roles name."""
+        names = [self.triton_model, *(m.name for m in self.models), *self.model_roles.values()]
+        return list(dict.fromkeys(names))
+
+    def resolve_model(self, ref: str | None) -> str:
+        """The model a step's ``model`` names: a role's model, a model itself, or (None) the default."""
+        if ref is None:
+            return self.model_roles.get("default", self.triton_model)
+        return self.model_roles.get(ref, ref)
+
+    def for_model(self, name: str) -> "Settings":
+        """These settings as the inference pool of model ``name`` sees them: the default model's
+        are these; another model's pool keys live under a namespace of its own (so the slot and
+        replica scripts serve it unchanged), on its replicas."""
+        if name == self.triton_model:
+            return self
+        spec = self.model_spec(name)
+        return self.model_copy(update={"key_prefix": f"{self.key_prefix}:model:{name}", "triton_model": name,
+                                       "triton_replicas": list(spec.replicas or self.replicas())})
 
     def model_spec(self, name: str) -> ModelSpec:
         """What the fleet knows of the model ``name`` (a plain-text model when FLEET_MODELS does

@@ -61,6 +61,12 @@ class PromptFormat:
         """A model output as a tool call ``{tool, input, arguments}``, or ``{final}`` when it is not one."""
         raise NotImplementedError
 
+    def parse_tool_calls(self, text: str) -> dict[str, Any]:
+        """A model output as every tool call it holds ``{calls: [{tool, input, arguments}, ...]}``,
+        or ``{final}`` when it holds none."""
+        call = self.parse_tool_call(text)
+        return call if "final" in call else {"calls": [call]}
+
     def count(self, rendered: Rendered) -> int | None:
         """The prompt's tokens as the model counts them, when this format knows (None: estimate)."""
         return len(rendered.token_ids) if rendered.token_ids is not None else None
@@ -95,6 +101,18 @@ class TextFormat(PromptFormat):
             if isinstance(call, dict) and isinstance(call.get("tool"), str) and "input" in call:
                 return {"tool": call["tool"], "input": as_text(call["input"])}
         return {"final": text.strip()}
+
+    def parse_tool_calls(self, text: str) -> dict[str, Any]:
+        start, end = text.find("["), text.rfind("]")
+        if start != -1 and end > start and text.lstrip().startswith("["):
+            try:
+                calls = json.loads(text[start: end + 1])
+            except ValueError:
+                calls = None
+            if isinstance(calls, list) and calls and all(
+                    isinstance(c, dict) and isinstance(c.get("tool"), str) and "input" in c for c in calls):
+                return {"calls": [{"tool": c["tool"], "input": as_text(c["input"])} for c in calls]}
+        return super().parse_tool_calls(text)
 
 
 def _line(message: Message) -> str:
@@ -171,6 +189,14 @@ class MistralFormat(PromptFormat):
         name, arguments = calls[0]
         return {"tool": name, "input": tool_input(name, arguments) if isinstance(arguments, dict) else str(arguments),
                 "arguments": arguments}
+
+    def parse_tool_calls(self, text: str) -> dict[str, Any]:
+        calls = parse_mistral_tool_calls(text)
+        if not calls:
+            return {"final": _strip_controls(text)}
+        return {"calls": [{"tool": name, "arguments": arguments,
+                           "input": tool_input(name, arguments) if isinstance(arguments, dict) else str(arguments)}
+                          for name, arguments in calls]}
 
 
 def _strip_controls(text: str) -> str:

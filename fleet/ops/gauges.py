@@ -71,6 +71,7 @@ class FleetCollector(Collector):
                                     "Batch runs waiting in a tenant's backlog.", labels=["tenant"])
         dispatched = GaugeMetricFamily("fleet_batch_dispatched_runs",
                                        "Batch runs dispatched from the backlogs and not yet ended.")
+        parked = GaugeMetricFamily("fleet_runs_parked", "Runs parked at a wait step (holding no worker).")
         r_pre = CounterMetricFamily("fleet_replica_preemptions",
                                     "Batch requests whose slot an interactive request took.", labels=["replica"])
         t_active = GaugeMetricFamily("fleet_tenant_active_runs", "A tenant's runs queued (backlog included) or "
@@ -93,6 +94,7 @@ class FleetCollector(Collector):
             for tenant in sorted(self.redis.smembers(keys.backlogged)):
                 backlog.add_metric([tenant], self.redis.llen(keys.backlog(tenant)))
             dispatched.add_metric([], self.redis.hlen(keys.dispatched))
+            parked.add_metric([], self.redis.zcard(keys.waits))
         except redis.RedisError as exc:
             # A scrape must still answer (a process's own series matter most when Redis is
             # down); missing gauges show the outage on the dashboard.
@@ -118,7 +120,7 @@ class FleetCollector(Collector):
                 for quota, limit in registry.get(name).quotas.model_dump().items():
                     if limit is not None:
                         t_quota.add_metric([name, quota], limit)
-        yield from (depth, age, inflight, backlog, dispatched, r_up, r_cap, r_pipe, r_in, r_wait, r_pre,
+        yield from (depth, age, inflight, backlog, dispatched, parked, r_up, r_cap, r_pipe, r_in, r_wait, r_pre,
                     t_active, t_tokens, t_quota, t_weight)
         yield from routing_families(states)
 

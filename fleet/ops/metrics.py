@@ -80,7 +80,7 @@ def step_committed(agent: str, step: LlmStep | ToolStep, priority: str, record: 
     STEP_DURATION.labels(agent, step.name, step.kind, priority).observe(record.duration_s or 0.0)
     if step.kind != "llm":
         return
-    model = getattr(step, "model", None) or default_model
+    model = record.model or getattr(step, "model", None) or default_model
     if record.ttft_s is not None:
         TTFT.labels(model, priority).observe(record.ttft_s)
     TOKENS_IN.labels(model, priority).inc(record.tokens_in)

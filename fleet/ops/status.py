@@ -46,6 +46,10 @@ def collect(settings: Settings) -> dict[str, Any]:
         states = ReplicaBoard(settings, client).states()
         report["pool"]["replicas"] = [st.as_dict() for st in states]
         report["pool"]["objectives"] = objectives(settings, states)
+        # The catalog's other models, each on a pool of its own (fleet.inference.catalog).
+        report["models"] = {name: [st.as_dict() for st in ReplicaBoard(settings.for_model(name), client).states()]
+                            for name in settings.catalog() if name != settings.triton_model}
+        report["parked"] = int(client.zcard(settings.keys.waits))
         report["inflight"] = {p: sum(st.inflight[p] for st in states) for p in PRIORITY_CLASSES}
         backlog = Backlog(settings, client)
         report["backlog"] = {"queued": backlog.sizes(), "dispatched": backlog.in_flight_count(),

@@ -13,7 +13,7 @@ An agent is a TOML file::
     question = "What is 12 * 7 + 3?"
     [[steps]]
     name = "plan"
-    kind = "llm"                           # llm | tool | loop
+    kind = "llm"                           # llm | tool | loop | parallel | wait
     prompt = "Question: {input.question}"  # the user message: {input.X}, {steps.NAME[.FIELD]}
     tools = ["calculator", "word_count"]   # tools the model may call (sent in its own format)
     parse = "tool_call"                    # the output is a tool call, or a final answer
@@ -27,6 +27,17 @@ earlier iterations' tool calls and results; the served model's format lays it ou
 A ``loop`` step repeats its ``body`` (llm and tool steps) at most ``max_iterations``
 times, ending early when the step named by ``until`` produces a ``final`` answer. Each
 iteration is its own short chain, so a long loop never becomes one giant Celery chain.
+
+A ``parallel`` step runs branches at once: fixed ``branches`` (llm and tool steps), or one
+``branch`` step for each item of a list an earlier step produced (``over``: a path such as
+``plan.calls``; the branch sees ``{branch.item}`` and ``{branch.index}``, and a tool branch may
+take the item as its tool call with ``tool_from = "item"``), at most ``max_concurrency`` at a
+time. Its output, once every branch committed, is the list of the branches' outputs (a table by
+branch name for fixed branches). ``on_failure = "keep"`` keeps what succeeded (a failed branch's
+output is ``{"error": ...}``); ``"fail"`` (the default) fails the run with its first failed branch.
+A ``wait`` step parks the run, holding no worker, until the signal ``signal`` arrives (its
+output is the signal's payload) or ``timeout_s`` passes (``on_timeout``: ``"fail"`` ends the
+run failed, ``"continue"`` goes on with the output ``{"timed_out": true}``).
 
 A ``[budget]`` table (``tokens``, ``cost``) bounds what one run's model calls may use,
 unless a submission sets its own (:mod:`fleet.run.budget`).
@@ -81,7 +92,10 @@ class LlmStep(_StepBase):
 
     kind: Literal["llm"]
     prompt: str
-    model: str | None = Field(None, description="Triton model; the fleet's default when unset.")
+    model: str | None = Field(None, description="A model of the fleet's catalog, or a role FLEET_MODEL_ROLES maps "
+                              "to one; the fleet's default when unset.")
+    fallback: str | None = Field(None, description="A model or role the call runs on when the step's model has "
+                                 "no replica up or its predicted wait would miss the run's deadline.")
     max_tokens: int = Field(64, gt=0, le=8192)
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -89,9 +103,11 @@ class LlmStep(_StepBase):
     sampling: dict[str, Any] = Field(
         default_factory=dict, description="Further sampling parameters passed to the backend as is."
     )
-    parse: Literal["text", "tool_call"] = Field(
+    parse: Literal["text", "tool_call", "tool_calls"] = Field(
         "text",
-        description="tool_call: the output is a call of one of the step's tools or, when it is not, a final answer.",
+        description="tool_call: the output is a call of one of the step's tools or, when it is not, a final answer; "
+        "tool_calls: every call the model asked for at once, as {calls: [...]} (a parallel step maps over "
+        "'NAME.calls'), or a final answer.",
     )
     tools: list[str] = Field(
         default_factory=list,
@@ -135,6 +151,53 @@ class ToolStep(_StepBase):
 BodyStep = Annotated[Union[LlmStep, ToolStep], Field(discriminator="kind")]
 
 
+MAX_BRANCHES = 256
+
+
+class ParallelStep(_StepBase):
+    """Branches run at once, joined when every one of them committed (see the module docstring)."""
+
+    kind: Literal["parallel"]
+    branches: list[BodyStep] = Field(default_factory=list, description="Fixed branches, each a step.")
+    over: str | None = Field(None, description="A list an earlier step produced (e.g. 'plan.calls'): one "
+                             "branch per item.")
+    branch: BodyStep | None = Field(None, description="The step each item of 'over' runs.")
+    max_concurrency: int = Field(8, gt=0, le=MAX_BRANCHES, description="Most branches running at a time.")
+    on_failure: Literal["fail", "keep"] = Field(
+        "fail", description="fail: a failed branch fails the run; keep: the join keeps what succeeded.")
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> "ParallelStep":
+        if bool(self.branches) == (self.over is not None):
+            raise ValueError("set exactly one of 'branches' and 'over'")
+        if (self.over is None) != (self.branch is None):
+            raise ValueError("'over' and 'branch' go together")
+        if len(self.branches) > MAX_BRANCHES:
+            raise ValueError(f"at most {MAX_BRANCHES} branches")
+        return self
+
+    def branch_step(self, index: int) -> LlmStep | ToolStep:
+        """The step branch ``index`` (from 1) runs."""
+        if self.branch is not None:
+            return self.branch
+        return self.branches[index - 1]
+
+    @property
+    def branch_names(self) -> list[str] | None:
+        """The names of fixed branches (the keys of the join's output); None for a map."""
+        return [b.name for b in self.branches] if self.branches else None
+
+
+class WaitStep(_StepBase):
+    """The run parks until a signal arrives or a timeout passes, holding no worker."""
+
+    kind: Literal["wait"]
+    signal: str = Field(pattern=r"^[a-z][a-z0-9_.-]*$", description="The name of the signal it waits for.")
+    timeout_s: float = Field(3600.0, gt=0, description="How long it waits before on_timeout applies.")
+    on_timeout: Literal["fail", "continue"] = Field(
+        "fail", description="fail: the run fails; continue: it goes on with the output {\"timed_out\": true}.")
+
+
 class LoopStep(_StepBase):
     """A bounded loop over a body of steps (plan -> act -> observe, repeated)."""
 
@@ -144,7 +207,9 @@ class LoopStep(_StepBase):
     until: str = Field(description="A body llm step with parse='tool_call'; its final answer ends the loop.")
 
 
-Step = Annotated[Union[LlmStep, ToolStep, LoopStep], Field(discriminator="kind")]
+Step = Annotated[Union[LlmStep, ToolStep, LoopStep, ParallelStep, WaitStep], Field(discriminator="kind")]
+#: Steps that travel as no single message: a fan-out of branches, a parked wait.
+Shaped = (ParallelStep, WaitStep)
 
 
 class AgentDef(BaseModel):
@@ -164,13 +229,45 @@ class AgentDef(BaseModel):
     _input_model: type[BaseModel] | None = PrivateAttr(None)
 
     def iter_steps(self) -> Iterator[tuple[LlmStep | ToolStep, LoopStep | None]]:
-        """Every executable step in order, with the loop it belongs to (or None)."""
+        """Every executable step in order, with the loop it belongs to (or None); parallel and
+        wait steps are not among them (see :meth:`shaped` and :meth:`step_at`)."""
         for step in self.steps:
             if isinstance(step, LoopStep):
                 for inner in step.body:
                     yield inner, step
-            else:
+            elif not isinstance(step, Shaped):
                 yield step, None
+
+    def iter_steps_with_branches(self) -> Iterator[tuple[LlmStep | ToolStep, LoopStep | None]]:
+        """:meth:`iter_steps`, and the branch steps of parallel steps (with no loop)."""
+        for step in self.steps:
+            if isinstance(step, ParallelStep):
+                for body in step.branches or [step.branch]:  # type: ignore[list-item]
+                    yield body, None
+            elif isinstance(step, LoopStep):
+                for inner in step.body:
+                    yield inner, step
+            elif not isinstance(step, Shaped):
+                yield step, None
+
+    def shaped(self, name: str) -> ParallelStep | WaitStep | None:
+        """The parallel or wait step of that name, if it is one."""
+        for step in self.steps:
+            if step.name == name and isinstance(step, Shaped):
+                return step
+        return None
+
+    def step_at(self, name: str, iteration: int) -> LlmStep | ToolStep:
+        """What the message of step ``name`` in ``iteration`` runs: the step, or the branch
+        ``iteration`` of a parallel step. Raises KeyError when there is none."""
+        top = self.shaped(name)
+        if isinstance(top, ParallelStep):
+            if iteration < 1 or (top.branches and iteration > len(top.branches)):
+                raise KeyError(f"{name}#{iteration}")
+            return top.branch_step(iteration)
+        if top is not None:
+            raise KeyError(name)
+        return self.step(name)
 
     def step(self, name: str) -> LlmStep | ToolStep:
         """The executable step of that name."""
@@ -184,6 +281,8 @@ class AgentDef(BaseModel):
         for step, loop in self.iter_steps():
             if step.name == name:
                 return loop
+        if self.shaped(name) is not None:
+            return None
         raise KeyError(name)
 
     def input_model(self) -> type[BaseModel]:
@@ -232,6 +331,7 @@ class _Scope:
     inputs: frozenset[str]
     steps: frozenset[str]
     in_loop: bool
+    in_branch: bool = False
 
 
 def _check_template(agent: str, step: str, template: str, scope: _Scope) -> None:
@@ -245,6 +345,8 @@ def _check_template(agent: str, step: str, template: str, scope: _Scope) -> None
         if head == "loop" and scope.in_loop and rest in ("transcript", "iteration"):
             continue
         if head == "session" and rest in ("transcript", "id"):
+            continue
+        if head == "branch" and scope.in_branch and name in ("item", "index"):
             continue
         raise AgentDefinitionError(
             f"agent '{agent}', step '{step}': template refers to unknown '{{{ref}}}'"
@@ -271,6 +373,9 @@ def _check(agent: AgentDef, tool_names: set[str]) -> None:
                     "of the body with parse = 'tool_call'"
                 )
             seen.update({s.name: s for s in top.body})
+        elif isinstance(top, Shaped):
+            _check_shaped(agent, top, _Scope(inputs, frozenset(seen), False, True), seen, tool_names)
+            seen[top.name] = top  # type: ignore[assignment]
         else:
             _check_step(agent, top, _Scope(inputs, frozenset(seen), False), seen, tool_names)
             seen[top.name] = top
@@ -306,7 +411,9 @@ def _check_step(
     for tool in [step.tool, *step.allowed_tools]:
         if tool is not None and tool not in tool_names:
             raise AgentDefinitionError(f"{where}: unknown tool '{tool}'")
-    if step.tool_from is not None:
+    if step.tool_from == "item" and scope.in_branch:
+        pass  # a map branch's item is its tool call
+    elif step.tool_from is not None:
         source = known.get(step.tool_from)
         if not isinstance(source, LlmStep) or source.parse != "tool_call":
             raise AgentDefinitionError(
@@ -314,6 +421,29 @@ def _check_step(
             )
         if not step.allowed_tools:
             raise AgentDefinitionError(f"{where}: tool_from needs a non-empty allowed_tools")
+
+
+def _check_shaped(
+    agent: AgentDef, top: ParallelStep | WaitStep, scope: _Scope, known: dict[str, LlmStep | ToolStep],
+    tool_names: set[str],
+) -> None:
+    where = f"agent '{agent.name}', step '{top.name}'"
+    if isinstance(top, WaitStep):
+        if not known:
+            raise AgentDefinitionError(f"{where}: a wait step cannot be an agent's first step")
+        return
+    if top.over is not None:
+        if top.over.split(".", 1)[0] not in known:
+            raise AgentDefinitionError(f"{where}: 'over' must name an earlier step's output")
+        if not known:
+            raise AgentDefinitionError(f"{where}: a map cannot be an agent's first step")
+    names = [b.name for b in top.branches]
+    if len(set(names)) != len(names):
+        raise AgentDefinitionError(f"{where}: duplicate branch name")
+    for body in top.branches or [top.branch]:  # type: ignore[list-item]
+        if top.over is None and body.kind == "tool" and body.tool_from == "item":
+            raise AgentDefinitionError(f"{where}: tool_from = 'item' needs 'over'")
+        _check_step(agent, body, scope, known, tool_names)
 
 
 def parse_agent(data: dict[str, Any], tool_names: set[str], source: str = "<data>") -> AgentDef:
@@ -330,7 +460,7 @@ def parse_agent(data: dict[str, Any], tool_names: set[str], source: str = "<data
             step_name = steps[loc[1]].get("name", f"#{loc[1]}") if loc[1] < len(steps) else loc[1]
             where += f", step '{step_name}'"
             loc = loc[2:]
-            if loc and loc[0] in ("llm", "tool", "loop"):  # the discriminator's tag
+            if loc and loc[0] in ("llm", "tool", "loop", "parallel", "wait"):  # the discriminator's tag
                 loc = loc[1:]
         field = ".".join(str(p) for p in loc)
         raise AgentDefinitionError(f"{where}: {field + ': ' if field else ''}{err['msg']}") from None

@@ -21,6 +21,8 @@ from fleet.run.records import RunRecord
 JSON_FIELDS = frozenset({"input", "result", "error", "session"})
 #: Prefixes of a step's output and record fields.
 OUT, STEP = "out:", "step:"
+#: Prefixes of a parallel step's count of committed branches, and of a signal's payload.
+JOINED, SIGNAL = "joined:", "signal:"
 #: Fields a replay clears besides the re-run steps: the previous ending.
 ENDING_FIELDS = ("started_at", "finished_at", "error", "result", "dead_letter_id")
 

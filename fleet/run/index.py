@@ -48,7 +48,7 @@ from fleet.settings import PriorityClass, Settings
 from fleet.tenants import TENANT_PATTERN
 
 #: Statuses with a set of their own (all but succeeded), in the order scripts are given them.
-INDEXED_STATUSES: tuple[str, ...] = ("queued", "running", "failed", "dead_lettered", "cancelled", "expired",
+INDEXED_STATUSES: tuple[str, ...] = ("queued", "running", "waiting", "failed", "dead_lettered", "cancelled", "expired",
                                      "budget_exceeded")
 #: Endings that carry an error (a filter on the error's text looks only at these).
 ERROR_STATUSES = frozenset(TERMINAL - {"succeeded"})
@@ -63,7 +63,7 @@ CURSOR_PATTERN = r"^[0-9]{1,11}(\.[0-9]{1,9})?:[0-9a-f]{32}$"
 
 _FULL_ID = re.compile(r"^[0-9a-f]{32}$")
 _PAGE = lua.load(__file__, "page.lua")
-_UNINDEX = lua.load(__file__, "unindex-10.lua")
+_UNINDEX = lua.load(__file__, "unindex-11.lua")
 
 
 class RunQuery(BaseModel):

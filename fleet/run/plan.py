@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fleet.run.agent import AgentDef, LlmStep, LoopStep, ToolStep
+from fleet.run.agent import AgentDef, LlmStep, LoopStep, ParallelStep, Shaped, ToolStep
 from fleet.run.records import step_key
 from fleet.run.state import RunState
 from fleet.run.template import lookup
@@ -20,10 +20,16 @@ from fleet.run.view import template_view
 def remaining_steps(
     agent: AgentDef, start: str | None = None, iteration: int = 0
 ) -> list[tuple[LlmStep | ToolStep, int]]:
-    """The steps (with iteration) that a chain starting at ``start`` runs, loops unrolled once."""
+    """The steps (with iteration) that a chain starting at ``start`` runs, loops unrolled once.
+    A chain ends before a parallel or wait step (it travels as no chain: see
+    :func:`fleet.broker.chains.build_chain`)."""
     out: list[tuple[LlmStep | ToolStep, int]] = []
     started = start is None
     for top in agent.steps:
+        if isinstance(top, Shaped):
+            if started or top.name == start:
+                return out
+            continue
         if isinstance(top, LoopStep):
             names = [s.name for s in top.body]
             if not started and start in names:
@@ -98,6 +104,48 @@ def next_step(agent: AgentDef, run: RunState) -> StepPos | Finished | Exhausted:
     return Finished()
 
 
+# --- parallel steps --------------------------------------------------------------------
+def branch_items(top: ParallelStep, run: RunState) -> list[Any] | None:
+    """The items a map's branches run over (None for fixed branches); a missing or non-list
+    output (a model that asked for no tool call) is no items."""
+    if top.over is None:
+        return None
+    try:
+        items = lookup(template_view(run), "steps." + top.over)
+    except KeyError:
+        return []
+    return items if isinstance(items, list) else []
+
+
+def branch_count(top: ParallelStep, run: RunState) -> int:
+    """How many branches the parallel step runs for this run."""
+    items = branch_items(top, run)
+    return len(top.branches) if items is None else len(items)
+
+
+def pending_branches(top: ParallelStep, run: RunState) -> list[int]:
+    """The branches (from 1) to send when a run enters (or is resumed at) a parallel step: the
+    first ``max_concurrency`` of those not committed."""
+    todo = [i for i in range(1, branch_count(top, run) + 1) if not run.is_done(step_key(top.name, i))]
+    return todo[: top.max_concurrency]
+
+
+def next_branch(top: ParallelStep, run: RunState, committed: int) -> int | None:
+    """The branch that the ``committed``-th branch commit sends (each count is one commit's, so
+    every branch past the first ``max_concurrency`` is sent once), or None."""
+    index = top.max_concurrency + committed
+    return index if index <= branch_count(top, run) else None
+
+
+def branch_view(top: ParallelStep, run: RunState, index: int) -> dict[str, Any]:
+    """What branch ``index`` of a parallel step sees: the run's view, with ``branch`` (its
+    index and, in a map, its item)."""
+    items = branch_items(top, run)
+    view = template_view(run)
+    view["branch"] = {"index": index, "item": items[index - 1] if items and index <= len(items) else None}
+    return view
+
+
 def is_skipped(agent: AgentDef, run: RunState, pos: StepPos) -> bool:
     """Inside a loop, the body steps after the one that gave the final answer do not run."""
     loop = agent.loop_of(pos.name)
@@ -116,5 +164,9 @@ def result_of(agent: AgentDef, run: RunState) -> Any:
 
 
 def step_index(agent: AgentDef, name: str) -> int:
-    """Position of a step among the agent's executable steps."""
-    return [s.name for s, _ in agent.iter_steps()].index(name)
+    """Position of a step among the agent's steps (a loop's body steps each, a parallel or wait
+    step as one)."""
+    names: list[str] = []
+    for top in agent.steps:
+        names += [s.name for s in top.body] if isinstance(top, LoopStep) else [top.name]
+    return names.index(name)

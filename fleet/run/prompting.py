@@ -72,10 +72,12 @@ def loop_messages(run: RunState, loop: LoopStep, iteration: int) -> tuple[Messag
     return tuple(out)
 
 
-def build_prompt(agent: AgentDef, step: LlmStep, run: RunState, iteration: int = 0) -> Prompt:
-    """The prompt of ``step`` of ``run`` (in loop iteration ``iteration``), as messages."""
-    loop = agent.loop_of(step.name)
-    view = template_view(run, iteration, loop)
+def build_prompt(agent: AgentDef, step: LlmStep, run: RunState, iteration: int = 0,
+                 view: dict[str, Any] | None = None) -> Prompt:
+    """The prompt of ``step`` of ``run`` (in loop iteration ``iteration``), as messages; a
+    parallel step's branch hands in its own ``view`` (:func:`fleet.run.plan.branch_view`)."""
+    loop = None if view is not None else agent.loop_of(step.name)
+    view = view if view is not None else template_view(run, iteration, loop)
     templates = step.prompt + agent.system
     # A chat format sends the history as messages: the templates' own transcripts go empty.
     bare = {**view, "session": {**view["session"], "transcript": ""}}

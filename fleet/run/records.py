@@ -16,7 +16,7 @@ from fleet.settings import PriorityClass
 from fleet.tenants import DEFAULT_TENANT
 
 RunStatus = Literal[
-    "queued", "running", "succeeded", "failed", "dead_lettered", "cancelled", "expired", "budget_exceeded"
+    "queued", "running", "waiting", "succeeded", "failed", "dead_lettered", "cancelled", "expired", "budget_exceeded"
 ]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "dead_lettered", "cancelled", "expired",
                                       "budget_exceeded"})
@@ -44,7 +44,7 @@ class StepRecord(BaseModel):
     key: str
     name: str
     iteration: int = 0
-    kind: Literal["llm", "tool"] | None = None
+    kind: Literal["llm", "tool", "parallel", "wait"] | None = None
     status: Literal["running", "done", "skipped", "failed"] = "running"
     attempts: int = 0
     started_at: float | None = None
@@ -58,6 +58,8 @@ class StepRecord(BaseModel):
     tokens_out: int = 0
     prompt_bytes: int = Field(0, description="Size of the model call's prompt (budgets estimate prompts by it).")
     worker: str | None = None
+    model: str | None = Field(None, description="The model that served the step's model call.")
+    fallback: bool = Field(False, description="Whether the model call ran on the step's fallback model.")
     replica: str | None = None  # the Triton replica of its model call
     preemptions: int = 0  # times an interactive request took its model call's slot
     failovers: int = 0  # times its model call lost its replica and was sent again
@@ -94,6 +96,8 @@ class RunRecord(BaseModel):
     budget_tokens: int | None = Field(None, description="Most tokens (in + out) the run's model calls may use.")
     budget_cost: float | None = Field(None, description="Most estimated cost the run's model calls may use.")
     traceparent: str | None = Field(None, description="The run's root span (W3C traceparent), when traced.")
+    waiting_for: str | None = Field(None, description="The signal a waiting run is parked on.")
+    wait_until: float | None = Field(None, description="When a waiting run's wait times out.")
     outputs: dict[str, Any] = Field(default_factory=dict)
     steps: list[StepRecord] = Field(default_factory=list)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fleet.run.codec import JSON_FIELDS, OUT, STEP
+from fleet.run.codec import JOINED, JSON_FIELDS, OUT, SIGNAL, STEP
 from fleet.run.records import TERMINAL, RunRecord, StepRecord, parse_step_key, step_key
 from fleet.settings import PriorityClass
 from fleet.tenants import DEFAULT_TENANT
@@ -16,26 +16,33 @@ class RunState:
 
     Attributes:
         fields: the run's own fields, decoded (input, status, deadline_at as a float, ...).
-        outputs: step name -> iteration -> output.
+        outputs: step name -> iteration -> output (a parallel step's branches are its
+            iterations 1..n, its joined output iteration 0).
         records: step key -> its record.
+        signals: signal name -> payload, for signals delivered to the run.
     """
 
     def __init__(self, raw: dict[str, str]) -> None:
         fields: dict[str, Any] = {}
         self.outputs: dict[str, dict[int, Any]] = {}
         self.records: dict[str, StepRecord] = {}
+        self.signals: dict[str, Any] = {}
         for name, value in raw.items():
             if name.startswith(OUT):
                 step, iteration = parse_step_key(name[len(OUT):])
                 self.outputs.setdefault(step, {})[iteration] = json.loads(value)
             elif name.startswith(STEP):
                 self.records[name[len(STEP):]] = StepRecord.model_validate_json(value)
+            elif name.startswith(SIGNAL):
+                self.signals[name[len(SIGNAL):]] = json.loads(value)
+            elif name.startswith(JOINED):
+                continue
             else:
                 fields[name] = value
         for name in JSON_FIELDS:
             if name in fields:
                 fields[name] = json.loads(fields[name])
-        for name in ("created_at", "deadline_at", "started_at", "finished_at", "budget_cost"):
+        for name in ("created_at", "deadline_at", "started_at", "finished_at", "budget_cost", "wait_until"):
             if name in fields:
                 fields[name] = float(fields[name])
         if "budget_tokens" in fields:

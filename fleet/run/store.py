@@ -18,6 +18,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -56,7 +57,20 @@ _COMMIT_STEP = lua.load(__file__, "commit_step-3.lua")
 _TRANSITION = lua.load(__file__, "transition-7.lua", prelude=_TERMINAL_TABLE)
 _PROMOTE = lua.load(__file__, "promote-8.lua", prelude=_TERMINAL_TABLE)
 _REOPEN = lua.load(__file__, "reopen-1.lua")
+_PARK = lua.load(__file__, "park-7.lua", prelude=_TERMINAL_TABLE)
+_RESUME = lua.load(__file__, "resume-4.lua", prelude=_TERMINAL_TABLE)
 _REF = re.compile(RUN_REF_PATTERN)
+
+
+@dataclass(frozen=True)
+class Join:
+    """What the commit of a parallel step's branch needs to join them: the step, its number of
+    branches and, for fixed branches, their names (the keys of its output)."""
+
+    step: str
+    total: int
+    names: list[str] | None = None
+    started_at: float | None = None  # when its first branch started
 
 
 class RunStore:
@@ -293,17 +307,27 @@ class RunStore:
             self.transition(run_id, "running")
         return int(deliveries)
 
-    def finish_step(self, run_id: str, step: StepRecord, output: Any, *extra: PipeCommand) -> bool:
+    def finish_step(self, run_id: str, step: StepRecord, output: Any, *extra: PipeCommand,
+                    join: Join | None = None) -> int:
         """Commit a finished step once (output, record, "done" event) plus ``extra`` commands
-        (each queues itself on the same pipeline): one round trip. False if already committed.
+        (each queues itself on the same pipeline): one round trip. 0 if already committed;
+        for a branch of a parallel step (``join``), the number of its branches committed, this
+        one included (the one that completes them writes the join, see ``commit_step-3.lua``).
         """
         if step.status != "skipped":
             step.status = "done"
         pipe = self.redis.pipeline(transaction=False)
+        branch: list[Any] = []
+        if join is not None:
+            now = time.time()
+            record = StepRecord(key=join.step, name=join.step, kind="parallel", status="done", finished_at=now,
+                                started_at=join.started_at,
+                                duration_s=now - join.started_at if join.started_at is not None else None)
+            branch = [join.step, join.total, record.model_dump_json(), ",".join(join.names or [])]
         _COMMIT_STEP(
             pipe, keys=[self.run_key(run_id), self.events_key(run_id), self.keys.active_runs],
             args=[step.key, json.dumps(output), step.model_dump_json(), f"{step.duration_s or 0:.4f}",
-                  EVENTS_MAXLEN, time.time(), run_id],
+                  EVENTS_MAXLEN, time.time(), run_id, *branch],
         )
         for command in extra:
             command(pipe)
@@ -311,7 +335,59 @@ class RunStore:
         done = lua.execute(pipe, wait=self.wait, what=f"run {run_id}: step {step.key}'s commit")[0]
         if done == -1:
             raise RunNotFound(f"no run '{run_id}'")
-        return bool(done)
+        return int(done)
+
+    # --- waits ----------------------------------------------------------------------
+    def _wait_keys(self, run_id: str) -> list[str]:
+        return [self.run_key(run_id), self.events_key(run_id), self.keys.active_runs, self.keys.waits]
+
+    def park(self, run_id: str, step: StepRecord, signal: str, timeout_at: float) -> int:
+        """Park the run at a wait step until ``signal`` or ``timeout_at`` (``park-7.lua``): 1 when
+        parked, 2 when the step committed at once (the signal came first), 0 when the run ended."""
+        parked = step.model_copy(update={"status": "running"})
+        step.status, step.finished_at, step.duration_s = "done", step.started_at, 0.0
+        done = _PARK(self.redis, keys=[*self._wait_keys(run_id), self.keys.admitted("interactive"),
+                                       self.keys.admitted_steps("interactive"), self.keys.dispatched],
+                     args=[step.key, signal, repr(timeout_at), run_id, EVENTS_MAXLEN, step.model_dump_json(),
+                           self.keys.runs_index_base, parked.model_dump_json()])
+        if done == -1:
+            raise RunNotFound(f"no run '{run_id}'")
+        return int(done)
+
+    def signal(self, run_id: str, name: str, payload: Any) -> int:
+        """Deliver a signal (``resume-4.lua``): 1 when the run resumed (its next step is to be
+        sent), 0 when the signal is kept for a wait to come, -2 when the run ended."""
+        return self._resume(run_id, name, payload)
+
+    def time_out(self, run_id: str) -> int:
+        """Time out a run's due wait: 1 when it resumed with ``{"timed_out": true}``."""
+        return self._resume(run_id, "", None)
+
+    def _resume(self, run_id: str, name: str, payload: Any) -> int:
+        now = time.time()
+        record = StepRecord(key="", name="", kind="wait", status="done", finished_at=now)
+        raw = self.redis.hget(self.run_key(run_id), "waiting_step")
+        if raw:
+            parked = self.redis.hget(self.run_key(run_id), STEP + raw)
+            if parked:  # the record the wait started with: it says since when
+                record = StepRecord.model_validate_json(parked)
+                record.status, record.finished_at = "done", now
+                record.duration_s = now - record.started_at if record.started_at is not None else None
+            record.key = record.name = raw
+        done = _RESUME(self.redis, keys=self._wait_keys(run_id),
+                       args=[name, json.dumps(payload), run_id, EVENTS_MAXLEN, record.model_dump_json(),
+                             self.keys.runs_index_base, repr(now)])
+        if done == -1:
+            raise RunNotFound(f"no run '{run_id}'")
+        return int(done)
+
+    def due_waits(self, now: float, limit: int = 1000) -> list[str]:
+        """Parked runs whose wait timed out by ``now``."""
+        return self.redis.zrangebyscore(self.keys.waits, "-inf", now, start=0, num=limit)
+
+    def parked(self) -> int:
+        """How many runs are parked."""
+        return int(self.redis.zcard(self.keys.waits))
 
     # --- status ---------------------------------------------------------------------
     def transition(self, run_id: str, status: RunStatus, **fields: Any) -> bool:

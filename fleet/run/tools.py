@@ -153,3 +153,10 @@ def word_count(text: str) -> int:
 def reverse(text: str) -> str:
     """The text, reversed."""
     return text[::-1]
+
+
+@tool("split", argument="text")
+def split(text: str) -> list[str]:
+    """The text's items: its lines, or its parts between semicolons, without blanks."""
+    parts = text.splitlines() if "\n" in text else text.split(";")
+    return [p.strip() for p in parts if p.strip()]

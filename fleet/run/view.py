@@ -16,6 +16,9 @@ def template_view(run: RunState, iteration: int = 0, loop: LoopStep | None = Non
     iteration), ``session`` and, inside a loop, ``loop`` (iteration and transcript)."""
     latest: dict[str, Any] = {}
     for name, by_iteration in run.outputs.items():
+        if 0 in by_iteration:  # a step outside loops (a parallel step: its joined output)
+            latest[name] = by_iteration[0]
+            continue
         usable = [i for i in by_iteration if iteration == 0 or i <= iteration]
         if usable:
             latest[name] = by_iteration[max(usable)]

@@ -25,7 +25,7 @@ _ADMIT = lua.load(__file__, "admit-2.lua")
 
 def llm_steps(agent: AgentDef) -> int:
     """Model calls a run of ``agent`` makes (a loop's body counted once)."""
-    return max(1, sum(1 for s, _ in agent.iter_steps() if s.kind == "llm"))
+    return max(1, sum(1 for s, _ in agent.iter_steps_with_branches() if s.kind == "llm"))
 
 
 @dataclass(frozen=True)

@@ -134,13 +134,35 @@ class Forecaster:
             f"batch queue {f.queue} holds {f.depth} steps and the backlog {queued - int(depth)} runs "
             f"(limit {limit}); retry in {retry:.0f}s", retry_after_s=retry)
 
+    def _unserved(self, agent: AgentDef) -> str | None:
+        """What no replica serves among the models the agent's model steps need (a step is
+        served by its model or its fallback), e.g. ``"0 of 2 of medium_sim"``; None when all are."""
+        up: dict[str, tuple[int, int, bool]] = {}
+
+        def served(ref: str | None) -> bool:
+            name = self.settings.resolve_model(ref)
+            if name not in up:
+                board = self.board if name == self.settings.triton_model else \
+                    ReplicaBoard(self.settings.for_model(name), self.capacity.redis)
+                states = board.states()
+                up[name] = (sum(st.up for st in states), len(states), all(st.known for st in states))
+            n_up, n, probed = up[name]
+            return n_up > 0 or not probed
+
+        for step, _ in agent.iter_steps_with_branches():
+            if step.kind == "llm" and not served(step.model) and not (step.fallback and served(step.fallback)):
+                name = self.settings.resolve_model(step.model)
+                return f"0 of {up[name][1]}" + ("" if name == self.settings.triton_model else f" of {name}")
+        return None
+
     def admit(self, run_id: str, agent: AgentDef, deadline_s: float) -> None:
         """Admit an interactive run into the ledger of admitted runs, or raise :class:`Overloaded`
         (nothing added) with a Retry-After for when enough of the pool will have drained."""
         i = self._inputs("interactive")
-        if i["replicas_up"] == 0 and i["replicas_probed"] == i["replicas"]:
+        down = self._unserved(agent)
+        if down is not None:
             retry = max(1.0, 2 * self.settings.replica_probe_interval_s)
-            raise Overloaded(f"no replica of the inference pool is up (0 of {i['replicas']}); "
+            raise Overloaded(f"no replica of the inference pool is up ({down}); "
                              f"retry in {retry:.0f}s", retry_after_s=retry)
         step_s, parallel = i["step_p99_s"], i["parallel"]
         placed = self.admitted.admit(run_id, agent, time.time(), deadline_s, parallel, step_s, i["threads_free"],

@@ -7,7 +7,8 @@ progress. A worker process periodically (one at a time, under a Redis lock) look
 that made no progress for ``FLEET_STALL_AFTER_S``; a run whose step message is neither in a
 queue nor unacknowledged is sent again from its first unfinished step. A message that does
 exist (a long batch backlog) just refreshes the run's index entry. The same pass drops from
-the runs index the runs whose record expired (:meth:`fleet.run.index.RunIndex.trim`).
+the runs index the runs whose record expired (:meth:`fleet.run.index.RunIndex.trim`), and times
+out the waits of parked runs that are due (:meth:`fleet.scheduling.signals.Signals.fire_timeouts`).
 
 A re-dispatch can at worst duplicate a step message; steps commit once, so it is safe.
 
@@ -34,7 +35,9 @@ from fleet.run.agent import AgentDef
 from fleet.run.plan import StepPos, next_step, remaining_steps
 from fleet.run.state import RunState
 from fleet.run.store import RunStore
+from fleet.run.waits import settle
 from fleet.scheduling.recount import Recount
+from fleet.scheduling.signals import Signals
 from fleet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,12 +46,12 @@ _RUN_ID_IN_MESSAGE = re.compile(r"run_id['\"]?:\s*['\"]([0-9a-f]{32})")
 _CHUNK = 1000
 
 
-def resume_point(agent: AgentDef, run: RunState) -> StepPos:
-    """Where a run whose message vanished starts again: the next-step rule's answer, or, for
-    a run whose steps are all done but which never ended, its first step (a done step only
-    advances, which ends the run)."""
-    nxt = next_step(agent, run)
-    if isinstance(nxt, StepPos):
+def resume_point(agent: AgentDef, run: RunState, store: RunStore | None = None) -> StepPos | None:
+    """Where a run whose message vanished starts again: the next-step rule's answer (settled in
+    ``store``: None when that parks the run), or, for a run whose steps are all done but which
+    never ended, its first step (a done step only advances, which ends the run)."""
+    nxt = settle(store, agent, run) if store is not None else next_step(agent, run)
+    if isinstance(nxt, StepPos) or nxt is None:
         return nxt
     first, iteration = remaining_steps(agent)[0]
     return StepPos(first.name, iteration)
@@ -60,6 +63,7 @@ class Reconciler:
     def __init__(self, settings: Settings, app: Celery, agents: dict[str, AgentDef], store: RunStore) -> None:
         self.settings, self.app, self.agents, self.store = settings, app, agents, store
         self.recount = Recount(settings, store.redis, agents)
+        self.signals = Signals(settings, app, agents, store)
         self._recounted: tuple[float, tuple[str, int] | None] | None = None  # when, and on which primary
 
     def messages_in_flight(self) -> set[str]:
@@ -99,10 +103,12 @@ class Reconciler:
             if run.ended or agent is None:
                 self.store.forget(run_id)
                 continue
-            pos = resume_point(agent, run)
+            pos = resume_point(agent, run, self.store)
+            if pos is None:  # parked at a wait step: no message is due
+                continue
             with tracing.resumed(run.traceparent, f"resend {run.agent}", {"fleet.run_id": run_id}):
                 build_chain(self.app, self.settings, agent, run_id, run.priority,
-                            start=pos.name, iteration=pos.iteration).apply_async()
+                            start=pos.name, iteration=pos.iteration, run=run).apply_async()
             self.store.touch(run_id)
             log.warning("run %s: no step message in flight for %.0fs; sent again from step %s",
                         run_id, self.settings.stall_after_s, pos.key, extra={"run_id": run_id})
@@ -118,6 +124,7 @@ class Reconciler:
 
     def _pass(self) -> bool:
         self.sweep()
+        self.signals.fire_timeouts()
         self.store.index.trim()
         self.maybe_recount()
         return False  # the next sweep comes after the interval, whatever this one found

@@ -8,9 +8,10 @@ leaves them wrong: a give-back that failed left a tenant a place tighter for goo
 failover that lost the primary's last writes can take a count's change and leave its run's (or
 the reverse).
 
-:class:`Recount` puts them right: one Lua call (``recount-6.lua``) counts what they should be and
+:class:`Recount` puts them right: one Lua call (``recount-7.lua``) counts what they should be and
 corrects them in the same step, so no admission or run's end can come between the count and the
-correction. A tenant's places of a class are its runs not ended (the active index), its runs
+correction. A tenant's places of a class are its runs not ended (the active index, and the runs parked at a
+wait step), its runs
 waiting in the backlog (a per-tenant count changed in the same step as their compact records),
 and the places of admissions on their way (:class:`~fleet.scheduling.quotas.Claim`\\ s not yet
 settled): those are a run's that has not been recorded yet, not a leak, unless their admission
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 CLAIM_GRACE_S = 300.0
 
 _TERMINAL_TABLE = "local TERMINAL = {" + ", ".join(f"{s} = true" for s in sorted(TERMINAL)) + "}\n"
-_RECOUNT = lua.load(__file__, "recount-6.lua", prelude=_TERMINAL_TABLE)
+_RECOUNT = lua.load(__file__, "recount-7.lua", prelude=_TERMINAL_TABLE)
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Recount:
         """One recount; what it corrected (logged when anything)."""
         k = self.settings.keys
         flat = _RECOUNT(self.redis, keys=[k.tenant_active, k.active_runs, k.backlog_runs, k.quota_claims,
-                                          k.admitted("interactive"), k.admitted_steps("interactive")],
+                                          k.admitted("interactive"), k.admitted_steps("interactive"), k.waits],
                         args=[k.run(""), repr(time.time() if now is None else now), self.claim_grace_s, *self.steps])
         out = Recounted(ledger_dropped=int(flat[-2]), ledger_added=int(flat[-1]))
         for i in range(0, len(flat) - 3, 3):

@@ -121,7 +121,7 @@ class Replayer:
             start = StepPos(entry.step, entry.iteration)
         with tracing.resumed(run.traceparent, f"replay {agent.name}", {"fleet.run_id": entry.run_id}):
             build_chain(self.app, self.settings, agent, entry.run_id, entry.priority,
-                        start=start.name, iteration=start.iteration).apply_async()
+                        start=start.name, iteration=start.iteration, run=run).apply_async()
         # The replay is reported done next: the reopened record and its first step message must
         # be on a replica (a failover in between raises: the operator replays it again).
         self.store.replicated(f"run {entry.run_id}: replay", since)

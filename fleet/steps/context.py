@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.run.agent import AgentDef, LlmStep, ToolStep
+from fleet.run.agent import AgentDef, LlmStep, ParallelStep, ToolStep
 from fleet.run.budget import Allowance
 from fleet.run.cancel import CancelScope
 from fleet.run.records import StepRecord
@@ -40,6 +40,7 @@ class StepContext:
     deliveries: int = 0
     again: bool = False  # the same delivery run once more (after waiting out a full Redis)
     step: LlmStep | ToolStep | None = None
+    parallel: ParallelStep | None = None  # the parallel step this step is a branch of
     record: StepRecord | None = None
     cancel: CancelScope | None = None
     allowance: Allowance | None = None  # what the run's budget leaves its model call (None: no budget)

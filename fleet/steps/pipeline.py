@@ -34,12 +34,25 @@ import redis
 
 from fleet.core.redis_full import is_redis_full, wait_for_room
 from fleet.errors import BudgetExceeded, DeadlineExceeded, FleetError, HandedBack, RunCancelled, RunNotFound
-from fleet.run.agent import AgentDef
+from fleet.run.agent import AgentDef, ParallelStep
 from fleet.run.deadletter import DeadLetter
-from fleet.run.plan import Exhausted, Finished, StepPos, is_skipped, next_step, result_of, step_index
+from fleet.run.plan import (
+    Exhausted,
+    Finished,
+    StepPos,
+    branch_count,
+    branch_view,
+    is_skipped,
+    next_branch,
+    pending_branches,
+    result_of,
+    step_index,
+)
 from fleet.run.records import RunStatus, StepRecord, step_key
-from fleet.run.store import PipeCommand
+from fleet.run.state import RunState
+from fleet.run.store import Join, PipeCommand
 from fleet.run.view import template_view
+from fleet.run.waits import settle
 from fleet.settings import PriorityClass
 from fleet.steps.context import Delivery, StepContext, StopStep
 from fleet.steps.hooks import Hook
@@ -60,6 +73,7 @@ class Advance:
     pos: StepPos
     agent: AgentDef
     priority: PriorityClass
+    run: RunState | None = None  # what a parallel step's fan-out sends depends on it
 
 
 @dataclass(frozen=True)
@@ -70,7 +84,17 @@ class RetryLater:
     exc: BaseException
 
 
-Outcome = Stop | Advance | RetryLater
+@dataclass(frozen=True)
+class Resend:
+    """Branches of the parallel step ``step`` are sent (again)."""
+
+    step: str
+    branches: list[int]
+    agent: AgentDef
+    priority: PriorityClass
+
+
+Outcome = Stop | Advance | RetryLater | Resend
 STOP = Stop()
 
 
@@ -111,7 +135,7 @@ class StepPipeline:
         if ctx.done:
             log.info("run %s: step %s already done (redelivered); not running it again", ctx.run_id, ctx.key,
                      extra={"run_id": ctx.run_id})
-            return self._advance(ctx)
+            return self._branch_redelivered(ctx) if ctx.parallel is not None else self._advance(ctx)
         self._start(ctx)
         try:
             for hook in self.hooks:
@@ -127,7 +151,34 @@ class StepPipeline:
                 raise  # not the step's failure: the task puts it back in its queue
             return self._failed(ctx, exc)
         self._commit(ctx)
-        return self._advance(ctx)
+        return self._after_branch(ctx) if ctx.parallel is not None else self._advance(ctx)
+
+    def _after_branch(self, ctx: StepContext) -> Outcome:
+        """After a branch's commit: the one that joined the branches advances the run; any
+        other sends the next branch not yet sent (one per commit), if any."""
+        top, committed = ctx.parallel, ctx.extra.get("committed", 0)
+        assert top is not None and ctx.agent is not None  # noqa: S101 - a branch of a known step
+        if not committed:  # a duplicate delivery committed first, and went on
+            return self._branch_redelivered(ctx)
+        if committed >= branch_count(top, ctx.run):
+            log.info("run %s: parallel step %s joined (%d branches)", ctx.run_id, top.name, committed,
+                     extra={"run_id": ctx.run_id})
+            ctx.run = self.store.load(ctx.run_id)
+            return self._advance(ctx)
+        index = next_branch(top, ctx.run, committed)
+        return STOP if index is None else Advance(StepPos(top.name, index), ctx.agent, ctx.run.priority, ctx.run)
+
+    def _branch_redelivered(self, ctx: StepContext) -> Outcome:
+        """A branch committed by an earlier delivery: the commit that joined went on, so this
+        one sends only the branches that its crash may have left unsent (none has a record yet);
+        a branch in flight finishes on its own, and a run left without any message is the
+        reconciler's."""
+        top = ctx.parallel
+        assert top is not None and ctx.agent is not None  # noqa: S101
+        if ctx.run.is_done(top.name):
+            return STOP
+        unsent = [i for i in pending_branches(top, ctx.run) if ctx.run.record(step_key(top.name, i)) is None]
+        return Resend(top.name, unsent, ctx.agent, ctx.run.priority) if unsent else STOP
 
     def _load(self, msg: Delivery) -> StepContext | None:
         try:
@@ -140,9 +191,11 @@ class StepPipeline:
         ctx = StepContext(delivery=msg, run=run, agent=agent, key=step_key(msg.step, msg.iteration))
         if agent is not None:
             try:
-                ctx.step = agent.step(msg.step)
+                ctx.step = agent.step_at(msg.step, msg.iteration)
             except KeyError:
                 ctx.step = None
+            top = agent.shaped(msg.step)
+            ctx.parallel = top if isinstance(top, ParallelStep) else None
         return ctx
 
     def _start(self, ctx: StepContext) -> None:
@@ -166,7 +219,10 @@ class StepPipeline:
         if is_skipped(ctx.agent, ctx.run, pos):
             ctx.record.status = "skipped"
             return None
-        view = template_view(ctx.run, pos.iteration, ctx.agent.loop_of(pos.name))
+        if ctx.parallel is not None:
+            view = branch_view(ctx.parallel, ctx.run, pos.iteration)
+        else:
+            view = template_view(ctx.run, pos.iteration, ctx.agent.loop_of(pos.name))
         with self.rt.cancellation.scope(ctx.run_id) as cancel, ExitStack() as around:
             for hook in self._around:
                 around.enter_context(hook.around_body(ctx))
@@ -182,7 +238,16 @@ class StepPipeline:
         extra: list[PipeCommand] = [lambda pipe: pipe.delete(deliveries)]  # this delivery finished
         for hook in self.hooks:
             extra += hook.commit_with(ctx)
-        if self._holding(ctx, lambda: self.store.finish_step(ctx.run_id, record, ctx.output, *extra)):
+        top = ctx.parallel
+        join = None
+        if top is not None:
+            starts = [r.started_at for k, r in ctx.run.records.items() if k.startswith(top.name + "#") and r.started_at]
+            join = Join(top.name, branch_count(top, ctx.run), top.branch_names,
+                        min([*starts, record.started_at or record.finished_at]))
+        committed = self._holding(ctx, lambda: self.store.finish_step(ctx.run_id, record, ctx.output, *extra,
+                                                                      join=join))
+        ctx.extra["committed"] = committed
+        if committed:
             ctx.run.committed(record, ctx.output)
             log.info("run %s: step %s done in %.3fs (tokens %d in / %d out)", ctx.run_id, ctx.key,
                      record.duration_s, record.tokens_in, record.tokens_out,
@@ -193,7 +258,7 @@ class StepPipeline:
             # A duplicate delivery committed first: go on from what it stored.
             ctx.run = self.store.load(ctx.run_id)
 
-    def _holding(self, ctx: StepContext, commit: Callable[[], bool]) -> bool:
+    def _holding(self, ctx: StepContext, commit: Callable[[], int]) -> int:
         """Commit, waiting out a full Redis with the step's output in hand (its work is not
         redone); past half the step time limit the task's own wait takes over."""
         give_up_at = (ctx.record.started_at if ctx.record and ctx.record.started_at else time.time()) + \
@@ -211,14 +276,16 @@ class StepPipeline:
 
     def _advance(self, ctx: StepContext) -> Outcome:
         assert ctx.agent is not None  # noqa: S101 - a done step has a known agent
-        nxt = next_step(ctx.agent, ctx.run)
+        nxt = settle(self.store, ctx.agent, ctx.run)
         if isinstance(nxt, Finished):
             self._end(ctx, "succeeded", result=result_of(ctx.agent, ctx.run))
             return STOP
         if isinstance(nxt, Exhausted):
             self._end(ctx, "failed", error={"type": "LoopExhausted", "message": nxt.message})
             return STOP
-        return Advance(nxt, ctx.agent, ctx.run.priority)
+        if nxt is None:  # parked: a wait step holds the run, and no worker
+            return STOP
+        return Advance(nxt, ctx.agent, ctx.run.priority, ctx.run)
 
     def _handed_back(self, ctx: StepContext) -> None:
         """The step gave its borrowed thread back to interactive work: this delivery spent no
@@ -262,9 +329,20 @@ class StepPipeline:
             for hook in self.hooks:
                 hook.on_retry(ctx, exc, countdown)
             return RetryLater(countdown, exc)
+        if ctx.parallel is not None and ctx.parallel.on_failure == "keep" and record is not None:
+            return self._keep_failed(ctx, exc)
         self._record_failure(ctx)
         self._dead_letter(ctx, exc, attempt)
         return STOP
+
+    def _keep_failed(self, ctx: StepContext, exc: BaseException) -> Outcome:
+        """A failed branch of a parallel step that keeps what succeeded: it commits its error
+        as its output (``{"error": ...}``), and the join goes on without it."""
+        log.info("run %s: branch %s failed (%s: %s); the parallel step keeps the others", ctx.run_id, ctx.key,
+                 type(exc).__name__, exc, extra={"run_id": ctx.run_id})
+        ctx.output = {"error": f"{type(exc).__name__}: {exc}"}
+        self._commit(ctx)
+        return self._after_branch(ctx)
 
     def _record_failure(self, ctx: StepContext) -> None:
         record = ctx.record

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fleet.connections import redis_client
 from fleet.core import tracing
 from fleet.core.listener import Listener
+from fleet.inference.catalog import ModelCatalog
 from fleet.inference.formats import Formats
 from fleet.inference.pool import InferencePool
 from fleet.run.agent import AgentDef, load_agents
@@ -52,7 +53,8 @@ class Runtime:
     capacity: Capacity
     listener: Listener
     cancellation: Cancellation
-    pool: InferencePool
+    pool: InferencePool  # the default model's
+    models: ModelCatalog
     bodies: StepBodies
     hooks: list[Hook]
     retries: RetryPolicy
@@ -68,7 +70,8 @@ def build_runtime(settings: Settings) -> Runtime:
     store = RunStore(settings, client)
     capacity = Capacity(settings, client)
     listener = Listener(client)
-    pool = InferencePool(settings, client, listener)
+    models = ModelCatalog(settings, client, listener)
+    pool = models.pools[settings.triton_model]
     prices = Prices.from_settings(settings)
     spans: list[Hook] = [StepSpans()] if tracing.enabled() else []
     hooks: list[Hook] = [
@@ -80,7 +83,7 @@ def build_runtime(settings: Settings) -> Runtime:
         settings=settings, agents=load_agents(settings.agents_dir), store=store,
         dead_letters=DeadLetters(settings, client), capacity=capacity, listener=listener,
         cancellation=Cancellation(store, listener), pool=pool,
-        bodies=StepBodies(pool, store, prices, settings.triton_model, Formats(settings)), hooks=hooks,
+        models=models, bodies=StepBodies(models, store, Formats(settings)), hooks=hooks,
         retries=RetryPolicy.from_settings(settings), worker=f"{socket.gethostname()}:{os.getpid()}",
     )
 

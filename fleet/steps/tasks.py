@@ -30,7 +30,7 @@ from fleet.run.plan import StepPos
 from fleet.run.records import step_key
 from fleet.settings import Settings
 from fleet.steps.context import Delivery
-from fleet.steps.pipeline import Advance, Outcome, RetryLater, StepPipeline
+from fleet.steps.pipeline import Advance, Outcome, Resend, RetryLater, StepPipeline
 from fleet.steps.runtime import runtime_for
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class StepTask(Task):
         except (Retry, Ignore):  # a retry or the next loop iteration was published
             store.replicated(what, since)
             raise
-        if isinstance(outcome, Advance):
+        if isinstance(outcome, (Advance, Resend)):
             store.replicated(what, since)
 
     def _act(self, msg: Delivery, outcome: Outcome) -> None:
@@ -113,6 +113,11 @@ class StepTask(Task):
             raise self.retry(countdown=outcome.countdown_s, max_retries=None, exc=outcome.exc)
         if isinstance(outcome, Advance):
             self._go_on(msg, outcome)
+        elif isinstance(outcome, Resend):
+            self.request.chain = None
+            for index in outcome.branches:
+                build_chain(self.app, self.pipeline.rt.settings, outcome.agent, msg.run_id, outcome.priority,
+                            start=outcome.step, iteration=index).apply_async()
         else:
             self.request.chain = None  # cut the rest of the chain
 
@@ -132,7 +137,7 @@ class StepTask(Task):
                                                     loop, pos.iteration))
         self.request.chain = None
         build_chain(self.app, settings, agent, msg.run_id, advance.priority, start=pos.name,
-                    iteration=pos.iteration).apply_async()
+                    iteration=pos.iteration, run=advance.run).apply_async()
 
 
 def _position(link: dict[str, Any]) -> StepPos:

@@ -63,7 +63,8 @@ def _on_ready(sender, **_: object) -> None:  # noqa: ANN001
         # thread, away from the connections of the worker's consumer and its tasks.
         Dispatcher(settings, create_app(settings), rt.agents, rt.store).loop().start()
     if settings.scheduling == "fleet" and set(queues) & set(worker_queues(settings, "llm")):
-        PoolMonitor(settings, rt.store.redis, rt.pool.client).loop().start()
+        for name, pool in rt.models.pools.items():  # one monitor per model's pool
+            PoolMonitor(settings.for_model(name), rt.store.redis, pool.client).loop().start()
     if settings.scheduling == "fleet" and settings.inference_borrow and \
             queues == worker_queues(settings, "llm", ("interactive",)):
         _lend_threads(sender, rt, queues[0])

@@ -114,6 +114,10 @@ class AsyncFleetClient:
         return await asyncio.to_thread(self.sync.runs, status, agent, priority, tenant, since, until, error, limit,
                                        cursor)
 
+    async def signal(self, run_id: str, name: str, payload: Any = None) -> str:
+        """Deliver a signal to a run (see :meth:`fleet.surfaces.client.FleetClient.signal`)."""
+        return await asyncio.to_thread(self.sync.signal, run_id, name, payload)
+
     async def cancel(self, run_id: str) -> bool:
         """Cancel a run; False when it had already ended. Raises :class:`RunNotFound`."""
         return await asyncio.to_thread(self.sync.cancel, run_id)

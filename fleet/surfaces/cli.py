@@ -102,6 +102,10 @@ def _print_run(run, timeline: bool = False) -> None:  # noqa: ANN001
     latency = f"{run.latency_s:.2f}s" if run.latency_s is not None else "-"
     click.echo(f"run {run.id}  agent {run.agent}  {run.priority}  {run.status}  latency {latency}  "
                f"tokens {run.tokens_in} in / {run.tokens_out} out  cost {run.cost:.4g}")
+    if run.waiting_for:
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.wait_until or 0))
+        click.echo(f"waiting for signal {run.waiting_for!r} until {until} "
+                   f"(fleet runs signal {run.id[:8]} {run.waiting_for} --payload JSON)")
     if timeline:
         from fleet.surfaces.timeline import waterfall
 
@@ -111,7 +115,9 @@ def _print_run(run, timeline: bool = False) -> None:  # noqa: ANN001
         return
     for s in run.steps:
         dur = f"{s.duration_s:.3f}s" if s.duration_s is not None else "-"
-        click.echo(f"  {s.key:<16} {s.status:<8} {dur:>8}  attempts {s.attempts}  tokens {s.tokens_in}/{s.tokens_out}")
+        model = f"  model {s.model}{' (fallback)' if s.fallback else ''}" if s.model else ""
+        click.echo(f"  {s.key:<16} {s.status:<8} {dur:>8}  attempts {s.attempts}  tokens {s.tokens_in}/{s.tokens_out}"
+                   f"{model}")
     _print_ending(run)
 
 
@@ -225,7 +231,7 @@ def _run_line(row, short: str, width: int) -> str:  # noqa: ANN001
 
 @runs.command("list")
 @click.option("--status", "statuses", multiple=True, metavar="STATUS",
-              help="Runs in this status (repeat, or comma-separate, for several): queued, running, succeeded, "
+              help="Runs in this status (repeat, or comma-separate, for several): queued, running, waiting, succeeded, "
                    "failed, dead_lettered, cancelled, expired, budget_exceeded.")
 @click.option("--agent", default=None, help="Runs of this agent.")
 @click.option("--priority", "--class", "priority", type=click.Choice(["interactive", "batch"]), default=None,
@@ -287,6 +293,33 @@ def runs_show(run_id: str, as_timeline: bool, as_json: bool) -> None:
         _emit(run_view(run))
     else:
         _print_run(run, timeline=as_timeline)
+
+
+@runs.command("signal")
+@click.argument("run_id")
+@click.argument("name")
+@click.option("--payload", "payload", default="null", show_default=True, help="The signal's JSON payload.")
+@click.option("--json", "as_json", is_flag=True)
+def runs_signal(run_id: str, name: str, payload: str, as_json: bool) -> None:
+    """Deliver the signal NAME with a JSON payload to a run (its id or a short one): a run
+    waiting for it resumes; a signal that comes before its wait is kept for it."""
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        _fail("--payload is not valid JSON", as_json, 2)
+    try:
+        with _client() as client:
+            run_id = client.resolve(run_id)
+            outcome = client.signal(run_id, name, value)
+            status_now = client.get(run_id).status
+    except RunNotFound as exc:
+        _fail(str(exc), as_json)
+    except InvalidSubmission as exc:
+        _fail(str(exc), as_json, 2, field=exc.field, candidates=getattr(exc, "candidates", None))
+    if as_json:
+        _emit({"run_id": run_id, "signal": name, "outcome": outcome, "status": status_now})
+    else:
+        click.echo(f"run {run_id}: signal {name} {outcome} (status {status_now})")
 
 
 @runs.command("cancel")
@@ -429,6 +462,12 @@ def status(as_json: bool) -> None:
             goal = f"{o['objective']:.3f}s" if o["objective"] is not None else "none"
             seen = f"{o['measured']:.3f}s" if o["measured"] is not None else "-"
             click.echo(f"  {name:<12} {goal} / {seen}")
+    for name, replicas in report.get("models", {}).items():
+        up = sum(rep.get("state") == "up" for rep in replicas)
+        states = ", ".join(f"{rep['name']} {rep.get('state')}" for rep in replicas) or "none probed yet"
+        click.echo(f"model   {name}: {up} of {len(replicas)} replica(s) up ({states})")
+    if "parked" in report:
+        click.echo(f"parked  {report['parked']} run(s) waiting for a signal")
     click.echo(f"flower  {report['flower_url']}")
     click.echo(f"gateway {report['gateway_url']}")
     click.echo("queues")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -35,10 +36,13 @@ from fleet.scheduling.admission import Admission
 from fleet.scheduling.backlog import Backlog
 from fleet.scheduling.quotas import QuotaGate
 from fleet.scheduling.replay import Replayer
+from fleet.scheduling.signals import Signals
 from fleet.scheduling.submission import Admitted, submission
 from fleet.settings import Settings
 from fleet.surfaces.views import RunList, TenantReport, run_list, tenant_rows
 from fleet.tenants import Caller
+
+log = logging.getLogger(__name__)
 
 
 class FleetClient:
@@ -66,6 +70,7 @@ class FleetClient:
         self.app = create_app(self.settings)
         self.store = RunStore(self.settings)
         self._admission = Admission(self.settings, self.app, self.agents, self.store)
+        self._signals = Signals(self.settings, self.app, self.agents, self.store)
         self.dead_letters = DeadLetters(self.settings, self.store.redis)
         self._replayer = Replayer(self.settings, self.app, self.agents, self.store, self.dead_letters)
         self.batch_jobs = BatchJobs(self.settings, self.store)
@@ -194,6 +199,17 @@ class FleetClient:
         if cancelled:
             announce(self.store, run_id)  # workers cancel its model call now
         return cancelled
+
+    def signal(self, run_id: str, name: str, payload: Any = None) -> str:
+        """Deliver signal ``name`` with a JSON ``payload`` to a run: a run parked on it at a wait
+        step resumes, and its next steps read the payload as the wait step's output; a signal
+        that comes before its wait is kept for it. Returns ``"resumed"``, ``"kept"`` or
+        ``"ended"`` (the run had ended). Raises :class:`RunNotFound` (another tenant's run too).
+        """
+        run_id = self._check_owner(run_id)
+        outcome = self._signals.deliver(run_id, name, payload)
+        log.info("run %s: signal %r %s", run_id, name, outcome, extra={"run_id": run_id})
+        return outcome
 
     def wait(self, run_id: str, timeout: float = 60.0) -> RunRecord:
         """Block until the run ends (or ``timeout`` seconds pass) and return its record."""

@@ -8,12 +8,14 @@ stack goes on with a promoted replica.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
 import sys
 import threading
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,12 +179,18 @@ def _triton(settings: Settings, procs: launch.Processes, data: Path, say) -> dic
     # With tracing on, Triton's own spans (queue, compute) join each run's trace.
     trace = (launch.triton_trace_args(tracing.traces_url(os.environ))
              if tracing.wanted(settings.tracing, os.environ) else None)
-    ep = launch.start_triton(procs, data / "triton", [settings.triton_model], address=settings.bind_address,
-                             trace=trace)
-    say(f"triton     ready: grpc {ep.grpc_url}, http {ep.http_url}, model {settings.triton_model}"
+    # The catalog's models that the repository holds; beside the medium model's simulator, the
+    # small model's, which the role "small" names unless FLEET_MODEL_ROLES says otherwise.
+    models = [m for m in settings.catalog() if (launch.MODEL_REPOSITORY / m).is_dir()] or [settings.triton_model]
+    roles: dict[str, str] = {}
+    if settings.triton_model == "medium_sim" and not settings.model_roles and "small_sim" not in models:
+        models.append("small_sim")
+        roles = {"FLEET_MODEL_ROLES": json.dumps({"small": "small_sim"})}
+    ep = launch.start_triton(procs, data / "triton", models, address=settings.bind_address, trace=trace)
+    say(f"triton     ready: grpc {ep.grpc_url}, http {ep.http_url}, models {', '.join(models)}"
         + (f", traces to {tracing.traces_url(os.environ)}" if trace else ""))
     return {"FLEET_TRITON_GRPC_URL": ep.grpc_url, "FLEET_TRITON_HTTP_URL": ep.http_url,
-            "FLEET_TRITON_METRICS_URL": ep.metrics_url}
+            "FLEET_TRITON_METRICS_URL": ep.metrics_url, **roles}
 
 
 def _workers(settings: Settings, procs: launch.Processes, env: dict[str, str]) -> tuple[list[str], dict[str, int]]:
@@ -221,11 +229,24 @@ def run_demo(settings: Settings, say=print) -> int:  # noqa: ANN001
         ("writer", {"topic": "why queues need deadlines"}, "batch"),
         ("writer", {"topic": "interactive work ahead of batch work"}, "batch"),
         ("solver", {"question": "What is 2 ^ 10 - 24?"}, "batch"),
+        # The agent shapes: tool calls at once, a map over a list, model routing, a wait.
+        ("multicalc", {"question": "What are 12 * 7 and 3 + 4 and 100 / 8?"}, "interactive"),
+        ("fanout", {"items": "queues; deadlines; retries; dead letters"}, "interactive"),
     ]
+    if "small" in settings.model_roles:
+        plan.append(("triage", {"message": "My invoice shows the wrong address."}, "interactive"))
     failures = 0
     with FleetClient(settings) as client:
         ids = [(client.submit(agent, inp, priority=prio), agent, prio) for agent, inp, prio in plan]
+        approval = client.submit("approval", {"request": "Please refund my last order."}, deadline_s=120)
+        ids.append((approval, "approval", "interactive"))
         say(f"demo       submitted {len(ids)} runs; waiting ...")
+        for _ in range(600):  # the approval run parks at its wait step; the demo approves it
+            if client.get(approval).status not in ("queued", "running"):
+                break
+            time.sleep(0.1)
+        say(f"demo       approval run {approval[:8]} is {client.get(approval).status}; signalling 'approve'")
+        client.signal(approval, "approve", {"note": "approved by the demo"})
         for run_id, agent, prio in ids:
             run = client.wait(run_id, timeout=120)
             failures += run.status != "succeeded"

@@ -24,7 +24,9 @@ class StepTiming(BaseModel):
     """One step of a run on its timeline (seconds; offsets from the run's submission)."""
 
     key: str
-    kind: str | None = Field(description="llm or tool (None: not known from the record).")
+    kind: str | None = Field(description="llm, tool, parallel (a join) or wait (None: not known from the record).")
+    model: str | None = Field(None, description="The model that served its model call.")
+    fallback: bool = Field(False, description="Whether that was the step's fallback model.")
     status: str
     attempts: int
     retries: int = Field(description="Attempts that failed and were retried.")
@@ -74,7 +76,7 @@ def _step(run: RunRecord, s: StepRecord) -> StepTiming:
         finished - started if finished is not None and started is not None else None)
     generation = s.model_s - s.ttft_s if s.model_s is not None and s.ttft_s is not None else None
     return StepTiming(
-        key=s.key, kind=kind, status=s.status, attempts=s.attempts, retries=max(0, s.attempts - 1),
+        key=s.key, kind=kind, model=s.model, fallback=s.fallback, status=s.status, attempts=s.attempts, retries=max(0, s.attempts - 1),
         preemptions=s.preemptions, due_at_s=started - queue if started is not None else None,
         started_at_s=started, finished_at_s=finished, queue_s=queue, execution_s=execution,
         ttft_s=s.ttft_s, generation_s=generation, model_s=s.model_s,

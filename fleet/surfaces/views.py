@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, create_model
 
-from fleet.run.agent import AgentDef
+from fleet.run.agent import AgentDef, LoopStep, ParallelStep, WaitStep
 from fleet.run.index import RunPage
 from fleet.run.records import RunRecord, RunSummary
 from fleet.surfaces.timeline import Timeline, timeline
@@ -74,6 +74,30 @@ class AgentStepInfo(BaseModel):
     name: str
     kind: str
     loop: str | None = Field(None, description="The loop step this step repeats in, if any.")
+    parallel: str | None = Field(None, description="The parallel step this step is a branch of, if any.")
+    model: str | None = Field(None, description="The model or role an llm step names (None: the default).")
+    fallback: str | None = Field(None, description="The model or role an llm step falls back to.")
+    signal: str | None = Field(None, description="The signal a wait step waits for.")
+
+
+def _step_infos(agent: AgentDef) -> list[AgentStepInfo]:
+    """An agent's steps in order: executable steps (with their loop), parallel steps followed by
+    their branch steps, wait steps."""
+    out: list[AgentStepInfo] = []
+    for top in agent.steps:
+        if isinstance(top, LoopStep):
+            out += [AgentStepInfo(name=s.name, kind=s.kind, loop=top.name, model=getattr(s, "model", None),
+                                  fallback=getattr(s, "fallback", None)) for s in top.body]
+        elif isinstance(top, ParallelStep):
+            out.append(AgentStepInfo(name=top.name, kind=top.kind))
+            out += [AgentStepInfo(name=s.name, kind=s.kind, parallel=top.name, model=getattr(s, "model", None),
+                                  fallback=getattr(s, "fallback", None)) for s in top.branches or [top.branch]]
+        elif isinstance(top, WaitStep):
+            out.append(AgentStepInfo(name=top.name, kind=top.kind, signal=top.signal))
+        else:
+            out.append(AgentStepInfo(name=top.name, kind=top.kind, model=getattr(top, "model", None),
+                                     fallback=getattr(top, "fallback", None)))
+    return out
 
 
 class AgentInfo(BaseModel):
@@ -94,8 +118,7 @@ def agent_infos(agents: dict[str, AgentDef]) -> list[AgentInfo]:
         AgentInfo(
             name=name,
             description=agent.description,
-            steps=[AgentStepInfo(name=s.name, kind=s.kind, loop=loop.name if loop else None)
-                   for s, loop in agent.iter_steps()],
+            steps=_step_infos(agent),
             input_schema=agent.json_schema(),
             example=agent.example,
         )

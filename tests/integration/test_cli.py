@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -177,8 +178,11 @@ def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
     output = "".join(lines)
     assert proc.returncode == 0, output
     assert "demo       all runs succeeded" in output
-    for agent, priority in (("calculator", "interactive"), ("solver", "interactive"), ("writer", "batch")):
+    for agent, priority in (("calculator", "interactive"), ("solver", "interactive"), ("writer", "batch"),
+                            ("multicalc", "interactive"), ("fanout", "interactive"), ("triage", "interactive"),
+                            ("approval", "interactive")):
         assert any(agent in line and priority in line and "succeeded" in line for line in output.splitlines())
+    assert "is waiting; signalling 'approve'" in output  # the approval run parked until the demo approved it
     assert "The answer is 87." in output
     assert "flower     http://127.0.0.1:" in output and "gateway    http://127.0.0.1:" in output
     assert "stopped." in output
@@ -186,10 +190,27 @@ def test_fleet_up_runs_the_demo_and_leaves_no_process_behind(tmp_path: Path):
                        "redis with password": "answers", "flower api without login": 401,
                        "flower api with login": "lists workers", "triton model load": "refused",
                        "flower login on its command line": False}, secured
-    assert found == {"shown": 6, "timelines": 6, "listed": 6, "console pages": 6}, found
+    assert found == {"shown": 10, "timelines": 10, "listed": 10, "console pages": 10}, found
     alive = _alive(started - {proc.pid})
     assert alive == [], f"left behind: {alive}"
     assert not (tmp_path / ".fleet" / "stack.env").exists()
+
+
+def test_runs_signal_resumes_a_run_waiting_for_it(fleet):
+    run_id = fleet.client.submit("approval", {"request": "Refund order 7"}, deadline_s=120)
+    for _ in range(300):
+        if fleet.client.get(run_id).status == "waiting":
+            break
+        time.sleep(0.1)
+    shown = run_cli(fleet, "runs", "show", run_id[:8]).stdout
+    assert "waiting for signal 'approve'" in shown
+    out = json.loads(run_cli(fleet, "runs", "signal", run_id[:8], "approve", "--payload", '{"note": "yes"}',
+                             "--json").stdout)
+    assert out["outcome"] == "resumed" and out["run_id"] == run_id
+    run = fleet.client.wait(run_id, timeout=60)
+    assert run.status == "succeeded" and run.outputs["approval"] == {"note": "yes"}
+    bad = run_cli(fleet, "runs", "signal", run_id, "approve", "--payload", "{nope", check=False)
+    assert bad.returncode == 2 and "--payload is not valid JSON" in bad.stderr
 
 
 def test_runs_list_filters_pages_and_its_short_ids_are_taken_back(fleet):

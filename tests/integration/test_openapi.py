@@ -66,7 +66,7 @@ def test_the_document_declares_security_only_with_keys_and_links_what_it_returns
     assert set(post["responses"]["201"]["links"]) == {"GetRun", "RunEvents"}
     variants = [ref["$ref"].rsplit("_", 1)[1] for ref in post["requestBody"]["content"]["application/json"]
                 ["schema"]["oneOf"]]
-    assert variants == ["calculator", "chat", "solver", "writer"]
+    assert variants == ["approval", "calculator", "chat", "fanout", "multicalc", "solver", "triage", "writer"]
     calculator = doc["components"]["schemas"]["Submission_calculator"]["properties"]["input"]
     assert calculator["required"] == ["question"] and calculator["properties"]["question"]["pattern"]
     assert httpx.get(f"{url}/openapi.json").status_code == 401  # the document needs a key too

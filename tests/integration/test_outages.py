@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import time
 import uuid
 
 import pytest
@@ -90,6 +91,30 @@ def test_redis_restart_with_aof_loses_no_run(outage, reliability_report):
         run = fleet.client.get(run_id)
         if run.status == "succeeded":
             assert len(run.result.split()) == 48
+
+
+def test_parked_runs_survive_a_redis_restart_and_a_signal_after_it_resumes_them(outage, reliability_report):
+    fleet, servers = outage
+    ids = [fleet.client.submit("approval", {"request": f"refund {i}"}, deadline_s=300) for i in range(3)]
+    deadline = time.time() + 60
+    while time.time() < deadline and fleet.client.store.statuses(ids) != ["waiting"] * 3:
+        time.sleep(0.2)
+    assert fleet.client.store.statuses(ids) == ["waiting"] * 3
+    servers.procs.stop("redis")  # SIGTERM: Redis writes its AOF and exits
+    servers.start_redis()  # same port, same data directory
+    deadline = time.time() + 30
+    while True:  # the client's connections come back with Redis
+        try:
+            outcomes = [fleet.client.signal(r, "approve", {"note": "approved after the restart"}) for r in ids]
+            break
+        except redis.exceptions.ConnectionError:
+            assert time.time() < deadline
+            time.sleep(0.5)
+    counts = tally(fleet.client, ids, timeout=90)
+    reliability_report("Redis restarted with runs parked", **counts)
+    assert outcomes == ["resumed"] * 3
+    assert counts["completed"] == 3 and counts["lost"] == 0
+    assert all(fleet.client.get(r).outputs["approval"] == {"note": "approved after the restart"} for r in ids)
 
 
 def test_triton_back_within_the_deadline_completes_every_run(outage, reliability_report):

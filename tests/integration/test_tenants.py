@@ -110,6 +110,7 @@ def test_another_tenants_run_is_not_found_on_every_route_and_client_call(tenant_
         _not_found_body(http["globex"].get(f"/v1/runs/{rid}"), f"run '{rid}'")
         _not_found_body(http["globex"].get(f"/v1/runs/{rid}/events"), f"run '{rid}'")
         _not_found_body(http["globex"].delete(f"/v1/runs/{rid}"), f"run '{rid}'")
+        _not_found_body(http["globex"].post(f"/v1/runs/{rid}/signals/approve", json={"ok": True}), f"run '{rid}'")
     # Its owner and the operator see it; the cancel above changed nothing.
     mine = http["acme"].get(f"/v1/runs/{run_id}")
     assert mine.status_code == 200 and mine.json()["tenant"] == "acme" and mine.json()["status"] == "succeeded"
@@ -118,6 +119,7 @@ def test_another_tenants_run_is_not_found_on_every_route_and_client_call(tenant_
     # The Python clients, sync and asyncio, the same.
     other = as_tenant["globex"]
     for call in (lambda: other.get(run_id), lambda: other.cancel(run_id), lambda: other.wait(run_id, 5),
+                 lambda: other.signal(run_id, "approve", {"ok": True}),
                  lambda: list(other.events(run_id, timeout=5))):
         with pytest.raises(RunNotFound, match=f"no run '{run_id}'"):
             call()

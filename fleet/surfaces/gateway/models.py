@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -36,6 +36,17 @@ class CancelResponse(BaseModel):
 
     run_id: str
     cancelled: bool = Field(description="False when the run had already ended.")
+    status: RunStatus
+
+
+class SignalResponse(BaseModel):
+    """The outcome of a signal."""
+
+    run_id: str
+    signal: str
+    outcome: Literal["resumed", "kept", "ended"] = Field(
+        description="resumed: the run was waiting for it and goes on; kept: a wait to come will find it; "
+        "ended: the run had ended.")
     status: RunStatus
 
 

@@ -580,6 +580,9 @@ def _fleet_metric_names() -> set[str]:
         def hlen(self, key: str) -> int:
             return 0
 
+        def zcard(self, key: str) -> int:
+            return 0
+
     class _Board:
         def states(self) -> list[ReplicaState]:
             return [ReplicaState(name="triton-0", grpc_url="triton-0:8001", up=True, capacity=64)]

@@ -278,6 +278,11 @@ def _tool_choice(lines: list[str]) -> str | None:
     if not tools:
         return None
     question = _after_prefix(lines[question_at], "Question:")
+    expressions = [m.group(0).strip(" .") for m in _EXPR_RUN_RE.finditer(question)
+                   if _OPERATOR_BETWEEN_NUMBERS_RE.search(m.group(0))]
+    if len(expressions) > 1 and "calculator" in tools:
+        # Several sums in one question: one call each, asked for at once (a JSON list).
+        return json.dumps([{"tool": "calculator", "input": e} for e in expressions])
     expression = find_arithmetic(question)
     if expression is not None and "calculator" in tools:
         choice = {"tool": "calculator", "input": expression}
@@ -329,7 +334,8 @@ def generate(prompt: str, params: Mapping[str, Any]) -> tuple[list[str], str]:
        line after the question) give one JSON line ``{"tool": ..., "input": ...}``:
        ``calculator`` with the expression when the question holds arithmetic and the
        tool is listed, else the first listed tool other than ``calculator`` with the
-       question as input.
+       question as input. A question holding several expressions gives a JSON list of
+       ``calculator`` calls, one per expression (several tool calls in one reply).
     2. Answer: an ``Observation:`` line gives ``The answer is <observation>.``
     3. Pseudo-text: exactly ``max_tokens`` words from ``VOCABULARY``, picked by a hash
        of the prompt and the ``seed`` parameter, in capitalised sentences of 9-15 words.

@@ -17,7 +17,7 @@ from fleet.run.usage import UsageReport
 from fleet.surfaces.timeline import GENERATION, OTHER, QUEUE, TOOL, TTFT, Timeline, segments, timeline
 from fleet.surfaces.views import RunList, RunRow, TenantReport
 
-STATUSES = ("queued", "running", "succeeded", "failed", "dead_lettered", "cancelled", "expired", "budget_exceeded")
+STATUSES = ("queued", "running", "waiting", "succeeded", "failed", "dead_lettered", "cancelled", "expired", "budget_exceeded")
 #: Choices of the list's time filter: label -> seconds back from now.
 SINCE = {"any time": None, "15 minutes": 900, "1 hour": 3600, "24 hours": 86400, "7 days": 7 * 86400}
 _MARK_CLASS = {QUEUE: "queue", TTFT: "ttft", GENERATION: "gen", TOOL: "tool", OTHER: "other"}

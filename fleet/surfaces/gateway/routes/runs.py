@@ -1,4 +1,4 @@
-"""``/v1/runs``: submit a run, list runs, read one, follow its events, cancel it. A run id in a
+"""``/v1/runs``: submit a run, list runs, read one, follow its events, signal it, cancel it. A run id in a
 path may be short: its first 6 or more hex digits, when they start one visible run's id."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import JsonValue
 
 from fleet.core import tracing
 from fleet.errors import RunNotFound
@@ -17,7 +18,7 @@ from fleet.scheduling.submission import Submission
 from fleet.surfaces.gateway.auth import require_key
 from fleet.surfaces.gateway.deps import Scoped, Services, known_run
 from fleet.surfaces.gateway.errors import CONFLICT, ERRORS, NOT_FOUND, ErrorBody, as_json
-from fleet.surfaces.gateway.models import STREAM_ID, CancelResponse, RunId, SubmitResponse
+from fleet.surfaces.gateway.models import STREAM_ID, CancelResponse, RunId, SignalResponse, SubmitResponse
 from fleet.surfaces.views import RunList, RunView, run_view
 
 log = logging.getLogger(__name__)
@@ -93,3 +94,14 @@ def cancel_run(run_id: RunId, scoped: Scoped) -> CancelResponse:
     status = scoped.client.get(run_id).status
     log.info("run %s: cancel over HTTP (%s)", run_id, "cancelled" if cancelled else f"already {status}")
     return CancelResponse(run_id=run_id, cancelled=cancelled, status=status)
+
+
+@router.post("/{run_id}/signals/{name}", response_model=SignalResponse, responses={**ERRORS, **NOT_FOUND})
+def signal_run(run_id: RunId, name: Annotated[str, Path(pattern=r"^[a-z][a-z0-9_.-]*$", max_length=64)],
+               scoped: Scoped, payload: Annotated[JsonValue, Body()] = None) -> SignalResponse:
+    """Deliver the signal `name` with a JSON payload (the body): a run parked on it at a wait step
+    resumes, and its next steps read the payload as that step's output; a signal that comes before
+    its wait is kept for it. Another tenant's run is a 404."""
+    run_id = scoped.client.resolve(run_id)
+    outcome = scoped.client.signal(run_id, name, payload)
+    return SignalResponse(run_id=run_id, signal=name, outcome=outcome, status=scoped.client.get(run_id).status)

@@ -8,7 +8,7 @@
 -- and gets back those it lost.
 -- The run hashes are read by the key prefix given (one Redis, or the primary behind Sentinels).
 -- KEYS: tenants' active counts, active index, backlog runs per tenant, claims, admitted runs,
--- their llm steps.
+-- their llm steps, the waits of parked runs.
 -- ARGV: run key prefix, now, claims' grace (s), then agent name and llm steps per agent.
 -- Returns {field, old count, new count, ...} for each count that changed, then the ledger's
 -- entries dropped and added: {..., 'ledger', dropped, added}.
@@ -24,6 +24,12 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
     add(active_field(v[2], v[3]), 1)
     if v[3] == 'interactive' then live[id] = v end
   end
+end
+-- Parked runs (out of the active index, in the waits) keep their places, and no entry in the
+-- ledger: they take no interactive capacity (fleet.run.waits).
+for _, id in ipairs(redis.call('ZRANGE', KEYS[7], 0, -1)) do
+  local v = redis.call('HMGET', prefix .. id, 'status', 'tenant', 'priority')
+  if v[1] == 'waiting' then add(active_field(v[2], v[3]), 1) end
 end
 local backlog = redis.call('HGETALL', KEYS[3])
 for i = 1, #backlog, 2 do
