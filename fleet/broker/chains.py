@@ -35,13 +35,19 @@ def signature(
     step: LlmStep | ToolStep, iteration: int,
 ) -> Signature:
     """The immutable signature of one step of one run, on its kind's and class's queue."""
+    # Flower and logs show "agent.step" instead of the generic task name.
+    return _step_message(app, settings, step.kind, run_id, step.name, iteration, priority,
+                         f"{agent.name}.{step.name}")
+
+
+def _step_message(app: Celery, settings: Settings, kind: str, run_id: str, step: str, iteration: int,
+                  priority: PriorityClass, shadow: str) -> Signature:
     return app.signature(
-        TASK_FOR_KIND[step.kind],
-        kwargs={"run_id": run_id, "step": step.name, "iteration": iteration},
+        TASK_FOR_KIND[kind],
+        kwargs={"run_id": run_id, "step": step, "iteration": iteration},
         immutable=True,
-        queue=queue_name(settings, step.kind, priority),
-        # Flower and logs show "agent.step" instead of the generic task name.
-        shadow=f"{agent.name}.{step.name}",
+        queue=queue_name(settings, kind, priority),
+        shadow=shadow,
     )
 
 
@@ -52,13 +58,8 @@ def branch_signature(
     """The signature of branch ``index`` (from 1) of a parallel step: the step's message in
     "iteration" ``index``, on the queue of the branch's kind."""
     body = top.branch_step(index)
-    return app.signature(
-        TASK_FOR_KIND[body.kind],
-        kwargs={"run_id": run_id, "step": top.name, "iteration": index},
-        immutable=True,
-        queue=queue_name(settings, body.kind, priority),
-        shadow=f"{agent.name}.{top.name}[{index}]",
-    )
+    return _step_message(app, settings, body.kind, run_id, top.name, index, priority,
+                         f"{agent.name}.{top.name}[{index}]")
 
 
 @dataclass(frozen=True)

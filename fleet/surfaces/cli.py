@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -307,19 +309,25 @@ def runs_signal(run_id: str, name: str, payload: str, as_json: bool) -> None:
         value = json.loads(payload)
     except ValueError:
         _fail("--payload is not valid JSON", as_json, 2)
-    try:
-        with _client() as client:
-            run_id = client.resolve(run_id)
-            outcome = client.signal(run_id, name, value)
-            status_now = client.get(run_id).status
-    except RunNotFound as exc:
-        _fail(str(exc), as_json)
-    except InvalidSubmission as exc:
-        _fail(str(exc), as_json, 2, field=exc.field, candidates=getattr(exc, "candidates", None))
+    with _run_errors(as_json), _client() as client:
+        run_id = client.resolve(run_id)
+        outcome = client.signal(run_id, name, value)
+        status_now = client.get(run_id).status
     if as_json:
         _emit({"run_id": run_id, "signal": name, "outcome": outcome, "status": status_now})
     else:
         click.echo(f"run {run_id}: signal {name} {outcome} (status {status_now})")
+
+
+@contextmanager
+def _run_errors(as_json: bool) -> Iterator[None]:
+    """A run that is not there, or a short id that names none or several: said, and the command fails."""
+    try:
+        yield
+    except RunNotFound as exc:
+        _fail(str(exc), as_json)
+    except InvalidSubmission as exc:
+        _fail(str(exc), as_json, 2, field=exc.field, candidates=getattr(exc, "candidates", None))
 
 
 @runs.command("cancel")
@@ -329,15 +337,10 @@ def runs_cancel(run_id: str, as_json: bool) -> None:
     """Cancel a run (its id or a short one): remaining steps are skipped, an in-flight model
     call is cancelled."""
 
-    try:
-        with _client() as client:
-            run_id = client.resolve(run_id)
-            cancelled = client.cancel(run_id)
-            status_now = client.get(run_id).status
-    except RunNotFound as exc:
-        _fail(str(exc), as_json)
-    except InvalidSubmission as exc:
-        _fail(str(exc), as_json, 2, field=exc.field, candidates=getattr(exc, "candidates", None))
+    with _run_errors(as_json), _client() as client:
+        run_id = client.resolve(run_id)
+        cancelled = client.cancel(run_id)
+        status_now = client.get(run_id).status
     if as_json:
         _emit({"run_id": run_id, "cancelled": cancelled, "status": status_now})
     else:
