@@ -158,6 +158,8 @@ class Bench:
             "FLEET_TRITON_GRPC_URL": self.triton.grpc_url, "FLEET_TRITON_HTTP_URL": self.triton.http_url,
             "FLEET_TRITON_REPLICAS": self.replica_env(1), "FLEET_AGENTS_DIR": str(self.agents_dir),
             "FLEET_BATCH_DEADLINE_S": "86400", "FLEET_INTERACTIVE_DEADLINE_S": "30", "FLEET_LOG_LEVEL": "WARNING",
+            # The zero-latency model of the orchestration cost, served by the same replicas.
+            "FLEET_MODELS": json.dumps([{"name": "medium_zero"}]),
             **extra,
         }
         old = {k: os.environ.get(k) for k in env}
