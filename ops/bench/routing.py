@@ -358,17 +358,32 @@ def shared_prefixes(salt: str, system_words: int) -> list[list[str]]:
     return out
 
 
-def reuse(trace_dir: Path, t0: float, t1: float, shared: list[list[str]]) -> dict[str, float]:
-    """From the engines' block traces of the window (in order of admission): the tokens looked up,
-    found cached, and those an unbounded cache that saw every prompt would have found (vLLM's
-    rule: a prompt's last token is never a hit); the same beyond the shared system prompts."""
+def traced(trace_dir: Path, t0: float, t1: float) -> list[dict]:
+    """The engines' block trace entries of the window, in order of admission."""
     entries = []
     for path in trace_dir.glob("*.jsonl"):
         for line in path.read_text().splitlines():
             e = json.loads(line)
             if t0 <= e["t"] <= t1:
                 entries.append(e)
-    entries.sort(key=lambda e: e["t"])
+    return sorted(entries, key=lambda e: e["t"])
+
+
+def interactive_calls(entries: list[dict]) -> dict[str, float]:
+    """Where the interactive (streamed) calls' time to first token went, at the engines: how long
+    each waited there for a sequence slot (or KV blocks) before it was admitted, and how many of
+    its prompt tokens it found uncached (their prefill is what routing can save)."""
+    mine = [e for e in entries if e.get("s")]
+    waits = [e["w"] for e in mine]
+    uncached = [e["n"] - e["hit"] * BLOCK for e in mine]
+    return {"wait_p50": pct(waits, 50), "wait_p99": pct(waits, 99),
+            "uncached_p50": pct(uncached, 50), "uncached_p99": pct(uncached, 99)}
+
+
+def reuse(entries: list[dict], shared: list[list[str]]) -> dict[str, float]:
+    """From the engines' block traces of the window (in order of admission): the tokens looked up,
+    found cached, and those an unbounded cache that saw every prompt would have found (vLLM's
+    rule: a prompt's last token is never a hit); the same beyond the shared system prompts."""
     seen: set[str] = set()
     f = {"queries": 0, "hits": 0, "ideal": 0, "context_hits": 0, "context_ideal": 0}
     for e in entries:
@@ -453,7 +468,8 @@ def watch_hits(pool: Pool, n: int, until: float, kill_at: float | None) -> list[
 
 def summarize(pool: Pool, mode: str, n: int, out: Outcome, samples: list, t0: float, t1: float,
               client: FleetClient, timeline: list, shared: list[list[str]]) -> dict:
-    f = reuse(pool.trace_dir, t0, t1, shared)
+    entries = traced(pool.trace_dir, t0, t1)
+    f = reuse(entries, shared)
     turns = [r for at, r in out.turns if t0 <= at <= t1]
     ok = [r for r in turns if r.status == "succeeded"]
     ttft = [s.ttft_s for r in ok for s in r.steps if s.ttft_s is not None]
@@ -474,13 +490,13 @@ def summarize(pool: Pool, mode: str, n: int, out: Outcome, samples: list, t0: fl
         "batch_per_s": finished_between(client, out.batch_ids, t0, t1) / (t1 - t0),
         "batch_lost": sum(r.status in TERMINAL and r.status != "succeeded" for r in batch),
         "busiest_over_mean": max(mean_load.values()) / overall if overall else nan,
-        "mean_load": mean_load, "timeline": timeline,
+        "mean_load": mean_load, "timeline": timeline, **interactive_calls(entries),
     }
 
 
 # --- the report -------------------------------------------------------------------------------
 
-def render_modes(rows: list[dict], args: argparse.Namespace) -> list[str]:
+def render_modes(rows: list[dict], args: argparse.Namespace, prefill_ms: float) -> list[str]:
     base = next(r for r in rows if r["mode"] == "most_room")
     lines = [f"## Routing modes side by side ({args.shape} shape)", "",
              f"{args.replicas} replicas; each mode its own namespace on the same replicas, for {args.window:g} s: "
@@ -500,7 +516,44 @@ def render_modes(rows: list[dict], args: argparse.Namespace) -> list[str]:
             f"{r['turn_p50']:.2f} / {r['turn_p99']:.2f} | {r['batch_per_s']:.2f} | "
             f"{r['batch_per_s'] / base['batch_per_s']:.2f} | {base['ttft_p50'] / r['ttft_p50']:.2f}x | "
             f"{r['busiest_over_mean']:.2f} | {r['engines_busy']:.0%} | {r['refused']} | {r['turns_failed']} of {r['turns']} |")
+    prefill = prefill_ms
+    lines += ["", "Where the interactive calls' time to first token went, at the engines (their block traces): the "
+              "wait inside the engine for a sequence slot before admission, which routing does not change, and "
+              "the prompt tokens found uncached, whose prefill routing saves "
+              f"({prefill:g} ms a token here).", "",
+              "| routing | TTFT p50 / p99 | waited in the engine p50 / p99 (s) | uncached prompt tokens p50 / p99 "
+              "| their prefill p50 / p99 (s) |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | {r['wait_p50']:.3f} / {r['wait_p99']:.3f} "
+            f"| {r['uncached_p50']:.0f} / {r['uncached_p99']:.0f} "
+            f"| {r['uncached_p50'] * prefill / 1000:.3f} / {r['uncached_p99'] * prefill / 1000:.3f} |")
     return lines + [""]
+
+
+def render_repeats(pairs: list[tuple[dict, dict]]) -> list[str]:
+    """most_room and cache run again in turn: how far their ratios move from one run to the next."""
+    lines = ["## most_room and cache again, in turn", "",
+             "The first row is the table above; each later row ran most_room, then cache, on the same replicas.", "",
+             "| run | TTFT p50 most_room / cache | TTFT p50 vs most room | TTFT p99 most_room / cache "
+             "| batch runs/s most_room / cache | batch vs most room | cache: of what could be reused |",
+             "|---|---|---|---|---|---|---|"]
+    ratios: dict[str, list[float]] = {"p50": [], "p99": [], "batch": []}
+    for k, (base, cache) in enumerate(pairs, 1):
+        ratios["p50"].append(base["ttft_p50"] / cache["ttft_p50"])
+        ratios["p99"].append(base["ttft_p99"] / cache["ttft_p99"])
+        ratios["batch"].append(cache["batch_per_s"] / base["batch_per_s"])
+        lines.append(
+            f"| {k} | {base['ttft_p50']:.3f} / {cache['ttft_p50']:.3f} | {ratios['p50'][-1]:.2f}x "
+            f"| {base['ttft_p99']:.3f} / {cache['ttft_p99']:.3f} "
+            f"| {base['batch_per_s']:.2f} / {cache['batch_per_s']:.2f} "
+            f"| {ratios['batch'][-1]:.2f} | {cache['of_ideal']:.0%} |")
+    lines += ["", f"Medians over the {len(pairs)} runs: TTFT p50 **{pct(ratios['p50'], 50):.2f}x** better (target 2x), "
+              f"TTFT p99 most_room / cache **{pct(ratios['p99'], 50):.2f}** (target >= 1: not worse), "
+              f"batch **{pct(ratios['batch'], 50):.2f}x** (target 1.5x); TTFT p99 most_room / cache ranged "
+              f"{min(ratios['p99']):.2f} to {max(ratios['p99']):.2f}.", ""]
+    return lines
 
 
 def render_kill(k: dict, args: argparse.Namespace) -> list[str]:
@@ -559,6 +612,8 @@ def main() -> int:
     ap.add_argument("--load-factor", type=float, default=0.02)
     ap.add_argument("--interactive-threads", type=int, default=8)
     ap.add_argument("--shared-threads", type=int, default=48, help="for all replicas (scaled down with fewer)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run most_room and cache this many times in all, in turn (their ratios' spread)")
     ap.add_argument("--kill", action="store_true")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--quick", action="store_true", help="20 s windows after 10 s of warm-up")
@@ -594,7 +649,13 @@ def main() -> int:
         for mode in args.modes.split(","):
             print(f"{mode} ...", file=sys.stderr)
             rows.append(run_mode(pool, mode, args.replicas))
-        sections += render_modes(rows, args)
+        sections += render_modes(rows, args, float(pool.ran["model"]["prefill_ms_per_token"]))
+        if args.repeat > 1:
+            pairs = [(next(r for r in rows if r["mode"] == "most_room"), next(r for r in rows if r["mode"] == "cache"))]
+            for k in range(2, args.repeat + 1):
+                print(f"most_room and cache, run {k} of {args.repeat} ...", file=sys.stderr)
+                pairs.append((run_mode(pool, "most_room", args.replicas), run_mode(pool, "cache", args.replicas)))
+            sections += render_repeats(pairs)
         if args.kill:
             print("cache, a replica killed ...", file=sys.stderr)
             sections += render_kill(run_mode(pool, "cache", args.replicas, kill_at=args.window / 3), args)

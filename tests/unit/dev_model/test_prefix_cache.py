@@ -4,6 +4,7 @@ last prompt token always computed, least recently freed blocks evicted first, he
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -127,6 +128,26 @@ def test_block_trace_records_each_prompt(tmp_path, engine_factory) -> None:  # n
     first, again = [json.loads(x) for x in trace.read_text().splitlines()]
     assert first["n"] == 40 and (first["hit"], again["hit"]) == (0, 2)
     assert first["h"] == again["h"] == [h[:8].hex() for h in block_hashes(dev_engine.tokenize(prompt))]
+
+
+def test_block_trace_records_the_wait_for_a_sequence_and_whether_the_request_streams(tmp_path, engine_factory) -> None:  # noqa: ANN001, E501
+    engine = engine_factory(SimConfig(ttft_ms=0, prefill_ms_per_token=0, tpot_ms=5, max_num_seqs=1,
+                                      block_trace_dir=str(tmp_path)))
+    busy = FakeSink()
+    engine.submit(" ".join(f"b{k}" for k in range(20)), {"max_tokens": 100_000}, busy)
+    assert busy.first_token.wait(WAIT_S)  # the only sequence slot is taken, for minutes
+    waiting = FakeSink()
+    engine.submit(" ".join(f"s{k}" for k in range(20)), {"max_tokens": 2}, waiting, stream=True)
+    submitted = time.monotonic()
+    assert not waiting.first_token.wait(0.05)  # it waits while the slot is taken
+    freed = time.monotonic()
+    busy.cancel()
+    assert waiting.done.wait(WAIT_S) and waiting.error is None
+    engine.stop()
+    (trace,) = tmp_path.glob("*.jsonl")
+    first, second = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert (first["s"], second["s"]) == (False, True)
+    assert second["w"] >= freed - submitted  # admitted only once the busy request let go of the slot
 
 
 def test_prefix_caching_can_be_turned_off(engine_factory) -> None:  # noqa: ANN001

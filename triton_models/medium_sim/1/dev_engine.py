@@ -407,8 +407,9 @@ class SimConfig:
         block_size: Tokens per KV block (vLLM's default 16).
         enable_prefix_caching: Whether computed prompt blocks are kept and reused.
         block_trace_dir: When set, each request's prompt block hashes are appended to a JSON
-            lines file there (one per engine), so a benchmark can work out what a workload
-            could reuse at most.
+            lines file there (one per engine) when it is admitted, with the blocks found cached,
+            how long it waited in the engine and whether it streams, so a benchmark can work out
+            what a workload could reuse at most and where a call's time to first token went.
     """
 
     ttft_ms: float = 150.0
@@ -646,8 +647,9 @@ class EngineStats:
 
 class _BlockTrace:
     """Each admitted request's prompt block hashes, appended to a JSON lines file (when a folder is
-    given): time of admission, prompt tokens, the first 8 bytes of each hash in hex, and the
-    blocks found cached."""
+    given): time of admission, prompt tokens, the first 8 bytes of each hash in hex, the blocks
+    found cached, seconds from arrival to admission (the wait for a sequence slot or KV blocks, and
+    any injected stall), and whether the request streams."""
 
     def __init__(self, folder: str, name: str) -> None:
         self._lock = threading.Lock()
@@ -656,10 +658,11 @@ class _BlockTrace:
             os.makedirs(folder, exist_ok=True)
             self._file = open(os.path.join(folder, f"{name}-{os.getpid()}.jsonl"), "a", buffering=1)  # noqa: SIM115
 
-    def write(self, n_tokens: int, hashes: list[bytes], hit_blocks: int) -> None:
+    def write(self, n_tokens: int, hashes: list[bytes], hit_blocks: int, waited_s: float, stream: bool) -> None:
         if self._file is None:
             return
-        line = json.dumps({"t": time.time(), "n": n_tokens, "h": [h[:8].hex() for h in hashes], "hit": hit_blocks})
+        line = json.dumps({"t": time.time(), "n": n_tokens, "h": [h[:8].hex() for h in hashes], "hit": hit_blocks,
+                           "w": round(waited_s, 6), "s": stream})
         with self._lock:
             self._file.write(line + "\n")
 
@@ -870,7 +873,8 @@ class Engine:
         if alloc is None:
             return False
         seq.alloc, seq.cached_tokens = alloc, len(alloc.cached) * self.cfg.block_size
-        self._trace.write(seq.input_tokens, seq.hashes, len(alloc.cached))
+        self._trace.write(seq.input_tokens, seq.hashes, len(alloc.cached),
+                          time.monotonic() - seq.arrived_at, seq.stream)
         return True
 
     def _free(self, seq: Sequence, completed: bool = False) -> None:
