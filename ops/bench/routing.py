@@ -518,8 +518,8 @@ def render_modes(rows: list[dict], args: argparse.Namespace, prefill_ms: float) 
             f"{r['busiest_over_mean']:.2f} | {r['engines_busy']:.0%} | {r['refused']} | {r['turns_failed']} of {r['turns']} |")
     prefill = prefill_ms
     lines += ["", "Where the interactive calls' time to first token went, at the engines (their block traces): the "
-              "wait inside the engine for a sequence slot before admission, which routing does not change, and "
-              "the prompt tokens found uncached, whose prefill routing saves "
+              "wait inside the engine for a sequence slot before admission (how full the chosen replica was), and "
+              "the prompt tokens found uncached, whose prefill is what routing by cached prefix saves "
               f"({prefill:g} ms a token here).", "",
               "| routing | TTFT p50 / p99 | waited in the engine p50 / p99 (s) | uncached prompt tokens p50 / p99 "
               "| their prefill p50 / p99 (s) |",
