@@ -496,8 +496,12 @@ def summarize(pool: Pool, mode: str, n: int, out: Outcome, samples: list, t0: fl
 
 # --- the report -------------------------------------------------------------------------------
 
+def row_of(rows: list[dict], mode: str) -> dict:
+    return next(r for r in rows if r["mode"] == mode)
+
+
 def render_modes(rows: list[dict], args: argparse.Namespace, prefill_ms: float) -> list[str]:
-    base = next(r for r in rows if r["mode"] == "most_room")
+    base = row_of(rows, "most_room")
     lines = [f"## Routing modes side by side ({args.shape} shape)", "",
              f"{args.replicas} replicas; each mode its own namespace on the same replicas, for {args.window:g} s: "
              f"{args.sessions} interactive chat sessions at once ({args.turns} turns of {args.message_words} words, "
@@ -516,11 +520,10 @@ def render_modes(rows: list[dict], args: argparse.Namespace, prefill_ms: float) 
             f"{r['turn_p50']:.2f} / {r['turn_p99']:.2f} | {r['batch_per_s']:.2f} | "
             f"{r['batch_per_s'] / base['batch_per_s']:.2f} | {base['ttft_p50'] / r['ttft_p50']:.2f}x | "
             f"{r['busiest_over_mean']:.2f} | {r['engines_busy']:.0%} | {r['refused']} | {r['turns_failed']} of {r['turns']} |")
-    prefill = prefill_ms
     lines += ["", "Where the interactive calls' time to first token went, at the engines (their block traces): the "
               "wait inside the engine for a sequence slot before admission (how full the chosen replica was), and "
               "the prompt tokens found uncached, whose prefill is what routing by cached prefix saves "
-              f"({prefill:g} ms a token here).", "",
+              f"({prefill_ms:g} ms a token here).", "",
               "| routing | TTFT p50 / p99 | waited in the engine p50 / p99 (s) | uncached prompt tokens p50 / p99 "
               "| their prefill p50 / p99 (s) |",
               "|---|---|---|---|---|"]
@@ -528,7 +531,7 @@ def render_modes(rows: list[dict], args: argparse.Namespace, prefill_ms: float) 
         lines.append(
             f"| {r['mode']} | {r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | {r['wait_p50']:.3f} / {r['wait_p99']:.3f} "
             f"| {r['uncached_p50']:.0f} / {r['uncached_p99']:.0f} "
-            f"| {r['uncached_p50'] * prefill / 1000:.3f} / {r['uncached_p99'] * prefill / 1000:.3f} |")
+            f"| {r['uncached_p50'] * prefill_ms / 1000:.3f} / {r['uncached_p99'] * prefill_ms / 1000:.3f} |")
     return lines + [""]
 
 
@@ -651,7 +654,7 @@ def main() -> int:
             rows.append(run_mode(pool, mode, args.replicas))
         sections += render_modes(rows, args, float(pool.ran["model"]["prefill_ms_per_token"]))
         if args.repeat > 1:
-            pairs = [(next(r for r in rows if r["mode"] == "most_room"), next(r for r in rows if r["mode"] == "cache"))]
+            pairs = [(row_of(rows, "most_room"), row_of(rows, "cache"))]
             for k in range(2, args.repeat + 1):
                 print(f"most_room and cache, run {k} of {args.repeat} ...", file=sys.stderr)
                 pairs.append((run_mode(pool, "most_room", args.replicas), run_mode(pool, "cache", args.replicas)))
@@ -662,7 +665,7 @@ def main() -> int:
         if args.scaling:
             print("cache on half the replicas ...", file=sys.stderr)
             half = run_mode(pool, "cache", args.replicas // 2)
-            sections += render_scaling(half, next(r for r in rows if r["mode"] == "cache"))
+            sections += render_scaling(half, row_of(rows, "cache"))
     finally:
         procs.stop()
         shutil.rmtree(root, ignore_errors=True)

@@ -658,11 +658,11 @@ class _BlockTrace:
             os.makedirs(folder, exist_ok=True)
             self._file = open(os.path.join(folder, f"{name}-{os.getpid()}.jsonl"), "a", buffering=1)  # noqa: SIM115
 
-    def write(self, n_tokens: int, hashes: list[bytes], hit_blocks: int, waited_s: float, stream: bool) -> None:
+    def write(self, n_tokens: int, hashes: list[bytes], hit_blocks: int, arrived_at: float, stream: bool) -> None:
         if self._file is None:
             return
         line = json.dumps({"t": time.time(), "n": n_tokens, "h": [h[:8].hex() for h in hashes], "hit": hit_blocks,
-                           "w": round(waited_s, 6), "s": stream})
+                           "w": round(time.monotonic() - arrived_at, 6), "s": stream})
         with self._lock:
             self._file.write(line + "\n")
 
@@ -873,8 +873,7 @@ class Engine:
         if alloc is None:
             return False
         seq.alloc, seq.cached_tokens = alloc, len(alloc.cached) * self.cfg.block_size
-        self._trace.write(seq.input_tokens, seq.hashes, len(alloc.cached),
-                          time.monotonic() - seq.arrived_at, seq.stream)
+        self._trace.write(seq.input_tokens, seq.hashes, len(alloc.cached), seq.arrived_at, seq.stream)
         return True
 
     def _free(self, seq: Sequence, completed: bool = False) -> None:
